@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Porthole's launcher: everything a fresh machine needs, in two commands.
+
+    python3 dev.py start   # set up, migrate, run Porthole on the embedded sandbox server
+    python3 dev.py test    # set up (dev tools and Chromium too), run the whole suite
+
+It runs on any Python 3.11+, but Django 6 needs 3.12+, so it finds (or, with uv and a
+network, installs) a 3.12+ interpreter for the project's virtual environment. Set-up is
+idempotent: the locked requirements are installed again only when the lock file changes.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("PORTHOLE_VENV", ROOT / ".venv"))
+MIN_PYTHON = (3, 12)
+CHROMIUM = "/usr/bin/chromium"
+
+
+def say(message: str) -> None:
+    print(f"[porthole] {message}", flush=True)
+
+
+def run(*args: str | os.PathLike[str], **kwargs) -> None:
+    subprocess.run([str(a) for a in args], check=True, **kwargs)
+
+
+def python_version(executable: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run(
+            [executable, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.split()
+        return int(out[0]), int(out[1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def find_python() -> str:
+    if sys.version_info[:2] >= MIN_PYTHON:
+        return sys.executable
+    candidates = [shutil.which(f"python3.{minor}") for minor in (12, 13, 14)]
+    pyenv_root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates += sorted(glob.glob(f"{pyenv_root}/versions/3.1[2-9]*/bin/python3"))
+    candidates += sorted(glob.glob("/usr/local/bin/python3.1[2-9]")) + sorted(
+        glob.glob("/usr/bin/python3.1[2-9]")
+    )
+    for candidate in filter(None, candidates):
+        version = python_version(candidate)
+        if version and version >= MIN_PYTHON:
+            return candidate
+    say("Django 6 needs Python 3.12+; none found, trying `uv python install 3.12`")
+    try:
+        run(sys.executable, "-m", "pip", "install", "--quiet", "--user", "uv")
+        found = subprocess.run(
+            [sys.executable, "-m", "uv", "python", "find", "--system", "3.12"],
+            capture_output=True, text=True,
+        )
+        if found.returncode != 0:
+            run(sys.executable, "-m", "uv", "python", "install", "3.12")
+            found = subprocess.run(
+                [sys.executable, "-m", "uv", "python", "find", "3.12"],
+                capture_output=True, text=True, check=True,
+            )
+        return found.stdout.strip()
+    except subprocess.CalledProcessError:
+        sys.exit("Porthole needs Python 3.12 or newer (Django 6). Install one and run again.")
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def ensure_venv(lock: str) -> Path:
+    py = venv_python()
+    if not py.exists() or (python_version(str(py)) or (0, 0)) < MIN_PYTHON:
+        interpreter = find_python()
+        say(f"creating {VENV} with {interpreter}")
+        run(interpreter, "-m", "venv", "--clear", VENV)
+        run(py, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    lock_path = ROOT / "requirements" / lock
+    digest = hashlib.sha256(lock_path.read_bytes()).hexdigest()
+    stamp = VENV / f".installed-{lock}"
+    if not stamp.exists() or stamp.read_text() != digest:
+        say(f"installing requirements/{lock}")
+        run(py, "-m", "pip", "install", "--quiet", "--require-hashes", "-r", lock_path)
+        stamp.write_text(digest)
+    return py
+
+
+def ensure_chromium() -> None:
+    if os.path.exists(os.environ.get("PORTHOLE_CHROMIUM", CHROMIUM)):
+        return
+    if shutil.which("apt-get") is None:
+        say("Chromium is missing and apt-get is not available: end-to-end tests will skip")
+        return
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    say("installing Debian's chromium for the end-to-end tests")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        run(*prefix, "apt-get", "update", "-qq", env=env)
+        run(*prefix, "apt-get", "install", "-y", "-qq", "chromium", "fonts-dejavu-core", env=env)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        say(f"could not install chromium ({exc}): end-to-end tests will skip")
+
+
+def start(args: list[str]) -> int:
+    py = ensure_venv("dev.lock" if os.environ.get("PORTHOLE_DEV") else "base.lock")
+    run(py, "manage.py", "migrate", "--noinput", cwd=ROOT)
+    return subprocess.call([str(py), "manage.py", "serve", *args], cwd=ROOT)
+
+
+def test(args: list[str]) -> int:
+    py = ensure_venv("dev.lock")
+    ensure_chromium()
+    return subprocess.call([str(py), "-m", "pytest", *args], cwd=ROOT)
+
+
+def main() -> int:
+    commands = {"start": start, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(__doc__)
+        return 2
+    try:
+        return commands[sys.argv[1]](sys.argv[2:])
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared fixtures: the embedded sandbox server, started for real as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+@dataclass
+class LocalSandbox:
+    """A running `manage.py localsandbox` process."""
+
+    api_url: str  # ends in /api
+    api_key: str
+    data_dir: Path
+    process: subprocess.Popen[str]
+    log: list[str]
+
+    @property
+    def ws_url(self) -> str:
+        return self.api_url.replace("http://", "ws://", 1)
+
+
+def start_localsandbox(
+    data_dir: Path, *, api_key: str | None = None, extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None, timeout: float = 30.0,
+) -> LocalSandbox:
+    key = api_key if api_key is not None else secrets.token_hex(16)
+    args = [sys.executable, str(ROOT / "manage.py"), "localsandbox", "--host", "127.0.0.1",
+            "--port", "0", "--data-dir", str(data_dir), "--agent", "demo"]
+    if key:
+        args += ["--api-key", key]
+    args += extra_args or []
+    # The demo agent unless a test asks otherwise: a developer's own key must not leak in.
+    proc_env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc_env.pop("ANTHROPIC_API_KEY", None)
+    proc_env.update(env or {})
+    process = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=proc_env,
+    )
+    log: list[str] = []
+    found = threading.Event()
+    url: list[str] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.append(line)
+            match = LISTENING.search(line)
+            if match and not found.is_set():
+                url.append(match.group(1).rstrip("/"))
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not found.wait(timeout) or not url:
+        process.kill()
+        raise RuntimeError("localsandbox did not start:\n" + "".join(log))
+    return LocalSandbox(api_url=url[0], api_key=key, data_dir=data_dir, process=process, log=log)
+
+
+def stop_localsandbox(server: LocalSandbox) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def localsandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSandbox]:
+    """One embedded sandbox server (demo agent, API key required) for the whole run."""
+    server = start_localsandbox(tmp_path_factory.mktemp("localsandbox"))
+    yield server
+    stop_localsandbox(server)
