@@ -1,0 +1,180 @@
+"""Sandboxes, agent sessions and their recorded events.
+
+An `Event` is stored once, in order: `(session, seq)` is unique and `seq` is gap-free per
+session. That unique pair is also the fence between bridges: a bridge that lost its lease
+cannot write, because the next owner already took the seq it would use.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+
+class Sandbox(models.Model):
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"
+        STOPPED = "stopped", "Stopped"
+        KILLED = "killed", "Killed"
+        GONE = "gone", "Gone"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    upstream_id = models.CharField(max_length=128, unique=True)
+    template = models.CharField(max_length=128, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    metadata = models.JSONField(default=dict, blank=True)
+    idle_timeout = models.PositiveIntegerField(default=0, help_text="Seconds; 0 = persistent")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.upstream_id
+
+    @property
+    def is_alive(self) -> bool:
+        return self.status == self.Status.RUNNING
+
+    @property
+    def agent_kind(self) -> str:
+        return str(self.metadata.get("agent", "")) if isinstance(self.metadata, dict) else ""
+
+
+class AgentSession(models.Model):
+    class Status(models.TextChoices):
+        STARTING = "starting", "Starting"
+        WORKING = "working", "Working"
+        IDLE = "idle", "Idle"
+        EXITED = "exited", "Exited"
+        KILLED = "killed", "Killed"
+        LOST = "lost", "Lost"
+
+    LIVE_STATUSES = (Status.STARTING, Status.WORKING, Status.IDLE)
+    FINISHED_STATUSES = (Status.EXITED, Status.KILLED, Status.LOST)
+
+    class Origin(models.TextChoices):
+        PORTHOLE = "porthole", "Started here"
+        ATTACHED = "attached", "Attached"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="sessions")
+    upstream_id = models.CharField(max_length=128)
+    origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.PORTHOLE)
+    title = models.CharField(max_length=200, blank=True)
+    prompt = models.TextField(blank=True, help_text="The first prompt")
+    config = models.JSONField(default=dict, blank=True)
+    model = models.CharField(max_length=128, blank=True)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="agent_sessions",
+    )
+    resumed_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="continuations"
+    )
+    claude_session_id = models.CharField(max_length=128, blank=True)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.STARTING, db_index=True
+    )
+    exit_code = models.IntegerField(null=True, blank=True)
+    total_cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    num_turns = models.PositiveIntegerField(default=0)
+    duration_ms = models.PositiveBigIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    started_at = models.DateTimeField(default=timezone.now, db_index=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+    # The next seq to assign; only the bridge holding the lease advances it.
+    next_seq = models.PositiveBigIntegerField(default=1)
+    # The bridge lease: which worker holds the upstream socket, and until when.
+    bridge_owner = models.CharField(max_length=64, blank=True)
+    bridge_lease_until = models.DateTimeField(null=True, blank=True)
+    kill_requested = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-started_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["sandbox", "upstream_id"], name="unique_upstream_session"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or self.upstream_id
+
+    def get_absolute_url(self) -> str:
+        return reverse("session", args=[self.id])
+
+    @property
+    def is_live(self) -> bool:
+        return self.status in self.LIVE_STATUSES
+
+    @property
+    def is_working(self) -> bool:
+        return self.status == self.Status.WORKING
+
+    @property
+    def needs_attention(self) -> bool:
+        """Finished badly: a non-zero exit, a kill, or a lost upstream."""
+        if self.status == self.Status.EXITED:
+            return self.exit_code not in (0, None)
+        return self.status in (self.Status.KILLED, self.Status.LOST)
+
+    @staticmethod
+    def title_from_prompt(prompt: str) -> str:
+        first_line = next((line.strip() for line in prompt.splitlines() if line.strip()), "")
+        return first_line[:200] or "(no prompt)"
+
+
+class Event(models.Model):
+    class Source(models.TextChoices):
+        AGENT = "agent", "Agent"  # a stdout line of the wrapper
+        STDERR = "stderr", "stderr"  # the wrapper's own log
+        DASHBOARD = "dashboard", "Dashboard"  # an action someone took here, attributed
+        BRIDGE = "bridge", "Bridge"  # what the bridge observed: gaps, exit, loss
+
+    session = models.ForeignKey(AgentSession, on_delete=models.CASCADE, related_name="events")
+    seq = models.PositiveBigIntegerField()
+    source = models.CharField(max_length=16, choices=Source.choices)
+    type = models.CharField(max_length=64, blank=True)
+    subtype = models.CharField(max_length=64, blank=True)
+    # The line exactly as received (JSON or not); for our own events, the JSON we wrote.
+    raw = models.TextField()
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["session", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["session", "seq"], name="unique_event_seq"),
+        ]
+        indexes = [models.Index(fields=["session", "source", "seq"])]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}#{self.seq} {self.type}"
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        """The parsed line when it is a JSON object, else None (cached per instance)."""
+        if not hasattr(self, "_data"):
+            try:
+                parsed = json.loads(self.raw)
+            except (ValueError, RecursionError):
+                parsed = None
+            self._data = parsed if isinstance(parsed, dict) else None
+        return self._data
