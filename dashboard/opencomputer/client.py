@@ -108,6 +108,11 @@ class OpenComputer:
         return f"<OpenComputer {self.api_base}>"
 
     @property
+    def api_url(self) -> str:
+        """The normalised control-plane base (same as ``api_base``: ends in ``/api``)."""
+        return self.api_base
+
+    @property
     def http(self) -> httpx.AsyncClient:
         return self._http
 
