@@ -1,0 +1,414 @@
+"""The in-sandbox Claude agent wrapper: `python -m dashboard.localsandbox.agents.claude`.
+
+It speaks the wrapper line protocol (see `protocol.py` and DESIGN.md section 2) on stdin/stdout
+and drives Claude through claude-agent-sdk, which runs the bundled Claude Code CLI.
+
+Every SDK message is forwarded as the raw JSON object the CLI printed (the stream-json wire
+shape the real OpenComputer wrapper forwards), not re-serialised from the SDK's dataclasses,
+which drop fields (`message.id`, `usage`, `uuid`, ...). Around them the wrapper adds `ready`,
+`configured`, `interrupted`, `turn_complete` and `error`.
+
+One CLI process serves consecutive prompts, so they continue one Claude session. A `configure`
+that changes anything restarts the CLI before the next prompt with `--resume <session id>`, so
+the conversation carries on under the new settings. docs/claude-wrapper.md has the details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dashboard.localsandbox.agents.protocol import Output, config_from, log, stdin_commands
+
+try:
+    from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
+except ImportError:  # the `claude` extra is optional; main() reports it as a protocol error
+    ClaudeAgentOptions = ClaudeSDKClient = None  # type: ignore[assignment,misc]
+
+DEFAULT_MODEL = "claude-sonnet-4-20250514"
+DEFAULTS: dict[str, Any] = {
+    "model": DEFAULT_MODEL,
+    "permissionMode": "bypassPermissions",
+    "maxTurns": 50,
+}
+PERMISSION_MODES = ("default", "acceptEdits", "plan", "bypassPermissions", "dontAsk", "auto")
+# How long an interrupted turn may take to wind down before the wrapper stops waiting for it.
+INTERRUPT_GRACE_S = 30.0
+STDERR_TAIL_LINES = 10
+
+
+class ConfigError(ValueError):
+    """A `configure` value of the wrong type or out of range."""
+
+
+# ---------------------------------------------------------------- configuration
+
+_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "model": (str, "a string"),
+    "systemPrompt": ((str, dict), "a string or an SDK system-prompt object"),
+    "allowedTools": (list, "a list of tool names"),
+    "permissionMode": (str, "one of " + ", ".join(PERMISSION_MODES)),
+    "maxTurns": (int, "a positive integer"),
+    "cwd": (str, "a directory path"),
+    "mcpServers": (dict, "an object {name: {command, args, env}}"),
+    "resume": (str, "a Claude session id"),
+}
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+    """Reject what the SDK or CLI would choke on later, so `configure` fails where it was sent."""
+    for key, (kind, description) in _TYPES.items():
+        if key in config and (not isinstance(config[key], kind) or isinstance(config[key], bool)):
+            raise ConfigError(f"{key} must be {description}")
+    if not all(isinstance(tool, str) for tool in config.get("allowedTools", [])):
+        raise ConfigError("allowedTools must be a list of tool names")
+    if config.get("permissionMode", "default") not in PERMISSION_MODES:
+        raise ConfigError(f"permissionMode must be {_TYPES['permissionMode'][1]}")
+    if config.get("maxTurns", 1) < 1:
+        raise ConfigError("maxTurns must be a positive integer")
+    for name, server in config.get("mcpServers", {}).items():
+        if not isinstance(server, dict) or not isinstance(server.get("command"), str):
+            raise ConfigError(f"mcpServers.{name} must be an object with a string `command`")
+
+
+def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration for the `configured` line. MCP server env values are masked: stdout is
+    recorded and shown to every viewer, and those values are usually credentials."""
+    shown = dict(config)
+    if "mcpServers" in shown:
+        shown["mcpServers"] = {
+            name: {**server, "env": dict.fromkeys(server["env"], "***")}
+            if isinstance(server.get("env"), dict)
+            else server
+            for name, server in shown["mcpServers"].items()
+        }
+    return shown
+
+
+def system_prompt_option(value: str | dict[str, Any] | None) -> dict[str, Any]:
+    """The SDK's system prompt for our `systemPrompt`.
+
+    Unset means Claude Code's own prompt (the SDK's default is an empty one, which leaves the
+    agent without its tool instructions); a string replaces it, as in the SDK; an SDK
+    system-prompt object passes through. `snapshot: False` because the CLI otherwise keeps the
+    prompt a session started with, even across `--resume`, and a `configure` that changes
+    the prompt mid-session would silently do nothing.
+    """
+    if value is None:
+        return {"type": "preset", "preset": "claude_code", "snapshot": False}
+    if isinstance(value, str):
+        return {"type": "custom", "prompt": value, "snapshot": False}
+    return value
+
+
+def mcp_servers_option(servers: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenComputer's `{name: {command, args, env}}` is the SDK's stdio server config."""
+    return {name: {"type": "stdio", **server} for name, server in servers.items()}
+
+
+def cli_env() -> dict[str, str]:
+    """Extra environment for the Claude Code CLI.
+
+    The CLI refuses bypassPermissions (`--dangerously-skip-permissions`) for uid 0 unless the
+    environment has exactly IS_SANDBOX=1, declaring a deliberate sandbox. Sandboxes commonly run
+    as root and this wrapper exists to run inside one, so it declares it. A false-looking
+    IS_SANDBOX in our own environment (0, false, no, off) opts out and keeps the CLI's refusal;
+    any other value (e.g. "yes", which the CLI itself would not accept) counts as a yes.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return {}
+    if os.environ.get("IS_SANDBOX", "1").strip().lower() in ("0", "false", "no", "off"):
+        return {}
+    return {"IS_SANDBOX": "1"}
+
+
+def build_options(config: Mapping[str, Any], resume: str | None, on_stderr: Any) -> Any:
+    return ClaudeAgentOptions(
+        model=config["model"],
+        system_prompt=system_prompt_option(config.get("systemPrompt")),  # type: ignore[arg-type]
+        allowed_tools=list(config.get("allowedTools") or []),
+        permission_mode=config["permissionMode"],
+        max_turns=config["maxTurns"],
+        cwd=config.get("cwd"),
+        mcp_servers=mcp_servers_option(config.get("mcpServers") or {}),  # type: ignore[arg-type]
+        resume=resume,
+        env=cli_env(),
+        stderr=on_stderr,  # the CLI's stderr: logged, and its tail explains a crash
+    )
+
+
+async def raw_messages(client: Any) -> AsyncIterator[dict[str, Any]]:
+    """The CLI's messages as the JSON objects it printed, control traffic already removed.
+
+    `ClaudeSDKClient.receive_messages()` is this stream parsed into dataclasses, which lose
+    fields of the wire shape; the query object under it yields the dicts themselves. That object
+    is internal, so fail loudly (the offline tests would catch it) if an SDK release moves it.
+    """
+    query = getattr(client, "_query", None)
+    if query is None or not hasattr(query, "receive_messages"):
+        raise RuntimeError("this claude-agent-sdk version does not expose the raw messages")
+    async for message in query.receive_messages():
+        yield message
+
+
+def describe(exc: BaseException, stderr_tail: deque[str]) -> str:
+    """An error message worth showing: the exception and, when it says little, the CLI's stderr."""
+    text = str(exc) or type(exc).__name__
+    if "stderr" in text or "exit code" in text:
+        said = [line for line in stderr_tail if line not in text]
+        if said:
+            text += " | Claude Code: " + " / ".join(said)
+    return text
+
+
+# ---------------------------------------------------------------- turns and the CLI process
+
+
+@dataclass
+class Turn:
+    """One prompt being answered."""
+
+    text: str
+    resume: str | None = None
+    interrupted: bool = False
+    sent: bool = False  # the prompt reached the CLI, so an interrupt must go there too
+    error: str | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def finish(self, error: str | None = None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+@dataclass
+class Connection:
+    """A connected ClaudeSDKClient (one CLI process) and the task forwarding its messages."""
+
+    client: Any
+    config: dict[str, Any]
+    session_id: str | None  # the Claude session this CLI is on, once known
+    pump: asyncio.Task[None] | None = None
+    alive: bool = True
+
+
+class ClaudeWrapper:
+    def __init__(self, out: Output) -> None:
+        self.out = out
+        self.config: dict[str, Any] = dict(DEFAULTS)
+        self.session_id: str | None = None  # the Claude session the next prompt continues
+        self.confirmed_session_id: str | None = None  # the last one the CLI actually ran
+        self.prompts: asyncio.Queue[Turn | None] = asyncio.Queue()
+        self.connection: Connection | None = None
+        self.turn: Turn | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> int:
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        # SIGTERM (the sandbox killing the session) still stops the CLI child before we go.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+        worker = asyncio.create_task(self._work())
+        try:
+            self.out.emit({"type": "ready"})
+            async for command in stdin_commands():
+                self._dispatch(command)
+            # stdin closed: answer what was already accepted, then leave.
+            await self.prompts.put(None)
+            await worker
+            return 0
+        except asyncio.CancelledError:
+            return 128 + signal.SIGTERM
+        finally:
+            worker.cancel()
+            await self._disconnect()
+
+    # -- stdin commands
+
+    def _dispatch(self, command: dict[str, Any]) -> None:
+        kind = command["type"]
+        if kind == "configure":
+            self._configure(command)
+        elif kind == "prompt":
+            self._enqueue_prompt(command)
+        elif kind == "interrupt":
+            self._spawn(self._interrupt())
+        else:
+            self.out.error(f"unknown command type: {kind}")
+
+    def _configure(self, command: dict[str, Any]) -> None:
+        update = config_from(command)
+        try:
+            validate_config(update)
+        except ConfigError as exc:
+            self.out.error(f"configure: {exc}")
+            return
+        if "resume" in update:
+            self.session_id = update.pop("resume")
+        # A running CLI keeps its settings; the next prompt starts one with these.
+        self.config.update(update)
+        shown = public_config(self.config)
+        if self.session_id:
+            shown["resume"] = self.session_id
+        self.out.emit({"type": "configured", **shown})
+
+    def _enqueue_prompt(self, command: dict[str, Any]) -> None:
+        text, resume = command.get("text"), command.get("resume")
+        if not isinstance(text, str) or not text.strip():
+            self.out.error("prompt: `text` must be a non-empty string")
+        elif resume is not None and not isinstance(resume, str):
+            self.out.error("prompt: `resume` must be a Claude session id")
+        else:
+            self.prompts.put_nowait(Turn(text=text, resume=resume or None))
+
+    async def _interrupt(self) -> None:
+        turn, connection = self.turn, self.connection
+        if turn is None or turn.done.is_set():
+            log("interrupt: no turn is running")
+            return
+        turn.interrupted = True
+        if not turn.sent or connection is None:
+            return  # the turn worker sees the flag and never sends the prompt
+        try:
+            await connection.client.interrupt()
+        except Exception as exc:  # the CLI may have finished or died meanwhile
+            log(f"interrupt failed: {exc!r}")
+            return
+        # The CLI ends an interrupted turn with a result; should it never come, stop waiting
+        # and give the next prompt a fresh CLI.
+        try:
+            await asyncio.wait_for(turn.done.wait(), INTERRUPT_GRACE_S)
+        except TimeoutError:
+            log("the interrupted turn did not end; the next prompt restarts Claude Code")
+            connection.alive = False
+            turn.finish()
+
+    # -- the turn worker
+
+    async def _work(self) -> None:
+        while (turn := await self.prompts.get()) is not None:
+            self.turn = turn
+            try:
+                await self._run_turn(turn)
+            except Exception as exc:  # keep serving later prompts whatever one turn hit
+                log(f"turn failed: {exc!r}")
+                turn.finish(describe(exc, self.stderr_tail))
+            finally:
+                self.turn = None
+            if turn.interrupted:
+                self.out.emit({"type": "interrupted"})
+            elif turn.error:
+                self.out.error(turn.error)
+            self.out.emit({"type": "turn_complete", "claude_session_id": self.session_id})
+
+    async def _run_turn(self, turn: Turn) -> None:
+        if turn.resume:
+            self.session_id = turn.resume
+        connection = await self._connection()
+        if turn.interrupted:  # interrupted while the CLI was starting: nothing to answer
+            turn.finish()
+            return
+        turn.sent = True
+        await connection.client.query(turn.text)
+        await turn.done.wait()
+
+    async def _connection(self) -> Connection:
+        """The live CLI for the current settings and session, (re)started when either changed."""
+        current = self.connection
+        if (
+            current is not None
+            and current.alive
+            and current.config == self.config
+            and self.session_id in (None, current.session_id)
+        ):
+            return current
+        await self._disconnect()
+        self.stderr_tail.clear()
+        client = ClaudeSDKClient(build_options(self.config, self.session_id, self._on_stderr))
+        try:
+            await client.connect()
+        except Exception:
+            # A session the CLI cannot resume must not poison every later prompt.
+            self.session_id = self.confirmed_session_id
+            raise
+        connection = Connection(client=client, config=dict(self.config), session_id=self.session_id)
+        connection.pump = asyncio.create_task(self._pump(connection))
+        self.connection = connection
+        return connection
+
+    async def _pump(self, connection: Connection) -> None:
+        """Forward every message of one CLI process as it arrives, within a turn or not."""
+        error: str | None = None
+        try:
+            async for message in raw_messages(connection.client):
+                self._forward(connection, message)
+        except Exception as exc:
+            error = describe(exc, self.stderr_tail)
+            log(f"Claude Code stopped: {error}")
+        finally:
+            connection.alive = False
+            if self.turn is not None and self.connection is connection:
+                self.turn.finish(error or "Claude Code exited before the turn ended")
+
+    def _forward(self, connection: Connection, message: dict[str, Any]) -> None:
+        current = connection is self.connection
+        session_id = message.get("session_id")
+        if current and isinstance(session_id, str) and session_id:
+            self.session_id = self.confirmed_session_id = connection.session_id = session_id
+        turn = self.turn if current else None
+        if message.get("type") != "result":
+            self.out.emit(message)
+            return
+        if turn is not None and turn.interrupted:
+            log("dropping the interrupted turn's result")  # `interrupted` stands in for it
+        else:
+            self.out.emit(message)
+        if turn is not None and turn.sent:
+            turn.finish()
+
+    async def _disconnect(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is None:
+            return
+        try:
+            await connection.client.disconnect()
+        except Exception as exc:
+            log(f"disconnect: {exc!r}")
+        if connection.pump is not None:
+            connection.pump.cancel()
+
+    # -- helpers
+
+    def _on_stderr(self, line: str) -> None:
+        self.stderr_tail.append(line)
+        log(f"claude: {line}")
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)  # keep a reference: the loop only holds weak ones
+        task.add_done_callback(self._background.discard)
+
+
+def main() -> int:
+    out = Output()
+    if not os.environ.get("ANTHROPIC_API_KEY"):
+        out.error("ANTHROPIC_API_KEY is not set: the Claude agent cannot run without it")
+        return 1
+    if ClaudeSDKClient is None:
+        out.error("claude-agent-sdk is not installed (pip install 'porthole[claude]')")
+        return 1
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(ClaudeWrapper(out).run())
+    return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
