@@ -37,7 +37,10 @@ def python_version(executable: str) -> tuple[int, int] | None:
     try:
         out = subprocess.run(
             [executable, "-c", "import sys; print(*sys.version_info[:2])"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout.split()
         return int(out[0]), int(out[1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -62,13 +65,16 @@ def find_python() -> str:
         run(sys.executable, "-m", "pip", "install", "--quiet", "--user", "uv")
         found = subprocess.run(
             [sys.executable, "-m", "uv", "python", "find", "--system", "3.12"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if found.returncode != 0:
             run(sys.executable, "-m", "uv", "python", "install", "3.12")
             found = subprocess.run(
                 [sys.executable, "-m", "uv", "python", "find", "3.12"],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
         return found.stdout.strip()
     except subprocess.CalledProcessError:

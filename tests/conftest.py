@@ -34,12 +34,27 @@ class LocalSandbox:
 
 
 def start_localsandbox(
-    data_dir: Path, *, api_key: str | None = None, extra_args: list[str] | None = None,
-    env: dict[str, str] | None = None, timeout: float = 30.0,
+    data_dir: Path,
+    *,
+    api_key: str | None = None,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
 ) -> LocalSandbox:
     key = api_key if api_key is not None else secrets.token_hex(16)
-    args = [sys.executable, str(ROOT / "manage.py"), "localsandbox", "--host", "127.0.0.1",
-            "--port", "0", "--data-dir", str(data_dir), "--agent", "demo"]
+    args = [
+        sys.executable,
+        str(ROOT / "manage.py"),
+        "localsandbox",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--agent",
+        "demo",
+    ]
     if key:
         args += ["--api-key", key]
     args += extra_args or []
@@ -48,7 +63,12 @@ def start_localsandbox(
     proc_env.pop("ANTHROPIC_API_KEY", None)
     proc_env.update(env or {})
     process = subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=proc_env,
+        args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=proc_env,
     )
     log: list[str] = []
     found = threading.Event()

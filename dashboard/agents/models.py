@@ -31,7 +31,10 @@ class Sandbox(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     idle_timeout = models.PositiveIntegerField(default=0, help_text="Seconds; 0 = persistent")
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     created_at = models.DateTimeField(default=timezone.now)
@@ -77,7 +80,10 @@ class AgentSession(models.Model):
     config = models.JSONField(default=dict, blank=True)
     model = models.CharField(max_length=128, blank=True)
     started_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="agent_sessions",
     )
     resumed_from = models.ForeignKey(
@@ -105,6 +111,10 @@ class AgentSession(models.Model):
 
     class Meta:
         ordering = ["-started_at"]
+        permissions = [
+            ("steer_agentsession", "Can start, steer, interrupt, configure, kill and attach"),
+            ("share_agentsession", "Can create share links"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["sandbox", "upstream_id"], name="unique_upstream_session"
@@ -153,7 +163,10 @@ class Event(models.Model):
     # The line exactly as received (JSON or not); for our own events, the JSON we wrote.
     raw = models.TextField()
     actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     created_at = models.DateTimeField(default=timezone.now)

@@ -1,20 +1,227 @@
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.contrib import messages
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404
-from django.views.decorators.http import require_GET
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Q, QuerySet
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    StreamingHttpResponse,
+)
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.utils.text import slugify
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import HttpResponseClientRedirect
+from django_htmx.middleware import HtmxDetails
 
-from dashboard.agents.models import AgentSession, Event
+from dashboard.agents import actions, upstream
+from dashboard.agents.export import session_jsonl, session_markdown
+from dashboard.agents.forms import (
+    AgentOptionsForm,
+    ContinueForm,
+    PromptForm,
+    StartSessionForm,
+    controls_context,
+)
+from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.rendering import ToolIndex, render_event
+from dashboard.opencomputer import OpenComputerError, redact
+
+log = logging.getLogger(__name__)
+
+PAGE_EVENTS = 200
+SESSIONS_PER_PAGE = 25
+
+
+class HtmxHttpRequest(HttpRequest):
+    htmx: HtmxDetails
+
+
+def _shown(exc: OpenComputerError) -> str:
+    """An upstream error as a person may see it: the server's message, secrets masked."""
+    return redact(exc.message or str(exc), upstream.secrets())
+
+
+def _can_steer(user: Any) -> bool:
+    return bool(user.has_perm("agents.steer_agentsession"))
+
+
+def _require_steer(user: Any) -> None:
+    if not _can_steer(user):
+        raise PermissionDenied("You may watch sessions but not steer them.")
+
+
+def _get_session_for_user(user: Any, session_id: object) -> AgentSession:
+    """The session, with what every page of it shows, or 404."""
+    try:
+        return AgentSession.objects.select_related("sandbox", "started_by", "resumed_from").get(
+            id=session_id
+        )
+    except AgentSession.DoesNotExist:
+        raise Http404("No such session.") from None
+
+
+# -- the session list --------------------------------------------------------------------------
+
+STATUS_FILTERS = {
+    "running": Q(status__in=AgentSession.LIVE_STATUSES),
+    "attention": Q(status__in=[AgentSession.Status.KILLED, AgentSession.Status.LOST])
+    | (Q(status=AgentSession.Status.EXITED) & ~Q(exit_code=0)),
+    "finished": Q(status__in=AgentSession.FINISHED_STATUSES),
+}
+
+
+def _filtered_sessions(request: HttpRequest) -> tuple[QuerySet[AgentSession], dict[str, str]]:
+    sessions = AgentSession.objects.select_related("sandbox", "started_by")
+    status = request.GET.get("status", "all")
+    if status in STATUS_FILTERS:
+        sessions = sessions.filter(STATUS_FILTERS[status])
+    else:
+        status = "all"
+    starter = request.GET.get("starter", "")
+    if starter:
+        sessions = sessions.filter(started_by__username=starter)
+    query = request.GET.get("q", "").strip()
+    if query:
+        sessions = sessions.filter(Q(title__icontains=query) | Q(prompt__icontains=query))
+    return sessions.order_by("-started_at"), {"status": status, "starter": starter, "q": query}
+
+
+@require_GET
+@login_required
+def index(request: HtmxHttpRequest) -> HttpResponse:
+    sessions, filters = _filtered_sessions(request)
+    page = Paginator(sessions, SESSIONS_PER_PAGE).get_page(request.GET.get("page"))
+    starters = (
+        get_user_model()
+        .objects.filter(agent_sessions__isnull=False)
+        .distinct()
+        .order_by("username")
+        .values_list("username", flat=True)
+    )
+    context = {
+        "page": page,
+        "filters": filters,
+        "starters": list(starters),
+        "status_choices": [
+            ("all", "All"),
+            ("running", "Running"),
+            ("attention", "Needs attention"),
+            ("finished", "Finished"),
+        ],
+        "can_steer": _can_steer(request.user),
+    }
+    template = "agents/index.html#results" if request.htmx else "agents/index.html"
+    return render(request, template, context)
+
+
+# -- starting a session ------------------------------------------------------------------------
 
 
 @login_required
-def index(request: HttpRequest) -> HttpResponse:
-    return HttpResponse("Porthole")
+async def new_session(request: HtmxHttpRequest) -> HttpResponse:
+    user = await request.auser()
+    if not await sync_to_async(_can_steer)(user):
+        raise PermissionDenied("You may watch sessions but not start them.")
+    if request.method == "POST":
+        form = await sync_to_async(StartSessionForm)(request.POST)
+        if await sync_to_async(form.is_valid)():
+            try:
+                existing = await sync_to_async(form.existing_sandbox)()
+                session = await actions.start_session(
+                    user,
+                    prompt=form.cleaned_data["prompt"],
+                    options=form.options(),
+                    sandbox=existing,
+                    template=form.cleaned_data.get("template") or "base",
+                    idle_timeout=form.cleaned_data.get("idle_timeout") or 0,
+                    envs=form.cleaned_data.get("envs") or {},
+                )
+            except OpenComputerError as exc:
+                form.add_error(None, f"The sandbox server refused: {_shown(exc)}")
+            else:
+                return redirect(session)
+    else:
+        initial = {}
+        if request.GET.get("sandbox"):
+            initial["sandbox"] = request.GET["sandbox"]
+        form = await sync_to_async(StartSessionForm)(initial=initial)
+    status = 400 if request.method == "POST" else 200
+    return await sync_to_async(render)(request, "agents/new.html", {"form": form}, status=status)
 
 
+# -- the session page -------------------------------------------------------------------------
+
+
+def _session_context(request: HttpRequest, session: AgentSession) -> dict[str, Any]:
+    events = list(
+        Event.objects.filter(session=session).select_related("actor").order_by("-seq")[:PAGE_EVENTS]
+    )
+    events.reverse()
+    for event in events:
+        event.session = session
+    tools = ToolIndex.for_session(session, events)
+    return {
+        "session": session,
+        "sandbox": session.sandbox,
+        "timeline_html": [
+            render_event(e, tools) for e in events if e.source != Event.Source.STDERR
+        ],
+        "stderr_html": [render_event(e, tools) for e in events if e.source == Event.Source.STDERR],
+        "first_seq": events[0].seq if events else 0,
+        "last_seq": events[-1].seq if events else 0,
+        "has_older": bool(events) and events[0].seq > 1,
+        "can_steer": _can_steer(request.user),
+        **controls_context(session),
+        "ws_path": f"/ws/sessions/{session.id}/",
+    }
+
+
+@require_GET
 @login_required
-def session_detail(request: HttpRequest, session_id: str) -> HttpResponse:
-    session = get_object_or_404(AgentSession, id=session_id)
-    return HttpResponse(session.title)
+def session_detail(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    session = _get_session_for_user(request.user, session_id)
+    return render(request, "agents/session.html", _session_context(request, session))
+
+
+@require_GET
+@login_required
+def older_events(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    """The page of events before `before`, for "load older" (prepended above the timeline)."""
+    session = _get_session_for_user(request.user, session_id)
+    try:
+        before = int(request.GET.get("before", "0"))
+    except ValueError:
+        before = 0
+    events = list(
+        Event.objects.filter(session=session, seq__lt=before)
+        .exclude(source=Event.Source.STDERR)
+        .select_related("actor")
+        .order_by("-seq")[:PAGE_EVENTS]
+    )
+    events.reverse()
+    for event in events:
+        event.session = session
+    tools = ToolIndex.for_session(session, events)
+    context = {
+        "session": session,
+        "older_html": [render_event(e, tools) for e in events],
+        "first_seq": events[0].seq if events else 0,
+        "has_older": bool(events) and events[0].seq > 1,
+    }
+    return render(request, "agents/session.html#older", context)
 
 
 @require_GET
@@ -24,4 +231,288 @@ def event_raw(request: HttpRequest, session_id: str, seq: int) -> HttpResponse:
     event = get_object_or_404(Event, session_id=session_id, seq=seq)
     response = HttpResponse(event.raw, content_type="text/plain; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="event-{seq}.txt"'
+    response["X-Content-Type-Options"] = "nosniff"
     return response
+
+
+def _export_name(session: AgentSession, extension: str) -> str:
+    slug = slugify(session.title)[:60] or "session"
+    return f"porthole-{slug}-{str(session.id)[:8]}.{extension}"
+
+
+def _ordered_events(session: AgentSession) -> Any:
+    return (
+        Event.objects.filter(session=session)
+        .select_related("actor")
+        .order_by("seq")
+        .iterator(chunk_size=1000)
+    )
+
+
+@require_GET
+@login_required
+def export_jsonl(request: HttpRequest, session_id: str) -> HttpResponseBase:
+    session = _get_session_for_user(request.user, session_id)
+    lines = (line + "\n" for line in session_jsonl(session, _ordered_events(session)))
+    response = StreamingHttpResponse(lines, content_type="application/x-ndjson; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{_export_name(session, "jsonl")}"'
+    return response
+
+
+@require_GET
+@login_required
+def export_markdown(request: HttpRequest, session_id: str) -> HttpResponse:
+    session = _get_session_for_user(request.user, session_id)
+    text = session_markdown(session, _ordered_events(session))
+    response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{_export_name(session, "md")}"'
+    return response
+
+
+# -- steering ---------------------------------------------------------------------------------
+
+
+async def _steerable(
+    request: HttpRequest, session_id: str
+) -> tuple[AbstractBaseUser, AgentSession]:
+    user = await request.auser()
+    await sync_to_async(_require_steer)(user)
+    session = await sync_to_async(_get_session_for_user)(user, session_id)
+    return user, session
+
+
+async def _controls_response(
+    request: HtmxHttpRequest,
+    session: AgentSession,
+    *,
+    error: str = "",
+    notice: str = "",
+    status: int = 200,
+    forms: dict[str, Any] | None = None,
+) -> HttpResponse:
+    """htmx gets the controls back (with the message); a plain form post is redirected."""
+    if not request.htmx:
+        if error:
+            await sync_to_async(messages.error)(request, error)
+        elif notice:
+            await sync_to_async(messages.success)(request, notice)
+        return redirect(session)
+    fresh = await AgentSession.objects.select_related("sandbox").aget(id=session.id)
+    context = {
+        "session": fresh,
+        "sandbox": fresh.sandbox,
+        "can_steer": True,
+        "error": error,
+        "notice": notice,
+        **controls_context(fresh),
+        **(forms or {}),
+    }
+    html = await sync_to_async(render_to_string)(
+        "agents/session.html#controls", context, request=request
+    )
+    return HttpResponse(html, status=status)
+
+
+@require_POST
+@login_required
+async def session_prompt(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    form = PromptForm(request.POST)
+    if not session.is_live:
+        return await _controls_response(
+            request,
+            session,
+            error="The session has ended; continue it in a new session.",
+            status=409,
+        )
+    if not form.is_valid():
+        return await _controls_response(
+            request, session, error="Write a prompt.", status=400, forms={"prompt_form": form}
+        )
+    try:
+        await actions.send_prompt(user, session, form.cleaned_data["text"])
+    except OpenComputerError as exc:
+        return await _controls_response(
+            request,
+            session,
+            error=f"Not sent: {_shown(exc)}",
+            status=502,
+            forms={"prompt_form": form},
+        )
+    return await _controls_response(request, session, notice="Prompt sent.")
+
+
+@require_POST
+@login_required
+async def session_interrupt(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    if not session.is_live:
+        return await _controls_response(
+            request, session, error="The session has ended.", status=409
+        )
+    try:
+        await actions.interrupt(user, session)
+    except OpenComputerError as exc:
+        return await _controls_response(
+            request, session, error=f"Interrupt failed: {_shown(exc)}", status=502
+        )
+    return await _controls_response(request, session, notice="Interrupt sent.")
+
+
+@require_POST
+@login_required
+async def session_configure(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    form = AgentOptionsForm(request.POST)
+    if not session.is_live:
+        return await _controls_response(
+            request, session, error="The session has ended.", status=409
+        )
+    if not form.is_valid():
+        return await _controls_response(
+            request,
+            session,
+            error="Check the configuration.",
+            status=400,
+            forms={"configure_form": form},
+        )
+    options = form.options()
+    if not options:
+        return await _controls_response(request, session, error="Nothing to change.", status=400)
+    await actions.configure(user, session, options)
+    return await _controls_response(request, session, notice="Configuration sent.")
+
+
+@require_POST
+@login_required
+async def session_kill(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    if not session.is_live:
+        return await _controls_response(
+            request, session, error="The session has ended.", status=409
+        )
+    try:
+        await actions.kill(user, session)
+    except OpenComputerError as exc:
+        return await _controls_response(
+            request, session, error=f"Kill failed: {_shown(exc)}", status=502
+        )
+    return await _controls_response(request, session, notice="Kill sent.")
+
+
+@require_POST
+@login_required
+async def session_continue(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    form = ContinueForm(request.POST)
+    if not form.is_valid():
+        return await _controls_response(
+            request,
+            session,
+            error="Write a prompt for the new session.",
+            status=400,
+            forms={"continue_form": form},
+        )
+    try:
+        new = await actions.continue_session(user, session, form.cleaned_data["prompt"])
+    except OpenComputerError as exc:
+        return await _controls_response(
+            request,
+            session,
+            error=f"Could not continue: {_shown(exc)}",
+            status=502,
+            forms={"continue_form": form},
+        )
+    if request.htmx:
+        return HttpResponseClientRedirect(new.get_absolute_url())
+    return redirect(new)
+
+
+# -- sandboxes --------------------------------------------------------------------------------
+
+
+@login_required
+async def sandboxes(request: HtmxHttpRequest) -> HttpResponse:
+    """Every sandbox of the account, with its agent sessions, recorded here or not."""
+    error = ""
+    listing: list[dict[str, Any]] = []
+    try:
+        client = upstream.client()
+        for info in await client.list_sandboxes():
+            try:
+                agents = await client.list_agents(info.sandbox_id)
+            except OpenComputerError:
+                agents = []
+            listing.append({"info": info, "agents": agents})
+    except OpenComputerError as exc:
+        error = f"Cannot list sandboxes: {_shown(exc)}"
+    user = await request.auser()
+    context = await sync_to_async(_sandboxes_context)(user, listing)
+    context["error"] = error
+    return await sync_to_async(render)(request, "agents/sandboxes.html", context)
+
+
+def _sandboxes_context(user: Any, listing: list[dict[str, Any]]) -> dict[str, Any]:
+    recorded = {
+        (s.sandbox.upstream_id, s.upstream_id): s
+        for s in AgentSession.objects.select_related("sandbox").filter(
+            sandbox__upstream_id__in=[row["info"].sandbox_id for row in listing]
+        )
+    }
+    known = {
+        s.upstream_id: s
+        for s in Sandbox.objects.filter(upstream_id__in=[row["info"].sandbox_id for row in listing])
+    }
+    rows = []
+    for row in listing:
+        info = row["info"]
+        rows.append(
+            {
+                "info": info,
+                "sandbox": known.get(info.sandbox_id),
+                "agents": [
+                    {"info": agent, "session": recorded.get((info.sandbox_id, agent.session_id))}
+                    for agent in row["agents"]
+                ],
+            }
+        )
+    return {"rows": rows, "can_steer": _can_steer(user)}
+
+
+@require_POST
+@login_required
+async def sandbox_attach(request: HtmxHttpRequest, sandbox_id: str, agent_id: str) -> HttpResponse:
+    user = await request.auser()
+    await sync_to_async(_require_steer)(user)
+    try:
+        session = await actions.attach(user, sandbox_id, agent_id)
+    except (OpenComputerError, LookupError) as exc:
+        text = _shown(exc) if isinstance(exc, OpenComputerError) else str(exc)
+        await sync_to_async(messages.error)(request, f"Cannot attach: {text}")
+        return redirect("sandboxes")
+    return redirect(session)
+
+
+@require_POST
+@login_required
+async def sandbox_kill(request: HtmxHttpRequest, sandbox_id: str) -> HttpResponse:
+    user = await request.auser()
+    await sync_to_async(_require_steer)(user)
+    if request.POST.get("confirm") != sandbox_id:
+        await sync_to_async(messages.error)(request, "Type the sandbox id to confirm the kill.")
+        return redirect(request.POST.get("next") or reverse("sandboxes"))
+    sandbox = await Sandbox.objects.filter(upstream_id=sandbox_id).afirst()
+    if sandbox is None:
+        sandbox = await Sandbox.objects.acreate(upstream_id=sandbox_id)
+    try:
+        await actions.kill_sandbox(user, sandbox)
+    except OpenComputerError as exc:
+        await sync_to_async(messages.error)(request, f"Kill failed: {_shown(exc)}")
+    else:
+        await sync_to_async(messages.success)(request, f"Sandbox {sandbox_id} killed.")
+    next_url = request.POST.get("next", "")
+    return redirect(
+        next_url
+        if next_url.startswith("/") and not next_url.startswith("//")
+        else reverse("sandboxes")
+    )

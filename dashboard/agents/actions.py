@@ -1,0 +1,237 @@
+"""What people do to sessions: each action is recorded, attributed, then sent upstream.
+
+The timeline entry is written before the upstream call, so "alice sent a prompt" always
+precedes the agent's answer to it; when the call fails a second entry says so, with the
+server's message. Upstream errors propagate as `OpenComputerError` for the view to show.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from dashboard.agents import upstream
+from dashboard.agents.bridge import wake_supervisors
+from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.recording import SESSIONS_GROUP, NewEvent, bridge_group, publish, record
+from dashboard.opencomputer import OpenComputerError, redact
+
+
+def _shown(exc: OpenComputerError) -> str:
+    return redact(exc.message or str(exc), upstream.secrets())
+
+
+async def note(session_id: object, data: dict[str, Any], actor: Any = None) -> None:
+    """Record a dashboard action in the timeline and announce it."""
+    actor_id = getattr(actor, "pk", None)
+    event = NewEvent.ours(Event.Source.DASHBOARD, data, actor_id=actor_id)
+    _, messages = await database_sync_to_async(record)(session_id, [event])
+    await publish(messages)
+
+
+async def _failed(session_id: object, action: str, exc: OpenComputerError) -> None:
+    await note(session_id, {"type": "action_failed", "action": action, "message": _shown(exc)})
+
+
+async def _new_sandbox(
+    user: AbstractBaseUser, template: str, idle_timeout: int, envs: dict[str, str]
+) -> Sandbox:
+    info = await upstream.client().create_sandbox(
+        template=template or "base",
+        timeout=idle_timeout,
+        envs=envs or None,
+        metadata={"created_by": "porthole"},
+    )
+    return await Sandbox.objects.acreate(
+        upstream_id=info.sandbox_id,
+        template=info.template_id or template or "base",
+        status=Sandbox.Status.RUNNING,
+        metadata=dict(info.metadata or {}),
+        idle_timeout=idle_timeout,
+        created_by=user,
+        last_seen_at=timezone.now(),
+    )
+
+
+@database_sync_to_async
+def _create_session(
+    sandbox: Sandbox,
+    upstream_id: str,
+    user: Any,
+    prompt: str,
+    options: dict[str, Any],
+    origin: str = AgentSession.Origin.PORTHOLE,
+    resumed_from: AgentSession | None = None,
+) -> AgentSession:
+    with transaction.atomic():
+        session = AgentSession.objects.create(
+            sandbox=sandbox,
+            upstream_id=upstream_id,
+            origin=origin,
+            title=(
+                AgentSession.title_from_prompt(prompt)
+                if prompt
+                else f"Attached session {upstream_id}"
+            ),
+            prompt=prompt,
+            config=options,
+            model=str(options.get("model", "")),
+            started_by=user,
+            resumed_from=resumed_from,
+        )
+        if prompt:
+            first = {"type": "prompt", "text": prompt, **({"options": options} if options else {})}
+        else:
+            first = {"type": "attach"}
+        record(session.id, [NewEvent.ours(Event.Source.DASHBOARD, first, actor_id=user.pk)])
+    return session
+
+
+async def _announce_new_session() -> None:
+    await wake_supervisors()
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(SESSIONS_GROUP, {"type": "sessions.new"})
+
+
+async def start_session(
+    user: Any,
+    *,
+    prompt: str,
+    options: dict[str, Any],
+    sandbox: Sandbox | None = None,
+    template: str = "base",
+    idle_timeout: int = 0,
+    envs: dict[str, str] | None = None,
+    resumed_from: AgentSession | None = None,
+) -> AgentSession:
+    if sandbox is None:
+        sandbox = await _new_sandbox(user, template, idle_timeout, envs or {})
+    info = await upstream.client().start_agent(
+        sandbox.upstream_id, prompt=prompt, **_client_options(options)
+    )
+    session = await _create_session(
+        sandbox, info.session_id, user, prompt, options, resumed_from=resumed_from
+    )
+    await _announce_new_session()
+    return session
+
+
+def _client_options(options: dict[str, Any]) -> dict[str, Any]:
+    names = {
+        "model": "model",
+        "systemPrompt": "system_prompt",
+        "allowedTools": "allowed_tools",
+        "permissionMode": "permission_mode",
+        "maxTurns": "max_turns",
+        "cwd": "cwd",
+        "mcpServers": "mcp_servers",
+        "resume": "resume",
+    }
+    return {names[k]: v for k, v in options.items() if k in names}
+
+
+async def send_prompt(user: Any, session: AgentSession, text: str) -> None:
+    await note(session.id, {"type": "prompt", "text": text}, user)
+    try:
+        await upstream.client().send_prompt(session.sandbox.upstream_id, session.upstream_id, text)
+    except OpenComputerError as exc:
+        await _failed(session.id, "prompt", exc)
+        raise
+
+
+async def interrupt(user: Any, session: AgentSession) -> None:
+    await note(session.id, {"type": "interrupt"}, user)
+    try:
+        await upstream.client().interrupt(session.sandbox.upstream_id, session.upstream_id)
+    except OpenComputerError as exc:
+        await _failed(session.id, "interrupt", exc)
+        raise
+
+
+async def configure(user: Any, session: AgentSession, options: dict[str, Any]) -> None:
+    """There is no REST call for configure: the bridge writes the line to the agent's stdin."""
+    await note(session.id, {"type": "configure", **options}, user)
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(
+            bridge_group(session.id),
+            {"type": "bridge.stdin", "line": {"type": "configure", **options}},
+        )
+
+
+async def kill(user: Any, session: AgentSession, signal: int = 9) -> None:
+    await AgentSession.objects.filter(id=session.id).aupdate(kill_requested=True)
+    await note(session.id, {"type": "kill", "signal": signal}, user)
+    try:
+        await upstream.client().kill_agent(
+            session.sandbox.upstream_id, session.upstream_id, signal=signal
+        )
+    except OpenComputerError as exc:
+        await AgentSession.objects.filter(id=session.id).aupdate(kill_requested=False)
+        await _failed(session.id, "kill", exc)
+        raise
+
+
+async def continue_session(user: Any, session: AgentSession, prompt: str) -> AgentSession:
+    """A new session in the same sandbox that resumes this one's Claude conversation."""
+    options = dict(session.config or {})
+    if session.claude_session_id:
+        options["resume"] = session.claude_session_id
+    new = await start_session(
+        user, prompt=prompt, options=options, sandbox=session.sandbox, resumed_from=session
+    )
+    await note(session.id, {"type": "continue", "session": str(new.id), "title": new.title}, user)
+    return new
+
+
+async def kill_sandbox(user: Any, sandbox: Sandbox) -> None:
+    live = [
+        s
+        async for s in AgentSession.objects.filter(
+            sandbox=sandbox, status__in=AgentSession.LIVE_STATUSES
+        )
+    ]
+    await AgentSession.objects.filter(id__in=[s.id for s in live]).aupdate(kill_requested=True)
+    for session in live:
+        await note(session.id, {"type": "sandbox_kill"}, user)
+    try:
+        await upstream.client().kill_sandbox(sandbox.upstream_id)
+    except OpenComputerError as exc:
+        await AgentSession.objects.filter(id__in=[s.id for s in live]).aupdate(kill_requested=False)
+        for session in live:
+            await _failed(session.id, "sandbox_kill", exc)
+        raise
+    await Sandbox.objects.filter(id=sandbox.id).aupdate(status=Sandbox.Status.KILLED)
+
+
+async def attach(user: Any, sandbox_upstream_id: str, session_upstream_id: str) -> AgentSession:
+    """Record a session started elsewhere, from its scrollback on."""
+    existing = await AgentSession.objects.filter(
+        sandbox__upstream_id=sandbox_upstream_id, upstream_id=session_upstream_id
+    ).afirst()
+    if existing is not None:
+        return existing
+    client = upstream.client()
+    info = await client.get_sandbox(sandbox_upstream_id)
+    sessions = await client.list_agents(sandbox_upstream_id)
+    if not any(s.session_id == session_upstream_id for s in sessions):
+        raise LookupError("That session is not an agent session of this sandbox.")
+    sandbox, _ = await Sandbox.objects.aget_or_create(
+        upstream_id=sandbox_upstream_id,
+        defaults={
+            "template": info.template_id or "",
+            "metadata": dict(info.metadata or {}),
+            "status": Sandbox.Status.RUNNING,
+        },
+    )
+    session = await _create_session(
+        sandbox, session_upstream_id, user, "", {}, origin=AgentSession.Origin.ATTACHED
+    )
+    await _announce_new_session()
+    return session

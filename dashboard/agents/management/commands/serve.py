@@ -1,0 +1,156 @@
+"""`manage.py serve`: run Porthole (Daphne) with its bridge supervisor in the same loop.
+
+With no `OPENCOMPUTER_API_URL`, it first starts the embedded sandbox server as a child
+process on loopback with a fresh API key, and points Porthole at it: one command, no
+account, no network. The bridges run in this process so that, with the in-memory channel
+layer, the fragments they publish reach this process's viewers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+class Command(BaseCommand):
+    help = "Run Porthole (and, unless OPENCOMPUTER_API_URL is set, the embedded sandbox server)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--host", default=os.environ.get("PORTHOLE_HOST", "127.0.0.1"))
+        parser.add_argument(
+            "--port", type=int, default=int(os.environ.get("PORTHOLE_PORT", "8000"))
+        )
+        parser.add_argument(
+            "--sandbox-port",
+            type=int,
+            default=settings.LOCALSANDBOX_PORT,
+            help="port of the embedded sandbox server (0 picks a free one)",
+        )
+        parser.add_argument(
+            "--agent",
+            default=os.environ.get("LOCALSANDBOX_AGENT", "auto"),
+            choices=["auto", "claude", "demo"],
+            help="the embedded server's agent",
+        )
+        parser.add_argument("--no-bridges", action="store_true", help="do not run bridges here")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        # Import order matters to Twisted: daphne.server installs the asyncio reactor.
+        from daphne.server import Server, twisted_loop
+        from twisted.internet import reactor
+
+        from dashboard.agents.bridge import BridgeSupervisor
+        from dashboard.asgi import application
+
+        child = None
+        if not settings.OPENCOMPUTER_API_URL:
+            child = self._start_localsandbox(options["sandbox_port"], options["agent"])
+
+        supervisor = (
+            BridgeSupervisor()
+            if settings.PORTHOLE_RUN_BRIDGES and not options["no_bridges"]
+            else None
+        )
+
+        def start_supervisor() -> None:
+            if supervisor is not None:
+                twisted_loop.create_task(supervisor.run(), name="bridge-supervisor")
+
+        reactor.callWhenRunning(start_supervisor)
+        host, port = options["host"], options["port"]
+        endpoint = f"tcp:port={port}:interface={host.strip('[]')}"
+        self.stdout.write(
+            f"Porthole on http://{host}:{port}/  (API: {settings.OPENCOMPUTER_API_URL})"
+        )
+        self._first_run_hint()
+        try:
+            Server(
+                application=application,
+                endpoints=[endpoint],
+                signal_handlers=True,
+                websocket_timeout=86400,
+                application_close_timeout=10,
+            ).run()
+        finally:
+            if supervisor is not None and not twisted_loop.is_closed():
+                with contextlib.suppress(Exception):
+                    twisted_loop.run_until_complete(supervisor.stop())
+            if child is not None:
+                child.terminate()
+                try:
+                    child.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+
+    def _start_localsandbox(self, port: int, agent: str) -> subprocess.Popen[str]:
+        key = secrets.token_urlsafe(24)
+        data_dir = Path(settings.DATA_DIR) / "localsandbox"
+        command = [
+            sys.executable,
+            str(Path(settings.BASE_DIR) / "manage.py"),
+            "localsandbox",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-key",
+            key,
+            "--data-dir",
+            str(data_dir),
+            "--agent",
+            agent,
+        ]
+        child = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        url = _wait_for_listening(child, timeout=30)
+        if url is None:
+            child.kill()
+            raise CommandError("The embedded sandbox server did not start (see its output above).")
+        settings.OPENCOMPUTER_API_URL = url
+        settings.OPENCOMPUTER_API_KEY = key
+        self.stdout.write(f"Embedded sandbox server on {url} (agent: {agent})")
+        return child
+
+    def _first_run_hint(self) -> None:
+        if not get_user_model().objects.exists():
+            self.stdout.write(
+                "No users yet: create the administrator with `python manage.py createsuperuser`."
+            )
+
+
+def _wait_for_listening(child: subprocess.Popen[str], timeout: float) -> str | None:
+    """Echo the child's output; return its API URL once it says it is listening."""
+    found = threading.Event()
+    url: list[str] = []
+
+    def pump() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            sys.stdout.write(f"[localsandbox] {line}")
+            match = LISTENING.search(line)
+            if match and not found.is_set():
+                url.append(match.group(1).rstrip("/"))
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True, name="localsandbox-output").start()
+    found.wait(timeout)
+    return url[0] if url else None

@@ -1,0 +1,98 @@
+// Porthole's page behaviour. No inline scripts anywhere (the CSP forbids them): this file
+// wires everything through data attributes and htmx events.
+(function () {
+  "use strict";
+
+  function lastSeq(root) {
+    var seq = parseInt(root.dataset.lastSeq || "0", 10) || 0;
+    ["timeline", "stderr-log"].forEach(function (id) {
+      var list = document.getElementById(id);
+      var last = list && list.lastElementChild;
+      while (last && !last.dataset.seq) { last = last.previousElementSibling; }
+      if (last) { seq = Math.max(seq, parseInt(last.dataset.seq, 10) || 0); }
+    });
+    return seq;
+  }
+
+  // -- the live session page -------------------------------------------------------------
+  var follow = true;
+
+  function nearBottom() {
+    return window.innerHeight + window.scrollY >= document.body.scrollHeight - 120;
+  }
+
+  function scrollToLatest() {
+    window.scrollTo({ top: document.body.scrollHeight, behavior: "instant" });
+  }
+
+  function setConnection(state, text) {
+    var badge = document.getElementById("connection");
+    if (!badge) { return; }
+    badge.dataset.state = state;
+    badge.textContent = text;
+  }
+
+  document.addEventListener("htmx:wsOpen", function (evt) {
+    var root = evt.target;
+    if (root.id === "session-root") {
+      // Tell the consumer what we hold; it replays what we missed, then goes live.
+      evt.detail.socketWrapper.sendImmediately(JSON.stringify({ last_seq: lastSeq(root) }));
+    }
+    setConnection("live", "live");
+  });
+
+  document.addEventListener("htmx:wsClose", function () {
+    setConnection("offline", "reconnecting…");
+  });
+
+  document.addEventListener("htmx:wsAfterMessage", function (evt) {
+    if (evt.target.id !== "session-root") { return; }
+    var empty = document.getElementById("empty-timeline");
+    if (empty && document.getElementById("timeline").children.length) { empty.remove(); }
+    var jump = document.getElementById("jump-latest");
+    if (follow) { scrollToLatest(); } else if (jump) { jump.hidden = false; }
+  });
+
+  window.addEventListener("scroll", function () {
+    if (!document.getElementById("session-root")) { return; }
+    follow = nearBottom();
+    var jump = document.getElementById("jump-latest");
+    if (jump && follow) { jump.hidden = true; }
+  }, { passive: true });
+
+  document.addEventListener("click", function (evt) {
+    var target = evt.target.closest ? evt.target.closest("#jump-latest") : null;
+    if (target) {
+      follow = true;
+      target.hidden = true;
+      scrollToLatest();
+    }
+    // Plain (non-htmx) forms with a data-confirm button ask before submitting.
+    var confirmButton = evt.target.closest ? evt.target.closest("button[data-confirm]") : null;
+    if (confirmButton && !confirmButton.form.hasAttribute("hx-post")) {
+      if (!window.confirm(confirmButton.dataset.confirm)) { evt.preventDefault(); }
+    }
+  });
+
+  // Ctrl/Cmd+Enter sends a prompt.
+  document.addEventListener("keydown", function (evt) {
+    if (evt.key === "Enter" && (evt.ctrlKey || evt.metaKey) && evt.target.tagName === "TEXTAREA") {
+      var form = evt.target.form;
+      if (form) { evt.preventDefault(); form.requestSubmit(); }
+    }
+  });
+
+  // A prompt that went through leaves an empty box (hx-preserve keeps typing across live
+  // updates of the controls, so the response alone would not clear it).
+  document.addEventListener("htmx:afterRequest", function (evt) {
+    var form = evt.detail.elt;
+    if (evt.detail.successful && form && form.classList && form.classList.contains("prompt-form")) {
+      var box = document.getElementById("id_text") || document.getElementById("id_prompt");
+      if (box) { box.value = ""; }
+    }
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    if (document.getElementById("session-root")) { scrollToLatest(); }
+  });
+})();
