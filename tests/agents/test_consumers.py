@@ -1,0 +1,153 @@
+"""The session consumer through the real ASGI application (origin check, cookie auth)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import Client
+
+from dashboard.agents.models import AgentSession, Sandbox
+from dashboard.agents.recording import NewEvent, publish, record
+from dashboard.asgi import application
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(30)]
+
+SEQ = re.compile(r'id="event-(\d+)"')
+
+
+def _cookie_for(user) -> bytes:  # type: ignore[no-untyped-def]
+    client = Client()
+    client.force_login(user)
+    return f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}".encode()
+
+
+async def _viewer(session: AgentSession, user, origin: bytes = b"http://localhost"):  # type: ignore[no-untyped-def]
+    cookie = await database_sync_to_async(_cookie_for)(user)
+    return WebsocketCommunicator(
+        application,
+        f"/ws/sessions/{session.id}/",
+        headers=[(b"origin", origin), (b"cookie", cookie), (b"host", b"localhost")],
+    )
+
+
+@database_sync_to_async
+def _session() -> AgentSession:
+    sandbox = Sandbox.objects.create(upstream_id="sb-test")
+    return AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-test", title="t")
+
+
+def _text(n: int) -> NewEvent:
+    data = {
+        "type": "assistant",
+        "message": {"role": "assistant", "content": [{"type": "text", "text": f"line {n}"}]},
+        "parent_tool_use_id": None,
+    }
+    return NewEvent.from_line("agent", json.dumps(data), data)
+
+
+async def _record(session: AgentSession, *numbers: int) -> None:
+    _, messages = await database_sync_to_async(record)(session.id, [_text(n) for n in numbers])
+    await publish(messages)
+
+
+async def _seqs_until(viewer: WebsocketCommunicator, last: int) -> list[int]:
+    """Every event seq the viewer receives, in order, until it has seen `last`."""
+    seen: list[int] = []
+    while not seen or seen[-1] < last:
+        html = await viewer.receive_from(timeout=5)
+        seen += [int(s) for s in SEQ.findall(html)]
+    return seen
+
+
+async def test_it_sends_live_fragments_to_a_viewer(alice):
+    session = await _session()
+    viewer = await _viewer(session, alice)
+    connected, _ = await viewer.connect()
+    assert connected
+    await viewer.send_json_to({"last_seq": 0})
+    await viewer.receive_from(timeout=5)  # the current header and controls
+    await _record(session, 1, 2)
+    html = await viewer.receive_from(timeout=5)
+    assert SEQ.findall(html) == ["1", "2"]
+    assert "line 2" in html
+    assert 'hx-swap-oob="beforeend:#timeline"' in html
+    await viewer.disconnect()
+
+
+async def test_it_replays_exactly_what_a_reconnecting_viewer_missed(alice):
+    session = await _session()
+    await _record(session, *range(1, 11))
+    viewer = await _viewer(session, alice)
+    await viewer.connect()
+    await viewer.send_json_to({"last_seq": 4})
+    assert await _seqs_until(viewer, 10) == list(range(5, 11))
+    await _record(session, 11)
+    assert await _seqs_until(viewer, 11) == [11]
+    await viewer.disconnect()
+
+
+async def test_it_does_not_send_an_event_twice_when_live_overlaps_replay(alice):
+    session = await _session()
+    await _record(session, 1, 2, 3)
+    viewer = await _viewer(session, alice)
+    await viewer.connect()
+    await _record(session, 4)  # arrives before the viewer says hello: queued, then deduped
+    await viewer.send_json_to({"last_seq": 0})
+    await _record(session, 5)
+    assert await _seqs_until(viewer, 5) == [1, 2, 3, 4, 5]
+    await viewer.disconnect()
+
+
+async def test_it_gives_two_viewers_identical_streams(alice, charlie):
+    session = await _session()
+    first, second = await _viewer(session, alice), await _viewer(session, charlie)
+    for viewer in (first, second):
+        await viewer.connect()
+        await viewer.send_json_to({"last_seq": 0})
+    await _record(session, 1, 2, 3)
+    await _record(session, 4)
+    assert await _seqs_until(first, 4) == await _seqs_until(second, 4) == [1, 2, 3, 4]
+    await first.disconnect()
+    await second.disconnect()
+
+
+async def test_it_refuses_an_anonymous_viewer(db):
+    session = await _session()
+    viewer = WebsocketCommunicator(
+        application, f"/ws/sessions/{session.id}/",
+        headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")],
+    )
+    connected, _ = await viewer.connect()
+    assert not connected
+
+
+async def test_it_refuses_a_foreign_origin(alice):
+    session = await _session()
+    viewer = await _viewer(session, alice, origin=b"http://evil.example")
+    connected, _ = await viewer.connect()
+    assert not connected
+
+
+async def test_it_sends_status_changes_to_the_session_list(alice):
+    session = await _session()
+    cookie = await database_sync_to_async(_cookie_for)(alice)
+    listing = WebsocketCommunicator(
+        application, "/ws/sessions/",
+        headers=[(b"origin", b"http://localhost"), (b"cookie", cookie), (b"host", b"localhost")],
+    )
+    assert (await listing.connect())[0]
+    ready = {"type": "ready"}
+    _, messages = await database_sync_to_async(record)(
+        session.id, [NewEvent.from_line("agent", json.dumps(ready), ready)]
+    )
+    await publish(messages)
+    html = await listing.receive_from(timeout=5)
+    assert f'id="row-{session.id}"' in html
+    assert 'hx-swap-oob="true"' in html
+    assert "Idle" in html
+    await listing.disconnect()
