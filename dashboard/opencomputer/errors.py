@@ -12,6 +12,7 @@ import contextlib
 import json
 import re
 from collections.abc import Iterable
+from http import HTTPStatus
 from urllib.parse import quote
 
 __all__ = [
@@ -169,8 +170,17 @@ def message_from_body(status: int, body: bytes | bytearray | str | None, reason:
     excerpt = " ".join(text.split())
     if len(excerpt) > BODY_EXCERPT:
         excerpt = excerpt[:BODY_EXCERPT] + "…"
-    label = f"{status} {reason}".strip()
+    if not excerpt and reason and reason != _standard_reason(status):
+        return reason  # a server that puts its message in the reason phrase
+    label = f"{status} {reason or _standard_reason(status)}".strip()
     return f"{label}: {excerpt}" if excerpt else label
+
+
+def _standard_reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def error_from_response(

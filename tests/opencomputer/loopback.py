@@ -37,6 +37,7 @@ class Reply:
     status: int
     body: bytes | str | Any = b""
     headers: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None
 
     def encoded(self) -> tuple[bytes, str]:
         if isinstance(self.body, bytes):
@@ -83,8 +84,9 @@ async def loopback(routes: dict[tuple[str, str], Reply] | None = None) -> AsyncI
                 state.requests.append(Request(method, path, headers, body))
                 reply = state.routes.get((method, path)) or Reply(404, {"error": "no route"})
                 payload, content_type = reply.encoded()
+                reason = reply.reason or REASONS.get(reply.status, "Status")
                 head = [
-                    f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Status')}",
+                    f"HTTP/1.1 {reply.status} {reason}",
                     f"Content-Length: {len(payload)}",
                     f"Content-Type: {content_type}",
                 ]

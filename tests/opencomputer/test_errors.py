@@ -106,6 +106,20 @@ async def test_it_makes_a_message_from_an_empty_body_and_json_without_error() ->
     assert c.value.message == '400 Bad Request: {"code": 7}'
 
 
+async def test_it_uses_a_custom_reason_phrase_when_the_body_is_empty() -> None:
+    routes = {
+        ("GET", "/api/sandboxes"): Reply(401, b"", reason="missing or invalid credentials"),
+        ("GET", "/api/sandboxes/x"): Reply(404, b"", reason="Not Found"),
+    }
+    async with loopback(routes) as server, OpenComputer(server.url, KEY) as oc:
+        with pytest.raises(Unauthorized) as custom:
+            await oc.list_sandboxes()
+        with pytest.raises(NotFound) as standard:
+            await oc.get_sandbox("x")
+    assert custom.value.message == "missing or invalid credentials"
+    assert standard.value.message == "404 Not Found"
+
+
 async def test_it_raises_protocol_error_for_malformed_success_bodies() -> None:
     routes = {
         ("GET", "/api/sandboxes"): Reply(200, "not json"),
