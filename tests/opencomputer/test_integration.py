@@ -225,7 +225,8 @@ async def test_it_replays_a_finished_session(oc: OpenComputer, sandbox: SandboxI
     assert live.exit_code == 3
     assert "first words" in "".join(text_of(line) for line in first.lines)
 
-    async with oc.open_stream(sid, agent.session_id) as replay:
+    # The agent path serves the same stream as the exec path.
+    async with oc.open_stream(sid, agent.session_id, kind="agent") as replay:
         second = Transcript(replay)
         await second.until_end()
     kinds = [type(frame) for frame in second.frames]
