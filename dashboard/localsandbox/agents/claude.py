@@ -16,14 +16,13 @@ the conversation carries on under the new settings. docs/claude-wrapper.md has t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dashboard.localsandbox.agents.protocol import Output, config_from, log, stdin_commands
 
@@ -31,6 +30,10 @@ try:
     from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
 except ImportError:  # the `claude` extra is optional; main() reports it as a protocol error
     ClaudeAgentOptions = ClaudeSDKClient = None  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:
+    from claude_agent_sdk import ClaudeAgentOptions as Options
+    from claude_agent_sdk import ClaudeSDKClient as Client
 
 DEFAULT_MODEL = "claude-sonnet-4-20250514"
 DEFAULTS: dict[str, Any] = {
@@ -129,7 +132,9 @@ def cli_env() -> dict[str, str]:
     return {"IS_SANDBOX": "1"}
 
 
-def build_options(config: Mapping[str, Any], resume: str | None, on_stderr: Any) -> Any:
+def build_options(
+    config: Mapping[str, Any], resume: str | None, on_stderr: Callable[[str], None]
+) -> Options:
     return ClaudeAgentOptions(
         model=config["model"],
         system_prompt=system_prompt_option(config.get("systemPrompt")),  # type: ignore[arg-type]
@@ -137,14 +142,14 @@ def build_options(config: Mapping[str, Any], resume: str | None, on_stderr: Any)
         permission_mode=config["permissionMode"],
         max_turns=config["maxTurns"],
         cwd=config.get("cwd"),
-        mcp_servers=mcp_servers_option(config.get("mcpServers") or {}),  # type: ignore[arg-type]
+        mcp_servers=mcp_servers_option(config.get("mcpServers") or {}),
         resume=resume,
         env=cli_env(),
         stderr=on_stderr,  # the CLI's stderr: logged, and its tail explains a crash
     )
 
 
-async def raw_messages(client: Any) -> AsyncIterator[dict[str, Any]]:
+async def raw_messages(client: Client) -> AsyncIterator[dict[str, Any]]:
     """The CLI's messages as the JSON objects it printed, control traffic already removed.
 
     `ClaudeSDKClient.receive_messages()` is this stream parsed into dataclasses, which lose
@@ -178,7 +183,8 @@ class Turn:
     text: str
     resume: str | None = None
     interrupted: bool = False
-    sent: bool = False  # the prompt reached the CLI, so an interrupt must go there too
+    sending: bool = False  # the prompt is going to the CLI: an interrupt must go there too
+    written: asyncio.Event = field(default_factory=asyncio.Event)  # ... but only after it
     error: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -192,7 +198,7 @@ class Turn:
 class Connection:
     """A connected ClaudeSDKClient (one CLI process) and the task forwarding its messages."""
 
-    client: Any
+    client: Client
     config: dict[str, Any]
     session_id: str | None  # the Claude session this CLI is on, once known
     pump: asyncio.Task[None] | None = None
@@ -210,12 +216,10 @@ class ClaudeWrapper:
         self.turn: Turn | None = None
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._background: set[asyncio.Task[None]] = set()
+        self._signal: int | None = None
 
     async def run(self) -> int:
-        main_task = asyncio.current_task()
-        assert main_task is not None
-        # SIGTERM (the sandbox killing the session) still stops the CLI child before we go.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+        self._stop_on_signals()
         worker = asyncio.create_task(self._work())
         try:
             self.out.emit({"type": "ready"})
@@ -226,10 +230,25 @@ class ClaudeWrapper:
             await worker
             return 0
         except asyncio.CancelledError:
-            return 128 + signal.SIGTERM
+            if self._signal is None:
+                raise
+            return 128 + self._signal
         finally:
             worker.cancel()
             await self._disconnect()
+
+    def _stop_on_signals(self) -> None:
+        """SIGTERM/SIGINT (the session being killed) still stop the CLI child before we exit."""
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            self._signal = signum
+            main_task.cancel()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop, signum)
 
     # -- stdin commands
 
@@ -275,8 +294,10 @@ class ClaudeWrapper:
             log("interrupt: no turn is running")
             return
         turn.interrupted = True
-        if not turn.sent or connection is None:
+        if not turn.sending or connection is None:
             return  # the turn worker sees the flag and never sends the prompt
+        # An interrupt the CLI reads before the prompt would interrupt nothing.
+        await turn.written.wait()
         try:
             await connection.client.interrupt()
         except Exception as exc:  # the CLI may have finished or died meanwhile
@@ -316,8 +337,11 @@ class ClaudeWrapper:
         if turn.interrupted:  # interrupted while the CLI was starting: nothing to answer
             turn.finish()
             return
-        turn.sent = True
-        await connection.client.query(turn.text)
+        turn.sending = True
+        try:
+            await connection.client.query(turn.text)
+        finally:
+            turn.written.set()
         await turn.done.wait()
 
     async def _connection(self) -> Connection:
@@ -371,7 +395,7 @@ class ClaudeWrapper:
             log("dropping the interrupted turn's result")  # `interrupted` stands in for it
         else:
             self.out.emit(message)
-        if turn is not None and turn.sent:
+        if turn is not None and turn.sending:
             turn.finish()
 
     async def _disconnect(self) -> None:
@@ -391,7 +415,7 @@ class ClaudeWrapper:
         self.stderr_tail.append(line)
         log(f"claude: {line}")
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._background.add(task)  # keep a reference: the loop only holds weak ones
         task.add_done_callback(self._background.discard)
@@ -405,9 +429,7 @@ def main() -> int:
     if ClaudeSDKClient is None:
         out.error("claude-agent-sdk is not installed (pip install 'porthole[claude]')")
         return 1
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(ClaudeWrapper(out).run())
-    return 128 + signal.SIGINT
+    return asyncio.run(ClaudeWrapper(out).run())
 
 
 if __name__ == "__main__":
