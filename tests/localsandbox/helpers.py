@@ -8,7 +8,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import websockets
@@ -16,12 +16,10 @@ from websockets.asyncio.client import ClientConnection
 
 from tests.conftest import LocalSandbox
 
-T = TypeVar("T")
-
 STDIN, STDOUT, STDERR, EXIT, SCROLLBACK_END = 0x00, 0x01, 0x02, 0x03, 0x04
 
 
-async def eventually(
+async def eventually[T](
     probe: Callable[[], Awaitable[T | None] | T | None],
     timeout: float = 10.0,
     interval: float = 0.02,
