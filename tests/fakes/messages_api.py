@@ -116,7 +116,10 @@ class APIError:
     message: str = "scripted error"
 
 
-Reply = Text | Thinking | ToolUse | Hold | APIError
+ModelReply = Text | Thinking | ToolUse | Hold
+Reply = ModelReply | APIError
+# A reply computed from the request it answers, e.g. `lambda r: Text("echo: " + r.last_user_text)`.
+ReplyFactory = Callable[["Request"], Reply]
 
 
 # ---------------------------------------------------------------- what the server received
@@ -163,6 +166,17 @@ class Request:
     def messages(self) -> list[dict[str, Any]]:
         return self.body.get("messages", []) if isinstance(self.body, dict) else []
 
+    @property
+    def last_user_text(self) -> str:
+        """The text blocks of the last user message (the prompt, plus any CLI reminders)."""
+        if not self.messages:
+            return ""
+        content = self.messages[-1].get("content")
+        if isinstance(content, str):
+            return content
+        texts = [b for b in content or [] if isinstance(b, dict) and b.get("type") == "text"]
+        return "\n".join(b.get("text", "") for b in texts)
+
     def tool_results(self) -> list[dict[str, Any]]:
         """The tool_result blocks in the last user message (what the CLI reports back)."""
         if not self.messages:
@@ -179,10 +193,10 @@ class Request:
 class MessagesAPI:
     """A threaded HTTP server on 127.0.0.1 that answers like the Anthropic Messages API."""
 
-    def __init__(self, default_reply: Reply | None = None) -> None:
-        self.default_reply: Reply = default_reply or Text("OK")
+    def __init__(self, default_reply: Reply | ReplyFactory | None = None) -> None:
+        self.default_reply: Reply | ReplyFactory = default_reply or Text("OK")
         self.requests: list[Request] = []
-        self._script: deque[Reply] = deque()
+        self._script: deque[Reply | ReplyFactory] = deque()
         self._holds: list[Hold] = []  # every Hold ever scripted, to release them on stop()
         self._lock = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -219,8 +233,7 @@ class MessagesAPI:
     def base_url(self) -> str:
         """What to put in ANTHROPIC_BASE_URL (no trailing slash, no /v1)."""
         assert self._server is not None, "start() first"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     @staticmethod
     def cli_env() -> dict[str, str]:
@@ -235,8 +248,9 @@ class MessagesAPI:
 
     # -- scripting and inspection
 
-    def script(self, *replies: Reply) -> None:
-        """Queue replies for the next agent-loop requests, in order."""
+    def script(self, *replies: Reply | ReplyFactory) -> None:
+        """Queue replies (or functions of the request returning one) for the next agent-loop
+        requests, in order."""
         with self._lock:
             self._script.extend(replies)
             self._holds.extend(r for r in replies if isinstance(r, Hold))
@@ -275,9 +289,14 @@ class MessagesAPI:
 
     def _next_reply(self, request: Request) -> Reply:
         with self._lock:
-            if request.is_agent_turn and self._script:
-                return self._script.popleft()
-        return self.default_reply
+            scripted = self._script.popleft() if request.is_agent_turn and self._script else None
+        reply = scripted or self.default_reply
+        if callable(reply):
+            reply = reply(request)
+            if isinstance(reply, Hold):
+                with self._lock:
+                    self._holds.append(reply)
+        return reply
 
 
 # ---------------------------------------------------------------- HTTP plumbing
@@ -361,7 +380,7 @@ class _Handler(BaseHTTPRequestHandler):
             logger.debug("messages-api: client went away during the reply")
             self.close_connection = True
 
-    def _stream_message(self, reply: Reply, model: str, input_tokens: int) -> None:
+    def _stream_message(self, reply: ModelReply, model: str, input_tokens: int) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -369,15 +388,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("request-id", _new_id("req"))
         self.end_headers()
         for event in _sse_events(reply, model, input_tokens):
-            if event is _STALL:
+            if event is _STALL and isinstance(reply, Hold):
                 self._stall(reply)
                 continue
             self._send_chunk(_format_sse(event))
         self._send_chunk(b"")  # the terminating zero-length chunk
 
-    def _stall(self, reply: Reply) -> None:
+    def _stall(self, reply: Hold) -> None:
         """Hold the stream open (with pings, so the hang-up is noticed) until released."""
-        assert isinstance(reply, Hold)
         reply.started.set()
         deadline = time.monotonic() + reply.timeout
         while not reply.released.wait(0.2) and time.monotonic() < deadline:
@@ -419,9 +437,8 @@ def _output_tokens(blocks: list[dict[str, Any]]) -> int:
     return max(1, len(json.dumps(blocks)) // 4)
 
 
-def _message(reply: Reply, model: str, input_tokens: int) -> dict[str, Any]:
+def _message(reply: ModelReply, model: str, input_tokens: int) -> dict[str, Any]:
     """A complete non-streaming Messages API response."""
-    assert not isinstance(reply, APIError)
     blocks = reply.blocks()
     return {
         "id": _new_id("msg"),
@@ -435,7 +452,7 @@ def _message(reply: Reply, model: str, input_tokens: int) -> dict[str, Any]:
     }
 
 
-def _sse_events(reply: Reply, model: str, input_tokens: int) -> Iterator[Any]:
+def _sse_events(reply: ModelReply, model: str, input_tokens: int) -> Iterator[Any]:
     """The server-sent events of a streamed reply, in the order the real API sends them."""
     message = _message(reply, model, input_tokens)
     blocks = message.pop("content")
@@ -457,6 +474,7 @@ def _sse_events(reply: Reply, model: str, input_tokens: int) -> Iterator[Any]:
 
 def _block_events(index: int, block: dict[str, Any]) -> Iterator[dict[str, Any]]:
     kind = block["type"]
+    start: dict[str, Any]
     if kind == "text":
         start, deltas = {"type": "text", "text": ""}, _split(block["text"], "text_delta", "text")
     elif kind == "thinking":
@@ -494,7 +512,9 @@ __all__ = [
     "APIError",
     "Hold",
     "MessagesAPI",
+    "ModelReply",
     "Reply",
+    "ReplyFactory",
     "Request",
     "Text",
     "Thinking",

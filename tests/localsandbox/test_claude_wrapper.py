@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.messages_api import APIError, Hold, MessagesAPI, Text, ToolUse
+from tests.fakes.messages_api import APIError, Hold, MessagesAPI, Text, Thinking, ToolUse
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = "dashboard.localsandbox.agents.claude"
@@ -285,6 +285,19 @@ def test_it_runs_a_tool_and_forwards_its_use_and_result(
     # The CLI sent the tool's output back to the model.
     followup = api.turn_requests()[1]
     assert [r["tool_use_id"] for r in followup.tool_results()] == [tool.id]
+
+
+def test_it_forwards_thinking_blocks(
+    api: MessagesAPI, start_wrapper: Callable[..., Wrapper]
+) -> None:
+    api.script(Thinking("Let me think.", "Thought it through."))
+    wrapper = start_wrapper()
+
+    lines = wrapper.turn("Think first")
+
+    (thinking,) = blocks(lines, "assistant", "thinking")
+    assert thinking["thinking"] == "Let me think."
+    assert [b["text"] for b in blocks(lines, "assistant", "text")] == ["Thought it through."]
 
 
 def test_it_applies_configure_to_the_model_and_system_prompt(
