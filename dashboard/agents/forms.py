@@ -111,7 +111,10 @@ class AgentOptionsForm(forms.Form):
 
 
 class StartSessionForm(AgentOptionsForm):
-    prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 6, "autofocus": True}))
+    prompt = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 6, "autofocus": True}),
+        error_messages={"required": "Write a prompt."},
+    )
     cwd = forms.CharField(max_length=500, required=False, label="Working directory")
     mcp_servers = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 3}), required=False, label="MCP servers (JSON)"
@@ -182,7 +185,11 @@ class StartSessionForm(AgentOptionsForm):
 
 
 class PromptForm(forms.Form):
-    text = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), max_length=200_000)
+    text = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        max_length=200_000,
+        error_messages={"required": "Write a prompt."},
+    )
 
     def clean_text(self) -> str:
         text = self.cleaned_data["text"]
@@ -192,7 +199,11 @@ class PromptForm(forms.Form):
 
 
 class ContinueForm(forms.Form):
-    prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), max_length=200_000)
+    prompt = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        max_length=200_000,
+        error_messages={"required": "Write a prompt for the new session."},
+    )
 
 
 def controls_context(session: AgentSession) -> dict[str, Any]:

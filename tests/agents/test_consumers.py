@@ -23,7 +23,8 @@ SEQ = re.compile(r'id="event-(\d+)"')
 def _cookie_for(user) -> bytes:  # type: ignore[no-untyped-def]
     client = Client()
     client.force_login(user)
-    return f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}".encode()
+    name = settings.SESSION_COOKIE_NAME
+    return f"{name}={client.cookies[name].value}".encode()
 
 
 async def _viewer(session: AgentSession, user, origin: bytes = b"http://localhost"):  # type: ignore[no-untyped-def]
