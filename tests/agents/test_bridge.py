@@ -246,3 +246,38 @@ async def test_it_has_the_supervisor_claim_live_sessions_and_skip_held_ones(oc):
     assert (await _reload(session)).status == AgentSession.Status.EXITED
     await supervisor.stop()
     await client.aclose()
+
+
+async def test_it_gives_a_session_to_exactly_one_of_two_workers(oc):
+    client, sandbox_id, session_id = await _start(oc, "hi\nsleep 1\nexit 0")
+    session = await _new_session(sandbox_id, session_id)
+    await database_sync_to_async(AgentSession.objects.filter(id=session.id).update)(
+        bridge_owner="", bridge_lease_until=None
+    )
+    first, second = BridgeSupervisor(owner="worker-1"), BridgeSupervisor(owner="worker-2")
+    claims = await asyncio.gather(first.tick(), second.tick())
+    assert sorted(len(c) for c in claims) == [0, 1]
+    winner = first if claims[0] else second
+    await asyncio.wait_for(winner.bridges[str(session.id)], 30)
+    stored = await _stored(session)
+    assert stored == await _printed(oc, sandbox_id, session_id)
+    for supervisor in (first, second):
+        await supervisor.stop()
+    await client.aclose()
+
+
+async def test_it_stops_a_bridge_whose_lease_another_worker_took(oc):
+    client, sandbox_id, session_id = await _start(oc, "sleep 20")
+    session = await _new_session(sandbox_id, session_id)
+    bridge = Bridge(str(session.id), OWNER)
+    task = asyncio.create_task(bridge.run())
+
+    async def working() -> bool:
+        return (await _reload(session)).status == AgentSession.Status.WORKING
+
+    await wait_for(working)
+    await _retake_lease(session, "new-owner")
+    await asyncio.wait_for(task, 30)  # its next write is refused: it stops by itself
+    assert (await _reload(session)).status == AgentSession.Status.WORKING
+    await client.kill_sandbox(sandbox_id)
+    await client.aclose()
