@@ -342,21 +342,29 @@ async def session_prompt(request: HtmxHttpRequest, session_id: str) -> HttpRespo
     return await _controls_response(request, session, notice="Prompt sent.")
 
 
-@require_POST
-@login_required
-async def session_interrupt(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+async def _act_on_live_session(
+    request: HtmxHttpRequest, session_id: str, act: Any, *, done: str, failed: str
+) -> HttpResponse:
     user, session = await _steerable(request, session_id)
     if not session.is_live:
         return await _controls_response(
             request, session, error="The session has ended.", status=409
         )
     try:
-        await actions.interrupt(user, session)
+        await act(user, session)
     except OpenComputerError as exc:
         return await _controls_response(
-            request, session, error=f"Interrupt failed: {_shown(exc)}", status=502
+            request, session, error=f"{failed}: {_shown(exc)}", status=502
         )
-    return await _controls_response(request, session, notice="Interrupt sent.")
+    return await _controls_response(request, session, notice=done)
+
+
+@require_POST
+@login_required
+async def session_interrupt(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    return await _act_on_live_session(
+        request, session_id, actions.interrupt, done="Interrupt sent.", failed="Interrupt failed"
+    )
 
 
 @require_POST
@@ -386,18 +394,9 @@ async def session_configure(request: HtmxHttpRequest, session_id: str) -> HttpRe
 @require_POST
 @login_required
 async def session_kill(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
-    user, session = await _steerable(request, session_id)
-    if not session.is_live:
-        return await _controls_response(
-            request, session, error="The session has ended.", status=409
-        )
-    try:
-        await actions.kill(user, session)
-    except OpenComputerError as exc:
-        return await _controls_response(
-            request, session, error=f"Kill failed: {_shown(exc)}", status=502
-        )
-    return await _controls_response(request, session, notice="Kill sent.")
+    return await _act_on_live_session(
+        request, session_id, actions.kill, done="Kill sent.", failed="Kill failed"
+    )
 
 
 @require_POST
