@@ -169,7 +169,7 @@ def _message_md(event: Event, data: dict[str, Any], tools: ToolIndex) -> str:
     prefix = ""
     if isinstance(inside, str) and inside:
         ref = tools.get(inside)
-        prefix = f"*(inside {ref.name if ref else 'a subagent'})* "
+        prefix = f" *(inside {ref.name if ref else 'a subagent'})*"
     out = []
     for block in _blocks(data):
         if not isinstance(block, dict):
@@ -178,10 +178,10 @@ def _message_md(event: Event, data: dict[str, Any], tools: ToolIndex) -> str:
         if kind == "text":
             text, note = _capped(str(block.get("text", "")), 50_000, event.seq)
             who = "Assistant" if data.get("type") == "assistant" else "User"
-            out.append(f"**{who}:** {prefix}\n\n{text}\n\n{note}")
+            out.append(f"**{who}:**{prefix}\n\n{text}\n\n{note}")
         elif kind == "thinking":
             out.append(
-                f"{prefix}*(thinking, {len(str(block.get('thinking', ''))):,} characters)*\n\n"
+                f"*(thinking, {len(str(block.get('thinking', ''))):,} characters)*{prefix}\n\n"
             )
         elif kind in ("tool_use", "server_tool_use", "mcp_tool_use"):
             out.append(_tool_use_md(event, block, prefix))
@@ -193,16 +193,31 @@ def _message_md(event: Event, data: dict[str, Any], tools: ToolIndex) -> str:
 def _tool_use_md(event: Event, block: dict[str, Any], prefix: str) -> str:
     name = str(block.get("name") or "tool")
     tool_input = block.get("input")
-    if (
-        name == "Bash"
-        and isinstance(tool_input, dict)
-        and isinstance(tool_input.get("command"), str)
-    ):
-        body, info = tool_input["command"], "bash"
+    fields = tool_input if isinstance(tool_input, dict) else {}
+    path = fields.get("file_path") if isinstance(fields.get("file_path"), str) else ""
+    where = f" {inline_code(path)}" if path else ""
+    if name == "Bash" and isinstance(fields.get("command"), str):
+        body, info, where = fields["command"], "bash", ""
+    elif name == "Write" and path and isinstance(fields.get("content"), str):
+        body, info = fields["content"], ""
+    elif name in ("Edit", "MultiEdit") and path:
+        edits = fields.get("edits") if name == "MultiEdit" else [fields]
+        body, info = _diff_text(edits if isinstance(edits, list) else []), "diff"
     else:
-        body, info = pretty_json(tool_input), "json"
+        body, info, where = pretty_json(tool_input), "json", ""
     body, note = _capped(body, INPUT_CAP, event.seq)
-    return f"**Tool call** {prefix}{inline_code(name)}\n\n{fence(body, info)}{note}"
+    return f"**Tool call**{prefix} {inline_code(name)}{where}\n\n{fence(body, info)}{note}"
+
+
+def _diff_text(edits: list[Any]) -> str:
+    """old_string lines as `-`, new_string lines as `+`, like the timeline shows them."""
+    hunks = []
+    for edit in (e for e in edits if isinstance(e, dict)):
+        old, new = edit.get("old_string"), edit.get("new_string")
+        lines = [f"-{line}" for line in str(old or "").split("\n")]
+        lines += [f"+{line}" for line in str(new or "").split("\n")]
+        hunks.append("\n".join(lines))
+    return "\n@@\n".join(hunks)
 
 
 def _tool_result_md(event: Event, block: dict[str, Any], tools: ToolIndex, prefix: str) -> str:
@@ -211,7 +226,7 @@ def _tool_result_md(event: Event, block: dict[str, Any], tools: ToolIndex, prefi
     label = f" of {inline_code(ref.name)}" if ref else ""
     error = " (error)" if block.get("is_error") is True else ""
     body, note = _capped(_result_text(block.get("content")), RESULT_CAP, event.seq)
-    return f"**Tool result**{label}{error} {prefix}\n\n{fence(body)}{note}"
+    return f"**Tool result**{label}{error}{prefix}\n\n{fence(body)}{note}"
 
 
 def _result_md(data: dict[str, Any]) -> str:
