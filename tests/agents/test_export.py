@@ -1,0 +1,204 @@
+"""Session export: JSON Lines that round-trip every event, and a readable Markdown transcript."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth.models import User
+from markdown_it import MarkdownIt
+
+from dashboard.agents.export import (
+    RESULT_CAP,
+    fence,
+    inline_code,
+    iter_session_markdown,
+    session_jsonl,
+    session_markdown,
+)
+from dashboard.agents.models import AgentSession, Event
+from tests.agents.test_rendering import add_event, load_transcript, make_session
+
+
+def _transcript_session() -> tuple[AgentSession, list[Event]]:
+    session = make_session(
+        status=AgentSession.Status.KILLED,
+        model="claude-sonnet-4-20250514",
+        total_cost_usd=Decimal("2.6363"),
+        num_turns=142,
+        exit_code=137,
+    )
+    return session, load_transcript(session)
+
+
+@pytest.mark.django_db
+def test_it_round_trips_every_event_as_json_lines_in_order() -> None:
+    session, events = _transcript_session()
+    lines = list(session_jsonl(session, Event.objects.filter(session=session).order_by("seq")))
+    assert len(lines) == len(events)
+    for line, event in zip(lines, events, strict=True):
+        assert "\n" not in line
+        record = json.loads(line)
+        assert record["seq"] == event.seq
+        assert datetime.fromisoformat(record["time"]) == event.created_at
+        assert record["source"] == event.source
+        assert record["type"] == event.type
+        if event.actor_id:
+            assert record["actor"] == event.actor.username
+        else:
+            assert record["actor"] is None
+        if event.data is not None:
+            assert record["event"] == json.loads(event.raw)
+            assert "raw" not in record
+        else:
+            assert record["raw"] == event.raw
+            assert "event" not in record
+    sources = {json.loads(line)["source"] for line in lines}
+    assert sources == {"agent", "stderr", "dashboard", "bridge"}
+    raws = [json.loads(line) for line in lines if "raw" in json.loads(line)]
+    assert any(r["source"] == "agent" for r in raws), "malformed lines keep their text"
+
+
+@pytest.mark.django_db
+def test_it_streams_json_lines_lazily() -> None:
+    session = make_session()
+    add_event(session, "agent", {"type": "ready"})
+
+    def events() -> Iterator[Event]:
+        yield from Event.objects.filter(session=session)
+        raise AssertionError("consumed too far")
+
+    stream = session_jsonl(session, events())
+    assert json.loads(next(stream))["event"] == {"type": "ready"}
+
+
+@pytest.mark.django_db
+def test_it_keeps_lone_surrogates_encodable_in_json_lines() -> None:
+    session = make_session()
+    add_event(session, "agent", r'{"type": "assistant", "x": "half \ud800 pair"}')
+    (line,) = session_jsonl(session, session.events.all())
+    line.encode("utf-8")
+    assert json.loads(line)["event"]["x"] == "half \ud800 pair"
+
+
+@pytest.mark.django_db
+def test_it_writes_a_readable_markdown_transcript() -> None:
+    session, events = _transcript_session()
+    text = session_markdown(session, events)
+    text.encode("utf-8")
+    # Header.
+    assert text.startswith("# Add signup validation\n")
+    for fact in (
+        "**Status:** Killed (exit code 137)",
+        "**Model:** claude-sonnet-4-20250514",
+        "**Cost:** $2.6363",
+        "**Turns:** 142",
+    ):
+        assert fact in text
+    # Prompts, attributed; assistant text; tool calls with inputs; results; errors.
+    assert "### alice sent a prompt\n\n> Add input validation to the signup form" in text
+    assert "### bob sent a prompt" in text
+    assert "**Assistant:**" in text and "Here's the **plan**" in text
+    assert "**Tool call** `Bash`\n\n```bash\ngit status --short && ls\n```" in text
+    assert "**Tool result** of `Bash`" in text
+    assert "**Tool result** of `Read` (error)" in text
+    assert '"pattern": "class SignupForm"' in text
+    assert "*(inside Task)*" in text
+    assert "**Result:** success · 18 turns · $0.2841" in text
+    assert "**Result:** error max turns" in text and "- error: Reached maximum number" in text
+    assert "> **Agent error:** claude exited: rate limited" in text
+    assert "> **Warning:** output was lost (18,211 bytes)" in text
+    assert "*alice interrupted.*" in text and "*alice killed the session.*" in text
+    assert "*The process exited with code 137.*" in text
+    # Stream partials and stderr stay out of the readable transcript.
+    assert "content_block_delta" not in text and "[wrapper]" not in text
+
+
+@pytest.mark.django_db
+def test_it_survives_backticks_in_content() -> None:
+    """A Write of a markdown file full of fences must not close ours early."""
+    session, events = _transcript_session()
+    text = session_markdown(session, events)
+    tokens = MarkdownIt("commonmark").parse(text)
+    fences = [t for t in tokens if t.type == "fence"]
+    write = next(t for t in fences if "# Validation" in t.content)
+    assert "```bash\npytest -q\n```" in write.content
+    assert "````quadruple````" in write.content
+    assert write.markup == "`````", "one backtick longer than the longest run inside"
+    # Every tool input/result landed inside a fence, not in the prose.
+    assert all(t.info in ("", "json", "bash", "diff") for t in fences)
+    assert "**Tool call** `Write` `/workspace/app/docs/validation.md`" in text
+    edit = next(t for t in fences if t.info == "diff" and "max_length=254" in t.content)
+    assert edit.content == (
+        "-    email = forms.EmailField()\n"
+        "+    email = forms.EmailField(max_length=254)\n"
+        "+    # validated in clean_email\n"
+    )
+
+
+@pytest.mark.django_db
+def test_it_caps_tool_results_in_markdown_with_a_note() -> None:
+    session = make_session()
+    add_event(
+        session,
+        "agent",
+        {
+            "type": "assistant",
+            "message": {
+                "content": [
+                    {
+                        "type": "tool_use",
+                        "id": "t1",
+                        "name": "Bash",
+                        "input": {"command": "cat big"},
+                    }
+                ]
+            },
+        },
+    )
+    big = add_event(
+        session,
+        "agent",
+        {
+            "type": "user",
+            "message": {
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "z" * (RESULT_CAP * 10)}
+                ]
+            },
+        },
+    )
+    text = session_markdown(session, session.events.all())
+    assert text.count("z") == RESULT_CAP
+    assert f"{RESULT_CAP * 9:,} more characters" in text and f"event {big.seq}" in text
+
+
+@pytest.mark.django_db
+def test_it_yields_markdown_piece_by_piece_and_never_raises() -> None:
+    session = make_session()
+    user = User.objects.create_user("dana")
+    for payload in (
+        {"type": "assistant", "message": {"content": [None, 1, {"type": "text", "text": None}]}},
+        {"type": "user", "message": {"content": [{"type": "tool_result", "tool_use_id": 5}]}},
+        {"type": "result", "subtype": None, "num_turns": "x", "errors": "nope", "usage": []},
+        {"type": "error", "message": {"nested": True}},
+        "not json",
+    ):
+        add_event(session, "agent", payload)
+    add_event(session, "dashboard", {"type": "prompt", "text": ["not", "text"]}, actor=user)
+    add_event(session, "bridge", {"type": "gap", "lost_bytes": "lots"})
+    pieces = list(iter_session_markdown(session, session.events.all()))
+    assert len(pieces) > 3
+    assert "dana sent a prompt" in "".join(pieces)
+
+
+def test_it_makes_fences_and_inline_code_longer_than_their_content() -> None:
+    assert fence("plain") == "```\nplain\n```\n\n"
+    assert fence("a ``` b", "json") == "````json\na ``` b\n````\n\n"
+    assert fence("`````").startswith("``````\n")
+    assert inline_code("Bash") == "`Bash`"
+    assert inline_code("a`b") == "``a`b``"
+    assert inline_code("`x`") == "`` `x` ``"
