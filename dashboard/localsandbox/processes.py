@@ -1,7 +1,8 @@
 """A process started in a sandbox: its pipes, its exit, its stdin and its output hub.
 
 The process runs in its own session (so its own process group): signals go to the whole
-group, which is how a kill or a sandbox stop also reaches whatever the process started.
+session and its descendants, which is how a kill or a sandbox stop also reaches whatever
+the process started.
 
 Exit is watched through a pidfd rather than through the pipes: a background grandchild that
 inherited stdout must not keep the session "running" after its own process has exited.
@@ -12,7 +13,6 @@ then the exit is published.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .process_tree import signal_session, start_time
 from .streams import STDERR, STDOUT, Chunk, OutputHub
 from .timeutil import utc_now_iso
 
@@ -132,6 +133,7 @@ class ExecSession:
         self.attached_clients = 0
         self.exited = asyncio.Event()
         self._popen = popen
+        self._start_time = start_time(popen.pid)  # to recognise the pid if it is ever reused
         self._loop = asyncio.get_running_loop()
         self._stdin: asyncio.WriteTransport | None = None
         self._stdin_protocol = _StdinProtocol()
@@ -230,9 +232,8 @@ class ExecSession:
     # -- signals and exit ----------------------------------------------------------------
 
     def signal(self, signum: int) -> None:
-        """Send a signal to the session's whole process group."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._popen.pid, signum)
+        """Send a signal to the process and everything it started (see process_tree)."""
+        signal_session(self._popen.pid, signum, self._start_time)
 
     async def wait(self) -> int:
         await self.exited.wait()

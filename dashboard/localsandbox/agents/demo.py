@@ -394,7 +394,9 @@ async def run_shell(command: str, cwd: str) -> tuple[str, bool]:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own group, so a kill reaches its children too
+            # Its own process group, so an interrupt can kill the command and its children;
+            # still in the agent's session, so killing the agent session kills it too.
+            process_group=0,
         )
     except OSError as exc:
         return f"cannot run command: {exc}", True
