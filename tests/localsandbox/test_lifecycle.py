@@ -124,3 +124,21 @@ async def test_it_kills_every_sandbox_process_on_sigterm(own_server: LocalSandbo
     own_server.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(own_server.process.wait, 20) == 0
     await eventually(lambda: not any(process_alive(pid) for pid in pids), what="processes gone")
+
+
+async def test_it_kills_the_commands_an_agent_started_when_the_agent_is_killed(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient, sandbox_id: str
+) -> None:
+    # The demo runs each command in a process group of its own: killing only the agent's
+    # group would leave this `sleep` behind.
+    prompt = "$ echo $$ > command.pid; exec sleep 300"
+    created = await api.post(f"/sandboxes/{sandbox_id}/agent", json={"prompt": prompt})
+    session_id = created.json()["sessionID"]
+    pid_file = localsandbox.data_dir / "sandboxes" / sandbox_id / "workspace" / "command.pid"
+    await eventually(lambda: pid_file.exists() and pid_file.read_text().strip(), what="pid")
+    pid = int(pid_file.read_text())
+    assert process_alive(pid)
+
+    kill = await api.post(f"/sandboxes/{sandbox_id}/agent/{session_id}/kill", json={})
+    assert kill.status_code == 204
+    await eventually(lambda: not process_alive(pid), what="the agent's command to be killed")
