@@ -71,7 +71,12 @@ def event_record(event: Event) -> dict[str, Any]:
 def session_jsonl(session: AgentSession, events: Iterable[Event]) -> Iterator[str]:
     """One JSON object per event, in the order given (no trailing newline on each)."""
     for event in events:
-        yield _dumps(event_record(event))
+        record = event_record(event)
+        try:
+            yield _dumps(record)
+        except (ValueError, RecursionError):  # parsed, but too deep to write back: the text
+            record.pop("event", None)
+            yield _dumps({**record, "raw": event.raw})
 
 
 # ---------------------------------------------------------------------------------------

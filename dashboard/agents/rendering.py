@@ -15,6 +15,7 @@ card, and the failure is logged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,11 +47,16 @@ OPEN_RESULT_LINES = 12
 # re-serialising the parsed object: pretty-printing megabytes only to cut them is waste.
 PRETTY_JSON_MAX_RAW = 4 * TOOL_CAP
 ACCENTS = 6  # distinct accent colours pairing a tool call with its result
+# Content blocks shown per message, and parts per tool result: a stream of a hundred
+# thousand tiny blocks must not become a hundred thousand elements.
+MAX_BLOCKS = 100
+MAX_PARTS = 50
 
 TIMELINE_TARGET = "#timeline"
 STDERR_TARGET = "#stderr-log"
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
+_FIRST_LINE = re.compile(r"[^\s][^\r\n]*")
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,16 +100,20 @@ def _number(data: Any, key: str) -> float | None:
 
 
 def one_line(text: str, cap: int = SUMMARY_CAP) -> str:
-    """The first non-blank line, shortened: for labels and summaries."""
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    """The first non-blank line, shortened: for labels and summaries. (A search, not a
+    split: the text may be a megabyte.)"""
+    match = _FIRST_LINE.search(text)
+    line = match.group().rstrip() if match else ""
     return line if len(line) <= cap else line[: cap - 1] + "…"
 
 
 def pretty_json(value: Any) -> str:
+    """Indented JSON for display; a placeholder for what cannot be serialised (nesting
+    deep enough to hit the recursion limit)."""
     try:
-        return clean_text(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False))
+        return clean_text(json.dumps(value, indent=2, ensure_ascii=False))
     except (TypeError, ValueError, RecursionError):
-        return clean_text(repr(value))
+        return "(too deeply nested to display; see the full payload)"
 
 
 def dom_id(tool_use_id: str) -> str:
@@ -218,6 +228,9 @@ class ToolIndex:
     # Database look-ups per index: a hostile stream naming thousands of unknown tool ids
     # must not turn into thousands of queries.
     MAX_LOOKUPS = 100
+    # How far (in events) a look-up searches from the event that needs it: keeps each
+    # query's scan bounded however long the session.
+    LOOKUP_WINDOW = 20_000
 
     def __init__(self) -> None:
         self._tools: OrderedDict[str, ToolRef] = OrderedDict()
@@ -327,9 +340,13 @@ class ToolIndex:
                 raw__contains=json.dumps(tool_use_id),
             )
             if seq_lt is not None:
-                events = events.filter(seq__lt=seq_lt).order_by("-seq")
+                events = events.filter(
+                    seq__lt=seq_lt, seq__gte=seq_lt - self.LOOKUP_WINDOW
+                ).order_by("-seq")
             if seq_gt is not None:
-                events = events.filter(seq__gt=seq_gt).order_by("seq")
+                events = events.filter(
+                    seq__gt=seq_gt, seq__lte=seq_gt + self.LOOKUP_WINDOW
+                ).order_by("seq")
             for found in events[:3]:
                 self._observe(found)
         except Exception:
@@ -522,10 +539,10 @@ def _item(event: Event, kind: str, label: str, **kwargs: Any) -> EventItem:
 def _generic(event: Event, note: str = "") -> EventItem:
     """The escaped, collapsed JSON card: unknown types, malformed lines, and failures."""
     data = event.data
+    body = clip(event.raw)
     if data is not None and len(event.raw) <= PRETTY_JSON_MAX_RAW:
-        body = clip(pretty_json(data))
-    else:
-        body = clip(event.raw)
+        with contextlib.suppress(TypeError, ValueError, RecursionError):
+            body = clip(json.dumps(data, indent=2, ensure_ascii=False))
     if data is None:
         label = "malformed line" if event.source == Event.Source.AGENT else (event.type or "event")
     else:
@@ -616,7 +633,7 @@ def _tool_result_block(event: Event, block: dict[str, Any], tools: ToolIndex) ->
     if isinstance(content, str):
         texts.append(content)
     elif isinstance(content, list):
-        for part in content:
+        for part in content[:MAX_PARTS]:
             if isinstance(part, dict) and part.get("type") == "text":
                 texts.append(_str(part, "text"))
             elif isinstance(part, dict) and part.get("type") == "image":
@@ -625,7 +642,9 @@ def _tool_result_block(event: Event, block: dict[str, Any], tools: ToolIndex) ->
                 texts.append(pretty_json(part))
     elif content is not None:
         texts.append(pretty_json(content))
-    parts = _clip_all(texts, TOOL_CAP)
+    parts = _clip_all([text for text in texts if text], TOOL_CAP)
+    if isinstance(content, list) and len(content) > MAX_PARTS and parts:
+        parts[-1] = Clipped(parts[-1].text, parts[-1].total, True)
     shown = sum(len(part.text) for part in parts)
     lines = sum(part.lines for part in parts)
     is_error = block.get("is_error") is True
@@ -678,12 +697,11 @@ def _server_result_block(event: Event, block: dict[str, Any], tools: ToolIndex) 
     )
 
 
-def _blocks(event: Event, data: dict[str, Any], tools: ToolIndex) -> list[Block]:
-    content = _dict(data, "message").get("content")
+def _blocks(event: Event, content: Any, tools: ToolIndex) -> list[Block]:
     if isinstance(content, str):
         return [_text_block(content)]
     blocks: list[Block] = []
-    for block in content if isinstance(content, list) else []:
+    for block in content[:MAX_BLOCKS] if isinstance(content, list) else []:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             blocks.append(_text_block(_str(block, "text")))
@@ -707,11 +725,13 @@ def _blocks(event: Event, data: dict[str, Any], tools: ToolIndex) -> list[Block]
 
 def _message(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
     role = "assistant" if data.get("type") == "assistant" else "user"
-    blocks = _blocks(event, data, tools)
+    content = _dict(data, "message").get("content")
+    blocks = _blocks(event, content, tools)
     only_results = bool(blocks) and all(isinstance(b, ToolResultBlock) for b in blocks)
     label = "tool result" if only_results else role
     item = _item(event, "message", label, inside=_inside(event, data, tools), blocks=blocks)
-    item.detail = {"role": role, "model": one_line(_str(_dict(data, "message"), "model"), 60)}
+    if isinstance(content, list) and len(content) > MAX_BLOCKS:
+        item.detail["more_blocks"] = len(content) - MAX_BLOCKS
     error = _str(data, "error")  # the SDK marks failed assistant turns (auth, rate limit…)
     if error:
         item.is_error, item.text = True, clip(error, SUMMARY_CAP * 2)
@@ -727,10 +747,12 @@ def _init(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
     session_id = _str(data, "session_id")
     first = tools.first_init_seq(session_id) if session_id else None
     resumed = first is not None and first < event.seq
-    tool_names = [clean_text(t) for t in _list(data, "tools") if isinstance(t, str)]
+    tool_names = [
+        one_line(clean_text(t), 100) for t in _list(data, "tools")[:500] if isinstance(t, str)
+    ]
     servers = [
         (one_line(_str(s, "name"), 80), one_line(_str(s, "status"), 40))
-        for s in _list(data, "mcp_servers")
+        for s in _list(data, "mcp_servers")[:100]
         if isinstance(s, dict)
     ]
     facts = [
@@ -753,8 +775,8 @@ def _init(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
         detail={
             "model": one_line(_str(data, "model"), 80),
             "cwd": one_line(_str(data, "cwd"), 200),
-            "tools": tool_names[:500],
-            "servers": servers[:100],
+            "tools": tool_names,
+            "servers": servers,
             "failed_servers": sum(1 for _, status in servers if status not in ("connected", "")),
         },
     )

@@ -202,3 +202,15 @@ def test_it_makes_fences_and_inline_code_longer_than_their_content() -> None:
     assert inline_code("Bash") == "`Bash`"
     assert inline_code("a`b") == "``a`b``"
     assert inline_code("`x`") == "`` `x` ``"
+
+
+@pytest.mark.django_db
+def test_it_exports_deeply_nested_events_without_failing() -> None:
+    session = make_session()
+    depth = 900
+    raw = '{"type": "x", "v": ' + "[" * depth + "]" * depth + "}"
+    add_event(session, "agent", raw)
+    (line,) = session_jsonl(session, session.events.all())
+    record = json.loads(line)
+    assert record.get("raw") == raw or record["event"]["type"] == "x"
+    assert session_markdown(session, session.events.all()).startswith("# ")

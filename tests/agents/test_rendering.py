@@ -46,7 +46,7 @@ def add_event(
     raw = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     data = data if isinstance(data, dict) else {}
     kind, subtype = data.get("type"), data.get("subtype")
@@ -1318,3 +1318,42 @@ def _status(html: str, tool_id: str) -> str:
         if element.attrs["id"] == f"toolstatus-{dom_id(tool_id)}":
             return next(c for c in element.classes if c != "toolstatus")
     raise AssertionError(f"no status marker for {tool_id}")
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes and shapes meant to hurt.
+
+
+@pytest.mark.django_db
+def test_it_caps_the_number_of_blocks_and_result_parts() -> None:
+    session = make_session()
+    many = add_event(
+        session, "agent", _assistant([{"type": "text", "text": f"b{n}"} for n in range(5000)])
+    )
+    parts = [{"type": "text", "text": f"p{n}"} for n in range(5000)] + [{"type": "text"}] * 10
+    answer = add_event(session, "agent", _user([_result("t", parts)]))
+    tools = ToolIndex()
+    html = render_event(many, tools)
+    assert html.count('class="blk blk-text md"') == rendering.MAX_BLOCKS
+    assert "4900 more blocks not shown" in html and parse(html).find("a", "show-full")
+    html = render_event(answer, tools)
+    assert html.count("result-text") == rendering.MAX_PARTS
+    assert parse(html).find("a", "show-full")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("depth", [100, 900, 5000])
+def test_it_survives_deep_nesting(depth: int) -> None:
+    session = make_session()
+    nested = "[" * depth + "]" * depth
+    for raw in (
+        f'{{"type": "from_the_future", "x": {nested}}}',
+        f'{{"type": "assistant", "message": {{"content": [{{"type": "tool_use", "id": "t", '
+        f'"name": "Other", "input": {{"x": {nested}}}}}]}}}}',
+        f'{{"type": "user", "message": {{"content": [{{"type": "tool_result", '
+        f'"tool_use_id": "t", "content": [{nested}]}}]}}}}',
+    ):
+        event = add_event(session, "agent", raw)
+        html = render_event(event, ToolIndex())
+        assert root(html).attrs["id"] == f"event-{event.seq}"
+        assert_safe(html)
