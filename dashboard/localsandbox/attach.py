@@ -14,7 +14,7 @@ import contextlib
 from .daphne_glue import WriteGate
 from .processes import ExecSession
 from .sandboxes import Sandbox
-from .streams import SCROLLBACK_END_FRAME, STDIN, Chunk, Exited, exit_frame
+from .streams import SCROLLBACK_END_FRAME, STDIN, Chunk, Exited, Subscriber, exit_frame
 from .web import Receive, Send
 
 
@@ -39,7 +39,9 @@ async def serve_attachment(
         sandbox.touch()
 
 
-async def _send_output(backlog: list[Chunk], subscriber, gate: WriteGate, send: Send) -> None:
+async def _send_output(
+    backlog: list[Chunk], subscriber: Subscriber, gate: WriteGate, send: Send
+) -> None:
     async def send_frame(frame: bytes) -> None:
         await gate.wait()
         await send({"type": "websocket.send", "bytes": frame})

@@ -13,6 +13,7 @@ then the exit is published.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from typing import Any, Literal
 from .process_tree import signal_session, start_time
 from .streams import STDERR, STDOUT, Chunk, OutputHub
 from .timeutil import utc_now_iso
+
+logger = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 # Above this much unwritten stdin, writers that can wait (WebSocket clients) are held back.
@@ -266,6 +269,7 @@ class ExecSession:
             if self._stdin is not None and not self._stdin.is_closing():
                 self._stdin.abort()
             code = exit_code_from_returncode(self._popen.returncode or 0)
+            logger.info("session %s (%s) exited with %d", self.session_id, self.kind, code)
             self.hub.finish(code)
             self.exited.set()
 

@@ -163,6 +163,8 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
         # A stdin frame may be as large as a request body (plus its stream byte).
         websocket_max_message_size=max(options.max_body + 1, 1024 * 1024),
         websocket_max_frame_size=max(options.max_body + 1, 1024 * 1024),
+        # Agent sessions run for days; Daphne would otherwise close sockets after 24 h.
+        websocket_timeout=-1,
         verbosity=0,
     )
     reactor.addSystemEventTrigger(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -21,6 +22,8 @@ from . import launch
 from .errors import ApiError, bad_request, conflict, not_found
 from .processes import ExecSession, ProcessSpec, SessionKind, SpawnError
 from .timeutil import utc_now_iso
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # How long a DELETE waits for killed processes to be gone before answering anyway.
@@ -119,6 +122,7 @@ class Sandbox:
         self._idle_timer = None
         # An attached client keeps the sandbox alive; its detach touches the sandbox again.
         if self.attached_clients == 0:
+            logger.info("sandbox %s idle for %d s: stopping it", self.sandbox_id, self.timeout)
             self.stop()
 
     # -- processes -----------------------------------------------------------------------
@@ -179,6 +183,7 @@ class SandboxRegistry:
         agent = launch.choose_agent(self.agent_choice, options.envs, self.server_env)
         sandbox = Sandbox(sandbox_id, options, workspace, agent)
         self._sandboxes[sandbox_id] = sandbox
+        logger.info("sandbox %s created (agent %s) in %s", sandbox_id, agent, workspace)
         return sandbox
 
     def get(self, sandbox_id: str) -> Sandbox:
@@ -197,6 +202,7 @@ class SandboxRegistry:
         sandbox = self._sandboxes.pop(sandbox_id, None)
         if sandbox is None:
             raise not_found(f"sandbox {sandbox_id} not found")
+        logger.info("sandbox %s deleted", sandbox_id)
         sandbox.stop()
         await sandbox.wait_all_exited(DELETE_WAIT_SECONDS)
         await asyncio.to_thread(shutil.rmtree, sandbox.workspace.parent, True)
@@ -253,6 +259,13 @@ class SandboxRegistry:
         except SpawnError as exc:
             raise ApiError(400, str(exc)) from exc
         sandbox.sessions[session.session_id] = session
+        logger.info(
+            "session %s (%s) started in %s: %s",
+            session.session_id,
+            kind,
+            sandbox.sandbox_id,
+            command,
+        )
         return session
 
     async def shutdown(self, grace: float = 2.0) -> None:
