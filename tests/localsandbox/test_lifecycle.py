@@ -18,6 +18,7 @@ from tests.localsandbox.helpers import (
     process_alive,
     start_exec,
     stream_url,
+    wait_session_exited,
 )
 
 # The shell prints its own pid and a background child's pid, then waits on the child.
@@ -114,14 +115,17 @@ async def own_server(tmp_path: Path) -> AsyncIterator[LocalSandbox]:
         stop_localsandbox(server)
 
 
-async def test_it_kills_every_sandbox_process_on_sigterm(own_server: LocalSandbox) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_it_kills_every_sandbox_process_when_told_to_stop(
+    own_server: LocalSandbox, signum: signal.Signals
+) -> None:
     async with api_client(own_server) as api:
         sandbox_id = (await api.post("/sandboxes", json={})).json()["sandboxID"]
         pids = await spawn_pids(own_server, api, sandbox_id)
         agent = await api.post(f"/sandboxes/{sandbox_id}/agent", json={"prompt": "sleep 300"})
         assert agent.status_code == 201
 
-    own_server.process.send_signal(signal.SIGTERM)
+    own_server.process.send_signal(signum)
     assert await asyncio.to_thread(own_server.process.wait, 20) == 0
     await eventually(lambda: not any(process_alive(pid) for pid in pids), what="processes gone")
 
@@ -142,3 +146,17 @@ async def test_it_kills_the_commands_an_agent_started_when_the_agent_is_killed(
     kill = await api.post(f"/sandboxes/{sandbox_id}/agent/{session_id}/kill", json={})
     assert kill.status_code == 204
     await eventually(lambda: not process_alive(pid), what="the agent's command to be killed")
+
+
+async def test_it_kills_an_exec_session_that_outlives_its_timeout(
+    api: httpx.AsyncClient, sandbox_id: str
+) -> None:
+    session = await start_exec(api, sandbox_id, "exec sleep 300", timeout=0.3)
+    info = await wait_session_exited(api, sandbox_id, session["sessionID"])
+    assert info["exitCode"] == 128 + signal.SIGKILL
+    run = await api.post(
+        f"/sandboxes/{sandbox_id}/exec/run",
+        json={"cmd": "sh", "args": ["-c", "echo partial; exec sleep 300"], "timeout": 0.3},
+    )
+    assert run.status_code == 200
+    assert (run.json()["exitCode"], run.json()["stdout"]) == (128 + signal.SIGKILL, "partial\n")

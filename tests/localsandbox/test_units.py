@@ -15,7 +15,7 @@ from dashboard.localsandbox.agents.demo import (
     Sleep,
     parse_script,
 )
-from dashboard.localsandbox.launch import choose_agent, initial_stdin
+from dashboard.localsandbox.launch import PROJECT_ROOT, agent_env, choose_agent, initial_stdin
 from dashboard.localsandbox.processes import exit_code_from_returncode
 from dashboard.localsandbox.runner import ConfigurationError, ServerOptions, is_loopback, validate
 from dashboard.localsandbox.streams import (
@@ -170,3 +170,13 @@ def test_it_refuses_to_expose_an_unauthenticated_server_beyond_loopback() -> Non
     with pytest.raises(ConfigurationError, match="--api-key"):
         validate(ServerOptions(host="0.0.0.0"))
     validate(ServerOptions(host="0.0.0.0", api_key="secret"))
+
+
+def test_it_gives_the_claude_wrapper_the_servers_anthropic_settings_unless_overridden() -> None:
+    server = {"ANTHROPIC_API_KEY": "server-key", "ANTHROPIC_BASE_URL": "http://proxy"}
+    claude = agent_env("claude", {"ANTHROPIC_API_KEY": "sandbox-key"}, server)
+    assert claude["ANTHROPIC_API_KEY"] == "sandbox-key"
+    assert claude["ANTHROPIC_BASE_URL"] == "http://proxy"
+    assert claude["PYTHONPATH"].split(":")[0] == PROJECT_ROOT
+    demo = agent_env("demo", {}, server)
+    assert "ANTHROPIC_API_KEY" not in demo and "ANTHROPIC_BASE_URL" not in demo
