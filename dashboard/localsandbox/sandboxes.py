@@ -1,7 +1,8 @@
 """Sandboxes: a workspace directory, an environment and the sessions running in it.
 
-A sandbox here isolates nothing; it is a directory and a set of process groups, which is
-all an embedded development server needs to behave like OpenComputer from the outside.
+A sandbox here isolates nothing; it is a directory, an environment and the process trees
+started in it, which is all an embedded development server needs to behave like
+OpenComputer from the outside.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class Sandbox:
         return str(path)
 
     def stop(self, signum: int = signal.SIGKILL) -> None:
-        """Stop for good: every process group gets `signum`, nothing new may start."""
+        """Stop for good: every session's processes get `signum`, nothing new may start."""
         self.status = "stopped"
         self.touch()
         self.signal_all(signum)

@@ -180,4 +180,6 @@ def _api_base(scope: Scope, headers: dict[str, str]) -> str:
 
 def _bearer(authorization: str) -> str | None:
     scheme, _, credentials = authorization.partition(" ")
-    return credentials.strip() or None if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.strip() or None

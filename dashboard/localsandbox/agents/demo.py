@@ -16,9 +16,12 @@ ignored; a line that is not a well-formed instruction is plain text):
 
 Every turn emits `system`/`init`, the script's messages, `result`, then `turn_complete`,
 shaped as the Claude Agent SDK forwards them. An interrupt stops the turn within
-milliseconds (a running command is killed) and emits `interrupted` instead of `result` and
-`turn_complete`. Prompts that arrive during a turn are queued; an interrupt stops only the
-current turn. At stdin EOF the agent finishes the current and queued turns and exits 0.
+milliseconds (a running command is killed) and emits `interrupted` instead of `result`,
+then `turn_complete`: as with the Claude wrapper, `turn_complete` ends every turn. Prompts
+that arrive during a turn are queued; an interrupt stops only the current turn. At stdin
+EOF the agent finishes the current and queued turns and exits 0. `configured` echoes the
+effective configuration like the Claude wrapper does (MCP env values masked, `resume` = the
+current session id).
 """
 
 from __future__ import annotations
@@ -188,8 +191,9 @@ class DemoAgent:
         if kind == "configure":
             self.configure(command)
         elif kind == "prompt":
-            if not isinstance(command.get("text"), str):
-                self.out.error("prompt needs a string `text`")
+            text = command.get("text")
+            if not isinstance(text, str) or not text.strip():
+                self.out.error("prompt: `text` must be a non-empty string")
                 return
             self.prompts.put_nowait(command)
         elif kind == "interrupt":
@@ -199,10 +203,28 @@ class DemoAgent:
 
     def configure(self, command: dict[str, Any]) -> None:
         applied = config_from(command)
-        self.config.update(applied)
         if applied.get("resume"):
-            self.session_id = str(applied["resume"])
-        self.out.emit({"type": "configured", **applied})
+            self.session_id = str(applied.pop("resume"))
+        self.config.update(applied)
+        self.out.emit({"type": "configured", **self.public_config()})
+
+    def public_config(self) -> dict[str, Any]:
+        """The effective configuration; MCP env values masked (stdout is shown to viewers)."""
+        shown: dict[str, Any] = {
+            "model": self.model,
+            "permissionMode": DEFAULT_PERMISSION_MODE,
+            **self.config,
+        }
+        servers = shown.get("mcpServers")
+        if isinstance(servers, dict):
+            shown["mcpServers"] = {
+                name: {**server, "env": dict.fromkeys(server["env"], "***")}
+                if isinstance(server, dict) and isinstance(server.get("env"), dict)
+                else server
+                for name, server in servers.items()
+            }
+        shown["resume"] = self.session_id
+        return shown
 
     def interrupt(self) -> None:
         if self.current_turn is not None and not self.current_turn.done():
@@ -217,6 +239,7 @@ class DemoAgent:
             await asyncio.wait({self.current_turn})
             if self.current_turn.cancelled():
                 self.out.emit({"type": "interrupted"})
+                self.out.emit({"type": "turn_complete", "claude_session_id": self.session_id})
             elif error := self.current_turn.exception():
                 self.out.error(f"turn failed: {error!r}")
             self.current_turn = None
