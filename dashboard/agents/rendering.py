@@ -492,7 +492,9 @@ class EventItem:
     pairs: list[tuple[str, str]] = field(default_factory=list)  # small key/value facts
     html: SafeString | None = None  # sanitised markdown (result text)
     json: Clipped | None = None  # generic / stream / system cards
-    detail: dict[str, Any] = field(default_factory=dict)  # per-kind extras, documented below
+    # Per-kind extras: init {model, cwd, tools, servers, failed_servers}; result {errors};
+    # action {actor, session, title}; message {more_blocks}; generic {note}.
+    detail: dict[str, Any] = field(default_factory=dict)
     statuses: list[ToolStatus] = field(default_factory=list)  # OOB marker updates
 
     @property
