@@ -114,7 +114,7 @@ async def test_it_never_echoes_sandbox_envs(api: httpx.AsyncClient) -> None:
 
 @pytest.fixture
 def open_server(tmp_path: Path) -> Iterator[LocalSandbox]:
-    server = start_localsandbox(tmp_path / "open", api_key="")
+    server = start_localsandbox(tmp_path / "open", api_key="", env={"LOCALSANDBOX_API_KEY": ""})
     yield server
     stop_localsandbox(server)
 
