@@ -4,6 +4,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 
+
 def healthz(request: HttpRequest) -> HttpResponse:
     """For container health checks and load balancers: the database answers."""
     with connection.cursor() as cursor:

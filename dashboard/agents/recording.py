@@ -59,13 +59,7 @@ class NewEvent:
             return cls(source=source, raw=raw, type="stderr")
         kind = data.get("type") if data else None
         subtype = data.get("subtype") if data else None
-        return cls(
-            source=source,
-            raw=raw,
-            type=kind[:64] if isinstance(kind, str) else "",
-            subtype=subtype[:64] if isinstance(subtype, str) else "",
-            data=data,
-        )
+        return cls(source=source, raw=raw, type=_label(kind), subtype=_label(subtype), data=data)
 
     @classmethod
     def ours(cls, source: str, data: dict[str, Any], actor_id: int | None = None) -> NewEvent:
@@ -76,6 +70,14 @@ class NewEvent:
             actor_id=actor_id,
             data=data,
         )
+
+
+def _label(value: object) -> str:
+    """A type or subtype fit for an indexed column: a JSON `"\\udfff"` is a lone surrogate,
+    which no database encoding accepts."""
+    if not isinstance(value, str):
+        return ""
+    return value.encode("utf-8", "replace").decode("utf-8")[:64]
 
 
 def _as_decimal(value: object) -> Decimal:

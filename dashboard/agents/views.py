@@ -27,7 +27,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from django_htmx.middleware import HtmxDetails
 
 from dashboard.agents import actions, upstream
-from dashboard.agents.export import session_jsonl, session_markdown
+from dashboard.agents.export import iter_session_markdown, session_jsonl
 from dashboard.agents.forms import (
     AgentOptionsForm,
     ContinueForm,
@@ -261,10 +261,10 @@ def export_jsonl(request: HttpRequest, session_id: str) -> HttpResponseBase:
 
 @require_GET
 @login_required
-def export_markdown(request: HttpRequest, session_id: str) -> HttpResponse:
+def export_markdown(request: HttpRequest, session_id: str) -> HttpResponseBase:
     session = _get_session_for_user(request.user, session_id)
-    text = session_markdown(session, _ordered_events(session))
-    response = HttpResponse(text, content_type="text/markdown; charset=utf-8")
+    chunks = iter_session_markdown(session, _ordered_events(session))
+    response = StreamingHttpResponse(chunks, content_type="text/markdown; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{_export_name(session, "md")}"'
     return response
 

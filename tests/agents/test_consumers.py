@@ -120,7 +120,8 @@ async def test_it_gives_two_viewers_identical_streams(alice, charlie):
 async def test_it_refuses_an_anonymous_viewer(db):
     session = await _session()
     viewer = WebsocketCommunicator(
-        application, f"/ws/sessions/{session.id}/",
+        application,
+        f"/ws/sessions/{session.id}/",
         headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")],
     )
     connected, _ = await viewer.connect()
@@ -138,7 +139,8 @@ async def test_it_sends_status_changes_to_the_session_list(alice):
     session = await _session()
     cookie = await database_sync_to_async(_cookie_for)(alice)
     listing = WebsocketCommunicator(
-        application, "/ws/sessions/",
+        application,
+        "/ws/sessions/",
         headers=[(b"origin", b"http://localhost"), (b"cookie", cookie), (b"host", b"localhost")],
     )
     assert (await listing.connect())[0]
@@ -152,3 +154,13 @@ async def test_it_sends_status_changes_to_the_session_list(alice):
     assert 'hx-swap-oob="true"' in html
     assert "Idle" in html
     await listing.disconnect()
+
+
+async def test_it_stores_a_line_whose_type_is_a_lone_surrogate(db):
+    session = await _session()
+    raw = '{"type": "\\udfff", "subtype": "x"}'
+    data = json.loads(raw)
+    appended, _ = await database_sync_to_async(record)(
+        session.id, [NewEvent.from_line("agent", raw, data)]
+    )
+    assert appended.events[0].type == "?"

@@ -290,7 +290,7 @@ def test_it_exports_jsonl_and_markdown(oc, alice):
     rows = [json.loads(line) for line in b"".join(jsonl.streaming_content).splitlines()]
     assert rows[0]["seq"] == 1 and rows[0]["event"]["text"] == "Export me"
     markdown = client.get(reverse("export_markdown", args=[session.id]))
-    assert "Export me" in markdown.content.decode()
+    assert "Export me" in b"".join(markdown.streaming_content).decode()
 
 
 def test_it_downloads_an_events_full_payload(oc, alice):
