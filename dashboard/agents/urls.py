@@ -18,9 +18,7 @@ urlpatterns = [
     path("sessions/<uuid:session_id>/continue/", views.session_continue, name="session_continue"),
     path("sessions/<uuid:session_id>/export.jsonl", views.export_jsonl, name="export_jsonl"),
     path("sessions/<uuid:session_id>/export.md", views.export_markdown, name="export_markdown"),
-    path(
-        "sessions/<uuid:session_id>/events/<int:seq>/raw", views.event_raw, name="event_raw"
-    ),
+    path("sessions/<uuid:session_id>/events/<int:seq>/raw", views.event_raw, name="event_raw"),
     path("sandboxes/", views.sandboxes, name="sandboxes"),
     path(
         "sandboxes/<str:sandbox_id>/agents/<str:agent_id>/attach/",
