@@ -11,6 +11,11 @@ from tests.localsandbox.helpers import api_client
 
 @pytest.fixture
 async def api(localsandbox: LocalSandbox) -> AsyncIterator[httpx.AsyncClient]:
+    # The server is shared by the whole run: if it has died, say how, not "connection refused".
+    status = localsandbox.process.poll()
+    assert status is None, (
+        f"the shared localsandbox exited ({status}):\n{''.join(localsandbox.log)}"
+    )
     async with api_client(localsandbox) as client:
         yield client
 
