@@ -152,6 +152,14 @@ else:
         "default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}
     }
 
+# The cache holds sign-in failure counts: shared by every worker when Redis is there.
+if REDIS_URL:
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
 # The OpenComputer API. Unset means: the embedded sandbox server that `manage.py serve`
 # starts beside Porthole.
 OPENCOMPUTER_API_URL = env_str("OPENCOMPUTER_API_URL")

@@ -4,6 +4,8 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 
+from dashboard.agents.people import RateLimitedLoginView
+
 
 def healthz(request: HttpRequest) -> HttpResponse:
     """For container health checks and load balancers: the database answers."""
@@ -14,7 +16,7 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", RateLimitedLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("", include("dashboard.agents.urls")),

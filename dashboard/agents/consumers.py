@@ -10,29 +10,89 @@ catch-up from the database).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
+from django.utils import timezone
 
-from dashboard.agents.models import AgentSession, Event
+from dashboard.agents import access
+from dashboard.agents.models import AgentSession, Event, Watcher
 from dashboard.agents.recording import SESSIONS_GROUP, render_state, session_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
+from dashboard.agents.sharing import share_group
 
 log = logging.getLogger(__name__)
 
 CATCH_UP_CHUNK = 200
 MAX_PENDING = 500
+WATCHER_TTL = 90  # seconds; a socket refreshes its presence every third of that
 
 
 @database_sync_to_async
 def _viewable_session(user: Any, session_id: str) -> AgentSession | None:
-    if user is None or not user.is_authenticated:
+    if user is None or not access.can_view(user):
         return None
     return AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
+
+
+@database_sync_to_async
+def _can_steer(user: Any) -> bool:
+    return access.can_steer(user)
+
+
+@database_sync_to_async
+def _shared_session(token: str) -> tuple[str, int, float | None] | None:
+    """The session a live link opens, the link's id, and seconds until it expires."""
+    link = access.active_link(token)
+    if link is None:
+        return None
+    remaining = None
+    if link.expires_at is not None:
+        remaining = (link.expires_at - timezone.now()).total_seconds()
+    return str(link.session_id), link.pk, remaining
+
+
+@database_sync_to_async
+def _watch(channel: str, session_id: str, user: Any, link_id: int | None) -> str:
+    Watcher.objects.update_or_create(
+        channel_name=channel,
+        defaults={
+            "session_id": session_id,
+            "seen_at": timezone.now(),
+            "user": user if user is not None and user.is_authenticated else None,
+            "share_link_id": link_id,
+        },
+    )
+    return _render_watchers(session_id)
+
+
+@database_sync_to_async
+def _unwatch(channel: str, session_id: str) -> str:
+    Watcher.objects.filter(channel_name=channel).delete()
+    return _render_watchers(session_id)
+
+
+@database_sync_to_async
+def _still_watching(channel: str) -> None:
+    Watcher.objects.filter(channel_name=channel).update(seen_at=timezone.now())
+
+
+def _render_watchers(session_id: str) -> str:
+    fresh = Watcher.objects.filter(
+        session_id=session_id, seen_at__gt=timezone.now() - timedelta(seconds=WATCHER_TTL)
+    ).select_related("user")
+    names = sorted({w.user.get_username() for w in fresh if w.user is not None})
+    links = sum(1 for w in fresh if w.user is None)
+    return render_to_string(
+        "agents/session.html#watchers",
+        {"watchers": {"names": names, "links": links}, "oob": True},
+    )
 
 
 @database_sync_to_async
@@ -57,24 +117,58 @@ def _current_state(session_id: str) -> dict[str, str]:
 
 
 class SessionConsumer(AsyncWebsocketConsumer):
-    can_steer = True
+    """A team member's session page."""
+
+    can_steer = False
+    link_id: int | None = None
+
+    async def authorise(self) -> str | None:
+        """The session this socket may watch, or None to refuse it."""
+        session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
+        user = self.scope.get("user")
+        if await _viewable_session(user, session_id) is None:
+            return None
+        self.can_steer = await _can_steer(user)
+        return session_id
 
     async def connect(self) -> None:
-        self.session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
-        session = await _viewable_session(self.scope.get("user"), self.session_id)
-        if session is None:
+        session_id = await self.authorise()
+        if session_id is None:
             await self.close(code=4403)
             return
+        self.session_id = session_id
         self.last_seq: int | None = None
         self.pending: list[dict[str, Any]] = []
         self.overflowed = False
         self.group = session_group(self.session_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        self.heartbeat = asyncio.create_task(self._keep_presence())
+        watchers = await _watch(
+            self.channel_name, self.session_id, self.scope.get("user"), self.link_id
+        )
+        await self.channel_layer.group_send(
+            self.group, {"type": "session.presence", "html": watchers}
+        )
 
     async def disconnect(self, code: int) -> None:
-        if hasattr(self, "group"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if not hasattr(self, "group"):
+            return
+        self.heartbeat.cancel()
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        watchers = await _unwatch(self.channel_name, self.session_id)
+        await self.channel_layer.group_send(
+            self.group, {"type": "session.presence", "html": watchers}
+        )
+
+    async def _keep_presence(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHER_TTL / 3)
+            await _still_watching(self.channel_name)
+
+    async def session_presence(self, message: dict[str, Any]) -> None:
+        if self.last_seq is not None:
+            await self.send(text_data=message["html"])
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
@@ -92,8 +186,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if self.overflowed:
             self.overflowed = False
             await self._catch_up()
-        # The page was rendered a moment ago: bring its header and controls up to date.
+        # The page was rendered a moment ago: bring its header, controls and watchers up to date.
         await self.session_state(await _current_state(self.session_id))
+        await self.send(text_data=await database_sync_to_async(_render_watchers)(self.session_id))
 
     async def session_events(self, message: dict[str, Any]) -> None:
         await self._dispatch(message)
@@ -140,9 +235,36 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self.send(text_data="".join(html for _, html in items))
 
 
+class ShareSessionConsumer(SessionConsumer):
+    """A share link's page: one session, read-only, closed when the link is revoked or expires."""
+
+    async def authorise(self) -> str | None:
+        shared = await _shared_session(str(self.scope["url_route"]["kwargs"]["token"]))
+        if shared is None:
+            return None
+        session_id, self.link_id, remaining = shared
+        self.can_steer = False
+        await self.channel_layer.group_add(share_group(self.link_id), self.channel_name)
+        if remaining is not None:
+            self.expiry = asyncio.get_running_loop().call_later(
+                max(remaining, 0), lambda: asyncio.ensure_future(self.share_revoked({}))
+            )
+        return session_id
+
+    async def share_revoked(self, message: dict[str, Any]) -> None:
+        await self.close(code=4403)
+
+    async def disconnect(self, code: int) -> None:
+        if getattr(self, "expiry", None) is not None:
+            self.expiry.cancel()
+        if self.link_id is not None:
+            await self.channel_layer.group_discard(share_group(self.link_id), self.channel_name)
+        await super().disconnect(code)
+
+
 @database_sync_to_async
 def _signed_in(user: Any) -> bool:
-    return bool(user is not None and user.is_authenticated)
+    return bool(user is not None and access.can_view(user))
 
 
 class SessionListConsumer(AsyncWebsocketConsumer):

@@ -42,6 +42,7 @@ class Sandbox(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("kill_any_sandbox", "Can kill any sandbox, not only their own")]
 
     def __str__(self) -> str:
         return self.upstream_id
@@ -191,3 +192,85 @@ class Event(models.Model):
                 parsed = None
             self._data = parsed if isinstance(parsed, dict) else None
         return self._data
+
+
+class ShareLink(models.Model):
+    """A read-only, possibly expiring link to one session. Only the token's hash is kept."""
+
+    session = models.ForeignKey(AgentSession, on_delete=models.CASCADE, related_name="share_links")
+    token_hash = models.CharField(max_length=64, unique=True)
+    label = models.CharField(max_length=100, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    use_count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("revoke_any_sharelink", "Can revoke anyone's share links")]
+
+    def __str__(self) -> str:
+        return self.label or f"link {self.pk}"
+
+    @property
+    def is_active(self) -> bool:
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or self.expires_at > timezone.now()
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= timezone.now():
+            return "expired"
+        return "active"
+
+
+class Watcher(models.Model):
+    """Who has a session page's socket open now (one row per socket)."""
+
+    channel_name = models.CharField(max_length=200, primary_key=True)
+    session = models.ForeignKey(AgentSession, on_delete=models.CASCADE, related_name="watchers")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    share_link = models.ForeignKey(
+        ShareLink, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    seen_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+
+class AuditEntry(models.Model):
+    """Mutations that have no session timeline to live in: people, roles, links, sandboxes."""
+
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    action = models.CharField(max_length=64)
+    target = models.CharField(max_length=200, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "audit entries"
+        permissions = [("manage_people", "Can manage people and their roles")]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M} {self.action} {self.target}"

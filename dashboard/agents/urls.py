@@ -1,6 +1,6 @@
 from django.urls import path
 
-from dashboard.agents import views
+from dashboard.agents import people, sharing, views
 
 urlpatterns = [
     path("", views.index, name="index"),
@@ -19,6 +19,13 @@ urlpatterns = [
     path("sessions/<uuid:session_id>/export.jsonl", views.export_jsonl, name="export_jsonl"),
     path("sessions/<uuid:session_id>/export.md", views.export_markdown, name="export_markdown"),
     path("sessions/<uuid:session_id>/events/<int:seq>/raw", views.event_raw, name="event_raw"),
+    path("sessions/<uuid:session_id>/share/", sharing.share_create, name="share_create"),
+    path("share-links/<int:link_id>/revoke/", sharing.share_revoke, name="share_revoke"),
+    path("share/<str:token>/", sharing.share_page, name="share"),
+    path("share/<str:token>/older/", sharing.share_older, name="share_older"),
+    path("setup/", people.setup, name="setup"),
+    path("people/", people.people, name="people"),
+    path("people/<int:user_id>/", people.person_update, name="person_update"),
     path("sandboxes/", views.sandboxes, name="sandboxes"),
     path(
         "sandboxes/<str:sandbox_id>/agents/<str:agent_id>/attach/",

@@ -8,6 +8,7 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
@@ -26,7 +27,8 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 from django_htmx.middleware import HtmxDetails
 
-from dashboard.agents import actions, upstream
+from dashboard.agents import access, actions, upstream
+from dashboard.agents.access import viewer_required
 from dashboard.agents.export import iter_session_markdown, session_jsonl
 from dashboard.agents.forms import (
     AgentOptionsForm,
@@ -35,8 +37,9 @@ from dashboard.agents.forms import (
     StartSessionForm,
     controls_context,
 )
-from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.models import AgentSession, Event, Sandbox, ShareLink
 from dashboard.agents.rendering import ToolIndex, render_event
+from dashboard.agents.sharing import share_panel_context
 from dashboard.opencomputer import OpenComputerError, redact
 
 log = logging.getLogger(__name__)
@@ -52,15 +55,6 @@ class HtmxHttpRequest(HttpRequest):
 def _shown(exc: OpenComputerError) -> str:
     """An upstream error as a person may see it: the server's message, secrets masked."""
     return redact(exc.message or str(exc), upstream.secrets())
-
-
-def _can_steer(user: Any) -> bool:
-    return bool(user.has_perm("agents.steer_agentsession"))
-
-
-def _require_steer(user: Any) -> None:
-    if not _can_steer(user):
-        raise PermissionDenied("You may watch sessions but not steer them.")
 
 
 def _get_session_for_user(user: Any, session_id: object) -> AgentSession:
@@ -100,7 +94,7 @@ def _filtered_sessions(request: HttpRequest) -> tuple[QuerySet[AgentSession], di
 
 
 @require_GET
-@login_required
+@viewer_required
 def index(request: HtmxHttpRequest) -> HttpResponse:
     sessions, filters = _filtered_sessions(request)
     page = Paginator(sessions, SESSIONS_PER_PAGE).get_page(request.GET.get("page"))
@@ -121,7 +115,7 @@ def index(request: HtmxHttpRequest) -> HttpResponse:
             ("attention", "Needs attention"),
             ("finished", "Finished"),
         ],
-        "can_steer": _can_steer(request.user),
+        "can_steer": access.can_steer(request.user),
     }
     template = "agents/index.html#results" if request.htmx else "agents/index.html"
     return render(request, template, context)
@@ -133,7 +127,7 @@ def index(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 async def new_session(request: HtmxHttpRequest) -> HttpResponse:
     user = await request.auser()
-    if not await sync_to_async(_can_steer)(user):
+    if not await sync_to_async(access.can_steer)(user):
         raise PermissionDenied("You may watch sessions but not start them.")
     if request.method == "POST":
         form = await sync_to_async(StartSessionForm)(request.POST)
@@ -165,7 +159,12 @@ async def new_session(request: HtmxHttpRequest) -> HttpResponse:
 # -- the session page -------------------------------------------------------------------------
 
 
-def _session_context(request: HttpRequest, session: AgentSession) -> dict[str, Any]:
+def _session_context(
+    request: HttpRequest, session: AgentSession, *, share: ShareLink | None = None
+) -> dict[str, Any]:
+    """The session page, for a team member or (read-only, nothing else) a share link holder."""
+    user = request.user
+    member = share is None
     events = list(
         Event.objects.filter(session=session).select_related("actor").order_by("-seq")[:PAGE_EVENTS]
     )
@@ -183,24 +182,39 @@ def _session_context(request: HttpRequest, session: AgentSession) -> dict[str, A
         "first_seq": events[0].seq if events else 0,
         "last_seq": events[-1].seq if events else 0,
         "has_older": bool(events) and events[0].seq > 1,
-        "can_steer": _can_steer(request.user),
+        "older_url": _older_url(session, share),
+        "member": member,
+        "can_steer": member and access.can_steer(user),
+        "can_share": member and access.can_share(user),
+        "can_kill_sandbox": member and access.can_kill_sandbox(user, session.sandbox),
         **controls_context(session),
-        "ws_path": f"/ws/sessions/{session.id}/",
+        **(share_panel_context(user, session) if member and access.can_share(user) else {}),
+        "ws_path": f"/ws/share/{share.token}/" if share else f"/ws/sessions/{session.id}/",
     }
 
 
+def _older_url(session: AgentSession, share: ShareLink | None) -> str:
+    if share is not None:
+        return reverse("share_older", args=[share.token])
+    return reverse("older_events", args=[session.id])
+
+
 @require_GET
-@login_required
+@viewer_required
 def session_detail(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
     session = _get_session_for_user(request.user, session_id)
     return render(request, "agents/session.html", _session_context(request, session))
 
 
 @require_GET
-@login_required
+@viewer_required
 def older_events(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
     """The page of events before `before`, for "load older" (prepended above the timeline)."""
     session = _get_session_for_user(request.user, session_id)
+    return _older(request, session, None)
+
+
+def _older(request: HttpRequest, session: AgentSession, share: ShareLink | None) -> HttpResponse:
     try:
         before = int(request.GET.get("before", "0"))
     except ValueError:
@@ -220,14 +234,21 @@ def older_events(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
         "older_html": [render_event(e, tools) for e in events],
         "first_seq": events[0].seq if events else 0,
         "has_older": bool(events) and events[0].seq > 1,
+        "older_url": _older_url(session, share),
     }
     return render(request, "agents/session.html#older", context)
 
 
 @require_GET
-@login_required
 def event_raw(request: HttpRequest, session_id: str, seq: int) -> HttpResponse:
-    """The full payload of one event, as received: what the timeline truncates for display."""
+    """The full payload of one event, as received: what the timeline truncates for display.
+
+    Team members, and browsers that opened a live share link of this very session.
+    """
+    if not (access.can_view(request.user) or access.shares_session(request, session_id)):
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path())
+        raise PermissionDenied("You may not see this session.")
     event = get_object_or_404(Event, session_id=session_id, seq=seq)
     response = HttpResponse(event.raw, content_type="text/plain; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="event-{seq}.txt"'
@@ -250,7 +271,7 @@ def _ordered_events(session: AgentSession) -> Any:
 
 
 @require_GET
-@login_required
+@viewer_required
 def export_jsonl(request: HttpRequest, session_id: str) -> HttpResponseBase:
     session = _get_session_for_user(request.user, session_id)
     lines = (line + "\n" for line in session_jsonl(session, _ordered_events(session)))
@@ -260,7 +281,7 @@ def export_jsonl(request: HttpRequest, session_id: str) -> HttpResponseBase:
 
 
 @require_GET
-@login_required
+@viewer_required
 def export_markdown(request: HttpRequest, session_id: str) -> HttpResponseBase:
     session = _get_session_for_user(request.user, session_id)
     chunks = iter_session_markdown(session, _ordered_events(session))
@@ -276,7 +297,7 @@ async def _steerable(
     request: HttpRequest, session_id: str
 ) -> tuple[AbstractBaseUser, AgentSession]:
     user = await request.auser()
-    await sync_to_async(_require_steer)(user)
+    await sync_to_async(access.require_steer)(user)
     session = await sync_to_async(_get_session_for_user)(user, session_id)
     return user, session
 
@@ -433,6 +454,8 @@ async def session_continue(request: HtmxHttpRequest, session_id: str) -> HttpRes
 @login_required
 async def sandboxes(request: HtmxHttpRequest) -> HttpResponse:
     """Every sandbox of the account, with its agent sessions, recorded here or not."""
+    user = await request.auser()
+    await sync_to_async(access.require_view)(user)
     error = ""
     listing: list[dict[str, Any]] = []
     try:
@@ -445,7 +468,6 @@ async def sandboxes(request: HtmxHttpRequest) -> HttpResponse:
             listing.append({"info": info, "agents": agents})
     except OpenComputerError as exc:
         error = f"Cannot list sandboxes: {_shown(exc)}"
-    user = await request.auser()
     context = await sync_to_async(_sandboxes_context)(user, listing)
     context["error"] = error
     return await sync_to_async(render)(request, "agents/sandboxes.html", context)
@@ -475,14 +497,16 @@ def _sandboxes_context(user: Any, listing: list[dict[str, Any]]) -> dict[str, An
                 ],
             }
         )
-    return {"rows": rows, "can_steer": _can_steer(user)}
+    for row in rows:
+        row["can_kill"] = access.can_kill_sandbox(user, row["sandbox"])
+    return {"rows": rows, "can_steer": access.can_steer(user)}
 
 
 @require_POST
 @login_required
 async def sandbox_attach(request: HtmxHttpRequest, sandbox_id: str, agent_id: str) -> HttpResponse:
     user = await request.auser()
-    await sync_to_async(_require_steer)(user)
+    await sync_to_async(access.require_steer)(user)
     try:
         session = await actions.attach(user, sandbox_id, agent_id)
     except (OpenComputerError, LookupError) as exc:
@@ -496,11 +520,13 @@ async def sandbox_attach(request: HtmxHttpRequest, sandbox_id: str, agent_id: st
 @login_required
 async def sandbox_kill(request: HtmxHttpRequest, sandbox_id: str) -> HttpResponse:
     user = await request.auser()
-    await sync_to_async(_require_steer)(user)
+    await sync_to_async(access.require_steer)(user)
     if request.POST.get("confirm") != sandbox_id:
         await sync_to_async(messages.error)(request, "Type the sandbox id to confirm the kill.")
         return redirect(request.POST.get("next") or reverse("sandboxes"))
     sandbox = await Sandbox.objects.filter(upstream_id=sandbox_id).afirst()
+    if not await sync_to_async(access.can_kill_sandbox)(user, sandbox):
+        raise PermissionDenied("Only administrators kill sandboxes they did not create.")
     if sandbox is None:
         sandbox = await Sandbox.objects.acreate(upstream_id=sandbox_id)
     try:

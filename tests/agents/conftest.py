@@ -3,32 +3,45 @@
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
+
+from dashboard.agents.access import set_role
 
 
-def _user(username: str, *perms: str) -> User:
+def _user(username: str, role: str) -> User:
     user = User.objects.create_user(username, f"{username}@example.org", "password")
-    if perms:
-        user.user_permissions.add(*Permission.objects.filter(codename__in=perms))
+    set_role(user, role)
     return user
 
 
 @pytest.fixture
 def alice(db: None) -> User:
-    """An operator: watches, starts and steers."""
-    return _user("alice", "steer_agentsession", "share_agentsession")
+    """An operator: watches, starts, steers and shares."""
+    return _user("alice", "operator")
 
 
 @pytest.fixture
 def bob(db: None) -> User:
     """A viewer: watches only."""
-    return _user("bob")
+    return _user("bob", "viewer")
 
 
 @pytest.fixture
 def charlie(db: None) -> User:
     """Another operator, to tell who did what."""
-    return _user("charlie", "steer_agentsession")
+    return _user("charlie", "operator")
+
+
+@pytest.fixture
+def dave(db: None) -> User:
+    """An administrator."""
+    return _user("dave", "admin")
+
+
+@pytest.fixture
+def erin(db: None) -> User:
+    """Signed in, but nobody gave her a role yet."""
+    return _user("erin", "")
 
 
 @pytest.fixture

@@ -130,10 +130,15 @@ class Command(BaseCommand):
         return child
 
     def _first_run_hint(self) -> None:
-        if not get_user_model().objects.exists():
-            self.stdout.write(
-                "No users yet: create the administrator with `python manage.py createsuperuser`."
-            )
+        if get_user_model().objects.exists():
+            return
+        from dashboard.agents.access import setup_token
+
+        token = setup_token(settings.DATA_DIR)
+        self.stdout.write(
+            "No users yet. Create the administrator at /setup/ from this machine, or from "
+            f"elsewhere at /setup/?token={token} (or run `manage.py createsuperuser`)."
+        )
 
 
 def _wait_for_listening(child: subprocess.Popen[str], timeout: float) -> str | None:

@@ -1,0 +1,236 @@
+"""Who may do what: roles, share links, the audit log, and the first-run rules.
+
+Roles are Django groups made by a migration (viewer, operator, admin); code asks for
+permissions, never for group names, so a custom group with the same permissions works.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, Permission
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.http import HttpRequest
+from django.utils import timezone
+
+from dashboard.agents.models import AgentSession, AuditEntry, Sandbox, ShareLink
+
+ROLES = ("viewer", "operator", "admin")
+_VIEW = ["view_agentsession", "view_sandbox", "view_event"]
+_OPERATE = [*_VIEW, "steer_agentsession", "share_agentsession"]
+ROLE_PERMISSIONS = {
+    "viewer": _VIEW,
+    "operator": _OPERATE,
+    "admin": [
+        *_OPERATE, "revoke_any_sharelink", "kill_any_sandbox", "manage_people", "view_auditentry"
+    ],
+}
+SHARE_SESSION_KEY = "porthole_share_links"
+EXPIRIES = {
+    "1h": ("1 hour", timedelta(hours=1)),
+    "1d": ("1 day", timedelta(days=1)),
+    "7d": ("7 days", timedelta(days=7)),
+    "never": ("never", None),
+}
+
+
+# -- permissions ---------------------------------------------------------------------------------
+
+
+def can_view(user: Any) -> bool:
+    return bool(
+        user.is_authenticated and user.is_active and user.has_perm("agents.view_agentsession")
+    )
+
+
+def can_steer(user: Any) -> bool:
+    return bool(user.is_authenticated and user.has_perm("agents.steer_agentsession"))
+
+
+def can_share(user: Any) -> bool:
+    return bool(user.is_authenticated and user.has_perm("agents.share_agentsession"))
+
+
+def can_manage_people(user: Any) -> bool:
+    return bool(user.is_authenticated and user.has_perm("agents.manage_people"))
+
+
+def can_kill_sandbox(user: Any, sandbox: Sandbox | None) -> bool:
+    if not can_steer(user):
+        return False
+    if user.has_perm("agents.kill_any_sandbox"):
+        return True
+    return sandbox is not None and sandbox.created_by_id == user.pk
+
+
+def can_revoke(user: Any, link: ShareLink) -> bool:
+    if not can_share(user):
+        return False
+    return link.created_by_id == user.pk or user.has_perm("agents.revoke_any_sharelink")
+
+
+def require(check: Callable[[Any], bool], message: str) -> Callable[[Any], None]:
+    def enforce(user: Any) -> None:
+        if not check(user):
+            raise PermissionDenied(message)
+
+    return enforce
+
+
+require_view = require(can_view, "You have no role here yet: ask an administrator for one.")
+require_steer = require(can_steer, "You may watch sessions but not steer them.")
+require_share = require(can_share, "You may not share sessions.")
+require_people = require(can_manage_people, "Only administrators manage people.")
+
+
+def viewer_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """login_required, then the viewer permission (a signed-in user without a role gets 403)."""
+    from django.contrib.auth.decorators import login_required
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        require_view(request.user)
+        return view(request, *args, **kwargs)
+
+    return login_required(wrapper)
+
+
+# -- roles ---------------------------------------------------------------------------------------
+
+
+def role_of(user: Any) -> str:
+    if user.is_superuser:
+        return "admin"
+    names = {g.name for g in user.groups.all()}
+    for role in reversed(ROLES):
+        if role in names:
+            return role
+    return ""
+
+
+def role_group(role: str) -> Group:
+    """The role's group; made again if someone deleted it (the migration made it first)."""
+    group, created = Group.objects.get_or_create(name=role)
+    if created:
+        group.permissions.set(
+            Permission.objects.filter(
+                content_type__app_label="agents", codename__in=ROLE_PERMISSIONS[role]
+            )
+        )
+    return group
+
+
+def set_role(user: Any, role: str) -> None:
+    if role and role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    with transaction.atomic():
+        user.groups.remove(*Group.objects.filter(name__in=ROLES))
+        if role:
+            user.groups.add(role_group(role))
+
+
+# -- share links ---------------------------------------------------------------------------------
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_share_link(
+    session: AgentSession, user: Any, *, label: str, expiry: str
+) -> tuple[ShareLink, str]:
+    """A new link and its token; the token is shown once and never stored."""
+    token = secrets.token_urlsafe(32)
+    lifetime = EXPIRIES[expiry][1]
+    link = ShareLink.objects.create(
+        session=session,
+        token_hash=hash_token(token),
+        label=label,
+        created_by=user,
+        expires_at=timezone.now() + lifetime if lifetime else None,
+    )
+    return link, token
+
+
+def active_link(token: str) -> ShareLink | None:
+    if not token or len(token) > 200:
+        return None
+    link = (
+        ShareLink.objects.select_related("session", "session__sandbox", "session__started_by")
+        .filter(token_hash=hash_token(token))
+        .first()
+    )
+    return link if link is not None and link.is_active else None
+
+
+def remember_share(request: HttpRequest, link: ShareLink) -> None:
+    """Let this browser fetch the shared session's full payloads (the `event_raw` links)."""
+    held = set(request.session.get(SHARE_SESSION_KEY, []))
+    held.add(link.pk)
+    request.session[SHARE_SESSION_KEY] = sorted(held)
+
+
+def shares_session(request: HttpRequest, session_id: object) -> bool:
+    held = request.session.get(SHARE_SESSION_KEY, [])
+    if not held:
+        return False
+    return any(
+        link.is_active for link in ShareLink.objects.filter(pk__in=held, session_id=session_id)
+    )
+
+
+# -- first run -----------------------------------------------------------------------------------
+
+
+def needs_setup() -> bool:
+    return not get_user_model().objects.exists()
+
+
+def is_loopback_request(request: HttpRequest) -> bool:
+    """From this machine, not through a proxy (a proxy on loopback forwards everyone)."""
+    if any(h in request.META for h in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")):
+        return False
+    try:
+        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        return False
+
+
+# -- audit ---------------------------------------------------------------------------------------
+
+
+def audit(actor: Any, action: str, target: object = "", **details: Any) -> None:
+    AuditEntry.objects.create(
+        actor=actor if getattr(actor, "is_authenticated", False) else None,
+        action=action,
+        target=str(target)[:200],
+        details=details,
+    )
+
+
+def setup_token(data_dir: Any) -> str:
+    """The one-time token that opens /setup/ from elsewhere than this machine."""
+    from pathlib import Path
+
+    path = Path(data_dir) / "setup-token"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    path.write_text(token)
+    path.chmod(0o600)
+    return token
+
+
+def forget_setup_token(data_dir: Any) -> None:
+    from pathlib import Path
+
+    (Path(data_dir) / "setup-token").unlink(missing_ok=True)

@@ -1,0 +1,174 @@
+"""Accounts: first-run setup, sign-in with a rate limit, and the administrators' people page."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import get_user_model, login
+from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
+from django.contrib.auth.views import LoginView
+from django.core.cache import cache
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from dashboard.agents import access
+from dashboard.agents.models import AuditEntry
+
+User = get_user_model()
+LOGIN_ATTEMPTS = 10
+LOGIN_WINDOW = 15 * 60
+
+
+# -- sign in -------------------------------------------------------------------------------------
+
+
+def _client_ip(request: HttpRequest) -> str:
+    return str(request.META.get("REMOTE_ADDR", "unknown"))
+
+
+class RateLimitedLoginView(LoginView):
+    """Django's login, refusing more than LOGIN_ATTEMPTS failures per address or username
+    in LOGIN_WINDOW seconds (the cache is shared by all workers with REDIS_URL)."""
+
+    def _keys(self) -> list[str]:
+        username = str(self.request.POST.get("username", ""))[:150].lower()
+        return [f"login-fail:ip:{_client_ip(self.request)}", f"login-fail:user:{username}"]
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if any((cache.get(key) or 0) >= LOGIN_ATTEMPTS for key in self._keys()):
+            form = self.get_form()
+            form.errors.clear()
+            response = self.render_to_response(self.get_context_data(form=form, locked_out=True))
+            response.status_code = 429
+            return response
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form: AuthenticationForm) -> HttpResponse:
+        for key in self._keys():
+            cache.add(key, 0, LOGIN_WINDOW)
+            try:
+                cache.incr(key)
+            except ValueError:
+                cache.set(key, 1, LOGIN_WINDOW)
+        return super().form_invalid(form)
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        context["needs_setup"] = access.needs_setup()
+        return context
+
+
+# -- first run -------------------------------------------------------------------------------------
+
+
+class SetupForm(UserCreationForm):  # type: ignore[type-arg]
+    email = forms.EmailField(required=False)
+
+    class Meta(UserCreationForm.Meta):  # type: ignore[name-defined,misc]
+        model = User
+        fields = ("username", "email")
+
+
+@require_http_methods(["GET", "POST"])
+def setup(request: HttpRequest) -> HttpResponse:
+    """While nobody has an account: create the administrator. Gone (404) afterwards."""
+    if not access.needs_setup():
+        raise Http404("Porthole is set up.")
+    token = request.GET.get("token") or request.POST.get("token") or ""
+    expected = access.setup_token(settings.DATA_DIR)
+    allowed = access.is_loopback_request(request) or (
+        bool(token) and secrets.compare_digest(token, expected)
+    )
+    if not allowed:
+        raise Http404("Open /setup/ from this machine, or with the token printed at start.")
+    form = SetupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save(commit=False)
+        user.is_staff = user.is_superuser = True
+        user.save()
+        access.set_role(user, "admin")
+        access.forget_setup_token(settings.DATA_DIR)
+        access.audit(user, "setup", user.get_username())
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        messages.success(request, "Welcome. Start a session, or invite people on the People page.")
+        return redirect("index")
+    return render(request, "agents/setup.html", {"form": form, "token": token})
+
+
+# -- people ----------------------------------------------------------------------------------------
+
+
+class NewPersonForm(UserCreationForm):  # type: ignore[type-arg]
+    role = forms.ChoiceField(choices=[(r, r.title()) for r in access.ROLES], initial="viewer")
+
+    class Meta(UserCreationForm.Meta):  # type: ignore[name-defined,misc]
+        model = User
+        fields = ("username", "email")
+
+
+def _people_context(request: HttpRequest, form: NewPersonForm | None = None) -> dict[str, Any]:
+    people = list(User.objects.prefetch_related("groups").order_by("username"))
+    for person in people:
+        person.role = access.role_of(person)
+    return {
+        "people": people,
+        "roles": access.ROLES,
+        "form": form or NewPersonForm(),
+        "audit": AuditEntry.objects.select_related("actor")[:50],
+    }
+
+
+@require_http_methods(["GET", "POST"])
+def people(request: HttpRequest) -> HttpResponse:
+    if not request.user.is_authenticated:
+        from django.contrib.auth.views import redirect_to_login
+
+        return redirect_to_login(request.get_full_path())
+    access.require_people(request.user)
+    form = NewPersonForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        person = form.save()
+        access.set_role(person, form.cleaned_data["role"])
+        access.audit(
+            request.user, "person.create", person.get_username(), role=form.cleaned_data["role"]
+        )
+        messages.success(request, f"{person.get_username()} can now sign in.")
+        return redirect("people")
+    status = 400 if request.method == "POST" else 200
+    return render(request, "agents/people.html", _people_context(request, form), status=status)
+
+
+@require_POST
+def person_update(request: HttpRequest, user_id: int) -> HttpResponse:
+    if not request.user.is_authenticated:
+        raise Http404
+    access.require_people(request.user)
+    person = get_object_or_404(User, pk=user_id)
+    role = request.POST.get("role", "")
+    active = request.POST.get("active") == "on"
+    if person.pk == request.user.pk and (role != "admin" or not active):
+        messages.error(request, "You cannot take away your own administrator role or account.")
+        return redirect("people")
+    if role not in ("", *access.ROLES):
+        messages.error(request, "Unknown role.")
+        return redirect("people")
+    before = {"role": access.role_of(person), "active": person.is_active}
+    if person.is_superuser and role != "admin":
+        person.is_superuser = False
+    person.is_active = active
+    person.save(update_fields=["is_superuser", "is_active"])
+    access.set_role(person, role)
+    access.audit(
+        request.user,
+        "person.update",
+        person.get_username(),
+        before=before,
+        after={"role": role, "active": active},
+    )
+    messages.success(request, f"{person.get_username()} updated.")
+    return redirect("people")
