@@ -106,3 +106,9 @@ def localsandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSand
     server = start_localsandbox(tmp_path_factory.mktemp("localsandbox"))
     yield server
     stop_localsandbox(server)
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):  # type: ignore[no-untyped-def]
+    """Real hashing costs a second per user; the tests make many users and check no hashes."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

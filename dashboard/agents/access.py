@@ -30,7 +30,11 @@ ROLE_PERMISSIONS = {
     "viewer": _VIEW,
     "operator": _OPERATE,
     "admin": [
-        *_OPERATE, "revoke_any_sharelink", "kill_any_sandbox", "manage_people", "view_auditentry"
+        *_OPERATE,
+        "revoke_any_sharelink",
+        "kill_any_sandbox",
+        "manage_people",
+        "view_auditentry",
     ],
 }
 SHARE_SESSION_KEY = "porthole_share_links"
@@ -135,6 +139,11 @@ def set_role(user: Any, role: str) -> None:
         user.groups.remove(*Group.objects.filter(name__in=ROLES))
         if role:
             user.groups.add(role_group(role))
+        # Administrators may also use Django's admin pages.
+        is_staff = role == "admin" or user.is_superuser
+        if user.is_staff != is_staff:
+            user.is_staff = is_staff
+            user.save(update_fields=["is_staff"])
 
 
 # -- share links ---------------------------------------------------------------------------------
