@@ -365,7 +365,7 @@ async def test_it_says_who_is_watching(oc, alice, bob):
         await viewer.disconnect()
 
 
-# -- first run, sign-in, people ---------------------------------------------------------------------
+# -- first run, sign-in, people ---------------------------------------------------------------
 
 
 @pytest.mark.django_db
@@ -452,7 +452,7 @@ def test_it_keeps_an_admin_from_demoting_themselves(dave):
     assert access.role_of(User.objects.get(pk=dave.pk)) == "admin"
 
 
-# -- hardening -------------------------------------------------------------------------------------
+# -- hardening -------------------------------------------------------------------------------
 
 
 @pytest.mark.django_db(transaction=True)
