@@ -15,6 +15,8 @@
   }
 
   // -- the live session page -------------------------------------------------------------
+  // Whether the reader was at the latest event when a message arrived: decided just before
+  // the swap, so growing content never counts as the reader scrolling away.
   var follow = true;
 
   function nearBottom() {
@@ -45,6 +47,10 @@
     setConnection("offline", "reconnecting…");
   });
 
+  document.addEventListener("htmx:wsBeforeMessage", function (evt) {
+    if (evt.target.id === "session-root") { follow = nearBottom(); }
+  });
+
   document.addEventListener("htmx:wsAfterMessage", function (evt) {
     if (evt.target.id !== "session-root") { return; }
     var empty = document.getElementById("empty-timeline");
@@ -54,10 +60,8 @@
   });
 
   window.addEventListener("scroll", function () {
-    if (!document.getElementById("session-root")) { return; }
-    follow = nearBottom();
     var jump = document.getElementById("jump-latest");
-    if (jump && follow) { jump.hidden = true; }
+    if (jump && nearBottom()) { jump.hidden = true; }
   }, { passive: true });
 
   document.addEventListener("click", function (evt) {
@@ -93,6 +97,11 @@
   });
 
   document.addEventListener("DOMContentLoaded", function () {
-    if (document.getElementById("session-root")) { scrollToLatest(); }
+    if (document.getElementById("session-root")) {
+      // A reload would restore the old position and stop following; a session page opens at
+      // its latest event instead.
+      if ("scrollRestoration" in history) { history.scrollRestoration = "manual"; }
+      scrollToLatest();
+    }
   });
 })();
