@@ -534,6 +534,7 @@ async def sandbox_kill(request: HtmxHttpRequest, sandbox_id: str) -> HttpRespons
     except OpenComputerError as exc:
         await sync_to_async(messages.error)(request, f"Kill failed: {_shown(exc)}")
     else:
+        await sync_to_async(access.audit)(user, "sandbox.kill", sandbox_id)
         await sync_to_async(messages.success)(request, f"Sandbox {sandbox_id} killed.")
     next_url = request.POST.get("next", "")
     return redirect(

@@ -11,7 +11,7 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.models import AgentSession, AuditEntry, Event, Sandbox
 from dashboard.opencomputer import OpenComputer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
@@ -331,6 +331,7 @@ def test_it_kills_a_sandbox_only_when_confirmed(oc, alice):
     client.post(reverse("sandbox_kill", args=[sandbox_id]), {"confirm": sandbox_id})
     assert Sandbox.objects.get(upstream_id=sandbox_id).status == Sandbox.Status.KILLED
     assert session.events.filter(type="sandbox_kill", actor=alice).exists()
+    assert AuditEntry.objects.filter(action="sandbox.kill", target=sandbox_id, actor=alice).exists()
 
 
 # -- the list ------------------------------------------------------------------------------------
