@@ -250,23 +250,18 @@ class OpenComputer:
         Options left at ``None`` (or empty strings) are not sent, so the wrapper's defaults
         apply. ``allowed_tools=[]`` is sent as an empty list.
         """
-        body: dict[str, Any] = {}
-        for key, value in (
-            ("prompt", prompt),
-            ("model", model),
-            ("systemPrompt", system_prompt),
-            ("permissionMode", permission_mode),
-            ("cwd", cwd),
-            ("resume", resume),
-        ):
-            if value:
-                body[key] = value
-        if allowed_tools is not None:
-            body["allowedTools"] = list(allowed_tools)
-        if max_turns is not None:
-            body["maxTurns"] = max_turns
-        if mcp_servers is not None:
-            body["mcpServers"] = dict(mcp_servers)
+        body: dict[str, Any] = {"prompt": prompt} if prompt else {}
+        body |= configure_line(
+            model=model,
+            system_prompt=system_prompt,
+            allowed_tools=allowed_tools,
+            permission_mode=permission_mode,
+            max_turns=max_turns,
+            cwd=cwd,
+            mcp_servers=mcp_servers,
+            resume=resume,
+        )
+        del body["type"]
         data = await self._json("POST", self._agent_path(sandbox_id), body=body)
         return AgentSessionInfo.from_json(data, sandbox_id=sandbox_id)
 
