@@ -55,12 +55,13 @@ def start_localsandbox(
         "--agent",
         "demo",
     ]
-    if key:
-        args += ["--api-key", key]
     args += extra_args or []
     # The demo agent unless a test asks otherwise: a developer's own key must not leak in.
     proc_env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc_env.pop("ANTHROPIC_API_KEY", None)
+    proc_env.pop("LOCALSANDBOX_API_KEY", None)
+    if key:  # not on the command line, which every process can read
+        proc_env["LOCALSANDBOX_API_KEY"] = key
     proc_env.update(env or {})
     process = subprocess.Popen(
         args,

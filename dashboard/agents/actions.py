@@ -22,6 +22,22 @@ from dashboard.agents.recording import SESSIONS_GROUP, NewEvent, bridge_group, p
 from dashboard.opencomputer import OpenComputerError, redact
 
 
+def shown_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as the timeline may show them: MCP servers' environment values are secrets
+    (tokens for the tools), so only their names are kept. The session's config keeps them
+    for `continue`."""
+    servers = options.get("mcpServers")
+    if not isinstance(servers, dict):
+        return dict(options)
+    masked = {
+        name: {**spec, "env": dict.fromkeys(spec.get("env") or {}, "***")}
+        if isinstance(spec, dict) and spec.get("env")
+        else spec
+        for name, spec in servers.items()
+    }
+    return {**options, "mcpServers": masked}
+
+
 def _shown(exc: OpenComputerError) -> str:
     return redact(exc.message or str(exc), upstream.secrets())
 
@@ -85,7 +101,8 @@ def _create_session(
             resumed_from=resumed_from,
         )
         if prompt:
-            first = {"type": "prompt", "text": prompt, **({"options": options} if options else {})}
+            shown = shown_options(options)
+            first = {"type": "prompt", "text": prompt, **({"options": shown} if shown else {})}
         else:
             first = {"type": "attach"}
         record(session.id, [NewEvent.ours(Event.Source.DASHBOARD, first, actor_id=user.pk)])

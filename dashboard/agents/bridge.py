@@ -38,6 +38,7 @@ from dashboard.agents.recording import (
     Message,
     NewEvent,
     bridge_group,
+    mask_secrets,
     publish,
     record,
 )
@@ -348,7 +349,8 @@ class Bridge:
         assemblers = {Event.Source.AGENT: state.stdout, Event.Source.STDERR: state.stderr}
         for source, data in state.replay:
             for line in assemblers[source].feed(data):
-                replayed[source].append(line.text)
+                # Stored lines are masked (recording.py); compare like with like.
+                replayed[source].append(mask_secrets(line.text))
                 walk.append((source, line))
         state.replay.clear()
         skip: dict[str, int] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import quote
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -23,6 +24,7 @@ from django.db import transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
 
+from dashboard.agents import upstream
 from dashboard.agents.forms import controls_context
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering import ToolIndex, render_event_oob
@@ -55,6 +57,7 @@ class NewEvent:
 
     @classmethod
     def from_line(cls, source: str, raw: str, data: dict[str, Any] | None) -> NewEvent:
+        raw, data = _without_secrets(raw, data)
         if source == Event.Source.STDERR:
             return cls(source=source, raw=raw, type="stderr")
         kind = data.get("type") if data else None
@@ -70,6 +73,48 @@ class NewEvent:
             actor_id=actor_id,
             data=data,
         )
+
+
+REDACTED = "[redacted]"
+
+
+def _secret_forms() -> tuple[str, ...]:
+    """The API key as it may appear in a line: as is, JSON-escaped, URL-quoted."""
+    forms: set[str] = set()
+    for secret in upstream.secrets():
+        forms |= {secret, json.dumps(secret)[1:-1], quote(secret, safe=""), quote(secret)}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def mask_secrets(text: str) -> str:
+    """The text with every form of the API key replaced (the same object when there is none)."""
+    forms = _secret_forms()
+    if not any(form in text for form in forms):
+        return text
+    for form in forms:
+        text = text.replace(form, REDACTED)
+    return text
+
+
+def _without_secrets(raw: str, data: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """Mask the API key in what a sandbox printed, before it is stored.
+
+    A sandbox's processes can read what the server's user can (its command line, its
+    environment), so an agent may print the key. Masking at storage keeps it out of every
+    page, socket and export; replayed lines are masked the same way before they are lined
+    up with stored ones, so alignment still matches.
+    """
+    masked = mask_secrets(raw)
+    if masked is raw:
+        return raw, data
+    raw = masked
+    if data is not None:
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        data = parsed if isinstance(parsed, dict) else None
+    return raw, data
 
 
 def _label(value: object) -> str:

@@ -22,6 +22,7 @@ from django.http import (
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
@@ -523,7 +524,7 @@ async def sandbox_kill(request: HtmxHttpRequest, sandbox_id: str) -> HttpRespons
     await sync_to_async(access.require_steer)(user)
     if request.POST.get("confirm") != sandbox_id:
         await sync_to_async(messages.error)(request, "Type the sandbox id to confirm the kill.")
-        return redirect(request.POST.get("next") or reverse("sandboxes"))
+        return redirect(_next_or(request, reverse("sandboxes")))
     sandbox = await Sandbox.objects.filter(upstream_id=sandbox_id).afirst()
     if not await sync_to_async(access.can_kill_sandbox)(user, sandbox):
         raise PermissionDenied("Only administrators kill sandboxes they did not create.")
@@ -536,9 +537,13 @@ async def sandbox_kill(request: HtmxHttpRequest, sandbox_id: str) -> HttpRespons
     else:
         await sync_to_async(access.audit)(user, "sandbox.kill", sandbox_id)
         await sync_to_async(messages.success)(request, f"Sandbox {sandbox_id} killed.")
+    return redirect(_next_or(request, reverse("sandboxes")))
+
+
+def _next_or(request: HttpRequest, fallback: str) -> str:
+    """The form's `next`, when it is a path of this site (never an open redirect)."""
     next_url = request.POST.get("next", "")
-    return redirect(
-        next_url
-        if next_url.startswith("/") and not next_url.startswith("//")
-        else reverse("sandboxes")
+    safe = url_has_allowed_host_and_scheme(
+        next_url, allowed_hosts={request.get_host()}, require_https=request.is_secure()
     )
+    return next_url if next_url and safe else fallback

@@ -281,3 +281,35 @@ async def test_it_stops_a_bridge_whose_lease_another_worker_took(oc):
     assert (await _reload(session)).status == AgentSession.Status.WORKING
     await client.kill_sandbox(sandbox_id)
     await client.aclose()
+
+
+async def test_it_masks_the_api_key_an_agent_prints_and_still_aligns_replays(oc, settings):
+    settings.OPENCOMPUTER_API_KEY = oc.api_key
+    client, sandbox_id, session_id = await _start(
+        oc, f"The key is {oc.api_key}\n$ echo {oc.api_key}\nsleep 2\nexit 0"
+    )
+    session = await _new_session(sandbox_id, session_id)
+    target = urlsplit(oc.api_url)
+    proxy = await CuttableProxy(target.hostname or "127.0.0.1", target.port or 80).start()
+    proxied_base = oc.api_url.replace(f":{target.port}/", f":{proxy.port}/")
+
+    async def open_through_proxy(sandbox: str, upstream_session: str):  # type: ignore[no-untyped-def]
+        return await connect_stream(
+            stream_url(proxied_base, sandbox, upstream_session, api_key=oc.api_key)
+        )
+
+    task = asyncio.create_task(Bridge(str(session.id), OWNER, open_stream=open_through_proxy).run())
+
+    async def key_lines_stored() -> bool:
+        return await _count(session, raw__contains="[redacted]") >= 3
+
+    await wait_for(key_lines_stored)
+    proxy.cut()  # the replay after reconnecting holds the unmasked lines again
+    await asyncio.wait_for(task, 30)
+    await proxy.close()
+
+    stored = await _stored(session)
+    assert not any(oc.api_key in line for line in stored)
+    printed = await _printed(oc, sandbox_id, session_id)
+    assert stored == [line.replace(oc.api_key, "[redacted]") for line in printed]
+    await client.aclose()

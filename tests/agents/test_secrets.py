@@ -608,13 +608,6 @@ async def walk_session_as_viewer_and_stranger(
     await walk.get(viewer, reverse("export_markdown", args=[session.id]), expect="sent a prompt")
 
 
-@pytest.mark.xfail(
-    raises=Leak,
-    strict=True,
-    reason="BUG: MCP server env values typed in the start form are stored unmasked in the "
-    "first prompt event (options.mcpServers.*.env) and served by event_raw and the JSONL "
-    "export, to viewers and to share-link holders",
-)
 async def test_it_keeps_mcp_server_env_values_from_viewers_and_share_links(keyed, alice, bob):
     client = await signed_in(alice)
     servers = {"github": {"command": "github-mcp", "env": {"GITHUB_TOKEN": MCP_SECRET}}}
@@ -627,17 +620,12 @@ async def test_it_keeps_mcp_server_env_values_from_viewers_and_share_links(keyed
     walk.haystack.assert_clean([MCP_SECRET])
 
 
-@pytest.mark.xfail(
-    raises=Leak,
-    strict=True,
-    reason="BUG: the embedded server gets its API key on its command line, which any agent "
-    "in one of its sandboxes can print (`ps`); sandbox output is not redacted",
-)
 async def test_it_keeps_the_key_out_of_what_an_agent_of_the_embedded_server_prints(
     keyed, alice, bob
 ):
     client = await signed_in(alice)
-    listing = "$ cat /proc/[0-9]*/cmdline | tr '\\0' ' '"  # what `ps -eo args` shows
+    # What `ps -eo args` and `ps e` show: command lines and environments of every process.
+    listing = "$ cat /proc/[0-9]*/cmdline /proc/[0-9]*/environ | tr '\\0' ' '"
     session = await start(client, f"Which processes run here?\n{listing}\nexit 0")
     await asyncio.wait_for(await bridge(session), 30)
     # The listing worked: it shows the embedded server's own command line.

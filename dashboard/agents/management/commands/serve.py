@@ -118,7 +118,8 @@ class Command(BaseCommand):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            # In the environment, not the command line: any process can read command lines.
+            env=dict(os.environ, PYTHONUNBUFFERED="1", LOCALSANDBOX_API_KEY=key),
         )
         url = _wait_for_listening(child, timeout=30)
         if url is None:
