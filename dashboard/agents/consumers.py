@@ -268,7 +268,22 @@ def _signed_in(user: Any) -> bool:
 
 
 class SessionListConsumer(AsyncWebsocketConsumer):
-    """Status changes for the session list: each message replaces one row out of band."""
+    """Status changes for the session list: each message replaces one row out of band.
+
+    The page says which rows it shows (`{"rows": [ids]}`, again after every filter or page
+    change); other sessions' rows are not sent, since the page has no place for them.
+    """
+
+    rows: frozenset[str] = frozenset()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        try:
+            message = json.loads(text_data or "")
+        except ValueError:
+            return
+        rows = message.get("rows") if isinstance(message, dict) else None
+        if isinstance(rows, list):
+            self.rows = frozenset(str(row) for row in rows[:500])
 
     async def connect(self) -> None:
         if not await _signed_in(self.scope.get("user")):
@@ -281,7 +296,8 @@ class SessionListConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_discard(SESSIONS_GROUP, self.channel_name)
 
     async def sessions_row(self, message: dict[str, Any]) -> None:
-        await self.send(text_data=message["html"])
+        if message.get("session") in self.rows:
+            await self.send(text_data=message["html"])
 
     async def sessions_new(self, message: dict[str, Any]) -> None:
         await self.send(text_data=render_to_string("agents/index.html#new-sessions-oob", {}))

@@ -291,7 +291,12 @@ def record(
     if appended.state_changed:
         state = render_state(appended.session)
         messages.append((group, {"type": "session.state", **state}))
-        messages.append((SESSIONS_GROUP, {"type": "sessions.row", "html": state["row"]}))
+        messages.append(
+            (
+                SESSIONS_GROUP,
+                {"type": "sessions.row", "session": str(appended.session.id), "html": state["row"]},
+            )
+        )
     return appended, messages
 
 

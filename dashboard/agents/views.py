@@ -310,27 +310,21 @@ async def _controls_response(
     error: str = "",
     notice: str = "",
     status: int = 200,
-    forms: dict[str, Any] | None = None,
 ) -> HttpResponse:
-    """htmx gets the controls back (with the message); a plain form post is redirected."""
+    """htmx gets a feedback line; a plain form post is redirected with the message.
+
+    Only the feedback is swapped, never the controls: live updates replace the controls at
+    any moment, and a reply swapped into a replaced element would take the prompt box
+    (preserved across swaps) with it.
+    """
     if not request.htmx:
         if error:
             await sync_to_async(messages.error)(request, error)
         elif notice:
             await sync_to_async(messages.success)(request, notice)
         return redirect(session)
-    fresh = await AgentSession.objects.select_related("sandbox").aget(id=session.id)
-    context = {
-        "session": fresh,
-        "sandbox": fresh.sandbox,
-        "can_steer": True,
-        "error": error,
-        "notice": notice,
-        **controls_context(fresh),
-        **(forms or {}),
-    }
     html = await sync_to_async(render_to_string)(
-        "agents/session.html#controls", context, request=request
+        "agents/session.html#feedback", {"error": error, "notice": notice}, request=request
     )
     return HttpResponse(html, status=status)
 
@@ -348,18 +342,12 @@ async def session_prompt(request: HtmxHttpRequest, session_id: str) -> HttpRespo
             status=409,
         )
     if not form.is_valid():
-        return await _controls_response(
-            request, session, error="Write a prompt.", status=400, forms={"prompt_form": form}
-        )
+        return await _controls_response(request, session, error="Write a prompt.", status=400)
     try:
         await actions.send_prompt(user, session, form.cleaned_data["text"])
     except OpenComputerError as exc:
         return await _controls_response(
-            request,
-            session,
-            error=f"Not sent: {_shown(exc)}",
-            status=502,
-            forms={"prompt_form": form},
+            request, session, error=f"Not sent: {_shown(exc)}", status=502
         )
     return await _controls_response(request, session, notice="Prompt sent.")
 
@@ -399,12 +387,14 @@ async def session_configure(request: HtmxHttpRequest, session_id: str) -> HttpRe
             request, session, error="The session has ended.", status=409
         )
     if not form.is_valid():
+        problems = "; ".join(
+            f"{form.fields[name].label or name}: {' '.join(errors)}"
+            if name in form.fields
+            else " ".join(errors)
+            for name, errors in form.errors.items()
+        )
         return await _controls_response(
-            request,
-            session,
-            error="Check the configuration.",
-            status=400,
-            forms={"configure_form": form},
+            request, session, error=f"Check the configuration — {problems}", status=400
         )
     options = form.options()
     if not options:
@@ -428,21 +418,13 @@ async def session_continue(request: HtmxHttpRequest, session_id: str) -> HttpRes
     form = ContinueForm(request.POST)
     if not form.is_valid():
         return await _controls_response(
-            request,
-            session,
-            error="Write a prompt for the new session.",
-            status=400,
-            forms={"continue_form": form},
+            request, session, error="Write a prompt for the new session.", status=400
         )
     try:
         new = await actions.continue_session(user, session, form.cleaned_data["prompt"])
     except OpenComputerError as exc:
         return await _controls_response(
-            request,
-            session,
-            error=f"Could not continue: {_shown(exc)}",
-            status=502,
-            forms={"continue_form": form},
+            request, session, error=f"Could not continue: {_shown(exc)}", status=502
         )
     if request.htmx:
         return HttpResponseClientRedirect(new.get_absolute_url())

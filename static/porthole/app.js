@@ -34,8 +34,29 @@
     badge.textContent = text;
   }
 
+  // -- the live session list ------------------------------------------------------------------
+  var listSocket = null;
+
+  function announceRows() {
+    if (!listSocket) { return; }
+    var ids = Array.prototype.map.call(
+      document.querySelectorAll("#results tr[id^='row-']"),
+      function (row) { return row.id.slice(4); }
+    );
+    listSocket.send(JSON.stringify({ rows: ids }));
+  }
+
+  document.addEventListener("htmx:afterSwap", function (evt) {
+    if (evt.detail.target && evt.detail.target.id === "results") { announceRows(); }
+  });
+
   document.addEventListener("htmx:wsOpen", function (evt) {
     var root = evt.target;
+    if (root.id === "session-list-root") {
+      // Only rows this page shows are sent to it.
+      listSocket = evt.detail.socketWrapper;
+      announceRows();
+    }
     if (root.id === "session-root") {
       // Tell the consumer what we hold; it replays what we missed, then goes live.
       evt.detail.socketWrapper.sendImmediately(JSON.stringify({ last_seq: lastSeq(root) }));
@@ -89,7 +110,8 @@
   // A prompt that went through leaves an empty box (hx-preserve keeps typing across live
   // updates of the controls, so the response alone would not clear it).
   document.addEventListener("htmx:afterRequest", function (evt) {
-    var form = evt.detail.elt;
+    // detail.elt may be where the reply went; the form that sent it is the request's own.
+    var form = evt.detail.requestConfig ? evt.detail.requestConfig.elt : evt.detail.elt;
     if (evt.detail.successful && form && form.classList && form.classList.contains("prompt-form")) {
       var box = document.getElementById("id_text") || document.getElementById("id_prompt");
       if (box) { box.value = ""; }

@@ -51,6 +51,12 @@ def _text(n: int) -> NewEvent:
     return NewEvent.from_line("agent", json.dumps(data), data)
 
 
+@database_sync_to_async
+def _session_elsewhere() -> AgentSession:
+    sandbox = Sandbox.objects.create(upstream_id="sb-elsewhere")
+    return AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-elsewhere", title="x")
+
+
 async def _record(session: AgentSession, *numbers: int) -> None:
     _, messages = await database_sync_to_async(record)(session.id, [_text(n) for n in numbers])
     await publish(messages)
@@ -145,12 +151,19 @@ async def test_it_sends_status_changes_to_the_session_list(alice):
         headers=[(b"origin", b"http://localhost"), (b"cookie", cookie), (b"host", b"localhost")],
     )
     assert (await listing.connect())[0]
+    await listing.send_json_to({"rows": [str(session.id)]})
     ready = {"type": "ready"}
+    other = await _session_elsewhere()
+    _, messages = await database_sync_to_async(record)(  # a row the page does not show
+        other.id, [NewEvent.from_line("agent", json.dumps(ready), ready)]
+    )
+    await publish(messages)
     _, messages = await database_sync_to_async(record)(
         session.id, [NewEvent.from_line("agent", json.dumps(ready), ready)]
     )
     await publish(messages)
     html = await listing.receive_from(timeout=5)
+    assert "ses-elsewhere" not in html
     assert f'id="row-{session.id}"' in html
     assert 'hx-swap-oob="true"' in html
     assert "Idle" in html
