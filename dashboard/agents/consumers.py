@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -267,6 +268,21 @@ def _signed_in(user: Any) -> bool:
     return bool(user is not None and access.can_view(user))
 
 
+@database_sync_to_async
+def _current_rows(ids: frozenset[str]) -> str:
+    valid = []
+    for value in ids:
+        try:
+            valid.append(uuid.UUID(value))
+        except ValueError:
+            continue
+    sessions = AgentSession.objects.select_related("sandbox", "started_by").filter(id__in=valid)
+    return "".join(
+        render_to_string("agents/index.html#row", {"session": session, "oob": True})
+        for session in sessions
+    )
+
+
 class SessionListConsumer(AsyncWebsocketConsumer):
     """Status changes for the session list: each message replaces one row out of band.
 
@@ -284,6 +300,10 @@ class SessionListConsumer(AsyncWebsocketConsumer):
         rows = message.get("rows") if isinstance(message, dict) else None
         if isinstance(rows, list):
             self.rows = frozenset(str(row) for row in rows[:500])
+            # Rows may have changed between the page's render (or a lost socket) and now.
+            current = await _current_rows(self.rows)
+            if current:
+                await self.send(text_data=current)
 
     async def connect(self) -> None:
         if not await _signed_in(self.scope.get("user")):

@@ -8,6 +8,7 @@ cannot write, because the next owner already took the seq it would use.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -15,6 +16,10 @@ from django.conf import settings
 from django.db import models
 from django.urls import reverse
 from django.utils import timezone
+
+
+MARKDOWN_LEAD = re.compile(r"^(?:#{1,6}\s+|>\s*|[-*+]\s+|\d+[.)]\s+)+")
+MARKDOWN_EMPHASIS = re.compile(r"(\*\*|\*|`)(.+?)\1")  # not _: snake_case is common
 
 
 class Sandbox(models.Model):
@@ -145,8 +150,11 @@ class AgentSession(models.Model):
 
     @staticmethod
     def title_from_prompt(prompt: str) -> str:
+        """The first line, without the markdown that would show as symbols in a title."""
         first_line = next((line.strip() for line in prompt.splitlines() if line.strip()), "")
-        return first_line[:200] or "(no prompt)"
+        plain = MARKDOWN_LEAD.sub("", first_line)
+        plain = MARKDOWN_EMPHASIS.sub(r"\2", plain).strip()
+        return (plain or first_line)[:200] or "(no prompt)"
 
 
 class Event(models.Model):

@@ -107,15 +107,21 @@
     }
   });
 
-  // A prompt that went through leaves an empty box (hx-preserve keeps typing across live
-  // updates of the controls, so the response alone would not clear it).
-  document.addEventListener("htmx:afterRequest", function (evt) {
-    // detail.elt may be where the reply went; the form that sent it is the request's own.
-    var form = evt.detail.requestConfig ? evt.detail.requestConfig.elt : evt.detail.elt;
-    if (evt.detail.successful && form && form.classList && form.classList.contains("prompt-form")) {
-      var box = document.getElementById("id_text") || document.getElementById("id_prompt");
-      if (box) { box.value = ""; }
-    }
+  // A prompt that went through leaves an empty box. hx-preserve keeps the box across live
+  // updates of the controls, and such an update usually lands before the reply, detaching
+  // the form that sent it (htmx then fires its events on the detached form only). So note
+  // what was sent while the form is still attached, and clear the box on the reply itself.
+  document.addEventListener("htmx:beforeRequest", function (evt) {
+    var form = evt.detail.elt;
+    if (!form || !form.classList || !form.classList.contains("prompt-form")) { return; }
+    var box = form.querySelector("textarea");
+    if (!box || !box.id) { return; }
+    var id = box.id, sent = box.value;
+    evt.detail.xhr.addEventListener("loadend", function () {
+      var status = evt.detail.xhr.status;
+      var current = document.getElementById(id);
+      if (status >= 200 && status < 300 && current && current.value === sent) { current.value = ""; }
+    });
   });
 
   document.addEventListener("DOMContentLoaded", function () {

@@ -151,7 +151,9 @@ async def test_it_sends_status_changes_to_the_session_list(alice):
         headers=[(b"origin", b"http://localhost"), (b"cookie", cookie), (b"host", b"localhost")],
     )
     assert (await listing.connect())[0]
-    await listing.send_json_to({"rows": [str(session.id)]})
+    await listing.send_json_to({"rows": [str(session.id), "not-a-uuid"]})
+    current = await listing.receive_from(timeout=5)  # the rows as they are now, at once
+    assert f'id="row-{session.id}"' in current and "Starting" in current
     ready = {"type": "ready"}
     other = await _session_elsewhere()
     _, messages = await database_sync_to_async(record)(  # a row the page does not show

@@ -192,7 +192,7 @@ def test_it_sends_follow_up_prompts_and_shows_the_answers_live(
     expect(entry(page, "result", "")).to_have_count(2)
 
     # The Send button does the same, with the socket flowing freely. (Whether the box is
-    # cleared then depends on which lands first: see the xfail test below.)
+    # cleared then depends on which lands first: see the regression test below.)
     box.fill("Third turn here")
     page.locator("#controls").get_by_role("button", name="Send").click()
     expect(prompts).to_have_count(3)
@@ -249,16 +249,6 @@ def test_it_keeps_the_prompt_box_when_live_updates_overtake_the_reply(
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "production bug (app.js): the box is cleared on htmx:afterRequest, which htmx fires "
-        "on the form that sent the prompt; when a live update has replaced the controls "
-        "first (the usual order) that form is detached, the event never reaches document, "
-        "and the sent text stays in the box. Remove this marker once fixed."
-    ),
-)
 def test_it_clears_the_prompt_box_when_live_updates_overtake_the_reply(page: Page) -> None:
     start_session(page, "Ready.")
     steer_with_a_late_reply(page, "prompt")
@@ -433,16 +423,6 @@ def test_it_updates_the_session_list_live(browsing: Browsing) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "production bug: the session list has no catch-up; a row that changed while its "
-        "socket was down (or between the page's render and the socket's opening) stays "
-        "stale until a reload. SessionListConsumer could answer the page's "
-        '`{"rows": [...]}` with those rows\' current fragments. Remove this marker once fixed.'
-    ),
-)
 def test_it_brings_the_session_list_up_to_date_after_a_reconnect(
     browsing: Browsing, proxy: CuttableProxy
 ) -> None:
