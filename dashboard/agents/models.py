@@ -17,7 +17,6 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
-
 MARKDOWN_LEAD = re.compile(r"^(?:#{1,6}\s+|>\s*|[-*+]\s+|\d+[.)]\s+)+")
 MARKDOWN_EMPHASIS = re.compile(r"(\*\*|\*|`)(.+?)\1")  # not _: snake_case is common
 
