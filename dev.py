@@ -124,10 +124,24 @@ def start(args: list[str]) -> int:
     return subprocess.call([str(py), "manage.py", "serve", *args], cwd=ROOT)
 
 
+LINTERS = (
+    ("ruff", "check", "."),
+    ("ruff", "format", "--check", "."),
+    ("mypy",),
+)
+
+
 def test(args: list[str]) -> int:
+    """Lint and type-check (unless pytest arguments narrow the run), then the whole suite."""
     py = ensure_venv("dev.lock")
     ensure_chromium()
-    return subprocess.call([str(py), "-m", "pytest", *args], cwd=ROOT)
+    failed = 0
+    if not args:
+        for linter in LINTERS:
+            say(" ".join(linter))
+            failed |= subprocess.call([str(py), "-m", *linter], cwd=ROOT) != 0
+    result = subprocess.call([str(py), "-m", "pytest", *args], cwd=ROOT)
+    return result or int(failed)
 
 
 def main() -> int:
