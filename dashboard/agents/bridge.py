@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from asgiref.sync import ThreadSensitiveContext
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import connections
 from django.db.models import Q
 from django.utils import timezone
 
@@ -63,7 +65,8 @@ BACKOFF_BASE = 0.25
 BACKOFF_CAP = 15.0
 # How long a session may stay unreachable before it is recorded as lost.
 GIVE_UP_AFTER = 300.0
-BATCH_MAX = 500
+BATCH_MAX = 100  # frames taken off the queue at once (a frame may hold many lines)
+RECORD_SLICE = 100  # events per transaction and per message to viewers
 
 StreamOpener = Callable[[str, str], Awaitable[ExecStream]]
 
@@ -202,7 +205,19 @@ class Bridge:
         self._tools: ToolIndex | None = None
 
     async def run(self) -> None:
-        """Record until the session exits, is lost, or another worker takes the lease."""
+        """Record until the session exits, is lost, or another worker takes the lease.
+
+        The bridge's database and rendering work runs on a thread of its own: on asgiref's
+        one shared thread it would queue every consumer's database hop behind it, and
+        viewers would wait on the bridge's next batch.
+        """
+        async with ThreadSensitiveContext():
+            try:
+                await self._run()
+            finally:
+                await database_sync_to_async(connections.close_all)()
+
+    async def _run(self) -> None:
         session = await _load_session(self.session_id)
         sandbox_id, upstream_session = session.sandbox.upstream_id, session.upstream_id
         self._tools = await _tool_index(self.session_id)
@@ -380,9 +395,14 @@ class Bridge:
         return events
 
     async def _record(self, events: list[NewEvent]) -> None:
+        """Store, render and publish in slices, so the first event of a flood is not held
+        back until the last one is rendered."""
         assert self._tools is not None
-        messages = await _record(self.session_id, events, self._tools, self.owner)
-        await publish(messages)
+        for start in range(0, len(events), RECORD_SLICE):
+            messages = await _record(
+                self.session_id, events[start : start + RECORD_SLICE], self._tools, self.owner
+            )
+            await publish(messages)
 
     async def _control_loop(self) -> None:
         """Keep the lease alive and carry stdin lines (configure) from any worker upstream."""

@@ -27,6 +27,7 @@ from dashboard.agents.models import AgentSession, Event, Watcher
 from dashboard.agents.recording import SESSIONS_GROUP, render_state, session_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
 from dashboard.agents.sharing import share_group
+from dashboard.daphne_glue import WriteGate
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,9 @@ def _render_watchers(session_id: str) -> str:
 
 @database_sync_to_async
 def _render_missing(session_id: str, after: int, limit: int) -> list[tuple[int, str]]:
-    session = AgentSession.objects.select_related("sandbox").get(id=session_id)
+    session = AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
+    if session is None:  # deleted while someone watched: nothing more to send
+        return []
     events = list(
         Event.objects.filter(session=session, seq__gt=after)
         .select_related("actor")
@@ -144,6 +147,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.group = session_group(self.session_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        self.gate = WriteGate(self.base_send)
+        self.draining: asyncio.Task[None] | None = None
         self.heartbeat = asyncio.create_task(self._keep_presence())
         watchers = await _watch(
             self.channel_name, self.session_id, self.scope.get("user"), self.link_id
@@ -156,6 +161,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if not hasattr(self, "group"):
             return
         self.heartbeat.cancel()
+        if self.draining is not None:
+            self.draining.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
         watchers = await _unwatch(self.channel_name, self.session_id)
         await self.channel_layer.group_send(
@@ -212,6 +219,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
             else:
                 self.overflowed = True
             return
+        if self._falling_behind():
+            return  # the database has these; the viewer gets them once it reads again
         items: list[tuple[int, str]] = [tuple(item) for item in message["items"]]  # type: ignore[misc]
         if items and items[0][0] > self.last_seq + 1:
             await self._catch_up(until=items[0][0] - 1)
@@ -225,11 +234,29 @@ class SessionConsumer(AsyncWebsocketConsumer):
             chunk = await _render_missing(self.session_id, self.last_seq, CATCH_UP_CHUNK)
             if until is not None:
                 chunk = [(seq, html) for seq, html in chunk if seq <= until]
-            if not chunk:
+            if not chunk or self._falling_behind():
                 return
             await self._send_items(chunk)
             if len(chunk) < CATCH_UP_CHUNK:
                 return
+
+    def _falling_behind(self) -> bool:
+        """True while the viewer's socket is not draining (Daphne paused our writes).
+
+        Sending on regardless would pile fragments up in the server's send buffer without
+        bound (invariant 6). Instead nothing more is sent until it drains; then the viewer
+        is caught up from the database, like a reconnect.
+        """
+        if self.gate.writable and self.draining is None:
+            return False
+        if self.draining is None:
+            self.draining = asyncio.create_task(self._drain())
+        return True
+
+    async def _drain(self) -> None:
+        await self.gate.wait()
+        self.draining = None
+        await self._catch_up()
 
     async def _send_items(self, items: list[tuple[int, str]]) -> None:
         self.last_seq = items[-1][0]

@@ -246,7 +246,9 @@ def append_events(
         session.next_seq += len(rows)
         if rows:
             session.last_event_at = now
-        session.save()
+        session.save(
+            update_fields=[*STATE_FIELDS, "next_seq", "last_event_at", "bridge_lease_until"]
+        )
     for row, new in zip(rows, new_events, strict=True):
         if new.data is not None:
             row._data = new.data  # spare the renderer a second parse

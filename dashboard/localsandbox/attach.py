@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from .daphne_glue import WriteGate
+from dashboard.daphne_glue import WriteGate
+
 from .processes import ExecSession
 from .sandboxes import Sandbox
 from .streams import SCROLLBACK_END_FRAME, STDIN, Chunk, Exited, Subscriber, exit_frame

@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dashboard.daphne_glue import reject_websocket
+
 from . import launch
 from .attach import serve_attachment
-from .daphne_glue import reject_websocket
 from .errors import ApiError, not_found
 from .processes import ExecSession
 from .rest import RestApi

@@ -397,6 +397,7 @@ async def test_it_renders_hostile_agent_output_inert_everywhere(oc, alice):
         lambda: AgentSession.objects.get(id=response.url.strip("/").split("/")[-1])
     )()
     listing = await socket("/ws/sessions/", alice)
+    await listing.send_json_to({"rows": [str(session.id)]})  # the rows its page shows
     viewer = await socket(f"/ws/sessions/{session.id}/", alice)
 
     await _take_lease(session)

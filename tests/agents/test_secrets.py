@@ -230,7 +230,7 @@ class Walker:
         *,
         expect: str = "",
         status: int = 200,
-        min_size: int = 200,
+        min_size: int = 20,  # steering replies are one feedback line; `expect` checks it
         **kwargs: Any,
     ) -> str:
         response = await client.post(url, data or {}, **kwargs)
@@ -317,6 +317,7 @@ async def test_it_shows_the_api_key_in_no_page_fragment_export_or_socket(
 
     # -- session A: tools, a failure, a follow-up, interrupt, configure, share, kill ----------
     a = await start(client, SCRIPT, model="demo-model", allowed_tools="Bash, Read")
+    await listing.send_json_to({"rows": [str(a.id)]})  # the rows its page shows
     sandbox_tokens.append((await oc_client.get_sandbox(a.sandbox.upstream_id)).token or "")
     viewer = await socket(f"/ws/sessions/{a.id}/", alice)
     await viewer.send_json_to({"last_seq": 0})
@@ -449,6 +450,7 @@ async def test_it_shows_the_api_key_in_no_page_fragment_export_or_socket(
     assert response.status_code == 200 and response["HX-Redirect"]
     haystack.add("POST continue (HX)", "\n".join(f"{k}: {v}" for k, v in response.items()))
     c = await database_sync_to_async(session_from)(response["HX-Redirect"])
+    await listing.send_json_to({"rows": [str(a.id), str(c.id)]})  # the page now shows c too
     await asyncio.wait_for(await bridge(c), 30)
     assert (await _reload(c)).status == AgentSession.Status.EXITED
     await walk.post(

@@ -7,9 +7,11 @@
    buffer passes 64 KiB and resumes it once drained; tapping those calls gives real
    back-pressure, so the per-subscriber limit (and not memory) absorbs a stalled client.
 
-Both find Daphne's protocol object through the `send` callable Daphne hands the application
-(`functools.partial(server.handle_reply, protocol)`). Under any other ASGI server, or if that
-ever changes, they fall back to a plain close (403) and to "always writable".
+Shared by the embedded sandbox server (its subscribers) and Porthole's own consumers (its
+viewers). Both find Daphne's protocol object through the `send` callable Daphne hands the
+application (`functools.partial(server.handle_reply, protocol)`). Under any other ASGI
+server, or if that ever changes, they fall back to a plain close (403) and to "always
+writable".
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .web import Send
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
 
 
 def _daphne_protocol(send: Send) -> Any | None:
-    if isinstance(send, functools.partial) and send.args:
-        return send.args[0]
+    # Middleware may wrap `send` (Channels' session middleware keeps the original as
+    # `real_send` on the wrapper whose bound method it hands on): look through it.
+    for _ in range(8):
+        if isinstance(send, functools.partial) and send.args:
+            return send.args[0]
+        inner = getattr(getattr(send, "__self__", None), "real_send", None)
+        if inner is None:
+            return None
+        send = inner
     return None
 
 
@@ -91,6 +101,10 @@ class WriteGate:
         except Exception:  # never let an optimisation break a stream
             logger.exception("could not watch the WebSocket send buffer; continuing without")
             self._writable.set()
+
+    @property
+    def writable(self) -> bool:
+        return self._writable.is_set()
 
     async def wait(self) -> None:
         await self._writable.wait()
