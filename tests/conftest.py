@@ -113,3 +113,8 @@ def localsandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSand
 def fast_password_hashing(settings):  # type: ignore[no-untyped-def]
     """Real hashing costs a second per user; the tests make many users and check no hashes."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Browser tests last: the slowest, and the ones whose failures say least about why."""
+    items.sort(key=lambda item: "e2e" in item.path.parts)

@@ -247,8 +247,10 @@ def _porthole_alive(request: pytest.FixtureRequest) -> Iterator[None]:
 # -- the browser ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Module-scoped: Playwright's sync API keeps an event loop running in this thread while
+    it is started, and every asyncio test after it would fail to start its own."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -257,7 +259,7 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def signed_in_state(browser: Any, porthole: Porthole) -> dict[str, Any]:
     """The admin's cookies, signed in once through the login form."""
     context = browser.new_context(base_url=porthole.url)
