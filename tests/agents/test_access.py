@@ -8,7 +8,6 @@ from datetime import timedelta
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.test import Client
@@ -18,6 +17,7 @@ from django.utils import timezone
 from dashboard.agents import access
 from dashboard.agents.models import AgentSession, AuditEntry, Event, Sandbox, ShareLink
 from dashboard.asgi import application
+from tests.agents.helpers import communicator, session_cookie
 
 PRINCIPALS = [
     "anonymous",
@@ -179,26 +179,18 @@ def test_it_allows_exactly_what_each_visitor_may_do(world, principal):
 
 
 async def _socket_accepted(path: str, cookie: bytes | None) -> bool:
-    headers = [(b"origin", b"http://localhost"), (b"host", b"localhost")]
-    if cookie:
-        headers.append((b"cookie", cookie))
-    communicator = WebsocketCommunicator(application, path, headers=headers)
-    connected, _ = await communicator.connect()
+    socket = await communicator(path, cookie=cookie)
+    connected, _ = await socket.connect()
     if connected:
-        await communicator.disconnect()
+        await socket.disconnect()
     return connected
-
-
-def _cookie(client: Client) -> bytes | None:
-    name = settings.SESSION_COOKIE_NAME
-    return f"{name}={client.cookies[name].value}".encode() if name in client.cookies else None
 
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("principal", PRINCIPALS)
 async def test_it_opens_exactly_the_sockets_each_visitor_may_open(world, principal):
     client = await database_sync_to_async(visitor)(world, principal)
-    cookie = _cookie(client)
+    cookie = session_cookie(client)
     token = world.tokens.get(principal, "not-a-token")
     member = principal in ("viewer", "operator", "admin")
     expected = {
@@ -341,7 +333,7 @@ async def test_it_says_who_is_watching(oc, alice, bob):
                 headers=[
                     (b"origin", b"http://localhost"),
                     (b"host", b"localhost"),
-                    (b"cookie", _cookie(client)),
+                    (b"cookie", session_cookie(client)),
                 ],
             )
         )

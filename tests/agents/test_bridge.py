@@ -26,19 +26,12 @@ from dashboard.opencomputer import (
     connect_stream,
     stream_url,
 )
+from tests.agents.helpers import wait_for
 from tests.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
 
 OWNER = "test-worker"
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    async def poll() -> None:
-        while not await condition():
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 @database_sync_to_async

@@ -8,32 +8,19 @@ import re
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.conf import settings
-from django.test import Client
 
 from dashboard.agents.models import AgentSession, Sandbox
 from dashboard.agents.recording import NewEvent, publish, record
 from dashboard.asgi import application
+from tests.agents.helpers import ORIGIN, communicator
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(30)]
 
 SEQ = re.compile(r'id="event-(\d+)"')
 
 
-def _cookie_for(user) -> bytes:  # type: ignore[no-untyped-def]
-    client = Client()
-    client.force_login(user)
-    name = settings.SESSION_COOKIE_NAME
-    return f"{name}={client.cookies[name].value}".encode()
-
-
-async def _viewer(session: AgentSession, user, origin: bytes = b"http://localhost"):  # type: ignore[no-untyped-def]
-    cookie = await database_sync_to_async(_cookie_for)(user)
-    return WebsocketCommunicator(
-        application,
-        f"/ws/sessions/{session.id}/",
-        headers=[(b"origin", origin), (b"cookie", cookie), (b"host", b"localhost")],
-    )
+async def _viewer(session: AgentSession, user, origin: bytes = ORIGIN):  # type: ignore[no-untyped-def]
+    return await communicator(f"/ws/sessions/{session.id}/", user, origin=origin)
 
 
 @database_sync_to_async
@@ -144,12 +131,7 @@ async def test_it_refuses_a_foreign_origin(alice):
 
 async def test_it_sends_status_changes_to_the_session_list(alice):
     session = await _session()
-    cookie = await database_sync_to_async(_cookie_for)(alice)
-    listing = WebsocketCommunicator(
-        application,
-        "/ws/sessions/",
-        headers=[(b"origin", b"http://localhost"), (b"cookie", cookie), (b"host", b"localhost")],
-    )
+    listing = await communicator("/ws/sessions/", alice)
     assert (await listing.connect())[0]
     await listing.send_json_to({"rows": [str(session.id), "not-a-uuid"]})
     current = await listing.receive_from(timeout=5)  # the rows as they are now, at once

@@ -15,7 +15,6 @@ import html
 import json
 import re
 import shlex
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from html.parser import HTMLParser
 from typing import Any
@@ -23,17 +22,16 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.conf import settings
 from django.contrib.auth.models import User
-from django.test import AsyncClient, Client
+from django.test import AsyncClient
 from django.urls import reverse
 from django.utils import timezone
 
 from dashboard.agents.bridge import Bridge
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import NewEvent, publish, record
-from dashboard.asgi import application
 from dashboard.opencomputer import OpenComputer
+from tests.agents.helpers import opened, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
 
@@ -284,14 +282,6 @@ EVERY_MARKER = [*SCRIPTED_MARKERS, *DIRECT_MARKERS, *STDERR_MARKERS]
 # -- helpers -------------------------------------------------------------------------------------
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    async def poll() -> None:
-        while not await condition():
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 @database_sync_to_async
 def _count(session: AgentSession, **filters: object) -> int:
     return Event.objects.filter(session=session, **filters).count()
@@ -309,20 +299,8 @@ def _take_lease(session: AgentSession) -> None:
     )
 
 
-def _cookie_for(user: User) -> bytes:
-    client = Client()
-    client.force_login(user)
-    name = settings.SESSION_COOKIE_NAME
-    return f"{name}={client.cookies[name].value}".encode()
-
-
 async def socket(path: str, user: User | None = None) -> WebsocketCommunicator:
-    headers = [(b"origin", b"http://localhost"), (b"host", b"localhost")]
-    if user is not None:
-        headers.append((b"cookie", await database_sync_to_async(_cookie_for)(user)))
-    communicator = WebsocketCommunicator(application, path, headers=headers)
-    connected, _ = await communicator.connect()
-    assert connected, path
+    communicator = await opened(path, user)
     await communicator.send_json_to({"last_seq": 0})
     return communicator
 

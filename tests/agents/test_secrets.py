@@ -15,7 +15,7 @@ import html
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -24,16 +24,15 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.conf import settings as django_settings
 from django.contrib.auth.models import User
-from django.test import AsyncClient, Client
+from django.test import AsyncClient
 from django.urls import reverse
 from django.utils import timezone
 
 from dashboard.agents.bridge import Bridge
 from dashboard.agents.models import AgentSession, Event, Sandbox
-from dashboard.asgi import application
 from dashboard.opencomputer import OpenComputer
+from tests.agents.helpers import opened, wait_for
 from tests.conftest import LocalSandbox, start_localsandbox, stop_localsandbox
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
@@ -118,14 +117,6 @@ def keyed(keyed_server: LocalSandbox, settings: Any) -> LocalSandbox:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    async def poll() -> None:
-        while not await condition():
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 @database_sync_to_async
 def _reload(session: AgentSession) -> AgentSession:
     return AgentSession.objects.select_related("sandbox").get(id=session.id)
@@ -159,21 +150,7 @@ async def signed_in(user: User) -> AsyncClient:
     return client
 
 
-def _cookie_for(user: User) -> bytes:
-    client = Client()
-    client.force_login(user)
-    name = django_settings.SESSION_COOKIE_NAME
-    return f"{name}={client.cookies[name].value}".encode()
-
-
-async def socket(path: str, user: User | None = None) -> WebsocketCommunicator:
-    headers = [(b"origin", b"http://localhost"), (b"host", b"localhost")]
-    if user is not None:
-        headers.append((b"cookie", await database_sync_to_async(_cookie_for)(user)))
-    communicator = WebsocketCommunicator(application, path, headers=headers)
-    connected, _ = await communicator.connect()
-    assert connected, path
-    return communicator
+socket = opened
 
 
 async def received_until(

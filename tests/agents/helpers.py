@@ -1,0 +1,58 @@
+"""What the dashboard's async tests share: waiting on conditions, and viewers' sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.test import Client
+
+from dashboard.asgi import application
+
+ORIGIN = b"http://localhost"
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll an async condition until it holds; fail after `timeout` seconds."""
+
+    async def poll() -> None:
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def session_cookie(client: Client) -> bytes | None:
+    name = settings.SESSION_COOKIE_NAME
+    return f"{name}={client.cookies[name].value}".encode() if name in client.cookies else None
+
+
+def cookie_for(user: User) -> bytes:
+    client = Client()
+    client.force_login(user)
+    cookie = session_cookie(client)
+    assert cookie is not None
+    return cookie
+
+
+async def communicator(
+    path: str, user: User | None = None, *, cookie: bytes | None = None, origin: bytes = ORIGIN
+) -> WebsocketCommunicator:
+    """A socket through the whole ASGI application (origin check, cookie auth), unopened."""
+    headers = [(b"origin", origin), (b"host", b"localhost")]
+    if user is not None:
+        cookie = await database_sync_to_async(cookie_for)(user)
+    if cookie is not None:
+        headers.append((b"cookie", cookie))
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+async def opened(path: str, user: User | None = None) -> WebsocketCommunicator:
+    socket = await communicator(path, user)
+    connected, _ = await socket.connect()
+    assert connected, path
+    return socket
