@@ -485,3 +485,10 @@ def test_it_refuses_every_mutation_without_a_csrf_token(world):
         response = client.post(url, data)
         assert response.status_code == 403, name
         assert b"CSRF" in response.content, name
+
+
+@pytest.mark.django_db
+def test_it_sends_hsts_over_https_only(alice):
+    assert "Strict-Transport-Security" not in Client().get(reverse("login"))
+    secure = Client().get(reverse("login"), secure=True)
+    assert secure["Strict-Transport-Security"].startswith("max-age=31536000")
