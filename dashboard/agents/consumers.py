@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from dashboard.agents import access
 from dashboard.agents.models import AgentSession, Event, Watcher
-from dashboard.agents.recording import SESSIONS_GROUP, render_state, session_group
+from dashboard.agents.recording import SESSIONS_GROUP, render_state, session_group, user_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
 from dashboard.agents.sharing import share_group
 from dashboard.daphne_glue import WriteGate
@@ -120,6 +120,18 @@ def _current_state(session_id: str) -> dict[str, str]:
     return render_state(AgentSession.objects.select_related("sandbox").get(id=session_id))
 
 
+async def _join_user_group(consumer: AsyncWebsocketConsumer) -> None:
+    user = consumer.scope.get("user")
+    if user is not None and getattr(user, "pk", None) is not None:
+        await consumer.channel_layer.group_add(user_group(user.pk), consumer.channel_name)
+
+
+async def _leave_user_group(consumer: AsyncWebsocketConsumer) -> None:
+    user = consumer.scope.get("user")
+    if user is not None and getattr(user, "pk", None) is not None:
+        await consumer.channel_layer.group_discard(user_group(user.pk), consumer.channel_name)
+
+
 class SessionConsumer(AsyncWebsocketConsumer):
     """A team member's session page."""
 
@@ -148,7 +160,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         self.gate = WriteGate(self.base_send)
+        self.delivery = asyncio.Lock()
         self.draining: asyncio.Task[None] | None = None
+        await _join_user_group(self)
         self.heartbeat = asyncio.create_task(self._keep_presence())
         watchers = await _watch(
             self.channel_name, self.session_id, self.scope.get("user"), self.link_id
@@ -164,6 +178,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if self.draining is not None:
             self.draining.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
+        await _leave_user_group(self)
         watchers = await _unwatch(self.channel_name, self.session_id)
         await self.channel_layer.group_send(
             self.group, {"type": "session.presence", "html": watchers}
@@ -219,22 +234,31 @@ class SessionConsumer(AsyncWebsocketConsumer):
             else:
                 self.overflowed = True
             return
-        if self._falling_behind():
-            return  # the database has these; the viewer gets them once it reads again
         items: list[tuple[int, str]] = [tuple(item) for item in message["items"]]  # type: ignore[misc]
-        if items and items[0][0] > self.last_seq + 1:
-            await self._catch_up(until=items[0][0] - 1)
-        fresh = [(seq, html) for seq, html in items if seq > self.last_seq]
-        if fresh:
-            await self._send_items(fresh)
+        async with self.delivery:
+            if not items or self._falling_behind():
+                return  # the database has these; the viewer gets them once it reads again
+            if items[0][0] > self.last_seq + 1:
+                await self._catch_up_locked(until=items[0][0] - 1)
+                if self.last_seq < items[0][0] - 1:
+                    return  # the gap is not filled yet: the drain's catch-up sends these too
+            await self._send_items(items)
 
     async def _catch_up(self, until: int | None = None) -> None:
+        async with self.delivery:
+            await self._catch_up_locked(until)
+
+    async def _catch_up_locked(self, until: int | None = None) -> None:
+        """Send what the database has after `last_seq`. Callers hold `self.delivery`: the
+        drain task and live messages would otherwise both send the same events."""
         assert self.last_seq is not None
         while until is None or self.last_seq < until:
+            if self._falling_behind():
+                return
             chunk = await _render_missing(self.session_id, self.last_seq, CATCH_UP_CHUNK)
             if until is not None:
                 chunk = [(seq, html) for seq, html in chunk if seq <= until]
-            if not chunk or self._falling_behind():
+            if not chunk:
                 return
             await self._send_items(chunk)
             if len(chunk) < CATCH_UP_CHUNK:
@@ -259,8 +283,17 @@ class SessionConsumer(AsyncWebsocketConsumer):
         await self._catch_up()
 
     async def _send_items(self, items: list[tuple[int, str]]) -> None:
-        self.last_seq = items[-1][0]
-        await self.send(text_data="".join(html for _, html in items))
+        """Send in order what this viewer has not had; `last_seq` only ever grows."""
+        assert self.last_seq is not None
+        fresh = [(seq, html) for seq, html in items if seq > self.last_seq]
+        if not fresh:
+            return
+        self.last_seq = fresh[-1][0]
+        await self.send(text_data="".join(html for _, html in fresh))
+
+    async def user_revoked(self, message: dict[str, Any]) -> None:
+        """The person's role or account was taken away: stop watching at once."""
+        await self.close(code=4403)
 
 
 class ShareSessionConsumer(SessionConsumer):
@@ -337,10 +370,15 @@ class SessionListConsumer(AsyncWebsocketConsumer):
             await self.close(code=4403)
             return
         await self.channel_layer.group_add(SESSIONS_GROUP, self.channel_name)
+        await _join_user_group(self)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
         await self.channel_layer.group_discard(SESSIONS_GROUP, self.channel_name)
+        await _leave_user_group(self)
+
+    async def user_revoked(self, message: dict[str, Any]) -> None:
+        await self.close(code=4403)
 
     async def sessions_row(self, message: dict[str, Any]) -> None:
         if message.get("session") in self.rows:

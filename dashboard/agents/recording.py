@@ -38,6 +38,11 @@ def session_group(session_id: object) -> str:
     return f"session.{session_id}"
 
 
+def user_group(user_id: object) -> str:
+    """Every socket of one person, to close them when their access is taken away."""
+    return f"user.{user_id}"
+
+
 def bridge_group(session_id: object) -> str:
     return f"bridge.{session_id}"
 

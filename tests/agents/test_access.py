@@ -492,3 +492,27 @@ def test_it_sends_hsts_over_https_only(alice):
     assert "Strict-Transport-Security" not in Client().get(reverse("login"))
     secure = Client().get(reverse("login"), secure=True)
     assert secure["Strict-Transport-Security"].startswith("max-age=31536000")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_closes_the_sockets_of_someone_whose_role_is_taken_away(oc, bob, dave):
+    session = await database_sync_to_async(AgentSession.objects.create)(
+        sandbox=await database_sync_to_async(Sandbox.objects.create)(upstream_id="sb"),
+        upstream_id="s",
+    )
+    page = await communicator(f"/ws/sessions/{session.id}/", bob)
+    listing = await communicator("/ws/sessions/", bob)
+    for socket in (page, listing):
+        assert (await socket.connect())[0]
+    await page.send_json_to({"last_seq": 0})
+
+    admin = Client()
+    await database_sync_to_async(admin.force_login)(dave)
+    await database_sync_to_async(admin.post)(
+        reverse("person_update", args=[bob.pk]), {"role": "", "active": "on"}
+    )
+    for socket in (page, listing):
+        while (output := await socket.receive_output(timeout=5))["type"] != "websocket.close":
+            pass
+        assert output["code"] == 4403
+    assert not await _socket_accepted(f"/ws/sessions/{session.id}/", None)

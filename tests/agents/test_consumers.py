@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -162,3 +163,53 @@ async def test_it_stores_a_line_whose_type_is_a_lone_surrogate(db):
         session.id, [NewEvent.from_line("agent", raw, data)]
     )
     assert appended.events[0].type == "?"
+
+
+async def _stalled_viewer(session: AgentSession):  # type: ignore[no-untyped-def]
+    """A session consumer on a Twisted transport this test pauses and resumes, as Daphne's
+    send buffer would; what it sends is collected as seqs."""
+    import functools
+    from types import SimpleNamespace
+
+    from twisted.internet.testing import StringTransport
+
+    from dashboard.agents.consumers import SessionConsumer
+    from dashboard.daphne_glue import WriteGate
+
+    async def handle_reply(protocol: object, message: dict) -> None:
+        return None
+
+    transport = StringTransport()
+    consumer = SessionConsumer()
+    consumer.session_id, consumer.last_seq, consumer.can_steer = str(session.id), 0, False
+    consumer.pending, consumer.overflowed, consumer.draining = [], False, None
+    consumer.delivery = asyncio.Lock()
+    consumer.gate = WriteGate(functools.partial(handle_reply, SimpleNamespace(transport=transport)))
+    sent: list[int] = []
+
+    async def send(text_data: str) -> None:
+        sent.extend(int(seq) for seq in SEQ.findall(text_data))
+
+    consumer.send = send  # type: ignore[method-assign]
+    return consumer, transport, sent
+
+
+async def test_it_catches_a_stalled_viewer_up_exactly_once_when_it_drains(db):
+    session = await _session()
+    consumer, transport, sent = await _stalled_viewer(session)
+    _, first = await database_sync_to_async(record)(session.id, [_text(n) for n in range(1, 6)])
+    await consumer.session_events(first[0][1])
+    assert sent == [1, 2, 3, 4, 5]
+
+    transport.producer.pauseProducing()  # the browser stops reading
+    _, later = await database_sync_to_async(record)(session.id, [_text(n) for n in range(6, 31)])
+    await consumer.session_events(later[0][1])
+    assert sent == [1, 2, 3, 4, 5]  # nothing piles up while it cannot drain
+    drain = consumer.draining
+    assert drain is not None
+    _, live = await database_sync_to_async(record)(session.id, [_text(31)])
+
+    transport.producer.resumeProducing()
+    # The drain's catch-up and a live message that skips seqs race for the same events.
+    await asyncio.gather(drain, consumer.session_events(live[0][1]))
+    assert sent == list(range(1, 32))
