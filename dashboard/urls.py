@@ -18,6 +18,8 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("login/", RateLimitedLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # Django admin's own sign-in would bypass the rate limit: it goes through ours.
+    path("admin/login/", RateLimitedLoginView.as_view(), name="admin_login"),
     path("admin/", admin.site.urls),
     path("", include("dashboard.agents.urls")),
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
@@ -201,16 +200,6 @@ def shares_session(request: HttpRequest, session_id: object) -> bool:
 
 def needs_setup() -> bool:
     return not get_user_model().objects.exists()
-
-
-def is_loopback_request(request: HttpRequest) -> bool:
-    """From this machine, not through a proxy (a proxy on loopback forwards everyone)."""
-    if any(h in request.META for h in ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")):
-        return False
-    try:
-        return ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
-    except ValueError:
-        return False
 
 
 # -- audit ---------------------------------------------------------------------------------------

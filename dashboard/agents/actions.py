@@ -203,7 +203,8 @@ async def continue_session(user: Any, session: AgentSession, prompt: str) -> Age
     new = await start_session(
         user, prompt=prompt, options=options, sandbox=session.sandbox, resumed_from=session
     )
-    await note(session.id, {"type": "continue", "session": str(new.id), "title": new.title}, user)
+    # No title: the old session's share links must not show what the next one is about.
+    await note(session.id, {"type": "continue", "session": str(new.id)}, user)
     return new
 
 

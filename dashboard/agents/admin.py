@@ -17,6 +17,8 @@ class AgentSessionAdmin(admin.ModelAdmin):
     search_fields = ["title", "prompt", "upstream_id", "claude_session_id"]
     list_select_related = ["sandbox", "started_by"]
     raw_id_fields = ["sandbox", "resumed_from", "started_by"]
+    # The config holds MCP servers' environment values: secrets, not for display.
+    exclude = ["config"]
 
 
 @admin.register(Event)

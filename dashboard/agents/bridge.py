@@ -235,6 +235,7 @@ class Bridge:
                     return
                 stream = await self._connect(sandbox_id, upstream_session)
                 if stream is not None:
+                    self._stream = stream  # closed in `finally` even if the next write fails
                     self.connections += 1
                     if attempt:
                         await self._note("reconnected", attempts=attempt)
@@ -432,12 +433,21 @@ class Bridge:
 
     async def _send_stdin(self, message: dict[str, Any]) -> None:
         line = message.get("line")
-        if self._stream is None or not isinstance(line, dict):
+        if not isinstance(line, dict):
+            return
+        if self._stream is None:
+            await self._undelivered(line, "the bridge is reconnecting to the sandbox")
             return
         try:
             await self._stream.send_line(line)
         except OpenComputerError as exc:
             log.warning("bridge %s: stdin not delivered: %s", self.session_id, exc)
+            await self._undelivered(line, "the connection to the sandbox broke")
+
+    async def _undelivered(self, line: dict[str, Any], why: str) -> None:
+        await self._note(
+            "action_failed", action=str(line.get("type", "stdin")), message=f"Not sent: {why}."
+        )
 
 
 def _lines(source: str, lines: list[Line]) -> list[NewEvent]:

@@ -23,7 +23,7 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from dashboard.agents import access
-from dashboard.agents.models import AgentSession, Event, Watcher
+from dashboard.agents.models import AgentSession, Event, ShareLink, Watcher
 from dashboard.agents.recording import SESSIONS_GROUP, render_state, session_group, user_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
 from dashboard.agents.sharing import share_group
@@ -46,6 +46,17 @@ def _viewable_session(user: Any, session_id: str) -> AgentSession | None:
 @database_sync_to_async
 def _can_steer(user: Any) -> bool:
     return access.can_steer(user)
+
+
+@database_sync_to_async
+def _link_id(token: str) -> int | None:
+    if not token or len(token) > 200:
+        return None
+    return (
+        ShareLink.objects.filter(token_hash=access.hash_token(token))
+        .values_list("pk", flat=True)
+        .first()
+    )
 
 
 @database_sync_to_async
@@ -300,12 +311,21 @@ class ShareSessionConsumer(SessionConsumer):
     """A share link's page: one session, read-only, closed when the link is revoked or expires."""
 
     async def authorise(self) -> str | None:
-        shared = await _shared_session(str(self.scope["url_route"]["kwargs"]["token"]))
-        if shared is None:
+        token = str(self.scope["url_route"]["kwargs"]["token"])
+        # Listen for a revoke before checking the link: a revoke between the two would
+        # otherwise never reach this socket.
+        link_id = await _link_id(token)
+        if link_id is None:
             return None
-        session_id, self.link_id, remaining = shared
+        self.link_id = link_id
+        await self.channel_layer.group_add(share_group(link_id), self.channel_name)
+        shared = await _shared_session(token)
+        if shared is None:
+            await self.channel_layer.group_discard(share_group(link_id), self.channel_name)
+            self.link_id = None
+            return None
+        session_id, _, remaining = shared
         self.can_steer = False
-        await self.channel_layer.group_add(share_group(self.link_id), self.channel_name)
         if remaining is not None:
             self.expiry = asyncio.get_running_loop().call_later(
                 max(remaining, 0), lambda: asyncio.ensure_future(self.share_revoked({}))

@@ -22,6 +22,7 @@ from django.http import (
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_POST
@@ -399,6 +400,14 @@ async def session_configure(request: HtmxHttpRequest, session_id: str) -> HttpRe
     options = form.options()
     if not options:
         return await _controls_response(request, session, error="Nothing to change.", status=400)
+    if not session.bridge_lease_until or session.bridge_lease_until < timezone.now():
+        # Configure travels through the bridge's socket; with none, it would go nowhere.
+        return await _controls_response(
+            request,
+            session,
+            error="Not connected to the agent right now; try again shortly.",
+            status=503,
+        )
     await actions.configure(user, session, options)
     return await _controls_response(request, session, notice="Configuration sent.")
 

@@ -306,3 +306,30 @@ async def test_it_masks_the_api_key_an_agent_prints_and_still_aligns_replays(oc,
     printed = await _printed(oc, sandbox_id, session_id)
     assert stored == [line.replace(oc.api_key, "[redacted]") for line in printed]
     await client.aclose()
+
+
+async def test_it_writes_configure_lines_from_any_worker_to_the_agent(oc):
+    from channels.layers import get_channel_layer
+
+    from dashboard.agents.recording import bridge_group
+
+    client, sandbox_id, session_id = await _start(oc, "hello")
+    session = await _new_session(sandbox_id, session_id)
+    task = asyncio.create_task(Bridge(str(session.id), OWNER).run())
+
+    async def idle() -> bool:
+        return (await _reload(session)).status == AgentSession.Status.IDLE
+
+    await wait_for(idle)
+    line = {"type": "configure", "model": "configured-by-test"}
+    await get_channel_layer().group_send(
+        bridge_group(session.id), {"type": "bridge.stdin", "line": line}
+    )
+
+    async def configured() -> bool:
+        return await _count(session, type="configured", raw__contains="configured-by-test") == 1
+
+    await wait_for(configured)
+    await client.send_prompt(sandbox_id, session_id, "exit 0")
+    await asyncio.wait_for(task, 30)
+    await client.aclose()

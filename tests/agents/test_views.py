@@ -6,10 +6,12 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from dashboard.agents.models import AgentSession, AuditEntry, Event, Sandbox
 from dashboard.opencomputer import OpenComputer
@@ -236,8 +238,23 @@ def test_it_refuses_to_steer_an_ended_session(oc, alice):
     assert "has ended" in response.content.decode()
 
 
+def test_it_refuses_configure_when_no_bridge_holds_the_session(oc, alice):
+    session = start(signed_in(alice), "x")
+    response = signed_in(alice).post(
+        reverse("session_configure", args=[session.id]),
+        {"model": "other-model"},
+        headers={"HX-Request": "true"},
+    )
+    assert response.status_code == 503
+    assert "Not connected to the agent" in response.content.decode()
+    assert not session.events.filter(type="configure").exists()
+
+
 def test_it_sends_configure_and_records_it(oc, alice):
     session = start(signed_in(alice), "x")
+    AgentSession.objects.filter(id=session.id).update(  # a bridge holds it
+        bridge_owner="w", bridge_lease_until=timezone.now() + timedelta(seconds=30)
+    )
     response = signed_in(alice).post(
         reverse("session_configure", args=[session.id]),
         {"model": "other-model", "max_turns": "7"},

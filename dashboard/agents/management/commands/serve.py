@@ -71,6 +71,7 @@ class Command(BaseCommand):
 
         reactor.callWhenRunning(start_supervisor)
         host, port = options["host"], options["port"]
+        self.host, self.port = host, port
         endpoint = f"tcp:port={port}:interface={host.strip('[]')}"
         self.stdout.write(
             f"Porthole on http://{host}:{port}/  (API: {settings.OPENCOMPUTER_API_URL})"
@@ -136,9 +137,11 @@ class Command(BaseCommand):
         from dashboard.agents.access import setup_token
 
         token = setup_token(settings.DATA_DIR)
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
         self.stdout.write(
-            "No users yet. Create the administrator at /setup/ from this machine, or from "
-            f"elsewhere at /setup/?token={token} (or run `manage.py createsuperuser`)."
+            "No users yet. Create the administrator at "
+            f"http://{host}:{self.port}/setup/?token={token} "
+            "(or run `manage.py createsuperuser`)."
         )
 
 
