@@ -573,3 +573,33 @@ def test_it_takes_screenshots_in_light_dark_and_narrow_layouts(
                 "() => ({page: document.documentElement.scrollWidth, view: window.innerWidth})"
             )
     (ARTIFACTS / "overflow.json").write_text(json.dumps(overflow, indent=2))
+
+
+HOSTILE = [
+    '<img src=x onerror="alert(1)">',
+    "<svg onload=alert(2)><circle r=9></svg>",
+    "<script>alert(3)</script>",
+    "[click me](javascript:alert(4))",
+    '<a href="javascript:alert(5)">link</a>',
+    '"><iframe src="javascript:alert(6)"></iframe>',
+    "<details open ontoggle=alert(7)>x</details>",
+]
+
+
+@pytest.mark.e2e
+def test_it_keeps_hostile_agent_output_inert_in_the_browser(page: Page) -> None:
+    """Payloads in assistant text and tool output reach a real browser as text: no dialog
+    opens, no handler runs (the CSP would report it as a violation: the page fixture fails
+    on any), and the timeline holds no active element."""
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    printed = [f"$ printf '%s\\n' '{payload}'" for payload in HOSTILE if "'" not in payload]
+    start_session(page, "\n".join([*HOSTILE, *printed, "All rendered."]))
+    expect(agent_text(page, "All rendered.")).to_have_count(1)
+    timeline = page.locator("#timeline")
+    expect(timeline).to_contain_text('<img src=x onerror="alert(1)">')
+    active = "script, iframe, svg, [onerror], [onload], [ontoggle], a[href^='javascript']"
+    assert timeline.locator(active).count() == 0
+    for link in timeline.locator("a:text('click me')").all():
+        link.click()  # a sanitised link has no href: clicking it does nothing
+    assert not dialogs
