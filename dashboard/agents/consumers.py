@@ -230,7 +230,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
     async def session_state(self, message: dict[str, Any]) -> None:
         if self.last_seq is None:
             return  # the state is sent in full once the viewer says hello
-        fragments = [message["status"]]
+        fragments = [message["status"] if self.link_id is None else message["status_shared"]]
         if self.can_steer:
             fragments.append(message["controls"])
         await self.send(text_data="".join(fragments))

@@ -261,10 +261,14 @@ def append_events(
 
 
 def render_state(session: AgentSession) -> dict[str, str]:
-    """The fragments that follow a session's state, rendered once for all of its viewers."""
+    """The fragments that follow a session's state, rendered once for all of its viewers:
+    team members, and (showing less) share-link holders."""
     context = {"session": session, "sandbox": session.sandbox, **controls_context(session)}
     return {
-        "status": render_to_string("agents/session.html#state-oob", context),
+        "status": render_to_string("agents/session.html#state-oob", {**context, "member": True}),
+        "status_shared": render_to_string(
+            "agents/session.html#state-oob", {**context, "member": False}
+        ),
         "controls": render_to_string("agents/session.html#controls-oob", context),
         "row": render_to_string("agents/index.html#row", {"session": session, "oob": True}),
     }

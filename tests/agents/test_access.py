@@ -516,3 +516,30 @@ async def test_it_closes_the_sockets_of_someone_whose_role_is_taken_away(oc, bob
             pass
         assert output["code"] == 4403
     assert not await _socket_accepted(f"/ws/sessions/{session.id}/", None)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_keeps_neighbouring_sessions_out_of_live_updates_for_link_holders(oc, alice):
+    sandbox = await database_sync_to_async(Sandbox.objects.create)(upstream_id="sb")
+    earlier = await database_sync_to_async(AgentSession.objects.create)(
+        sandbox=sandbox, upstream_id="s1", title="The secret earlier task"
+    )
+    session = await database_sync_to_async(AgentSession.objects.create)(
+        sandbox=sandbox, upstream_id="s2", title="Shared", resumed_from=earlier
+    )
+    _, token = await database_sync_to_async(access.create_share_link)(
+        session, alice, label="", expiry="1d"
+    )
+    member = await communicator(f"/ws/sessions/{session.id}/", alice)
+    stranger = await communicator(f"/ws/share/{token}/")
+    for socket in (member, stranger):
+        assert (await socket.connect())[0]
+        await socket.send_json_to({"last_seq": 0})
+    seen = {"member": "", "stranger": ""}
+    for name, socket in (("member", member), ("stranger", stranger)):
+        while 'id="session-state"' not in seen[name]:
+            seen[name] += await socket.receive_from(timeout=5)
+    assert "The secret earlier task" in seen["member"]
+    assert "The secret earlier task" not in seen["stranger"]
+    for socket in (member, stranger):
+        await socket.disconnect()
