@@ -9,6 +9,7 @@ the unique `(session, seq)`, is the fence against a stale bridge.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -84,9 +85,15 @@ REDACTED = "[redacted]"
 
 
 def _secret_forms() -> tuple[str, ...]:
-    """The API key as it may appear in a line: as is, JSON-escaped, URL-quoted."""
+    return _forms_of(upstream.secrets())
+
+
+@functools.lru_cache(maxsize=8)
+def _forms_of(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    """The API key as it may appear in a line: as is, JSON-escaped, URL-quoted. Cached:
+    every line the bridge reads asks for them."""
     forms: set[str] = set()
-    for secret in upstream.secrets():
+    for secret in secrets:
         forms |= {secret, json.dumps(secret)[1:-1], quote(secret, safe=""), quote(secret)}
     return tuple(sorted(forms, key=len, reverse=True))
 
