@@ -90,6 +90,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "dashboard.agents",
     "dashboard.localsandbox",
+    "dashboard.awareness",
 ]
 
 MIDDLEWARE = [
@@ -170,6 +171,11 @@ OPENCOMPUTER_API_KEY = env_str("OPENCOMPUTER_API_KEY")
 LOCALSANDBOX_PORT = env_int("LOCALSANDBOX_PORT", 8787, minimum=0)
 # Whether this process runs bridges (the workers of a team deployment all may; leases decide).
 PORTHOLE_RUN_BRIDGES = env_bool("PORTHOLE_RUN_BRIDGES", True)
+# Team awareness (docs/awareness.md): webhooks added at start-up, and how long a session may sit
+# idle after a turn before it needs attention.
+PORTHOLE_WEBHOOK_URLS = env_list("PORTHOLE_WEBHOOK_URLS", [])
+PORTHOLE_WEBHOOK_SECRET = env_str("PORTHOLE_WEBHOOK_SECRET")
+PORTHOLE_ATTENTION_IDLE_MINUTES = env_int("PORTHOLE_ATTENTION_IDLE_MINUTES", 10, minimum=1)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
