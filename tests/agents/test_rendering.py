@@ -766,7 +766,7 @@ def test_it_falls_back_to_the_generic_card_when_describing_fails(
     def broken(*args: Any) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(rendering, "_result", broken)
+    monkeypatch.setattr(rendering.agent, "_result", broken)
     with caplog.at_level(logging.ERROR, logger="dashboard.agents.rendering"):
         html = render_event(event, ToolIndex())
     assert "ev-generic" in root(html).classes

@@ -1,0 +1,436 @@
+"""Agent events: what the in-sandbox wrapper prints on stdout (Claude Agent SDK messages
+forwarded as they are, and the wrapper's own lines)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from dashboard.agents.markdown import render_markdown
+from dashboard.agents.models import Event
+from dashboard.agents.rendering.base import (
+    DISPLAY_CAP,
+    MAX_BLOCKS,
+    MAX_PARTS,
+    OPEN_RESULT_CHARS,
+    OPEN_RESULT_LINES,
+    SUMMARY_CAP,
+    TOOL_CAP,
+    Clipped,
+    _dict,
+    _list,
+    _number,
+    _str,
+    clean_text,
+    clip,
+    dom_id,
+    one_line,
+    pretty_json,
+)
+from dashboard.agents.rendering.items import (
+    Block,
+    DiffLine,
+    EventItem,
+    GenericBlock,
+    ImageBlock,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    _generic,
+    _item,
+)
+from dashboard.agents.rendering.tools import ToolIndex, ToolRef, ToolStatus, _tool_summary
+
+
+def _inside(event: Event, data: dict[str, Any], tools: ToolIndex) -> ToolRef | None:
+    parent = _str(data, "parent_tool_use_id")
+    if not parent:
+        return None
+    return tools.resolve(event, parent) or ToolRef(parent, "Task", "", None)
+
+
+def _text_block(text: str) -> TextBlock:
+    clipped = clip(text, DISPLAY_CAP)
+    return TextBlock(render_markdown(clipped.text), clipped.truncated, clipped.total)
+
+
+def _tool_use_block(event: Event, block: dict[str, Any], tools: ToolIndex) -> ToolUseBlock:
+    tool_id = _str(block, "id") or f"missing-{event.seq}"
+    ref = tools.get(tool_id)
+    if ref is None or ref.seq != event.seq:
+        name = _str(block, "name") or "tool"
+        ref = ToolRef(
+            tool_id, one_line(name, 60), _tool_summary(name, _dict(block, "input")), event.seq
+        )
+    tool_input = block.get("input")
+    use = ToolUseBlock(
+        ref=ref,
+        status=tools.status(event, ref),
+        view="json",
+        server=block.get("type") != "tool_use",
+    )
+    if not isinstance(tool_input, dict):
+        use.code = clip(pretty_json(tool_input))
+        return use
+    name = ref.name
+    if name == "Bash" and _str(tool_input, "command"):
+        use.view, use.code = "bash", clip(_str(tool_input, "command"))
+        use.description = one_line(_str(tool_input, "description"), 200)
+    elif name == "Write" and "content" in tool_input:
+        use.view, use.path = "write", _str(tool_input, "file_path")
+        use.code = clip(_str(tool_input, "content"))
+    elif name in ("Edit", "MultiEdit") and _str(tool_input, "file_path"):
+        use.view, use.path = "edit", _str(tool_input, "file_path")
+        edits = _list(tool_input, "edits") if name == "MultiEdit" else [tool_input]
+        use.diff, use.diff_truncated = _diff(edits)
+    elif not _said_by_summary(tool_input, ref.summary):
+        use.code = clip(pretty_json(tool_input))
+    return use
+
+
+def _said_by_summary(tool_input: dict[str, Any], summary: str) -> bool:
+    """`{"file_path": "/a/b.py"}` says nothing the header's summary does not: skip the body."""
+    values = list(tool_input.values())
+    return len(values) == 1 and isinstance(values[0], str) and values[0].strip() == summary
+
+
+def _diff(edits: list[Any]) -> tuple[list[DiffLine], bool]:
+    """old_string lines as `-`, new_string lines as `+`, capped to TOOL_CAP characters."""
+    lines: list[DiffLine] = []
+    budget = TOOL_CAP
+    for number, edit in enumerate(e for e in edits if isinstance(e, dict)):
+        if number:
+            lines.append(DiffLine("@", "…"))
+        for sign, key in (("-", "old_string"), ("+", "new_string")):
+            for text in _str(edit, key).split("\n"):
+                if budget <= 0:
+                    return lines, True
+                lines.append(DiffLine(sign, text[:budget]))
+                budget -= len(text) + 1
+    return lines, False
+
+
+def _tool_result_block(event: Event, block: dict[str, Any], tools: ToolIndex) -> ToolResultBlock:
+    tool_id = _str(block, "tool_use_id")
+    content = block.get("content")
+    texts: list[str] = []
+    images: list[str] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for part in content[:MAX_PARTS]:
+            if isinstance(part, dict) and part.get("type") == "text":
+                texts.append(_str(part, "text"))
+            elif isinstance(part, dict) and part.get("type") == "image":
+                images.append(_image_description(part))
+            else:
+                texts.append(pretty_json(part))
+    elif content is not None:
+        texts.append(pretty_json(content))
+    parts = _clip_all([text for text in texts if text], TOOL_CAP)
+    if isinstance(content, list) and len(content) > MAX_PARTS and parts:
+        parts[-1] = Clipped(parts[-1].text, parts[-1].total, True)
+    shown = sum(len(part.text) for part in parts)
+    lines = sum(part.lines for part in parts)
+    is_error = block.get("is_error") is True
+    return ToolResultBlock(
+        tool_use_id=tool_id,
+        tool=tools.resolve(event, tool_id) if tool_id else None,
+        is_error=is_error,
+        parts=parts,
+        images=images,
+        open=is_error or (shown <= OPEN_RESULT_CHARS and lines <= OPEN_RESULT_LINES),
+    )
+
+
+def _clip_all(texts: list[str], cap: int) -> list[Clipped]:
+    """Clip several texts to one shared budget."""
+    parts: list[Clipped] = []
+    budget = cap
+    for text in texts:
+        part = clip(text, max(budget, 0))
+        budget -= len(part.text)
+        if part.text or not part.truncated:
+            parts.append(part)
+        elif parts:
+            last = parts[-1]
+            parts[-1] = Clipped(last.text, last.total, True)
+        else:
+            parts.append(part)
+    return parts
+
+
+def _image_description(block: dict[str, Any]) -> str:
+    source = _dict(block, "source")
+    media = one_line(_str(source, "media_type"), 40) or "image"
+    size = len(_str(source, "data")) * 3 // 4  # base64
+    return f"{media}, {size // 1024} KB" if size else media
+
+
+def _server_result_block(event: Event, block: dict[str, Any], tools: ToolIndex) -> ToolResultBlock:
+    """web_search_tool_result and friends: results that arrive inside the assistant turn."""
+    tool_id = _str(block, "tool_use_id")
+    content = block.get("content")
+    error = isinstance(content, dict) and "error" in _str(content, "type")
+    return ToolResultBlock(
+        tool_use_id=tool_id,
+        tool=tools.resolve(event, tool_id) if tool_id else None,
+        is_error=error,
+        parts=[clip(pretty_json(content))],
+        images=[],
+        open=False,
+    )
+
+
+def _blocks(event: Event, content: Any, tools: ToolIndex) -> list[Block]:
+    if isinstance(content, str):
+        return [_text_block(content)]
+    blocks: list[Block] = []
+    for block in content[:MAX_BLOCKS] if isinstance(content, list) else []:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            blocks.append(_text_block(_str(block, "text")))
+        elif kind == "thinking":
+            blocks.append(ThinkingBlock(clip(_str(block, "thinking"), DISPLAY_CAP)))
+        elif kind == "redacted_thinking":
+            blocks.append(ThinkingBlock(None))
+        elif kind in ("tool_use", "server_tool_use", "mcp_tool_use"):
+            blocks.append(_tool_use_block(event, block, tools))
+        elif kind == "tool_result":
+            blocks.append(_tool_result_block(event, block, tools))
+        elif kind == "image":
+            blocks.append(ImageBlock(_image_description(block)))
+        elif isinstance(block, dict) and _str(block, "tool_use_id"):
+            blocks.append(_server_result_block(event, block, tools))
+        else:
+            label = one_line(_str(block, "type"), 64) if isinstance(block, dict) else "block"
+            blocks.append(GenericBlock(label or "block", clip(pretty_json(block))))
+    return blocks
+
+
+def _message(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
+    role = "assistant" if data.get("type") == "assistant" else "user"
+    content = _dict(data, "message").get("content")
+    blocks = _blocks(event, content, tools)
+    only_results = bool(blocks) and all(isinstance(b, ToolResultBlock) for b in blocks)
+    label = "tool result" if only_results else role
+    item = _item(event, "message", label, inside=_inside(event, data, tools), blocks=blocks)
+    if isinstance(content, list) and len(content) > MAX_BLOCKS:
+        item.detail["more_blocks"] = len(content) - MAX_BLOCKS
+    error = _str(data, "error")  # the SDK marks failed assistant turns (auth, rate limit…)
+    if error:
+        item.is_error, item.text = True, clip(error, SUMMARY_CAP * 2)
+    item.statuses = [
+        ToolStatus(dom_id(b.tool_use_id), "error" if b.is_error else "done", event.seq)
+        for b in blocks
+        if isinstance(b, ToolResultBlock) and b.tool_use_id
+    ]
+    return item
+
+
+def _init(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
+    session_id = _str(data, "session_id")
+    first = tools.first_init_seq(session_id) if session_id else None
+    resumed = first is not None and first < event.seq
+    tool_names = [
+        one_line(clean_text(t), 100) for t in _list(data, "tools")[:500] if isinstance(t, str)
+    ]
+    servers = [
+        (one_line(_str(s, "name"), 80), one_line(_str(s, "status"), 40))
+        for s in _list(data, "mcp_servers")[:100]
+        if isinstance(s, dict)
+    ]
+    facts = [
+        (key, one_line(_str(data, key), 200))
+        for key in (
+            "permissionMode",
+            "apiKeySource",
+            "claude_code_version",
+            "output_style",
+            "session_id",
+        )
+        if _str(data, key)
+    ]
+    return _item(
+        event,
+        "init",
+        "session resumed" if resumed else "session started",
+        inside=_inside(event, data, tools),
+        pairs=facts,
+        detail={
+            "model": one_line(_str(data, "model"), 80),
+            "cwd": one_line(_str(data, "cwd"), 200),
+            "tools": tool_names,
+            "servers": servers,
+            "failed_servers": sum(1 for _, status in servers if status not in ("connected", "")),
+        },
+    )
+
+
+def _system(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
+    subtype = one_line(_str(data, "subtype"), 64) or "system"
+    text = ""
+    if subtype == "compact_boundary":
+        meta = _dict(data, "compact_metadata")
+        tokens = _number(meta, "pre_tokens")
+        text = "context compacted"
+        if _str(meta, "trigger"):
+            text += f" ({one_line(_str(meta, 'trigger'), 20)})"
+        if tokens is not None:
+            text += f" · {int(tokens):,} tokens before"
+    return _item(
+        event,
+        "system",
+        subtype,
+        level="muted",
+        text=clip(text) if text else None,
+        inside=_inside(event, data, tools),
+        json=clip(pretty_json(data)),
+    )
+
+
+def _seconds(ms: float | None) -> str:
+    return f"{ms / 1000:.1f} s" if ms is not None else ""
+
+
+def _result(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
+    subtype = one_line(_str(data, "subtype"), 64) or "result"
+    is_error = data.get("is_error") is True or subtype.startswith("error")
+    usage = _dict(data, "usage")
+    cost = _number(data, "total_cost_usd")
+    facts = [
+        ("cost", f"${cost:.4f}" if cost is not None else ""),
+        ("duration", _seconds(_number(data, "duration_ms"))),
+        ("API time", _seconds(_number(data, "duration_api_ms"))),
+        ("turns", _str(data, "num_turns")),
+        ("input tokens", _tokens(usage, "input_tokens")),
+        ("output tokens", _tokens(usage, "output_tokens")),
+        ("cache read", _tokens(usage, "cache_read_input_tokens")),
+        ("cache write", _tokens(usage, "cache_creation_input_tokens")),
+    ]
+    denials = _list(data, "permission_denials")
+    if denials:
+        facts.append(("permission denials", str(len(denials))))
+    errors = [
+        one_line(e if isinstance(e, str) else pretty_json(e), 300) for e in _list(data, "errors")
+    ][:20]
+    text = _str(data, "result")
+    clipped = clip(text, DISPLAY_CAP)
+    return _item(
+        event,
+        "result",
+        subtype.replace("_", " "),
+        is_error=is_error,
+        level="error" if is_error else "ok",
+        pairs=[(k, v) for k, v in facts if v],
+        inside=_inside(event, data, tools),
+        html=render_markdown(clipped.text) if text else None,
+        text=clipped if text else None,
+        detail={"errors": errors},
+    )
+
+
+def _tokens(usage: dict[str, Any], key: str) -> str:
+    value = _number(usage, key)
+    return f"{int(value):,}" if value is not None else ""
+
+
+def _pairs(data: dict[str, Any], skip: Iterable[str] = ("type",)) -> list[tuple[str, str]]:
+    """Scalar (and short list) fields as key/value facts, for small notice lines."""
+    skipped = set(skip)
+    pairs = []
+    for key, value in list(data.items())[:20]:
+        if key in skipped or value is None:
+            continue
+        if isinstance(value, list):
+            shown = ", ".join(clean_text(str(v)) for v in value[:20] if isinstance(v, str | int))
+        elif isinstance(value, dict):
+            shown = ", ".join(clean_text(str(k)) for k in list(value)[:20])
+        else:
+            shown = clean_text(str(value))
+        pairs.append((one_line(clean_text(str(key)), 40), one_line(shown, 200)))
+    return pairs
+
+
+def _notice(event: Event, label: str, level: str, text: str = "", **kwargs: Any) -> EventItem:
+    return _item(
+        event,
+        "notice",
+        label,
+        level=level,
+        text=clip(text, DISPLAY_CAP) if text else None,
+        **kwargs,
+    )
+
+
+def _stream(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
+    inner = _dict(data, "event")
+    label = one_line(_str(inner, "type"), 64) or "partial"
+    delta = one_line(_str(_dict(inner, "delta"), "type"), 64)
+    if delta:
+        label = f"{label} · {delta}"
+    return _item(
+        event,
+        "stream",
+        label,
+        level="muted",
+        inside=_inside(event, data, tools),
+        json=clip(pretty_json(data), TOOL_CAP // 4),
+    )
+
+
+def _tool_progress(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
+    name = one_line(_str(data, "tool_name"), 60) or "tool"
+    seconds = _number(data, "elapsed_time_seconds")
+    text = f"{name} running" + (f" · {seconds:.0f} s" if seconds is not None else "")
+    return _notice(event, "tool progress", "muted", text, inside=_inside(event, data, tools))
+
+
+def _agent(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
+    kind = data.get("type")
+    match kind:
+        case "assistant" | "user":
+            return _message(event, data, tools)
+        case "system" if data.get("subtype") == "init":
+            return _init(event, data, tools)
+        case "system":
+            return _system(event, data, tools)
+        case "result":
+            return _result(event, data, tools)
+        case "stream_event":
+            return _stream(event, data, tools)
+        case "tool_progress":
+            return _tool_progress(event, data, tools)
+        case "tool_use_summary":
+            return _notice(
+                event,
+                "tool summary",
+                "muted",
+                _str(data, "summary"),
+                inside=_inside(event, data, tools),
+            )
+        case "turn_complete":
+            session_id = one_line(_str(data, "claude_session_id"), 80)
+            return _item(
+                event,
+                "divider",
+                "turn complete",
+                level="muted",
+                pairs=[("claude session", session_id)] if session_id else [],
+            )
+        case "ready":
+            return _notice(event, "agent ready", "muted")
+        case "configured":
+            return _notice(event, "agent configured", "muted", pairs=_pairs(data))
+        case "interrupted":
+            return _notice(event, "interrupted", "warn")
+        case "error":
+            return _notice(
+                event,
+                "agent error",
+                "error",
+                _str(data, "message") or "(no message)",
+                is_error=True,
+            )
+    return _generic(event)

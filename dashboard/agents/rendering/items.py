@@ -1,0 +1,183 @@
+"""What the templates get: plain Python values (text, numbers, lists) that the partials in
+`templates/agents/timeline.html` render with autoescaping."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.utils.safestring import SafeString
+
+from dashboard.agents.models import Event
+from dashboard.agents.rendering.base import (
+    PRETTY_JSON_MAX_RAW,
+    STDERR_TARGET,
+    TIMELINE_TARGET,
+    Clipped,
+    _str,
+    accent,
+    clip,
+    one_line,
+)
+from dashboard.agents.rendering.tools import ToolRef, ToolStatus
+
+
+@dataclass
+class TextBlock:
+    html: SafeString  # sanitised markdown
+    truncated: bool = False
+    total: int = 0
+    kind: str = "text"
+
+
+@dataclass
+class ThinkingBlock:
+    text: Clipped | None  # None when redacted
+    kind: str = "thinking"
+
+
+@dataclass
+class DiffLine:
+    sign: str  # "-", "+" or "@" (hunk separator)
+    text: str
+
+    @property
+    def css(self) -> str:
+        return {"-": "del", "+": "add"}.get(self.sign, "hunk")
+
+
+@dataclass
+class ToolUseBlock:
+    ref: ToolRef
+    status: ToolStatus
+    view: str  # bash | write | edit | json
+    server: bool = False
+    description: str = ""  # Bash's own description of the command
+    code: Clipped | None = None  # bash: the command; write: the content; json: the input
+    path: str = ""  # write / edit
+    diff: list[DiffLine] = field(default_factory=list)
+    diff_truncated: bool = False
+    kind: str = "tool_use"
+
+
+@dataclass
+class ToolResultBlock:
+    tool_use_id: str
+    tool: ToolRef | None
+    is_error: bool
+    parts: list[Clipped]
+    images: list[str]  # one short description per image block
+    open: bool
+    kind: str = "tool_result"
+
+    @property
+    def accent(self) -> int:
+        return accent(self.tool_use_id)
+
+    @property
+    def truncated(self) -> bool:
+        return any(part.truncated for part in self.parts)
+
+
+@dataclass
+class ImageBlock:
+    description: str
+    kind: str = "image"
+
+
+@dataclass
+class GenericBlock:
+    label: str
+    json: Clipped
+    kind: str = "generic"
+
+
+Block = TextBlock | ThinkingBlock | ToolUseBlock | ToolResultBlock | ImageBlock | GenericBlock
+
+
+@dataclass
+class EventItem:
+    """Everything a partial needs for one event. `kind` picks the partial and is always one
+    of ours, never a string from the event."""
+
+    seq: int
+    session_id: str
+    source: str
+    # message | init | system | result | divider | notice | action | stream | stderr | generic
+    kind: str
+    label: str
+    time: datetime | None
+    raw_size: int  # bytes of the raw line: the "show full" link says how much it is
+    target: str = TIMELINE_TARGET
+    level: str = ""  # notices and actions: muted | info | ok | warn | error
+    is_error: bool = False
+    inside: ToolRef | None = None  # the Task call a subagent message belongs to
+    blocks: list[Block] = field(default_factory=list)
+    text: Clipped | None = None  # the main text of notices, stderr, prompts, errors
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # small key/value facts
+    html: SafeString | None = None  # sanitised markdown (result text)
+    json: Clipped | None = None  # generic / stream / system cards
+    # Per-kind extras: init {model, cwd, tools, servers, failed_servers}; result {errors};
+    # action {actor, session, title}; message {more_blocks}; generic {note}.
+    detail: dict[str, Any] = field(default_factory=dict)
+    statuses: list[ToolStatus] = field(default_factory=list)  # OOB marker updates
+
+    @property
+    def bare(self) -> bool:
+        """Only tool calls and results, at top level: the blocks are the cards, so the event
+        drops its own frame and header (the time moves into the blocks)."""
+        return (
+            self.kind == "message"
+            and bool(self.blocks)
+            and self.inside is None
+            and self.text is None
+            and all(isinstance(b, ToolUseBlock | ToolResultBlock) for b in self.blocks)
+        )
+
+    @property
+    def css(self) -> str:
+        classes = ["ev", f"ev-{self.kind}", f"src-{self.source}"]
+        if self.bare:
+            classes.append("is-bare")
+        if self.level:
+            classes.append(f"lvl-{self.level}")
+        if self.is_error:
+            classes.append("is-error")
+        if self.inside is not None:
+            classes.append("is-subagent")
+        return " ".join(classes)
+
+
+def _item(event: Event, kind: str, label: str, **kwargs: Any) -> EventItem:
+    source = event.source if event.source in Event.Source.values else "agent"
+    return EventItem(
+        seq=event.seq,
+        session_id=str(event.session_id),
+        source=source,
+        kind=kind,
+        label=label,
+        time=event.created_at,
+        raw_size=len(event.raw.encode("utf-8", "replace")),
+        target=STDERR_TARGET if source == Event.Source.STDERR else TIMELINE_TARGET,
+        **kwargs,
+    )
+
+
+def _generic(event: Event, note: str = "") -> EventItem:
+    """The escaped, collapsed JSON card: unknown types, malformed lines, and failures."""
+    data = event.data
+    body = clip(event.raw)
+    if data is not None and len(event.raw) <= PRETTY_JSON_MAX_RAW:
+        with contextlib.suppress(TypeError, ValueError, RecursionError):
+            body = clip(json.dumps(data, indent=2, ensure_ascii=False))
+    if data is None:
+        label = "malformed line" if event.source == Event.Source.AGENT else (event.type or "event")
+    else:
+        label = one_line(_str(data, "type"), 64) or "(no type)"
+        subtype = one_line(_str(data, "subtype"), 64)
+        if subtype:
+            label = f"{label} · {subtype}"
+    return _item(event, "generic", label, json=body, detail={"note": note})

@@ -1,0 +1,255 @@
+"""Tool calls and their results, across events: a result names only a `tool_use_id`, and
+its card must find the call it answers (in memory, or in the database when the call lies
+outside what was rendered)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from dashboard.agents.models import AgentSession, Event
+from dashboard.agents.rendering.base import _dict, _list, _str, accent, clean_text, dom_id, one_line
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ToolRef:
+    id: str
+    name: str
+    summary: str
+    seq: int | None  # the event holding the call; None when not known
+
+    @property
+    def dom_id(self) -> str:
+        return dom_id(self.id)
+
+    @property
+    def accent(self) -> int:
+        return accent(self.id)
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    seq: int  # the event holding the result
+    is_error: bool
+
+
+@dataclass(frozen=True)
+class ToolStatus:
+    """The marker on a tool call card; also swapped out-of-band when its result arrives."""
+
+    dom_id: str
+    state: str  # running | done | error | missing (no result and the session is over)
+    result_seq: int | None = None
+
+
+def _tool_summary(name: str, tool_input: dict[str, Any]) -> str:
+    """What a tool call is about, in one line: the command, the path, the pattern…"""
+    keys = (
+        "command",
+        "file_path",
+        "notebook_path",
+        "pattern",
+        "path",
+        "url",
+        "query",
+        "description",
+        "prompt",
+        "skill",
+    )
+    for key in keys:
+        value = _str(tool_input, key)
+        if value:
+            return one_line(value)
+    if name == "TodoWrite":
+        return f"{len(_list(tool_input, 'todos'))} todos"
+    first = next((v for v in tool_input.values() if isinstance(v, str) and v.strip()), "")
+    return one_line(clean_text(first))
+
+
+def _content_blocks(data: dict[str, Any]) -> list[dict[str, Any]]:
+    content = _dict(data, "message").get("content")
+    if not isinstance(content, list):
+        return []
+    return [block for block in content if isinstance(block, dict)]
+
+
+class ToolIndex:
+    """tool_use id → the call (name, summary, event seq), and which calls have a result.
+
+    The bridge keeps one for a session's whole life, so both maps are bounded (oldest
+    forgotten first); a forgotten call is looked up in the database when a result needs it.
+    """
+
+    MAX_ENTRIES = 5_000
+    # Database look-ups per index: a hostile stream naming thousands of unknown tool ids
+    # must not turn into thousands of queries.
+    MAX_LOOKUPS = 100
+    # How far (in events) a look-up searches from the event that needs it: keeps each
+    # query's scan bounded however long the session.
+    LOOKUP_WINDOW = 20_000
+
+    def __init__(self) -> None:
+        self._tools: OrderedDict[str, ToolRef] = OrderedDict()
+        self.results: OrderedDict[str, ToolOutcome] = OrderedDict()
+        self._inits: OrderedDict[str, int] = OrderedDict()  # claude session id → first seq
+        self._looked_up: set[str] = set()
+        self._lookups = 0
+
+    # Learning -----------------------------------------------------------------------
+
+    def observe(self, event: Event) -> None:
+        """Learn the tool calls and results in one event. Never raises."""
+        try:
+            self._observe(event)
+        except Exception:
+            log.exception("tool index: could not observe event %s", getattr(event, "seq", "?"))
+
+    def _observe(self, event: Event) -> None:
+        if event.source != Event.Source.AGENT:
+            return
+        data = event.data
+        if data is None:
+            return
+        kind = data.get("type")
+        if kind == "assistant":
+            for block in _content_blocks(data):
+                if block.get("type") in ("tool_use", "server_tool_use", "mcp_tool_use"):
+                    self._add_tool(block, event.seq)
+                elif _str(block, "tool_use_id"):  # server tool results live in assistant turns
+                    self._add_result(block, event.seq)
+        elif kind == "user":
+            for block in _content_blocks(data):
+                if block.get("type") == "tool_result" or _str(block, "tool_use_id"):
+                    self._add_result(block, event.seq)
+        elif kind == "system" and data.get("subtype") == "init":
+            session_id = _str(data, "session_id")
+            if session_id and session_id not in self._inits:
+                self._put(self._inits, session_id, event.seq)
+
+    def _add_tool(self, block: dict[str, Any], seq: int) -> None:
+        tool_id = _str(block, "id")
+        if not tool_id:
+            return
+        name = _str(block, "name") or "tool"
+        ref = ToolRef(tool_id, one_line(name, 60), _tool_summary(name, _dict(block, "input")), seq)
+        self._put(self._tools, tool_id, ref)
+
+    def _add_result(self, block: dict[str, Any], seq: int) -> None:
+        tool_id = _str(block, "tool_use_id")
+        if tool_id:
+            self._put(self.results, tool_id, ToolOutcome(seq, block.get("is_error") is True))
+
+    def _put(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.MAX_ENTRIES:
+            table.popitem(last=False)
+
+    # Asking -------------------------------------------------------------------------
+
+    def get(self, tool_use_id: str) -> ToolRef | None:
+        return self._tools.get(tool_use_id)
+
+    def resolve(self, event: Event, tool_use_id: str) -> ToolRef | None:
+        """The call a result (or a subagent message) refers to, from memory or the database."""
+        ref = self._tools.get(tool_use_id)
+        if ref is None and self._may_look_up(tool_use_id):
+            self._load_matching(event.session_id, tool_use_id, seq_lt=event.seq, kind="assistant")
+            ref = self._tools.get(tool_use_id)
+        return ref
+
+    def status(self, event: Event, ref: ToolRef) -> ToolStatus:
+        outcome = self.results.get(ref.id)
+        if outcome is not None:
+            return ToolStatus(ref.dom_id, "error" if outcome.is_error else "done", outcome.seq)
+        session = _cached_session(event)
+        if session is not None and not session.is_live:
+            return ToolStatus(ref.dom_id, "missing")
+        return ToolStatus(ref.dom_id, "running")
+
+    def first_init_seq(self, session_id: str) -> int | None:
+        return self._inits.get(session_id)
+
+    def _may_look_up(self, tool_use_id: str) -> bool:
+        if tool_use_id in self._looked_up or self._lookups >= self.MAX_LOOKUPS:
+            return False
+        self._looked_up.add(tool_use_id)
+        self._lookups += 1
+        return True
+
+    def _load_matching(
+        self,
+        session_id: Any,
+        tool_use_id: str,
+        *,
+        kind: str,
+        seq_lt: int | None = None,
+        seq_gt: int | None = None,
+    ) -> None:
+        """Observe the few stored events whose raw line mentions this id (a cheap text
+        filter; observing them checks properly)."""
+        try:
+            events = Event.objects.filter(
+                session_id=session_id,
+                source=Event.Source.AGENT,
+                type=kind,
+                raw__contains=json.dumps(tool_use_id),
+            )
+            if seq_lt is not None:
+                events = events.filter(
+                    seq__lt=seq_lt, seq__gte=seq_lt - self.LOOKUP_WINDOW
+                ).order_by("-seq")
+            if seq_gt is not None:
+                events = events.filter(
+                    seq__gt=seq_gt, seq__lte=seq_gt + self.LOOKUP_WINDOW
+                ).order_by("seq")
+            for found in events[:3]:
+                self._observe(found)
+        except Exception:
+            # E.g. called from async code, or the database is gone: render without pairing.
+            log.warning("tool index: look-up of %r failed", tool_use_id[:80], exc_info=True)
+
+    @classmethod
+    def for_session(cls, session: AgentSession, events: Iterable[Event]) -> ToolIndex:
+        """The index a page render needs for `events` (a slice of the session's events):
+        what they hold, plus calls and results that lie outside the slice."""
+        index = cls()
+        events = list(events)
+        for event in events:
+            index.observe(event)
+        if not events:
+            return index
+        last_seq = max(event.seq for event in events)
+        # Results whose call is older than the slice.
+        for event in events:
+            for tool_id in index._result_ids(event):
+                if tool_id not in index._tools and index._may_look_up(tool_id):
+                    index._load_matching(session.id, tool_id, seq_lt=event.seq, kind="assistant")
+        # Calls whose result is newer than the slice (loading older pages).
+        if last_seq < session.next_seq - 1:
+            for ref in list(index._tools.values()):
+                if ref.id not in index.results and index._may_look_up(ref.id):
+                    index._load_matching(session.id, ref.id, seq_gt=last_seq, kind="user")
+        return index
+
+    @staticmethod
+    def _result_ids(event: Event) -> list[str]:
+        data = event.data
+        if event.source != Event.Source.AGENT or data is None or data.get("type") != "user":
+            return []
+        return [
+            _str(block, "tool_use_id")
+            for block in _content_blocks(data)
+            if _str(block, "tool_use_id")
+        ]
+
+
+def _cached_session(event: Event) -> AgentSession | None:
+    """The event's session if already loaded: rendering must not query just for a badge."""
+    return event.session if Event.session.is_cached(event) else None
