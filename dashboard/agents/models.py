@@ -1,8 +1,8 @@
 """Sandboxes, agent sessions and their recorded events.
 
 An `Event` is stored once, in order: `(session, seq)` is unique and `seq` is gap-free per
-session. That unique pair is also the fence between bridges: a bridge that lost its lease
-cannot write, because the next owner already took the seq it would use.
+session. The unique pair guards order only; the fence between bridges is the lease epoch
+on the session row, checked inside every write (leases.py).
 """
 
 from __future__ import annotations
@@ -109,9 +109,12 @@ class AgentSession(models.Model):
     last_event_at = models.DateTimeField(null=True, blank=True)
     # The next seq to assign; only the bridge holding the lease advances it.
     next_seq = models.PositiveBigIntegerField(default=1)
-    # The bridge lease: which worker holds the upstream socket, and until when.
+    # The bridge lease (leases.py): which worker holds the upstream socket, until when (by
+    # the database's clock), and the epoch every claim advances: the fence. A bridge's
+    # writes and upstream sends carry its epoch and are refused once it moved on.
     bridge_owner = models.CharField(max_length=64, blank=True)
     bridge_lease_until = models.DateTimeField(null=True, blank=True)
+    bridge_epoch = models.PositiveBigIntegerField(default=0)
     kill_requested = models.BooleanField(default=False)
 
     class Meta:
