@@ -6,8 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from django.utils.safestring import SafeString, mark_safe
+
+from dashboard.agents import markdown
 from dashboard.agents.markdown import render_markdown
 from dashboard.agents.models import Event
+from dashboard.agents.rendering import budget
 from dashboard.agents.rendering.base import (
     DISPLAY_CAP,
     MAX_BLOCKS,
@@ -50,9 +54,20 @@ def _inside(event: Event, data: dict[str, Any], tools: ToolIndex) -> ToolRef | N
     return tools.resolve(event, parent) or ToolRef(parent, "Task", "", None)
 
 
+def _markdown(clipped: Clipped) -> SafeString | None:
+    """Sanitised markdown for `clipped`, or None when formatting it would overrun the
+    event's (or the page's) work budget: the caller shows it as plain text then."""
+    if not budget.current().spend(markdown.work(clipped.text)):
+        return None
+    return render_markdown(clipped.text)
+
+
 def _text_block(text: str) -> TextBlock:
     clipped = clip(text, DISPLAY_CAP)
-    return TextBlock(render_markdown(clipped.text), clipped.truncated, clipped.total)
+    html = _markdown(clipped)
+    if html is None:
+        return TextBlock(mark_safe(""), clipped.truncated, clipped.total, plain=clipped)
+    return TextBlock(html, clipped.truncated, clipped.total)
 
 
 def _tool_use_block(event: Event, block: dict[str, Any], tools: ToolIndex) -> ToolUseBlock:
@@ -188,6 +203,8 @@ def _blocks(event: Event, content: Any, tools: ToolIndex) -> list[Block]:
         return [_text_block(content)]
     blocks: list[Block] = []
     for block in content[:MAX_BLOCKS] if isinstance(content, list) else []:
+        if budget.current().exhausted:
+            break
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             blocks.append(_text_block(_str(block, "text")))
@@ -216,8 +233,8 @@ def _message(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
     only_results = bool(blocks) and all(isinstance(b, ToolResultBlock) for b in blocks)
     label = "tool result" if only_results else role
     item = _item(event, "message", label, inside=_inside(event, data, tools), blocks=blocks)
-    if isinstance(content, list) and len(content) > MAX_BLOCKS:
-        item.detail["more_blocks"] = len(content) - MAX_BLOCKS
+    if isinstance(content, list) and len(content) > len(blocks):
+        item.detail["more_blocks"] = len(content) - len(blocks)
     error = _str(data, "error")  # the SDK marks failed assistant turns (auth, rate limit…)
     if error:
         item.is_error, item.text = True, clip(error, SUMMARY_CAP * 2)
@@ -325,7 +342,7 @@ def _result(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
         level="error" if is_error else "ok",
         pairs=[(k, v) for k, v in facts if v],
         inside=_inside(event, data, tools),
-        html=render_markdown(clipped.text) if text else None,
+        html=_markdown(clipped) if text else None,
         text=clipped if text else None,
         detail={"errors": errors},
     )

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from dashboard.agents.rendering import budget
+
 # Characters shown before a payload is cut, with a "show full" link to the raw line.
 DISPLAY_CAP = 20_000  # prose: assistant text, thinking, result text
 TOOL_CAP = 4_000  # tool inputs and results, stderr lines, JSON cards
@@ -115,7 +117,8 @@ class Clipped:
 
 
 def clip(text: str, cap: int = TOOL_CAP) -> Clipped:
-    text = clean_text(text)
-    if len(text) <= cap:
-        return Clipped(text, len(text), False)
-    return Clipped(text[:cap], len(text), True)
+    """At most `cap` characters of `text`, and no more than the event's budget has left."""
+    shown = budget.current().take_shown(min(len(text), cap))
+    if len(text) <= shown:
+        return Clipped(clean_text(text), len(text), False)
+    return Clipped(clean_text(text[:shown]), len(text), True)

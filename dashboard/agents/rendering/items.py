@@ -30,6 +30,8 @@ class TextBlock:
     html: SafeString  # sanitised markdown
     truncated: bool = False
     total: int = 0
+    # Text past the event's work budget: shown as it is (escaped), not formatted.
+    plain: Clipped | None = None
     kind: str = "text"
 
 

@@ -18,9 +18,10 @@ def _actor_name(event: Event) -> str:
     if event.actor_id is None:
         return "someone"
     try:
-        return clean_text(event.actor.get_username())
+        actor = event.actor
     except ObjectDoesNotExist:  # deleted between the event's load and now
-        return "a deleted user"
+        actor = None
+    return clean_text(actor.get_username()) if actor is not None else "a deleted user"
 
 
 def _dashboard(event: Event, data: dict[str, Any]) -> EventItem:

@@ -14,6 +14,7 @@ from django.utils.safestring import SafeString, mark_safe
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering.agent import _agent
 from dashboard.agents.rendering.base import clip
+from dashboard.agents.rendering.budget import event_budget
 from dashboard.agents.rendering.items import EventItem, _generic, _item
 from dashboard.agents.rendering.porthole import _bridge, _dashboard
 from dashboard.agents.rendering.tools import ToolIndex
@@ -40,6 +41,11 @@ def _describe(event: Event, tools: ToolIndex) -> EventItem:
 
 def describe(event: Event, tools: ToolIndex) -> EventItem:
     """What the templates need to show `event`. Never raises."""
+    with event_budget(tools.page_budget):
+        return _describe_safely(event, tools)
+
+
+def _describe_safely(event: Event, tools: ToolIndex) -> EventItem:
     try:
         return _describe(event, tools)
     except Exception:

@@ -13,6 +13,7 @@ from typing import Any
 
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering.base import _dict, _list, _str, accent, clean_text, dom_id, one_line
+from dashboard.agents.rendering.budget import PageBudget
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ class ToolIndex:
         self._inits: OrderedDict[str, int] = OrderedDict()  # claude session id → first seq
         self._looked_up: set[str] = set()
         self._lookups = 0
+        # Shared by the events of one page render (see `budget`); None for the bridge's
+        # long-lived index, whose events each render once.
+        self.page_budget: PageBudget | None = None
 
     # Learning -----------------------------------------------------------------------
 
@@ -225,6 +229,7 @@ class ToolIndex:
             index.observe(event)
         if not events:
             return index
+        index.page_budget = PageBudget()
         last_seq = max(event.seq for event in events)
         # Results whose call is older than the slice.
         for event in events:
