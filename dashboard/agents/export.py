@@ -4,8 +4,10 @@
 Both walk the events once and yield as they go, so a view can stream a long session
 without holding it in memory. The JSON export is lossless: each event as parsed, or its raw
 text when it was not a JSON object. The Markdown one is for people: prompts, text, tool
-calls and capped tool results; the content is the agent's and is not sanitised here, only
-fenced so that it cannot break the document's structure.
+calls and capped tool results. Everything a sandbox (or a person) wrote is hostile: inside
+code fences it stays as written (a fence shows it verbatim in any CommonMark renderer), and
+outside them it is made inert (`safe_markdown`), so that the file is safe to open in a
+renderer that passes raw HTML through.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist
+from markdown_it import MarkdownIt
 
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering import ToolIndex, clean_text, one_line, pretty_json
@@ -28,6 +31,90 @@ RESULT_CAP = 2_000
 INPUT_CAP = 4_000
 
 _BACKTICKS = re.compile(r"`+")
+
+
+# ---------------------------------------------------------------------------------------
+# Making text inert outside code fences
+
+# Link schemes a renderer may turn into a working link or image.
+SAFE_SCHEMES = frozenset({"http", "https", "mailto"})
+_LINK_TARGET = re.compile(r"\]\(([^)]{0,200})")
+_REFERENCE = re.compile(r"^( {0,3})\[(?=[^\]\n]*\]:)", re.MULTILINE)
+_SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):")
+_PARSER = MarkdownIt("commonmark")
+
+
+def _unsafe_target(target: str) -> bool:
+    # What a lenient renderer may read as the URL: no whitespace, no escapes, any case.
+    probe = re.sub(r"[\s\\\x00-\x1f]", "", target).lower()
+    scheme = _SCHEME.match(probe)
+    return bool(scheme) and scheme.group(1) not in SAFE_SCHEMES
+
+
+def _inert(text: str) -> str:
+    """Prose that no renderer turns into HTML or a dangerous link.
+
+    `&` and `<` become entities: no tag, comment, autolink or entity trick survives (code
+    spans too: an HTML tag takes precedence over a code span in CommonMark, so a span is no
+    shelter). A link whose target has a scheme other than http(s)/mailto loses its `(`, and
+    every link reference definition its `[`, so neither is a link any more.
+    """
+    text = text.replace("&", "&amp;").replace("<", "&lt;")
+    text = _LINK_TARGET.sub(
+        lambda m: "]\\(" + m.group(1) if _unsafe_target(m.group(1)) else m.group(0), text
+    )
+    return _REFERENCE.sub(r"\1\\[", text)
+
+
+def _closes(line: str, markup: str) -> bool:
+    closing = rf" {{0,3}}{re.escape(markup[0])}{{{len(markup)},}}[ \t]*"
+    return re.fullmatch(closing, line) is not None
+
+
+def safe_markdown(text: str) -> str:
+    """Hostile markdown made inert outside its code blocks, and unable to leave one open.
+
+    CommonMark itself (markdown-it) says which lines are code: inside fenced and indented
+    code blocks the text stays as written, since every renderer shows it verbatim; every
+    other line goes through `_inert`. A fence left open at the end is closed here, or it
+    would swallow, and then unfence, whatever follows it in the transcript.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    verbatim = [False] * len(lines)
+    close = ""
+    for token in _PARSER.parse(text):
+        if token.type not in ("fence", "code_block") or token.map is None:
+            continue
+        start, end = token.map
+        if token.type == "fence":
+            start += 1  # the opening line (and its info string) is markup, not code
+            if end - 1 > start - 1 and _closes(lines[end - 1], token.markup):
+                end -= 1
+            elif token.level == 0 and end >= len(lines):
+                close = token.markup
+        for index in range(start, min(end, len(lines))):
+            verbatim[index] = True
+    out: list[str] = []
+    prose: list[str] = []
+    for line, keep in zip(lines, verbatim, strict=True):
+        if keep:
+            if prose:
+                out.append(_inert("\n".join(prose)))
+                prose = []
+            out.append(line)
+        else:
+            prose.append(line)
+    if prose:
+        out.append(_inert("\n".join(prose)))
+    if close:
+        out.append(close)
+    return "\n".join(out)
+
+
+def plain(text: str, limit: int = 200) -> str:
+    """One line of hostile text (a title, a name, a message), inert in any renderer."""
+    return _inert(one_line(clean_text(text), limit))
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,7 +199,8 @@ def _capped(text: str, cap: int, seq: int) -> tuple[str, str]:
 
 
 def _quote(text: str) -> str:
-    return "".join(f"> {line}\n" if line else ">\n" for line in clean_text(text).splitlines())
+    text = safe_markdown(clean_text(text))
+    return "".join(f"> {line}\n" if line else ">\n" for line in text.split("\n"))
 
 
 def _header(session: AgentSession) -> str:
@@ -122,27 +210,27 @@ def _header(session: AgentSession) -> str:
             session.get_status_display()
             + (f" (exit code {session.exit_code})" if session.exit_code is not None else ""),
         ),
-        ("Model", session.model or "agent default"),
+        ("Model", plain(session.model) or "agent default"),
         ("Cost", f"${session.total_cost_usd:.4f}"),
         ("Turns", str(session.num_turns)),
         ("Tokens", f"{session.input_tokens:,} in, {session.output_tokens:,} out"),
         (
             "Started",
             session.started_at.isoformat()
-            + (f" by {session.started_by.get_username()}" if session.started_by else ""),
+            + (f" by {plain(session.started_by.get_username())}" if session.started_by else ""),
         ),
         ("Sandbox", inline_code(session.sandbox.upstream_id)),
         ("Agent session", inline_code(session.upstream_id)),
     ]
     if session.claude_session_id:
         facts.append(("Claude session", inline_code(session.claude_session_id)))
-    title = one_line(clean_text(session.title), 200) or "(untitled)"
+    title = plain(session.title) or "(untitled)"
     lines = [f"# {title}\n\n"] + [f"- **{key}:** {value}\n" for key, value in facts]
     return "".join(lines) + "\n---\n\n"
 
 
 def _who(event: Event) -> str:
-    return _actor(event) or "someone"
+    return plain(_actor(event) or "someone")
 
 
 def _blocks(data: dict[str, Any]) -> list[Any]:
@@ -174,7 +262,7 @@ def _message_md(event: Event, data: dict[str, Any], tools: ToolIndex) -> str:
     prefix = ""
     if isinstance(inside, str) and inside:
         ref = tools.get(inside)
-        prefix = f" *(inside {ref.name if ref else 'a subagent'})*"
+        prefix = f" *(inside {plain(ref.name) if ref else 'a subagent'})*"
     out = []
     for block in _blocks(data):
         if not isinstance(block, dict):
@@ -182,6 +270,7 @@ def _message_md(event: Event, data: dict[str, Any], tools: ToolIndex) -> str:
         kind = block.get("type")
         if kind == "text":
             text, note = _capped(str(block.get("text", "")), 50_000, event.seq)
+            text = safe_markdown(text)
             who = "Assistant" if data.get("type") == "assistant" else "User"
             out.append(f"**{who}:**{prefix}\n\n{text}\n\n{note}")
         elif kind == "thinking":
@@ -249,8 +338,8 @@ def _result_md(data: dict[str, Any]) -> str:
     if isinstance(usage.get("input_tokens"), int) and isinstance(usage.get("output_tokens"), int):
         facts.append(f"{usage['input_tokens']:,} in / {usage['output_tokens']:,} out tokens")
     errors = data.get("errors") if isinstance(data.get("errors"), list) else []
-    lines = [f"**Result:** {' · '.join(clean_text(f) for f in facts)}\n\n"]
-    lines += [f"- error: {one_line(clean_text(str(e)), 500)}\n" for e in errors[:20]]
+    lines = [f"**Result:** {' · '.join(plain(f) for f in facts)}\n\n"]
+    lines += [f"- error: {plain(str(e), 500)}\n" for e in errors[:20]]
     return "".join(lines) + ("\n" if errors else "") + "---\n\n"
 
 
@@ -271,7 +360,7 @@ def _dashboard_md(event: Event, data: dict[str, Any]) -> str:
             changes = {k: v for k, v in data.items() if k != "type"}
             return f"*{who} changed configuration:*\n\n{fence(pretty_json(changes), 'json')}"
         case "continue":
-            title = one_line(clean_text(str(data.get("title", ""))), 200)
+            title = plain(str(data.get("title", "")))
             return f"*{who} continued in a new session: {title}*\n\n"
     return ""
 
@@ -281,12 +370,12 @@ def _bridge_md(data: dict[str, Any]) -> str:
         case "gap":
             lost = data.get("lost_bytes")
             size = f" ({lost:,} bytes)" if isinstance(lost, int) else ""
-            message = one_line(str(data.get("message", "")))
+            message = plain(str(data.get("message", "")))
             return f"> **Warning:** output was lost{size}: {message}\n\n"
         case "exit":
             return f"*The process exited with code {data.get('code')}.*\n\n"
         case "lost":
-            return f"> **Connection lost:** {one_line(str(data.get('reason', '')))}\n\n"
+            return f"> **Connection lost:** {plain(str(data.get('reason', '')))}\n\n"
     return ""
 
 
@@ -297,13 +386,11 @@ def _agent_md(event: Event, data: dict[str, Any], tools: ToolIndex) -> str:
         case "result":
             return _result_md(data)
         case "error":
-            return (
-                f"> **Agent error:** {one_line(clean_text(str(data.get('message', ''))), 1000)}\n\n"
-            )
+            return f"> **Agent error:** {plain(str(data.get('message', '')), 1000)}\n\n"
         case "interrupted":
             return "*Interrupted.*\n\n"
         case "system" if data.get("subtype") == "init":
-            model = one_line(clean_text(str(data.get("model", ""))), 100)
+            model = plain(str(data.get("model", "")), 100)
             return f"*Session started ({model}).*\n\n"
     return ""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
+from html.parser import HTMLParser
 
 import pytest
 from django.contrib.auth.models import User
@@ -214,3 +216,134 @@ def test_it_exports_deeply_nested_events_without_failing() -> None:
     record = json.loads(line)
     assert record.get("raw") == raw or record["event"]["type"] == "x"
     assert session_markdown(session, session.events.all()).startswith("# ")
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile content: the Markdown file must stay inert in any renderer (issue 10).
+
+HOSTILE_TEXT = "\n".join(
+    [
+        "<script>alert('text')</script>",
+        '<img src=x onerror="alert(1)">',
+        "Hello <b onmouseover=alert(2)>there</b> & <i>you</i>",
+        "[click](javascript:alert(3)) [nl](",
+        "javascript:alert(4)) [ent](jav&#x61;script:alert(5)) [bs](javascript\\:alert(6))",
+        "<javascript:alert(7)> ![img](data:text/html;base64,PHNjcmlwdD4=)",
+        "[ref]: javascript:alert(8)",
+        "",
+        "[ref] and [ok](https://example.org/ok)",
+        "",
+        '`<img src="` onerror=alert(9) x="`">',
+        "",
+        "- item",
+        "  ```",
+        "after the list",
+        "<iframe src=javascript:alert(10)></iframe>",
+        "",
+        "```html",
+        "<div>code stays code</div>",
+        "```",
+        "",
+        "```",
+        "an unclosed fence",
+    ]
+)
+
+
+def _hostile_session() -> AgentSession:
+    session = make_session(
+        title="<img src=x onerror=\"alert('title')\">", model="<script>alert('model')</script>"
+    )
+    user = User.objects.create_user("mallory")
+    add_event(session, "dashboard", {"type": "prompt", "text": HOSTILE_TEXT}, actor=user)
+    add_event(session, "agent", {"type": "system", "subtype": "init", "model": "<svg onload=x>"})
+    add_event(
+        session,
+        "agent",
+        {
+            "type": "assistant",
+            "message": {
+                "content": [
+                    {"type": "text", "text": HOSTILE_TEXT},
+                    {"type": "tool_use", "id": "t1", "name": "<svg onload=alert(11)>", "input": {}},
+                ]
+            },
+        },
+    )
+    # Inside the tool above, a result whose fence is longer than the agent's unclosed one.
+    add_event(
+        session,
+        "agent",
+        {
+            "type": "user",
+            "parent_tool_use_id": "t1",
+            "message": {
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "t1",
+                        "content": "```\n<script>alert('result')</script>",
+                    },
+                    {"type": "text", "text": "<object data=javascript:alert(12)>"},
+                ]
+            },
+        },
+    )
+    add_event(
+        session,
+        "agent",
+        {
+            "type": "result",
+            "subtype": "<marquee>",
+            "errors": ["<img src=x onerror=alert(13)>"],
+        },
+    )
+    add_event(session, "agent", {"type": "error", "message": "<script>alert(14)</script>"})
+    add_event(session, "bridge", {"type": "gap", "message": "<img src=x onerror=alert(15)>"})
+    add_event(session, "bridge", {"type": "lost", "reason": "<img src=x onerror=alert(16)>"})
+    cont = {"type": "continue", "title": "<script>alert(17)</script>"}
+    add_event(session, "dashboard", cont, actor=user)
+    return session
+
+
+SAFE_TAGS = {
+    "h1", "h3", "p", "strong", "em", "ul", "ol", "li", "hr", "blockquote", "pre", "code", "a",
+    "img", "br",
+}  # fmt: skip
+
+
+class _Elements(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[str, list[tuple[str, str | None]]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.found.append((tag, attrs))
+
+
+def _elements(html: str) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    parser = _Elements()
+    parser.feed(html)
+    return parser.found
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("preset", ["commonmark", "default"])
+def test_it_writes_markdown_that_stays_inert_in_a_permissive_renderer(preset: str) -> None:
+    session = _hostile_session()
+    text = session_markdown(session, session.events.order_by("seq"))
+    # A renderer that passes raw HTML through and accepts every link scheme.
+    renderer = MarkdownIt(preset, {"html": True})
+    renderer.validateLink = lambda url: True  # type: ignore[method-assign]
+    html = renderer.render(text)
+    for tag, attrs in _elements(html):
+        assert tag in SAFE_TAGS, (tag, attrs)
+        for name, value in attrs:
+            assert not name.startswith("on"), (tag, name)
+            scheme = re.match(r"\s*([a-zA-Z][a-zA-Z0-9+.-]*):", value or "")
+            if name in ("href", "src") and scheme:
+                assert scheme.group(1).lower() in ("https", "http", "mailto"), (tag, value)
+    # Readable still: code in the agent's fences stays code, the safe link stays a link.
+    assert '<pre><code class="language-html">&lt;div&gt;code stays code&lt;/div&gt;' in html
+    assert '<a href="https://example.org/ok">ok</a>' in html
+    assert "Hello &lt;b" in html
