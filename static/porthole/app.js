@@ -61,11 +61,47 @@
       // Tell the consumer what we hold; it replays what we missed, then goes live.
       evt.detail.socketWrapper.sendImmediately(JSON.stringify({ last_seq: lastSeq(root) }));
     }
+    openedAt = Date.now();
     setConnection("live", "live");
   });
 
-  document.addEventListener("htmx:wsClose", function () {
+  // -- reconnecting ----------------------------------------------------------------------------
+  // htmx's ws extension reopens a socket only after 1006, 1011, 1012 and 1013; a clean close
+  // (1000 from a proxy or Daphne's socket timeout, 1001, 1005, ...) would leave the page
+  // frozen. Every other close is retried here, with capped exponential backoff and full
+  // jitter, except a "go away" (4400-4499: access revoked, link expired, signed out). The
+  // new socket's hello carries the last seq held, so the page catches up exactly.
+  var RETRIED_BY_HTMX = [1006, 1011, 1012, 1013];
+  var BACKOFF_BASE_MS = 500;
+  var BACKOFF_CAP_MS = 30000;
+  var STABLE_MS = 10000;  // open this long and the next close starts the backoff afresh
+  var attempts = 0;
+  var openedAt = 0;
+
+  function goAway(code) { return code >= 4400 && code < 4500; }
+
+  function reconnectDelay() {
+    var ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, attempts));
+    attempts += 1;
+    return Math.random() * ceiling;
+  }
+
+  document.addEventListener("htmx:wsClose", function (evt) {
+    var detail = evt.detail || {};
+    var code = detail.event ? detail.event.code : 1006;
+    if (openedAt && Date.now() - openedAt >= STABLE_MS) { attempts = 0; }
+    openedAt = 0;
+    if (goAway(code)) {
+      setConnection("closed", "disconnected: reload to see more");
+      return;
+    }
     setConnection("offline", "reconnecting…");
+    var wrapper = detail.socketWrapper;
+    if (RETRIED_BY_HTMX.indexOf(code) >= 0 || !wrapper || !wrapper.reconnect) { return; }
+    var root = evt.target;
+    window.setTimeout(function () {
+      if (document.body.contains(root)) { wrapper.reconnect(); }
+    }, reconnectDelay());
   });
 
   document.addEventListener("htmx:wsBeforeMessage", function (evt) {

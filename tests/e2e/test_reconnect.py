@@ -1,0 +1,157 @@
+"""A session page keeps up after any close of its socket, except an explicit "go away".
+
+Between the browser and Porthole sits a proxy that knows where WebSocket frames end, so it
+can end a page's socket the way a server, Daphne's socket timeout or a proxy does: a clean
+close frame with a chosen code, at a frame boundary, then the end of the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Browsing, CuttableProxy, Porthole, require_browser
+
+require_browser()
+
+from playwright.sync_api import expect  # noqa: E402
+
+from tests.e2e.test_browser import agent_text, badge, seqs, session_path, start_session  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+
+class ClosingProxy(CuttableProxy):
+    """`close_websockets(code)` sends every page's socket a close frame with `code`."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._browsers: dict[asyncio.StreamWriter, asyncio.StreamWriter] = {}
+
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        kind: dict[str, bool],
+        *,
+        upstream: bool,
+    ) -> None:
+        if upstream:
+            await super()._pipe(reader, writer, kind, upstream=upstream)
+            return
+        # The server answers only once the request went up, so `kind` is known by then.
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, OSError):
+            writer.transport.abort()
+            return
+        writer.write(head)
+        if kind.get("websocket") and head.startswith(b"HTTP/1.1 101"):
+            await self._frames(reader, writer)
+        else:
+            await super()._pipe(reader, writer, kind, upstream=upstream)
+
+    async def _frames(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Server to browser on a WebSocket: whole frames only, so that a close frame can be
+        slipped in between two of them."""
+        self._browsers[writer] = writer
+        try:
+            while True:
+                frame = await reader.readexactly(2)
+                length = frame[1] & 0x7F
+                if length == 126:
+                    extra = await reader.readexactly(2)
+                    length = struct.unpack("!H", extra)[0]
+                    frame += extra
+                elif length == 127:
+                    extra = await reader.readexactly(8)
+                    length = struct.unpack("!Q", extra)[0]
+                    frame += extra
+                frame += await reader.readexactly(length)
+                if writer not in self._browsers:
+                    return  # closed by the proxy: nothing more reaches the browser
+                writer.write(frame)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            if self._browsers.pop(writer, None) is not None:
+                writer.transport.abort()
+
+    def _close_all(self, code: int) -> None:
+        for browser in list(self._browsers):
+            self._browsers.pop(browser)
+            # 1005 means "no code": it is never sent, the close frame is empty instead.
+            payload = b"" if code == 1005 else struct.pack("!H", code)
+            browser.write(bytes([0x88, len(payload)]) + payload)
+            browser.close()  # the close frame, then the end of the connection
+        for writer in list(self._writers):  # and the server's side of every connection
+            if writer.transport.get_extra_info("peername", ("", 0))[1] == self.target_port:
+                writer.transport.abort()
+
+    def close_websockets(self, code: int) -> None:
+        self._call(lambda: self._close_all(code))
+
+
+@pytest.fixture
+def closing_proxy(porthole: Porthole, browsing: Browsing) -> Iterator[ClosingProxy]:
+    port = int(porthole.url.rsplit(":", 1)[1])
+    proxy = ClosingProxy(port).start()
+    try:
+        yield proxy
+        browsing.finish()
+    finally:
+        proxy.close()
+
+
+def _watch_through(browsing: Browsing, proxy: ClosingProxy, path: str) -> Any:
+    viewer = browsing.new_page()
+    viewer.goto(f"http://127.0.0.1:{proxy.port}{path}")
+    expect(viewer.locator("#connection")).to_have_attribute("data-state", "live")
+    return viewer
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1005])
+def test_it_reconnects_after_a_normal_close_and_catches_up(
+    browsing: Browsing, closing_proxy: ClosingProxy, code: int
+) -> None:
+    witness = browsing.new_page()  # straight to the server
+    start_session(witness, "sleep 6\nAll done")
+    path = session_path(witness)
+    viewer = _watch_through(browsing, closing_proxy, path)
+    expect(agent_text(viewer, "Still working: 1 s")).to_be_visible()
+
+    closing_proxy.close_websockets(code)
+    viewer.wait_for_function(f"() => window.__wsClosed.includes({code})")
+
+    # Later events still arrive: the page opened a new socket and caught up by seq.
+    expect(agent_text(viewer, "All done")).to_be_visible()
+    expect(badge(viewer)).to_have_text("Idle")
+    expect(viewer.locator("#connection")).to_have_attribute("data-state", "live")
+    assert viewer.evaluate("window.__wsOpened") >= 2
+    expect(badge(witness)).to_have_text("Idle")
+    timeline = seqs(viewer)
+    assert len(timeline) == len(set(timeline)) and timeline == sorted(timeline), timeline
+    assert timeline == seqs(witness)
+
+
+def test_it_stays_away_when_told_to_go_away(
+    browsing: Browsing, closing_proxy: ClosingProxy
+) -> None:
+    witness = browsing.new_page()
+    start_session(witness, "sleep 4\nAll done")
+    viewer = _watch_through(browsing, closing_proxy, session_path(witness))
+    opened = viewer.evaluate("window.__wsOpened")
+
+    closing_proxy.close_websockets(4403)  # a revoked link, a removed role
+    viewer.wait_for_function("() => window.__wsClosed.includes(4403)")
+    expect(viewer.locator("#connection")).to_have_attribute("data-state", "closed")
+    # The agent finishes meanwhile; the page that was told to go away does not come back.
+    expect(agent_text(witness, "All done")).to_be_visible()
+    expect(badge(witness)).to_have_text("Idle")
+    assert viewer.evaluate("window.__wsOpened") == opened
+    expect(agent_text(viewer, "All done")).to_have_count(0)
