@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.core.exceptions import ObjectDoesNotExist
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from markdown_it import MarkdownIt
 
 from dashboard.agents.models import AgentSession, Event
@@ -406,20 +409,164 @@ def _event_md(event: Event, tools: ToolIndex) -> str:
     return _agent_md(event, data, tools)
 
 
+class _Transcript:
+    """Markdown pieces for events handed in order, in as many batches as the caller likes
+    (tool calls are paired with their results across batches)."""
+
+    def __init__(self, session: AgentSession) -> None:
+        self.session = session
+        self.tools = ToolIndex()
+
+    def header(self) -> str:
+        return clean_text(_header(self.session))
+
+    def pieces(self, events: Iterable[Event]) -> Iterator[str]:
+        for event in events:
+            self.tools.observe(event)
+            try:
+                piece = _event_md(event, self.tools)
+            except Exception:  # hostile data must not cut a download short
+                log.exception("markdown export: event %s of session %s", event.seq, self.session.id)
+                piece = f"*(event {event.seq} could not be shown; it is in the JSON export)*\n\n"
+            if piece:
+                yield clean_text(piece)
+
+
 def iter_session_markdown(session: AgentSession, events: Iterable[Event]) -> Iterator[str]:
     """The transcript in pieces (a header, then one piece per event that shows)."""
-    yield clean_text(_header(session))
-    tools = ToolIndex()
-    for event in events:
-        tools.observe(event)
-        try:
-            piece = _event_md(event, tools)
-        except Exception:  # hostile data must not cut a download short
-            log.exception("markdown export: event %s of session %s", event.seq, session.id)
-            piece = f"*(event {event.seq} could not be shown; it is in the JSON export)*\n\n"
-        if piece:
-            yield clean_text(piece)
+    transcript = _Transcript(session)
+    yield transcript.header()
+    yield from transcript.pieces(events)
 
 
 def session_markdown(session: AgentSession, events: Iterable[Event]) -> str:
     return "".join(iter_session_markdown(session, events))
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming a download
+#
+# Under ASGI, Django buffers a StreamingHttpResponse whose content is a plain iterator in
+# full before sending a byte (it cannot iterate it on the event loop). The downloads are
+# async iterators instead: a bounded chunk of events is read and written out in a thread,
+# sent, and only then is the next one read. Memory is one chunk whatever the session's
+# length, and the first bytes leave after the first chunk.
+
+EXPORT_CHUNK = 500
+# Downloads one person may run at once in one worker process; more are answered 429.
+MAX_EXPORTS_PER_USER = 2
+
+
+def _events_after(session_id: object, after: int, limit: int) -> list[Event]:
+    return list(
+        Event.objects.filter(session_id=session_id, seq__gt=after)
+        .select_related("actor")
+        .order_by("seq")[:limit]
+    )
+
+
+def _jsonl_chunk(session: AgentSession, after: int, limit: int) -> tuple[int, int, str]:
+    events = _events_after(session.pk, after, limit)
+    text = "".join(line + "\n" for line in session_jsonl(session, events))
+    return (events[-1].seq if events else after), len(events), text
+
+
+def _markdown_chunk(transcript: _Transcript, after: int, limit: int) -> tuple[int, int, str]:
+    events = _events_after(transcript.session.pk, after, limit)
+    return (events[-1].seq if events else after), len(events), "".join(transcript.pieces(events))
+
+
+async def _chunked(
+    render: Callable[[int, int], tuple[int, int, str]], chunk: int
+) -> AsyncIterator[str]:
+    after = 0
+    while True:
+        after, count, text = await database_sync_to_async(render)(after, chunk)
+        if text:
+            yield text
+        if count < chunk:
+            return
+
+
+async def stream_jsonl(session: AgentSession, chunk: int = EXPORT_CHUNK) -> AsyncIterator[str]:
+    """The JSONL export, `chunk` events per database query."""
+    async for text in _chunked(lambda after, limit: _jsonl_chunk(session, after, limit), chunk):
+        yield text
+
+
+async def stream_markdown(session: AgentSession, chunk: int = EXPORT_CHUNK) -> AsyncIterator[str]:
+    """The Markdown export, `chunk` events per database query; the header comes first."""
+    transcript = _Transcript(session)
+    yield transcript.header()
+    async for text in _chunked(
+        lambda after, limit: _markdown_chunk(transcript, after, limit), chunk
+    ):
+        yield text
+
+
+class ExportSlots:
+    """How many downloads each person has running in this process."""
+
+    def __init__(self, per_user: int) -> None:
+        self.per_user = per_user
+        self.running: Counter[object] = Counter()
+
+    def take(self, who: object) -> Callable[[], None] | None:
+        """A release function when `who` may start one more, else None."""
+        if self.running[who] >= self.per_user:
+            return None
+        self.running[who] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.running[who] -= 1
+                if self.running[who] <= 0:
+                    del self.running[who]
+
+        return release
+
+
+SLOTS = ExportSlots(MAX_EXPORTS_PER_USER)
+
+
+class _Download(StreamingHttpResponse):
+    """A streamed download that gives its slot back when the server is done with it: at
+    the end, on an error, and when the browser goes away mid-download (Django closes the
+    response in every case, even one never iterated)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._release = release
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._release()
+
+
+def download(
+    request: HttpRequest, session: AgentSession, kind: str, filename: str
+) -> HttpResponseBase:
+    """The session as a streamed `kind` ("jsonl" or "md") download, or a 429 when the person
+    already runs as many as allowed."""
+    release = SLOTS.take(request.user.pk if request.user.is_authenticated else None)
+    if release is None:
+        response = HttpResponse(
+            f"You already have {SLOTS.per_user} downloads running. Wait for one of them to "
+            "finish, then try again.\n",
+            status=429,
+            content_type="text/plain; charset=utf-8",
+        )
+        response["Retry-After"] = "10"
+        return response
+    if kind == "jsonl":
+        content, mime = stream_jsonl(session), "application/x-ndjson; charset=utf-8"
+    else:
+        content, mime = stream_markdown(session), "text/markdown; charset=utf-8"
+    response = _Download(content, release, content_type=mime)
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response

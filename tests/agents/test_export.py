@@ -10,9 +10,12 @@ from decimal import Decimal
 from html.parser import HTMLParser
 
 import pytest
+from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
+from django.test import RequestFactory
 from markdown_it import MarkdownIt
 
+from dashboard.agents import export
 from dashboard.agents.export import (
     RESULT_CAP,
     fence,
@@ -347,3 +350,88 @@ def test_it_writes_markdown_that_stays_inert_in_a_permissive_renderer(preset: st
     assert '<pre><code class="language-html">&lt;div&gt;code stays code&lt;/div&gt;' in html
     assert '<a href="https://example.org/ok">ok</a>' in html
     assert "Hello &lt;b" in html
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming downloads: bounded chunks, lazily, a few at a time per person (issue 11).
+
+
+def _many_events(session: AgentSession, count: int) -> None:
+    Event.objects.bulk_create(
+        Event(
+            session=session,
+            seq=seq,
+            source="agent",
+            type="assistant",
+            raw=json.dumps(
+                {"type": "assistant", "message": {"content": [{"type": "text", "text": f"n{seq}"}]}}
+            ),
+        )
+        for seq in range(1, count + 1)
+    )
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Every query the downloads make: (after, limit, rows returned)."""
+    seen: list[tuple[int, int, int]] = []
+    real = export._events_after
+
+    def spy(session_id: object, after: int, limit: int) -> list[Event]:
+        rows = real(session_id, after, limit)
+        seen.append((after, limit, len(rows)))
+        return rows
+
+    monkeypatch.setattr(export, "_events_after", spy)
+    return seen
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("kind", ["jsonl", "md"])
+async def test_it_streams_a_download_chunk_by_chunk(
+    kind: str, reads: list[tuple[int, int, int]]
+) -> None:
+    session = await database_sync_to_async(make_session)()
+    await database_sync_to_async(_many_events)(session, 1_234)
+    stream = (
+        export.stream_jsonl(session, 100)
+        if kind == "jsonl"
+        else export.stream_markdown(session, 100)
+    )
+    first = await anext(stream)
+    if kind == "md":
+        assert first.startswith("# ") and reads == []  # the header needs no event at all
+        first = await anext(stream)
+    # The first bytes leave after one bounded query, whatever the session's length.
+    assert reads == [(0, 100, 100)]
+    rest = [text async for text in stream]
+    assert all(limit == 100 and rows <= 100 for _, limit, rows in reads)
+    assert [after for after, _, _ in reads] == list(range(0, 1_300, 100))
+    text = first + "".join(rest)
+    if kind == "jsonl":
+        assert [json.loads(line)["seq"] for line in text.splitlines()] == list(range(1, 1_235))
+    else:
+        assert text.count("**Assistant:**") == 1_234 and text.index("n1233") < text.index("n1234")
+
+
+@pytest.mark.django_db
+def test_it_limits_concurrent_downloads_per_person(alice: User, bob: User) -> None:
+    session = make_session()
+    request = RequestFactory().get("/")
+    request.user = alice
+    first = export.download(request, session, "jsonl", "a.jsonl")
+    second = export.download(request, session, "md", "a.md")
+    assert first.status_code == second.status_code == 200
+    refused = export.download(request, session, "jsonl", "a.jsonl")
+    assert refused.status_code == 429
+    assert b"You already have 2 downloads running" in refused.content
+    other = RequestFactory().get("/")
+    other.user = bob
+    bobs = export.download(other, session, "jsonl", "b.jsonl")  # someone else is not held up
+    assert bobs.status_code == 200
+    first.close()  # finished, failed or abandoned: Django closes every response
+    again = export.download(request, session, "jsonl", "a.jsonl")
+    assert again.status_code == 200
+    for response in (second, bobs, again):
+        response.close()
+    assert export.SLOTS.running == {}
