@@ -51,7 +51,7 @@ def _unsafe_target(target: str) -> bool:
     # What a lenient renderer may read as the URL: no whitespace, no escapes, any case.
     probe = re.sub(r"[\s\\\x00-\x1f]", "", target).lower()
     scheme = _SCHEME.match(probe)
-    return bool(scheme) and scheme.group(1) not in SAFE_SCHEMES
+    return scheme is not None and scheme.group(1) not in SAFE_SCHEMES
 
 
 def _inert(text: str) -> str:
@@ -137,9 +137,10 @@ def _actor(event: Event) -> str | None:
     if event.actor_id is None:
         return None
     try:
-        return clean_text(event.actor.get_username())
+        actor = event.actor
     except ObjectDoesNotExist:  # deleted since the event was loaded
         return None
+    return clean_text(actor.get_username()) if actor is not None else None
 
 
 def event_record(event: Event) -> dict[str, Any]:
@@ -337,10 +338,12 @@ def _result_md(data: dict[str, Any]) -> str:
     duration = data.get("duration_ms")
     if isinstance(duration, int | float):
         facts.append(f"{duration / 1000:.1f} s")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     if isinstance(usage.get("input_tokens"), int) and isinstance(usage.get("output_tokens"), int):
         facts.append(f"{usage['input_tokens']:,} in / {usage['output_tokens']:,} out tokens")
-    errors = data.get("errors") if isinstance(data.get("errors"), list) else []
+    errors = data.get("errors")
+    errors = errors if isinstance(errors, list) else []
     lines = [f"**Result:** {' · '.join(plain(f) for f in facts)}\n\n"]
     lines += [f"- error: {plain(str(e), 500)}\n" for e in errors[:20]]
     return "".join(lines) + ("\n" if errors else "") + "---\n\n"
@@ -457,7 +460,7 @@ EXPORT_CHUNK = 500
 MAX_EXPORTS_PER_USER = 2
 
 
-def _events_after(session_id: object, after: int, limit: int) -> list[Event]:
+def _events_after(session_id: Any, after: int, limit: int) -> list[Event]:
     return list(
         Event.objects.filter(session_id=session_id, seq__gt=after)
         .select_related("actor")
@@ -567,6 +570,6 @@ def download(
         content, mime = stream_jsonl(session), "application/x-ndjson; charset=utf-8"
     else:
         content, mime = stream_markdown(session), "text/markdown; charset=utf-8"
-    response = _Download(content, release, content_type=mime)
-    response["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return response
+    streamed = _Download(content, release, content_type=mime)
+    streamed["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return streamed
