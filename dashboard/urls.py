@@ -21,5 +21,6 @@ urlpatterns = [
     # Django admin's own sign-in would bypass the rate limit: it goes through ours.
     path("admin/login/", RateLimitedLoginView.as_view(), name="admin_login"),
     path("admin/", admin.site.urls),
+    path("", include("dashboard.awareness.urls")),
     path("", include("dashboard.agents.urls")),
 ]

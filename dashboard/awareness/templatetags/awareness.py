@@ -1,0 +1,49 @@
+"""Template helpers: money and token formats, the attention badge and the relative cost."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlencode
+
+from django import template
+
+from dashboard.awareness import attention, usage
+
+register = template.Library()
+
+HIGH, LOW = Decimal(3), Decimal("0.34")
+
+
+@register.filter
+def money(value: Any) -> str:
+    return usage.money(Decimal(str(value or 0)))
+
+
+@register.filter
+def tokens(value: Any) -> str:
+    return usage.count(float(value or 0))
+
+
+@register.filter
+def querystring_of(params: dict[str, str]) -> str:
+    return urlencode(params)
+
+
+@register.inclusion_tag("awareness/tags.html#attention")
+def attention_badge(session: Any) -> dict[str, Any]:
+    """Uses the list's annotation when it is there; asks the database otherwise (a live row)."""
+    return {"verdict": attention.of(session)}
+
+
+@register.inclusion_tag("awareness/tags.html#relative-cost")
+def relative_cost(session: Any) -> dict[str, Any]:
+    """The session's cost against the median of the last 30 days, so outliers stand out."""
+    period = usage.period_from({})
+    median = usage.cached_median_cost(period)
+    cost = Decimal(session.total_cost_usd or 0)
+    if median is None or median <= 0 or cost <= 0:
+        return {"ratio": None}
+    ratio = cost / median
+    level = "high" if ratio >= HIGH else "low" if ratio <= LOW else "usual"
+    return {"ratio": ratio, "level": level, "median": median, "period": period}
