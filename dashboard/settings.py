@@ -175,6 +175,8 @@ PORTHOLE_RUN_BRIDGES = env_bool("PORTHOLE_RUN_BRIDGES", True)
 # idle after a turn before it needs attention.
 PORTHOLE_WEBHOOK_URLS = env_list("PORTHOLE_WEBHOOK_URLS", [])
 PORTHOLE_WEBHOOK_SECRET = env_str("PORTHOLE_WEBHOOK_SECRET")
+# Where people reach Porthole (https://porthole.example.org): links in webhooks' messages.
+PORTHOLE_PUBLIC_URL = env_str("PORTHOLE_PUBLIC_URL")
 PORTHOLE_ATTENTION_IDLE_MINUTES = env_int("PORTHOLE_ATTENTION_IDLE_MINUTES", 10, minimum=1)
 
 AUTH_PASSWORD_VALIDATORS = [
