@@ -284,3 +284,17 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M} {self.action} {self.target}"
+
+
+class BridgeWorker(models.Model):
+    """A process that runs bridges (`manage.py bridges` or `serve`), seen every few seconds.
+
+    Lets the web side know whether anything will record a new session, and lets operators
+    see which workers hold which leases (`AgentSession.bridge_owner`)."""
+
+    name = models.CharField(max_length=64, primary_key=True)
+    seen_at = models.DateTimeField()
+    started_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.name
