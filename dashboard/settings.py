@@ -169,6 +169,12 @@ else:
 OPENCOMPUTER_API_URL = env_str("OPENCOMPUTER_API_URL")
 OPENCOMPUTER_API_KEY = env_str("OPENCOMPUTER_API_KEY")
 LOCALSANDBOX_PORT = env_int("LOCALSANDBOX_PORT", 8787, minimum=0)
+# Its isolation (docs/localsandbox.md): bubblewrap per sandbox; unisolated only by this opt-in.
+LOCALSANDBOX_BWRAP = env_str("LOCALSANDBOX_BWRAP", "bwrap")
+LOCALSANDBOX_UNSAFE_NO_ISOLATION = env_bool("LOCALSANDBOX_UNSAFE_NO_ISOLATION", False)
+LOCALSANDBOX_WORKSPACES_DIR = Path(
+    env_str("LOCALSANDBOX_WORKSPACES_DIR", str(Path.home() / ".local/state/porthole/workspaces"))
+).resolve()
 # Whether this process runs bridges (the workers of a team deployment all may; leases decide).
 PORTHOLE_RUN_BRIDGES = env_bool("PORTHOLE_RUN_BRIDGES", True)
 # Team awareness (docs/awareness.md): webhooks added at start-up, and how long a session may sit

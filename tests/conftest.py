@@ -24,7 +24,7 @@ class LocalSandbox:
 
     api_url: str  # ends in /api
     api_key: str
-    data_dir: Path
+    workspaces_dir: Path
     process: subprocess.Popen[str]
     log: list[str]
 
@@ -34,7 +34,7 @@ class LocalSandbox:
 
 
 def start_localsandbox(
-    data_dir: Path,
+    workspaces_dir: Path,
     *,
     api_key: str | None = None,
     extra_args: list[str] | None = None,
@@ -50,8 +50,8 @@ def start_localsandbox(
         "127.0.0.1",
         "--port",
         "0",
-        "--data-dir",
-        str(data_dir),
+        "--workspaces-dir",
+        str(workspaces_dir),
         "--agent",
         "demo",
     ]
@@ -60,6 +60,9 @@ def start_localsandbox(
     proc_env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc_env.pop("ANTHROPIC_API_KEY", None)
     proc_env.pop("LOCALSANDBOX_API_KEY", None)
+    # Isolated, as an operator's would be, whatever the developer's shell says.
+    for name in ("LOCALSANDBOX_UNSAFE_NO_ISOLATION", "LOCALSANDBOX_BWRAP"):
+        proc_env.pop(name, None)
     if key:  # not on the command line, which every process can read
         proc_env["LOCALSANDBOX_API_KEY"] = key
     proc_env.update(env or {})
@@ -89,7 +92,9 @@ def start_localsandbox(
     if not found.wait(timeout) or not url:
         process.kill()
         raise RuntimeError("localsandbox did not start:\n" + "".join(log))
-    return LocalSandbox(api_url=url[0], api_key=key, data_dir=data_dir, process=process, log=log)
+    return LocalSandbox(
+        api_url=url[0], api_key=key, workspaces_dir=workspaces_dir, process=process, log=log
+    )
 
 
 def stop_localsandbox(server: LocalSandbox) -> None:

@@ -7,17 +7,17 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-from .agents.protocol import config_from
+from . import isolation
+from .wrappers.protocol import config_from
 
 AgentName = Literal["claude", "demo"]
 AgentChoice = Literal["auto", "claude", "demo"]
 AGENT_CHOICES: tuple[AgentChoice, ...] = ("auto", "claude", "demo")
 
 # The directory that holds the `dashboard` package, so `-m dashboard.localsandbox...` imports.
-PROJECT_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+PROJECT_ROOT = str(isolation.PROJECT_ROOT)
 # Credentials the Claude wrapper needs; taken from the server unless the sandbox sets them.
 CLAUDE_PASSTHROUGH = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 
@@ -25,7 +25,7 @@ CLAUDE_PASSTHROUGH = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 def claude_available() -> bool:
     return (
         importlib.util.find_spec("claude_agent_sdk") is not None
-        and importlib.util.find_spec("dashboard.localsandbox.agents.claude") is not None
+        and importlib.util.find_spec("dashboard.localsandbox.wrappers.claude") is not None
     )
 
 
@@ -40,7 +40,7 @@ def choose_agent(
 
 
 def agent_argv(agent: AgentName) -> list[str]:
-    return [sys.executable, "-m", f"dashboard.localsandbox.agents.{agent}"]
+    return [sys.executable, "-m", f"dashboard.localsandbox.wrappers.{agent}"]
 
 
 def agent_env(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,5 +96,40 @@ def signal_session(leader: int, signum: int, leader_start_time: int | None) -> N
     if not PROC.is_dir():
         return
     for pid in session_processes(leader):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def descendants(root: int) -> tuple[set[int], set[int]]:
+    """(the direct children of `root`, all its descendants), from one read of /proc."""
+    children: defaultdict[int, list[int]] = defaultdict(list)
+    for entry in process_table():
+        children[entry.ppid].append(entry.pid)
+    found: set[int] = set()
+    pending = [root]
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return set(children.get(root, ())), found
+
+
+def signal_container(monitor: int, signum: int, monitor_start_time: int | None) -> None:
+    """Send `signum` to everything in the bubblewrap container that `monitor` watches.
+
+    `monitor` is bubblewrap outside the container; its child is the container's init (PID 1
+    inside), whose children are the sandbox's processes. Those get `signum` (so an agent can
+    end gracefully on SIGTERM; when its first process ends, init ends and the kernel ends the
+    rest). SIGKILL also goes to init and the monitor: the end of init empties the whole PID
+    namespace at once, which nothing inside can escape.
+    """
+    if leader_pid_reused(monitor, monitor_start_time):
+        return
+    helpers, inside = descendants(monitor)
+    targets = inside - helpers
+    if signum == signal.SIGKILL:
+        targets |= helpers | {monitor}
+    for pid in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signum)

@@ -1,8 +1,11 @@
 """A process started in a sandbox: its pipes, its exit, its stdin and its output hub.
 
-The process runs in its own session (so its own process group): signals go to the whole
-session and its descendants, which is how a kill or a sandbox stop also reaches whatever
-the process started.
+Isolated (the default), the process is bubblewrap running the command in a container of its
+own (see isolation.py): a signal goes to everything inside, and a SIGKILL ends the container's
+PID namespace, which the kernel empties at once, double forks and `setsid` included.
+
+Unisolated (an explicit opt-in), the process runs in its own session (so its own process
+group): signals go to the whole session and its descendants found in /proc.
 
 Exit is watched through a pidfd rather than through the pipes: a background grandchild that
 inherited stdout must not keep the session "running" after its own process has exited.
@@ -21,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .process_tree import signal_session, start_time
+from . import isolation
+from .process_tree import signal_container, signal_session, start_time
 from .streams import STDERR, STDOUT, Chunk, OutputHub
 from .timeutil import utc_now_iso
 
@@ -43,11 +47,123 @@ class SpawnError(Exception):
     """The command could not be started (not found, not executable, bad cwd)."""
 
 
+# How long bubblewrap and the jail may take to say the command is about to run.
+JAIL_START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Jail:
+    """Run the process in a bubblewrap container with this confinement."""
+
+    bwrap: str
+    confinement: isolation.Confinement
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     argv: list[str]
-    cwd: str
+    cwd: str  # as the process sees it (inside the container when jailed)
     env: dict[str, str]
+    jail: Jail | None = None
+
+
+def _start_unjailed(spec: ProcessSpec, command: str) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            spec.argv,
+            cwd=spec.cwd,
+            env=spec.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise SpawnError(f"cannot start {command!r}: {exc}") from exc
+
+
+async def _start_jailed(spec: ProcessSpec, jail: Jail, command: str) -> subprocess.Popen[bytes]:
+    """bubblewrap running the jail, which says on a pipe whether the command will run.
+
+    The command, its environment and limits go to the jail through a memfd rather than
+    bubblewrap's command line or environment: command lines are public on the host, and the
+    sandbox's environment must not reach a process that is still privileged.
+    """
+    spec_fd = _memfd("porthole-sandbox-spec")
+    args_fd = _memfd("porthole-sandbox-args")
+    status_read, status_write = os.pipe()
+    try:
+        _fill(spec_fd, isolation.jail_spec(jail.confinement, spec.argv, spec.env, spec.cwd))
+        bwrap, *options = isolation.bwrap_args(jail.bwrap, jail.confinement)
+        # Through --args, so that the container's PID 1 (bubblewrap) shows the sandbox no host
+        # paths in its command line, and `ps` on the host shows no sandbox's settings.
+        _fill(args_fd, b"".join(option.encode() + b"\0" for option in options))
+        try:
+            popen = subprocess.Popen(
+                [
+                    bwrap,
+                    "--args",
+                    str(args_fd),
+                    "--",
+                    *isolation.jail_command(spec_fd, status_write),
+                ],
+                cwd="/",
+                env={"PATH": isolation.SANDBOX_PATH},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(spec_fd, args_fd, status_write),
+            )
+        except (OSError, ValueError) as exc:
+            raise SpawnError(f"cannot start the sandbox for {command!r}: {exc}") from exc
+    finally:
+        for fd in (spec_fd, args_fd, status_write):
+            os.close(fd)
+    try:
+        status = await asyncio.wait_for(
+            asyncio.to_thread(_read_status, status_read), JAIL_START_TIMEOUT
+        )
+    except TimeoutError:
+        popen.kill()
+        status = "error the sandbox did not start in time"
+    finally:
+        await asyncio.to_thread(os.close, status_read)
+    if status == "exec":
+        return popen
+    popen.kill()
+    stderr = await asyncio.to_thread(_finish_failed, popen)
+    reason = status.removeprefix("error ").strip() or stderr or "the sandbox did not start"
+    raise SpawnError(f"cannot start {command!r}: {reason}")
+
+
+def _memfd(name: str) -> int:
+    return os.memfd_create(name, os.MFD_CLOEXEC)
+
+
+def _fill(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+
+
+def _read_status(fd: int) -> str:
+    """The jail's one status line; "" when the pipe closed first (bubblewrap failed)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _finish_failed(popen: subprocess.Popen[bytes]) -> str:
+    _, stderr = popen.communicate(timeout=10)
+    return stderr.decode(errors="replace").strip()[-500:]
 
 
 class _PipeReader:
@@ -125,6 +241,7 @@ class ExecSession:
         command: str,
         args: list[str],
         popen: subprocess.Popen[bytes],
+        jailed: bool = False,
     ) -> None:
         self.session_id = session_id
         self.sandbox_id = sandbox_id
@@ -136,6 +253,7 @@ class ExecSession:
         self.attached_clients = 0
         self.exited = asyncio.Event()
         self._popen = popen
+        self._jailed = jailed
         self._start_time = start_time(popen.pid)  # to recognise the pid if it is ever reused
         self._loop = asyncio.get_running_loop()
         self._stdin: asyncio.WriteTransport | None = None
@@ -159,19 +277,10 @@ class ExecSession:
         args: list[str],
         timeout: float = 0,
     ) -> ExecSession:
-        try:
-            popen = subprocess.Popen(
-                spec.argv,
-                cwd=spec.cwd,
-                env=spec.env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except (OSError, ValueError) as exc:
-            raise SpawnError(f"cannot start {command!r}: {exc}") from exc
+        if spec.jail is None:
+            popen = _start_unjailed(spec, command)
+        else:
+            popen = await _start_jailed(spec, spec.jail, command)
         session = cls(
             session_id=session_id,
             sandbox_id=sandbox_id,
@@ -179,6 +288,7 @@ class ExecSession:
             command=command,
             args=args,
             popen=popen,
+            jailed=spec.jail is not None,
         )
         await session._connect_stdin()
         session._watch_exit()
@@ -236,7 +346,10 @@ class ExecSession:
 
     def signal(self, signum: int) -> None:
         """Send a signal to the process and everything it started (see process_tree)."""
-        signal_session(self._popen.pid, signum, self._start_time)
+        if self._jailed:
+            signal_container(self._popen.pid, signum, self._start_time)
+        else:
+            signal_session(self._popen.pid, signum, self._start_time)
 
     async def wait(self) -> int:
         await self.exited.wait()

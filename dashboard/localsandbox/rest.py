@@ -7,12 +7,12 @@ import signal
 from typing import Any
 
 from . import fields
-from .agents.protocol import CONFIG_KEYS
 from .errors import bad_request, conflict
 from .processes import ExecSession
 from .sandboxes import ExecOptions, Sandbox, SandboxOptions, SandboxRegistry
 from .streams import STDERR, STDOUT, Exited
 from .web import Request, Response, Router
+from .wrappers.protocol import CONFIG_KEYS
 
 DEFAULT_KILL_SIGNAL = signal.SIGKILL
 RUN_DEFAULT_TIMEOUT = 60

@@ -15,10 +15,12 @@ import ipaddress
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .isolation import UNSAFE_SETTING
 from .launch import AGENT_CHOICES, AgentChoice
 from .server import DEFAULT_MAX_BODY, AppConfig
 
@@ -32,17 +34,57 @@ class ConfigurationError(Exception):
     """The options are unsafe or inconsistent; the message says what to do instead."""
 
 
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """A boolean from the environment, strictly: anything but true/false is an error."""
+    raw = (os.environ if environ is None else environ).get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE | _FALSE:
+        return value in _TRUE
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+def default_workspaces_dir() -> Path:
+    """Per user, outside any data directory: `$XDG_STATE_HOME/porthole/workspaces`."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "porthole" / "workspaces"
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: str | None = None
-    data_dir: Path = Path("var/localsandbox")
+    workspaces_dir: Path = field(default_factory=default_workspaces_dir)
     agent: AgentChoice = "auto"
     max_body: int = DEFAULT_MAX_BODY
+    bwrap: str = "bwrap"
+    unsafe_no_isolation: bool = False
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_data_dir: Path) -> None:
+@dataclass(frozen=True)
+class Defaults:
+    """Where the command line's defaults come from (the environment, or Django's settings)."""
+
+    workspaces_dir: Path
+    bwrap: str
+    unsafe_no_isolation: bool
+
+
+def defaults_from_environment() -> Defaults:
+    return Defaults(
+        workspaces_dir=Path(
+            os.environ.get("LOCALSANDBOX_WORKSPACES_DIR") or default_workspaces_dir()
+        ),
+        bwrap=os.environ.get("LOCALSANDBOX_BWRAP") or "bwrap",
+        unsafe_no_isolation=env_flag(UNSAFE_SETTING),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: Defaults) -> None:
     parser.add_argument(
         "--host",
         default=DEFAULT_HOST,
@@ -57,13 +99,33 @@ def add_arguments(parser: argparse.ArgumentParser, default_data_dir: Path) -> No
         help="require this key (X-API-Key / ?api_key=) on every call",
     )
     parser.add_argument(
+        "--workspaces-dir",
+        type=Path,
+        default=defaults.workspaces_dir,
+        help=f"where sandbox workspaces live (default {defaults.workspaces_dir}); keep it "
+        "apart from Porthole's data directory",
+    )
+    parser.add_argument(
         "--data-dir",
         type=Path,
-        default=default_data_dir,
-        help=f"where sandbox workspaces live (default {default_data_dir})",
+        default=None,
+        help="deprecated and ignored: workspaces live in --workspaces-dir",
+    )
+    parser.add_argument(
+        "--bwrap",
+        default=defaults.bwrap,
+        help=f"the bubblewrap binary that isolates each sandbox (default {defaults.bwrap})",
+    )
+    parser.add_argument(
+        "--unsafe-no-isolation",
+        action="store_true",
+        default=defaults.unsafe_no_isolation,
+        help=f"where bubblewrap cannot run, run sandbox processes UNISOLATED as this server's "
+        f"user instead of refusing them (also {UNSAFE_SETTING}=true)",
     )
     parser.add_argument(
         "--agent",
+        "--wrapper",
         choices=AGENT_CHOICES,
         default="auto",
         help="agent wrapper: claude, demo, or auto (claude when a key is set)",
@@ -81,10 +143,17 @@ def options_from(namespace: Any) -> ServerOptions:
         host=namespace.host,
         port=namespace.port,
         api_key=namespace.api_key or None,
-        data_dir=Path(namespace.data_dir),
+        workspaces_dir=Path(namespace.workspaces_dir),
         agent=namespace.agent,
         max_body=namespace.max_body,
+        bwrap=namespace.bwrap,
+        unsafe_no_isolation=namespace.unsafe_no_isolation,
     )
+    if namespace.data_dir is not None:
+        logger.warning(
+            "--data-dir is deprecated and ignored; sandbox workspaces live in %s",
+            options.workspaces_dir,
+        )
     validate(options)
     return options
 
@@ -134,22 +203,27 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
 
     from .server import LocalSandboxApp
 
-    options.data_dir.mkdir(parents=True, exist_ok=True)
+    options.workspaces_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
     app = LocalSandboxApp(
         AppConfig(
-            data_dir=options.data_dir.resolve(),
+            workspaces_dir=options.workspaces_dir.resolve(),
             api_key=options.api_key,
             agent=options.agent,
             max_body=options.max_body,
+            bwrap=options.bwrap,
+            unsafe_no_isolation=options.unsafe_no_isolation,
         )
     )
+    # Said on stdout, unmissably, before the listening line (`manage.py serve` echoes both).
+    print(f"localsandbox isolation: {app.isolation.detail}", file=out, flush=True)
 
     class AnnouncingServer(Server):
         def listen_success(self, port: Any) -> None:
             super().listen_success(port)
             address = port.getHost()
             print(
-                f"localsandbox listening on {api_url(address.host, address.port)}",
+                f"localsandbox listening on {api_url(address.host, address.port)} "
+                f"(isolation: {app.isolation.mode})",
                 file=out,
                 flush=True,
             )
@@ -195,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dashboard.localsandbox",
         description="Embedded OpenComputer-compatible sandbox server.",
     )
-    add_arguments(parser, Path("var/localsandbox"))
+    try:
+        defaults = defaults_from_environment()
+    except ConfigurationError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    add_arguments(parser, defaults)
     namespace = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -1,8 +1,8 @@
 """Sandboxes: a workspace directory, an environment and the sessions running in it.
 
-A sandbox here isolates nothing; it is a directory, an environment and the process trees
-started in it, which is all an embedded development server needs to behave like
-OpenComputer from the outside.
+Each session's process runs in a bubblewrap container of the sandbox (isolation.py) that sees
+the workspace at /workspace and nothing of the host's but the system's read-only files. Only
+when the operator opted out of isolation do processes run directly on the host.
 """
 
 from __future__ import annotations
@@ -16,17 +16,19 @@ import shutil
 import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from . import launch
+from . import isolation, launch
 from .errors import ApiError, bad_request, conflict, not_found
-from .processes import ExecSession, ProcessSpec, SessionKind, SpawnError
+from .processes import ExecSession, Jail, ProcessSpec, SessionKind, SpawnError
 from .timeutil import utc_now_iso
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+DEFAULT_PATH = isolation.SANDBOX_PATH
+# Where the workspace appears inside a sandbox's container.
+WORKSPACE_IN_SANDBOX = isolation.WORKSPACE
 # How long a DELETE waits for killed processes to be gone before answering anyway.
 DELETE_WAIT_SECONDS = 5.0
 
@@ -58,12 +60,19 @@ def new_id(prefix: str) -> str:
 
 class Sandbox:
     def __init__(
-        self, sandbox_id: str, options: SandboxOptions, workspace: Path, agent: launch.AgentName
+        self,
+        sandbox_id: str,
+        options: SandboxOptions,
+        confinement: isolation.Confinement,
+        agent: launch.AgentName,
+        jail: Jail | None,
     ) -> None:
         self.sandbox_id = sandbox_id
         self.options = options
-        self.workspace = workspace
+        self.confinement = confinement
+        self.workspace = confinement.workspace  # on the host
         self.agent = agent
+        self.jail = jail
         # Accepted as a bearer credential for this sandbox's calls (the Python SDK uses it).
         self.token = secrets.token_hex(32)
         self.started_at = utc_now_iso()
@@ -128,23 +137,35 @@ class Sandbox:
 
     # -- processes -----------------------------------------------------------------------
 
-    def process_env(
-        self, extra: Mapping[str, str], server_env: Mapping[str, str]
-    ) -> dict[str, str]:
-        env = {
-            "PATH": server_env.get("PATH", DEFAULT_PATH),
-            "HOME": str(self.workspace),
-            "LANG": server_env.get("LANG", "C.UTF-8"),
-        }
+    @property
+    def home(self) -> str:
+        """The workspace as the sandbox's processes see it."""
+        return WORKSPACE_IN_SANDBOX if self.jail else str(self.workspace)
+
+    def process_env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        """Only what the sandbox was given, on top of a plain PATH, HOME and LANG."""
+        env = {"PATH": DEFAULT_PATH, "HOME": self.home, "LANG": "C.UTF-8"}
         env.update(self.options.envs)
         env.update(extra)
         return env
 
     def resolve_cwd(self, cwd: str | None) -> str:
+        """`cwd` (relative to the workspace, or absolute as the sandbox sees it) as the process
+        sees it; it must be a directory inside the workspace."""
+        if cwd and self.jail and (cwd == WORKSPACE_IN_SANDBOX or cwd.startswith("/workspace/")):
+            cwd = cwd.removeprefix(WORKSPACE_IN_SANDBOX).lstrip("/")
         path = self.workspace if not cwd else self.workspace / cwd  # absolute cwd wins the join
+        if not self.jail:
+            if not path.is_dir():
+                raise bad_request(f"cwd {cwd!r} is not a directory in the sandbox")
+            return str(path)
+        try:
+            inside = path.resolve().relative_to(self.workspace.resolve())
+        except (ValueError, OSError):
+            raise bad_request(f"cwd {cwd!r} is not inside the sandbox's workspace") from None
         if not path.is_dir():
             raise bad_request(f"cwd {cwd!r} is not a directory in the sandbox")
-        return str(path)
+        return str(PurePosixPath(WORKSPACE_IN_SANDBOX) / inside)
 
     def stop(self, signum: int = signal.SIGKILL) -> None:
         """Stop for good: every session's processes get `signum`, nothing new may start."""
@@ -168,24 +189,45 @@ class SandboxRegistry:
 
     def __init__(
         self,
-        data_dir: Path,
+        workspaces_dir: Path,
         agent_choice: launch.AgentChoice = "auto",
         server_env: Mapping[str, str] | None = None,
+        *,
+        isolation_status: isolation.Status,
+        bwrap: str = "bwrap",
     ) -> None:
-        self.data_dir = data_dir
+        self.workspaces_dir = workspaces_dir
         self.agent_choice: launch.AgentChoice = agent_choice
         self.server_env = dict(os.environ if server_env is None else server_env)
+        self.isolation = isolation_status
+        self.bwrap = shutil.which(bwrap) or bwrap
         self._sandboxes: dict[str, Sandbox] = {}
 
     def create(self, options: SandboxOptions) -> Sandbox:
         sandbox_id = new_id("sb")
-        workspace = self.data_dir / "sandboxes" / sandbox_id / "workspace"
-        workspace.mkdir(parents=True, exist_ok=False)
+        template = isolation.template_for(options.template_id, options.memory_mb)
+        confinement = isolation.new_confinement(
+            self.workspaces_dir / sandbox_id,
+            template,
+            as_root=os.geteuid() == 0 and self.isolation.mode == "bubblewrap",
+        )
+        jail = Jail(self.bwrap, confinement) if self.isolation.mode == "bubblewrap" else None
         agent = launch.choose_agent(self.agent_choice, options.envs, self.server_env)
-        sandbox = Sandbox(sandbox_id, options, workspace, agent)
+        sandbox = Sandbox(sandbox_id, options, confinement, agent, jail)
         self._sandboxes[sandbox_id] = sandbox
-        logger.info("sandbox %s created (agent %s) in %s", sandbox_id, agent, workspace)
+        logger.info(
+            "sandbox %s created (agent %s, %s, network %s) in %s",
+            sandbox_id,
+            agent,
+            "bubblewrap" if jail else "NOT ISOLATED",
+            "on" if template.network else "off",
+            confinement.workspace,
+        )
         return sandbox
+
+    def require_isolation(self) -> None:
+        if not self.isolation.runs_processes:
+            raise ApiError(503, self.isolation.detail)
 
     def get(self, sandbox_id: str) -> Sandbox:
         sandbox = self._sandboxes.get(sandbox_id)
@@ -210,10 +252,12 @@ class SandboxRegistry:
 
     async def start_exec(self, sandbox: Sandbox, options: ExecOptions) -> ExecSession:
         sandbox.require_running()
+        self.require_isolation()
         spec = ProcessSpec(
             argv=[options.cmd, *options.args],
             cwd=sandbox.resolve_cwd(options.cwd),
-            env=sandbox.process_env(options.envs, self.server_env),
+            env=sandbox.process_env(options.envs),
+            jail=sandbox.jail,
         )
         return await self._spawn(
             sandbox,
@@ -228,11 +272,10 @@ class SandboxRegistry:
         self, sandbox: Sandbox, options: Mapping[str, Any], prompt: str | None
     ) -> ExecSession:
         sandbox.require_running()
+        self.require_isolation()
         argv = launch.agent_argv(sandbox.agent)
-        env = launch.agent_env(
-            sandbox.agent, sandbox.process_env({}, self.server_env), self.server_env
-        )
-        spec = ProcessSpec(argv=argv, cwd=str(sandbox.workspace), env=env)
+        env = launch.agent_env(sandbox.agent, sandbox.process_env({}), self.server_env)
+        spec = ProcessSpec(argv=argv, cwd=sandbox.resolve_cwd(None), env=env, jail=sandbox.jail)
         session = await self._spawn(sandbox, spec, kind="agent", command=argv[0], args=argv[1:])
         session.write_stdin(launch.initial_stdin(options, prompt))
         return session

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dashboard.daphne_glue import reject_websocket
 
-from . import launch
+from . import isolation, launch
 from .attach import serve_attachment
 from .errors import ApiError, not_found
 from .processes import ExecSession
@@ -46,10 +46,13 @@ _STREAM_PATH = re.compile(
 
 @dataclass(frozen=True)
 class AppConfig:
-    data_dir: Path
+    workspaces_dir: Path
     api_key: str | None = None
     agent: launch.AgentChoice = "auto"
     max_body: int = DEFAULT_MAX_BODY
+    bwrap: str = "bwrap"
+    # Run sandbox processes unisolated, on the host, when bubblewrap cannot run. Never default.
+    unsafe_no_isolation: bool = False
 
 
 class LocalSandboxApp:
@@ -57,7 +60,17 @@ class LocalSandboxApp:
 
     def __init__(self, config: AppConfig) -> None:
         self.config = config
-        self.registry = SandboxRegistry(config.data_dir, config.agent)
+        self.isolation = isolation.probe(
+            config.bwrap, unsafe_no_isolation=config.unsafe_no_isolation
+        )
+        log = logger.info if self.isolation.mode == "bubblewrap" else logger.warning
+        log("isolation: %s", self.isolation.detail)
+        self.registry = SandboxRegistry(
+            config.workspaces_dir,
+            config.agent,
+            isolation_status=self.isolation,
+            bwrap=config.bwrap,
+        )
         self.rest = RestApi(self.registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -164,3 +164,23 @@ def process_alive(pid: int) -> bool:
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")
+
+
+def host_pids_marked(mark: str) -> set[int]:
+    """Host pids of the live processes whose environment holds `PH_MARK=<mark>`.
+
+    Sandbox processes live in PID namespaces of their own, so the pids they print mean
+    nothing out here; a mark in their environment finds them from the host's /proc.
+    """
+    needle = f"PH_MARK={mark}".encode()
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and process_alive(int(entry.name)):
+            found.add(int(entry.name))
+    return found

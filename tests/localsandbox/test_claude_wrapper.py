@@ -1,7 +1,7 @@
 """The claude agent wrapper, run for real: wrapper -> claude-agent-sdk -> Claude Code CLI -> a
 local Messages API stand-in (tests/fakes/messages_api.py). Nothing leaves the machine.
 
-Each test starts `python -m dashboard.localsandbox.agents.claude` as a subprocess and speaks its
+Each test starts `python -m dashboard.localsandbox.wrappers.claude` as a subprocess and speaks its
 stdin/stdout line protocol directly, the way the sandbox server does.
 """
 
@@ -24,7 +24,7 @@ import pytest
 from tests.fakes.messages_api import APIError, Hold, MessagesAPI, Text, Thinking, ToolUse
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULE = "dashboard.localsandbox.agents.claude"
+MODULE = "dashboard.localsandbox.wrappers.claude"
 DEFAULT_MODEL = "claude-sonnet-4-20250514"
 # A model id the CLI passes through unchanged (it maps some retired ids to newer models).
 OTHER_MODEL = "claude-haiku-4-5-20251001"

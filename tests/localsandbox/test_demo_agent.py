@@ -19,7 +19,7 @@ Event = dict[str, Any]
 
 
 class DemoAgent:
-    """A running `python -m dashboard.localsandbox.agents.demo` and every line it printed."""
+    """A running `python -m dashboard.localsandbox.wrappers.demo` and every line it printed."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
@@ -33,7 +33,7 @@ class DemoAgent:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "dashboard.localsandbox.agents.demo",
+            "dashboard.localsandbox.wrappers.demo",
             cwd=cwd,
             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
             stdin=asyncio.subprocess.PIPE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.localsandbox.helpers import (
     Stream,
     api_client,
     eventually,
+    host_pids_marked,
     process_alive,
     start_exec,
     stream_url,
@@ -26,13 +28,14 @@ TWO_PROCESSES = "sleep 300 & echo $$ $!; wait"
 
 
 async def spawn_pids(server: LocalSandbox, api: httpx.AsyncClient, sandbox_id: str) -> list[int]:
-    """Start TWO_PROCESSES in the sandbox and return both pids."""
-    session = await start_exec(api, sandbox_id, TWO_PROCESSES)
+    """Start TWO_PROCESSES in the sandbox and return both pids (as the host numbers them)."""
+    mark = secrets.token_hex(8)
+    session = await start_exec(api, sandbox_id, TWO_PROCESSES, envs={"PH_MARK": mark})
     stream = await Stream.open(stream_url(server, sandbox_id, session["sessionID"]))
     await stream.wait_for(lambda s: s.output().endswith(b"\n"))
     await stream.close()
-    pids = [int(pid) for pid in stream.output().split()]
-    assert all(process_alive(pid) for pid in pids)
+    pids = sorted(host_pids_marked(mark))
+    assert len(pids) == 2 and all(process_alive(pid) for pid in pids)
     return pids
 
 
@@ -54,7 +57,7 @@ async def test_it_ends_every_process_of_a_deleted_sandbox(
 ) -> None:
     sandbox_id = (await api.post("/sandboxes", json={})).json()["sandboxID"]
     pids = await spawn_pids(localsandbox, api, sandbox_id)
-    workspace = localsandbox.data_dir / "sandboxes" / sandbox_id / "workspace"
+    workspace = localsandbox.workspaces_dir / sandbox_id / "workspace"
     assert workspace.is_dir()
 
     assert (await api.delete(f"/sandboxes/{sandbox_id}")).status_code == 204
@@ -135,13 +138,13 @@ async def test_it_kills_the_commands_an_agent_started_when_the_agent_is_killed(
 ) -> None:
     # The demo runs each command in a process group of its own: killing only the agent's
     # group would leave this `sleep` behind.
-    prompt = "$ echo $$ > command.pid; exec sleep 300"
+    mark = secrets.token_hex(8)
+    prompt = f"$ echo started > command.pid; PH_MARK={mark} exec sleep 300"
     created = await api.post(f"/sandboxes/{sandbox_id}/agent", json={"prompt": prompt})
     session_id = created.json()["sessionID"]
-    pid_file = localsandbox.data_dir / "sandboxes" / sandbox_id / "workspace" / "command.pid"
-    await eventually(lambda: pid_file.exists() and pid_file.read_text().strip(), what="pid")
-    pid = int(pid_file.read_text())
-    assert process_alive(pid)
+    pid_file = localsandbox.workspaces_dir / sandbox_id / "workspace" / "command.pid"
+    await eventually(lambda: pid_file.exists() and host_pids_marked(mark), what="the command")
+    (pid,) = host_pids_marked(mark)
 
     kill = await api.post(f"/sandboxes/{sandbox_id}/agent/{session_id}/kill", json={})
     assert kill.status_code == 204

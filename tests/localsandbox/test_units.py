@@ -6,15 +6,6 @@ import asyncio
 
 import pytest
 
-from dashboard.localsandbox.agents.demo import (
-    Exit,
-    Fail,
-    Flood,
-    Say,
-    Shell,
-    Sleep,
-    parse_script,
-)
 from dashboard.localsandbox.launch import PROJECT_ROOT, agent_env, choose_agent, initial_stdin
 from dashboard.localsandbox.processes import exit_code_from_returncode
 from dashboard.localsandbox.runner import ConfigurationError, ServerOptions, is_loopback, validate
@@ -26,6 +17,15 @@ from dashboard.localsandbox.streams import (
     OutputHub,
     ScrollbackRing,
     exit_frame,
+)
+from dashboard.localsandbox.wrappers.demo import (
+    Exit,
+    Fail,
+    Flood,
+    Say,
+    Shell,
+    Sleep,
+    parse_script,
 )
 
 

@@ -8,7 +8,13 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from dashboard.localsandbox.runner import ConfigurationError, add_arguments, options_from, serve
+from dashboard.localsandbox.runner import (
+    ConfigurationError,
+    Defaults,
+    add_arguments,
+    options_from,
+    serve,
+)
 
 
 class Command(BaseCommand):
@@ -18,7 +24,14 @@ class Command(BaseCommand):
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, settings.DATA_DIR / "localsandbox")
+        add_arguments(
+            parser,
+            Defaults(
+                workspaces_dir=settings.LOCALSANDBOX_WORKSPACES_DIR,
+                bwrap=settings.LOCALSANDBOX_BWRAP,
+                unsafe_no_isolation=settings.LOCALSANDBOX_UNSAFE_NO_ISOLATION,
+            ),
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:

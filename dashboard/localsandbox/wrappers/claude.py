@@ -1,4 +1,4 @@
-"""The in-sandbox Claude agent wrapper: `python -m dashboard.localsandbox.agents.claude`.
+"""The in-sandbox Claude agent wrapper: `python -m dashboard.localsandbox.wrappers.claude`.
 
 It speaks the wrapper line protocol (see `protocol.py` and DESIGN.md section 2) on stdin/stdout
 and drives Claude through claude-agent-sdk, which runs the bundled Claude Code CLI.
@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dashboard.localsandbox.agents.protocol import Output, config_from, log, stdin_commands
+from dashboard.localsandbox.wrappers.protocol import Output, config_from, log, stdin_commands
 
 try:
     from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient

@@ -1,6 +1,6 @@
 """The offline demo agent: the wrapper protocol with a tiny script language instead of a model.
 
-    python -m dashboard.localsandbox.agents.demo
+    python -m dashboard.localsandbox.wrappers.demo
 
 It needs no key and no network, so the whole product can be developed, tested and shown
 offline. Each prompt is a script, one instruction a line (leading and trailing spaces are

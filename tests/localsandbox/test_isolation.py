@@ -1,0 +1,351 @@
+"""Each embedded sandbox is a bubblewrap container: real commands, run the way an agent would,
+try to reach what is not theirs (Porthole's data, environment and processes, other sandboxes)
+and to outlive a kill."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+
+from tests.conftest import LocalSandbox, start_localsandbox, stop_localsandbox
+from tests.localsandbox.helpers import (
+    Stream,
+    api_client,
+    eventually,
+    host_pids_marked,
+    start_exec,
+    stream_url,
+    wait_session_exited,
+)
+
+
+async def run(api: httpx.AsyncClient, sandbox_id: str, script: str, **body: Any) -> dict[str, Any]:
+    response = await api.post(
+        f"/sandboxes/{sandbox_id}/exec/run",
+        json={"cmd": "sh", "args": ["-c", script], "timeout": 30, **body},
+    )
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def new_sandbox(api: httpx.AsyncClient, **body: Any) -> str:
+    response = await api.post("/sandboxes", json=body)
+    assert response.status_code == 201, response.text
+    sandbox_id: str = response.json()["sandboxID"]
+    return sandbox_id
+
+
+@pytest.fixture
+def canary() -> str:
+    """A file of Porthole's data directory with contents no sandbox may ever print."""
+    secret = "canary-" + secrets.token_hex(16)
+    path = settings.DATA_DIR / "canary.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(secret)
+    yield secret
+    path.unlink(missing_ok=True)
+
+
+async def test_it_keeps_portholes_data_directory_database_and_secret_key_out_of_reach(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient, sandbox_id: str, canary: str
+) -> None:
+    data_dir = settings.DATA_DIR
+    database = Path(settings.DATABASES["default"]["NAME"])
+    secret_key = data_dir / "secret_key"
+    assert (data_dir / "canary.txt").is_file()
+    script = (
+        f"ls -la {data_dir}; cat {data_dir}/canary.txt {secret_key} {database};"
+        f" ls {localsandbox.workspaces_dir}; grep -rs canary- /workspace /tmp /root /work /home;"
+        " echo done"
+    )
+    result = await run(api, sandbox_id, script)
+    output = result["stdout"] + result["stderr"]
+    assert result["stdout"].endswith("done\n"), output
+    assert canary not in output
+    assert settings.SECRET_KEY not in output
+    assert "No such file or directory" in output
+    # And nothing the server's user could read (the source tree beyond the wrappers, the key)
+    listing = await run(api, sandbox_id, f"ls -A {settings.BASE_DIR}; ls -A /")
+    assert set(listing["stdout"].split()) <= {
+        ".venv",
+        "dashboard",
+        *(
+            [
+                "bin",
+                "dev",
+                "etc",
+                "lib",
+                "lib32",
+                "lib64",
+                "libx32",
+                "proc",
+                "root",
+                "sbin",
+                "tmp",
+                "usr",
+                "work",
+                "workspace",
+            ]
+        ),
+        *(part for part in Path(sys.prefix).parts if part != "/"),
+    }, listing
+
+
+async def test_it_hides_portholes_environment_and_processes(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient, sandbox_id: str
+) -> None:
+    result = await run(
+        api, sandbox_id, "env; echo ---; ps -eo pid,user,args; echo ---; cat /proc/*/environ"
+    )
+    output = result["stdout"] + result["stderr"]
+    env_part, ps_part, _ = output.split("---\n", 2)
+    # The server's own key (in its environment) appears nowhere.
+    assert localsandbox.api_key not in output
+    assert {line.split("=", 1)[0] for line in env_part.splitlines()} <= {
+        "PATH",
+        "HOME",
+        "LANG",
+        "PWD",
+    }
+    # Only the sandbox's own processes: no server, no pytest, no database.
+    processes = ps_part.strip().splitlines()[1:]
+    assert 2 <= len(processes) <= 4, ps_part
+    assert "manage.py" not in ps_part and "pytest" not in ps_part
+    assert str(localsandbox.process.pid) not in {line.split()[0] for line in processes}
+
+
+async def test_it_runs_commands_as_an_unprivileged_user_with_a_private_tmp(
+    api: httpx.AsyncClient, sandbox_id: str
+) -> None:
+    result = await run(
+        api,
+        sandbox_id,
+        "id -u; grep CapEff /proc/self/status; touch /usr/x /etc/x 2>&1 || true;"
+        " echo hi > /tmp/t && cat /tmp/t; echo w > /workspace/w && cat w; pwd",
+    )
+    lines = result["stdout"].splitlines()
+    assert int(lines[0]) != 0
+    assert lines[1].split() == ["CapEff:", "0000000000000000"]
+    assert "Read-only file system" in result["stdout"] or "Permission denied" in result["stdout"]
+    assert lines[-3:] == ["hi", "w", "/workspace"]
+
+
+async def test_it_keeps_each_sandbox_out_of_the_others_workspace_and_tmp(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient
+) -> None:
+    first, second = await new_sandbox(api), await new_sandbox(api)
+    secret = secrets.token_hex(16)
+    try:
+        await run(api, first, f"echo {secret} > /workspace/mine; echo {secret} > /tmp/mine")
+        own = await run(api, first, "cat /workspace/mine /tmp/mine")
+        assert own["stdout"] == f"{secret}\n{secret}\n"  # the files are there, for the owner
+
+        host_path = localsandbox.workspaces_dir / first / "workspace" / "mine"
+        snoop = await run(
+            api,
+            second,
+            f"cat {host_path} /workspace/mine /tmp/mine; ls -a /workspace /tmp;"
+            f" ls {localsandbox.workspaces_dir}; grep -rs {secret} /workspace /tmp; echo done",
+        )
+        assert secret not in snoop["stdout"] + snoop["stderr"]
+        assert snoop["stdout"].endswith("done\n")
+    finally:
+        for sandbox_id in (first, second):
+            await api.delete(f"/sandboxes/{sandbox_id}")
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "setsid sleep 300 &",  # a new session, still our child
+        "(setsid sh -c 'sleep 300 & exit' &)",  # double fork: reparented, new session
+        "nohup sh -c 'trap \"\" HUP TERM; sleep 300' >/dev/null 2>&1 &",  # ignores TERM
+    ],
+)
+async def test_it_ends_daemonised_children_when_a_session_is_killed(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient, sandbox_id: str, escape: str
+) -> None:
+    mark = secrets.token_hex(8)
+    session = await start_exec(
+        api, sandbox_id, f"{escape}\necho started; exec sleep 300", envs={"PH_MARK": mark}
+    )
+    stream = await Stream.open(stream_url(localsandbox, sandbox_id, session["sessionID"]))
+    await stream.wait_for(lambda s: b"started" in s.output())
+    await eventually(lambda: len(host_pids_marked(mark)) >= 2, what="both processes")
+    escaped = host_pids_marked(mark)
+
+    kill = await api.post(f"/sandboxes/{sandbox_id}/exec/{session['sessionID']}/kill", json={})
+    assert kill.status_code == 204
+    assert await stream.wait_exit() == 128 + signal.SIGKILL
+    await eventually(lambda: not (host_pids_marked(mark) & escaped), what="every process gone")
+
+
+async def test_it_ends_what_a_session_left_running_when_the_session_ends(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient, sandbox_id: str
+) -> None:
+    mark = secrets.token_hex(8)
+    session = await start_exec(
+        api, sandbox_id, "(setsid sleep 300 &); echo started", envs={"PH_MARK": mark}
+    )
+    info = await wait_session_exited(api, sandbox_id, session["sessionID"])
+    assert info["exitCode"] == 0
+    await eventually(lambda: not host_pids_marked(mark), what="the daemon to go with it")
+
+
+async def test_it_ends_an_agents_daemonised_commands_when_the_agent_is_killed(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient, sandbox_id: str
+) -> None:
+    mark = secrets.token_hex(8)
+    prompt = f"$ (PH_MARK={mark} setsid sleep 300 > /dev/null 2>&1 &); echo ok\nsleep 300"
+    created = await api.post(f"/sandboxes/{sandbox_id}/agent", json={"prompt": prompt})
+    session_id = created.json()["sessionID"]
+    await eventually(lambda: host_pids_marked(mark), what="the daemonised command")
+
+    kill = await api.post(
+        f"/sandboxes/{sandbox_id}/agent/{session_id}/kill", json={"signal": signal.SIGTERM}
+    )
+    assert kill.status_code == 204
+    info = await wait_session_exited(api, sandbox_id, session_id)
+    assert info["exitCode"] == 128 + signal.SIGTERM
+    await eventually(lambda: not host_pids_marked(mark), what="the daemonised command to die")
+
+
+async def test_it_turns_the_network_off_for_an_offline_template(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient
+) -> None:
+    port = int(re.search(r":(\d+)/api$", localsandbox.api_url).group(1))  # type: ignore[union-attr]
+    probe = (
+        f"{sys.executable} -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 5);"
+        " print('connected')\""
+    )
+    online, offline = await new_sandbox(api), await new_sandbox(api, templateID="offline")
+    try:
+        assert (await run(api, online, probe))["stdout"] == "connected\n"
+        refused = await run(api, offline, probe + "; cat /proc/net/dev")
+        assert "connected" not in refused["stdout"]
+        assert "ConnectionRefusedError" in refused["stderr"]
+        interfaces = {line.split(":")[0].strip() for line in refused["stdout"].splitlines()[2:]}
+        assert interfaces == {"lo"}
+    finally:
+        for sandbox_id in (online, offline):
+            await api.delete(f"/sandboxes/{sandbox_id}")
+
+
+async def test_it_applies_the_templates_limits(api: httpx.AsyncClient) -> None:
+    sandbox_id = await new_sandbox(api, memoryMB=256)
+    try:
+        limits = (await run(api, sandbox_id, "cat /proc/self/limits"))["stdout"]
+        rows = {
+            " ".join(line[:26].split()): line[26:].split()[:2] for line in limits.splitlines()[1:]
+        }
+        assert rows["Max data size"] == [str(256 * 1024 * 1024)] * 2
+        assert rows["Max processes"] == ["512", "512"]
+        assert rows["Max cpu time"] == [str(6 * 3600)] * 2
+        assert rows["Max core file size"] == ["0", "0"]
+        # The process limit holds: a fork bomb stops at it, and the sandbox carries on.
+        bomb = await run(
+            api,
+            sandbox_id,
+            "ulimit -p 20; i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo all",
+        )
+        assert bomb["exitCode"] != 0 and "fork" in bomb["stderr"].lower(), bomb
+        assert "all" not in bomb["stdout"]
+        assert (await run(api, sandbox_id, "echo fine"))["stdout"] == "fine\n"
+        # A program that asks for more memory than allowed is refused it.
+        greedy = await run(
+            api, sandbox_id, f'{sys.executable} -c "b = bytearray(512 * 1024 * 1024)"'
+        )
+        assert greedy["exitCode"] != 0 and "MemoryError" in greedy["stderr"]
+    finally:
+        await api.delete(f"/sandboxes/{sandbox_id}")
+
+
+async def test_it_keeps_workspaces_out_of_the_data_directory(localsandbox: LocalSandbox) -> None:
+    assert not localsandbox.workspaces_dir.resolve().is_relative_to(settings.DATA_DIR)
+
+
+# -- where bubblewrap cannot run -----------------------------------------------------------
+
+
+@pytest.fixture
+async def broken_bwrap(tmp_path: Path) -> str:
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+@pytest.fixture
+async def unisolated(
+    request: pytest.FixtureRequest, tmp_path: Path, broken_bwrap: str
+) -> AsyncIterator[LocalSandbox]:
+    bwrap = broken_bwrap if request.param == "failing" else str(tmp_path / "missing" / "bwrap")
+    server = start_localsandbox(tmp_path / "ws", env={"LOCALSANDBOX_BWRAP": bwrap})
+    yield server
+    stop_localsandbox(server)
+
+
+@pytest.mark.parametrize("unisolated", ["missing", "failing"], indirect=True)
+async def test_it_refuses_to_run_anything_without_isolation_unless_told_to(
+    unisolated: LocalSandbox,
+) -> None:
+    log = "".join(unisolated.log)
+    assert "(isolation: unavailable)" in log and "LOCALSANDBOX_UNSAFE_NO_ISOLATION" in log
+    async with api_client(unisolated) as api:
+        sandbox_id = await new_sandbox(api)
+        for path, body in (("agent", {"prompt": "hello"}), ("exec", {"cmd": "true"})):
+            refused = await api.post(f"/sandboxes/{sandbox_id}/{path}", json=body)
+            assert refused.status_code == 503
+            assert "LOCALSANDBOX_UNSAFE_NO_ISOLATION" in refused.json()["error"]
+        assert (await api.get(f"/sandboxes/{sandbox_id}/exec")).json() == []
+
+
+async def test_it_runs_unisolated_only_when_the_operator_opts_in_and_says_so(
+    tmp_path: Path, broken_bwrap: str
+) -> None:
+    server = start_localsandbox(
+        tmp_path / "ws",
+        env={"LOCALSANDBOX_BWRAP": broken_bwrap, "LOCALSANDBOX_UNSAFE_NO_ISOLATION": "true"},
+    )
+    try:
+        log = "".join(server.log)
+        assert "(isolation: unsafe-none)" in log and "NO ISOLATION" in log
+        async with api_client(server) as api:
+            sandbox_id = await new_sandbox(api)
+            result = await run(api, sandbox_id, "echo $HOME")
+            assert result["stdout"].strip() == str(server.workspaces_dir / sandbox_id / "workspace")
+    finally:
+        stop_localsandbox(server)
+
+
+async def test_it_refuses_a_flag_that_is_not_a_boolean(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="not a boolean"):
+        start_localsandbox(tmp_path / "ws", env={"LOCALSANDBOX_UNSAFE_NO_ISOLATION": "maybe"})
+
+
+def test_it_uses_no_user_namespace_as_root_and_one_otherwise() -> None:
+    from dashboard.localsandbox import isolation
+
+    confinement = isolation.Confinement(
+        workspace=Path("/w"), tmp=Path("/t"), template=isolation.Template(network=False), uid=None
+    )
+    args = isolation.bwrap_args("bwrap", confinement)
+    assert "--unshare-user" in args and "--unshare-net" in args
+    root = isolation.Confinement(
+        workspace=Path("/w"), tmp=Path("/t"), template=isolation.Template(), uid=1_500_000_001
+    )
+    args = isolation.bwrap_args("bwrap", root)
+    assert "--unshare-user" not in args and "--unshare-net" not in args
+    assert args[args.index("--cap-drop") + 1] == "ALL"
+    assert os.path.basename(args[0]) == "bwrap"
