@@ -145,10 +145,23 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
+    # channels-redis with a read timeout longer than its blocking pop and a pool that waits
+    # rather than failing at its limit (redis-py 8 broke both; see dashboard/redis_layer.py).
+    from dashboard.redis_layer import host_options
+
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+            "BACKEND": "dashboard.redis_layer.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [
+                    host_options(
+                        REDIS_URL,
+                        max_connections=env_int("REDIS_MAX_CONNECTIONS", 200, minimum=10),
+                    )
+                ],
+                "capacity": 1000,
+                "expiry": 30,
+            },
         }
     }
 else:

@@ -1,0 +1,61 @@
+"""The Redis channel layer, configured to hold under redis-py 8 and under bursts.
+
+Two things break channels-redis 4.3 on redis-py 8.x with its defaults:
+
+- redis-py 8 gives every socket a 5 s read timeout. The layer's receive loop blocks in
+  `BZPOPMIN` for up to 5 s (`brpop_timeout`), so an idle consumer's read times out
+  (`TimeoutError: Timeout reading from …`) and the consumer dies with 1011
+  (django/channels_redis#422, redis/redis-py#4091). The read timeout must exceed the
+  blocking timeout; `SOCKET_TIMEOUT` does, and still notices a dead Redis.
+- redis-py's asyncio `ConnectionPool` stops at 100 connections and raises
+  `MaxConnectionsError` instead of waiting. Every `group_add`/`group_discard` borrows a
+  connection, so hundreds of viewers opening or closing at once fail (HTTP 500 on the
+  handshake, stale group members after a failed discard). A `BlockingConnectionPool` makes
+  the burst wait its turn for a connection instead.
+
+`create_pool` is the layer's own hook for building a host's pool; everything else is the
+stock `RedisChannelLayer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels_redis.core import (  # type: ignore[import-untyped]
+    RedisChannelLayer as StockRedisChannelLayer,
+)
+from redis.asyncio import BlockingConnectionPool
+
+# Longer than the layer's 5 s BZPOPMIN, short enough to notice a Redis that went away.
+SOCKET_TIMEOUT = 15.0
+# How many connections one worker process may hold per Redis host, and how long a burst
+# waits for one before the operation fails.
+MAX_CONNECTIONS = 200
+POOL_TIMEOUT = 30.0
+
+
+def host_options(url: str, *, max_connections: int = MAX_CONNECTIONS) -> dict[str, Any]:
+    """The keyword arguments for one Redis host, as `CHANNEL_LAYERS[...]["CONFIG"]["hosts"]`."""
+    return {
+        "address": url,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": 5.0,
+        "socket_keepalive": True,
+        # A connection idle for longer is PINGed before use, so a half-open one is replaced
+        # before a real command is lost on it.
+        "health_check_interval": 10,
+        "max_connections": max_connections,
+        "timeout": POOL_TIMEOUT,
+    }
+
+
+class RedisChannelLayer(StockRedisChannelLayer):  # type: ignore[misc]
+    """channels-redis' layer with a pool that waits for a free connection."""
+
+    def create_pool(self, index: int) -> BlockingConnectionPool:
+        host = dict(self.hosts[index])
+        address = host.pop("address", None)
+        if address is None:
+            # Host given as keyword arguments (or Sentinel): the stock pool, as configured.
+            return super().create_pool(index)  # type: ignore[no-any-return]
+        return BlockingConnectionPool.from_url(address, **host)

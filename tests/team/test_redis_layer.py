@@ -1,0 +1,162 @@
+"""The Redis channel layer under a real Daphne worker: idle viewers stay, bursts succeed.
+
+redis-py 8 reads with a 5 s socket timeout by default, shorter than channels-redis' 5 s
+BZPOPMIN, and its asyncio pool raises at 100 connections instead of waiting; both used to
+close viewers' sockets (1011) or refuse their handshakes (HTTP 500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+import redis
+import websockets
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.db import connections
+
+from dashboard.agents.models import AgentSession, Sandbox, Watcher
+from dashboard.agents.recording import NewEvent, publish, record, session_group
+from tests.agents.helpers import cookie_for
+from tests.team.procs import Proc, Team, redis_url, wait_until
+
+pytestmark = [pytest.mark.team, pytest.mark.timeout(240)]
+
+IDLE_SECONDS = 60.0
+BURST = 300
+
+
+def _session(title: str) -> AgentSession:
+    sandbox = Sandbox.objects.create(upstream_id=f"sb-{title}")
+    return AgentSession.objects.create(sandbox=sandbox, upstream_id=f"ses-{title}", title=title)
+
+
+def _text(text: str) -> NewEvent:
+    data = {
+        "type": "assistant",
+        "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
+        "parent_tool_use_id": None,
+    }
+    return NewEvent.from_line("agent", json.dumps(data), data)
+
+
+def _record(session: AgentSession, text: str) -> list[Any]:
+    """Record one event from a thread of the test's own (closed after, for the teardown)."""
+    try:
+        return list(record(session.id, [_text(text)])[1])
+    finally:
+        connections.close_all()
+
+
+def _headers(worker: Proc, cookie: bytes) -> dict[str, str]:
+    return {"Origin": f"http://127.0.0.1:{worker.port}", "Cookie": cookie.decode()}
+
+
+def _ws_url(worker: Proc, session: AgentSession) -> str:
+    return f"ws://127.0.0.1:{worker.port}/ws/sessions/{session.id}/"
+
+
+def _group_members(group: str) -> int:
+    """Members of a channel-layer group as channels-redis stores them (a sorted set)."""
+    prefix = settings.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("prefix", "asgi")
+    client = redis.Redis.from_url(redis_url())
+    try:
+        return int(client.zcard(f"{prefix}:group:{group}"))
+    finally:
+        client.close()
+
+
+def test_it_keeps_an_idle_viewer_connected_for_a_minute(crew: Team, alice: User) -> None:
+    session = _session("idle")
+    worker = crew.web()
+    cookie = cookie_for(alice)
+
+    async def watch() -> tuple[list[str], str]:
+        async with websockets.connect(
+            _ws_url(worker, session), additional_headers=_headers(worker, cookie)
+        ) as ws:
+            await ws.send(json.dumps({"last_seq": 0}))
+            received: list[str] = []
+            deadline = time.monotonic() + IDLE_SECONDS
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    received.append(str(await asyncio.wait_for(ws.recv(), remaining)))
+                except TimeoutError:
+                    break
+                except websockets.ConnectionClosed as closed:
+                    pytest.fail(
+                        f"the idle viewer was closed ({closed.rcvd}) after "
+                        f"{IDLE_SECONDS - remaining:.0f} s:\n{worker.problems()}"
+                    )
+            # Still live after the idle minute: an event recorded now reaches it.
+            messages = await asyncio.to_thread(_record, session, "still here")
+            await publish(messages)
+            while True:
+                frame = str(await asyncio.wait_for(ws.recv(), 20))
+                if "still here" in frame:
+                    return received, frame
+
+    asyncio.run(watch())
+    assert "TimeoutError" not in worker.output(), worker.problems()
+
+
+def test_it_opens_and_closes_three_hundred_viewers_at_once(crew: Team, alice: User) -> None:
+    session = _session("burst")
+    worker = crew.web()
+    cookie = cookie_for(alice)
+    group = session_group(session.id)
+
+    async def one_viewer(opened: asyncio.Event, go: asyncio.Event) -> dict[str, Any]:
+        outcome: dict[str, Any] = {"error": None, "frames": 0, "close": None}
+        try:
+            async with websockets.connect(
+                _ws_url(worker, session),
+                additional_headers=_headers(worker, cookie),
+                open_timeout=60,
+                close_timeout=30,
+            ) as ws:
+                await ws.send(json.dumps({"last_seq": 0}))
+                # Every viewer gets the presence list once it is registered.
+                await asyncio.wait_for(ws.recv(), 60)
+                outcome["frames"] = 1
+                opened.set()
+                await go.wait()
+            outcome["close"] = ws.close_code
+        except Exception as error:  # noqa: BLE001 - each viewer's failure is reported
+            outcome["error"] = repr(error)
+        return outcome
+
+    async def burst() -> list[dict[str, Any]]:
+        go = asyncio.Event()
+        flags = [asyncio.Event() for _ in range(BURST)]
+        tasks = [asyncio.create_task(one_viewer(flag, go)) for flag in flags]
+        # All open (or failed) before any closes, so the closes come at once too.
+        await asyncio.wait_for(_all_settled(flags, tasks), 120)
+        go.set()
+        return await asyncio.gather(*tasks)
+
+    outcomes = asyncio.run(burst())
+    failures = [o for o in outcomes if o["error"] is not None or o["close"] != 1000]
+    assert not failures, f"{len(failures)} of {BURST} viewers failed: {failures[:3]}\n" + (
+        worker.problems()
+    )
+    try:
+        wait_until(lambda: not Watcher.objects.filter(session=session).exists(), 30, "watchers")
+        wait_until(lambda: _group_members(group) == 0, 30, "no member left in the group")
+    except AssertionError:
+        left = Watcher.objects.filter(session=session).count()
+        pytest.fail(
+            f"{left} watcher rows and {_group_members(group)} group members left:\n"
+            + worker.problems()
+        )
+    assert "MaxConnectionsError" not in worker.output()
+
+
+async def _all_settled(flags: list[asyncio.Event], tasks: list[asyncio.Task[Any]]) -> None:
+    """Until every viewer is open or has already finished (failed)."""
+    while not all(flag.is_set() or task.done() for flag, task in zip(flags, tasks, strict=True)):
+        await asyncio.sleep(0.05)
