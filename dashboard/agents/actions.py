@@ -7,6 +7,7 @@ server's message. Upstream errors propagate as `OpenComputerError` for the view 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -15,11 +16,15 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from dashboard.agents import upstream
-from dashboard.agents.bridge import wake_supervisors
+from dashboard.agents import leases, upstream
+from dashboard.agents.bridge import send_stdin
+from dashboard.agents.masking import mask_text
 from dashboard.agents.models import AgentSession, Event, Sandbox
-from dashboard.agents.recording import SESSIONS_GROUP, NewEvent, bridge_group, publish, record
+from dashboard.agents.recording import SESSIONS_GROUP, NewEvent, publish, record
+from dashboard.agents.supervisor import wake_supervisors
 from dashboard.opencomputer import OpenComputerError, redact
+
+log = logging.getLogger(__name__)
 
 
 def shown_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +44,11 @@ def shown_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shown(exc: OpenComputerError) -> str:
-    return redact(exc.message or str(exc), upstream.secrets())
+    return mask_text(redact(exc.message or str(exc), upstream.secrets()))
+
+
+class NotDelivered(Exception):
+    """A control line no bridge took to the agent; the timeline says so too."""
 
 
 async def note(session_id: object, data: dict[str, Any], actor: Any = None) -> None:
@@ -109,6 +118,17 @@ def _create_session(
     return session
 
 
+async def _reattach(user: Any, session: AgentSession) -> AgentSession:
+    """A lost session the upstream still has: record it again, from its scrollback on
+    (the bridge lines the replay up with what is stored, or marks the gap)."""
+    await AgentSession.objects.filter(id=session.id, status=AgentSession.Status.LOST).aupdate(
+        status=AgentSession.Status.IDLE, ended_at=None, bridge_owner="", bridge_lease_until=None
+    )
+    await note(session.id, {"type": "attach"}, user)
+    await _announce_new_session()
+    return await AgentSession.objects.select_related("sandbox").aget(id=session.id)
+
+
 async def _announce_new_session() -> None:
     await wake_supervisors()
     layer = get_channel_layer()
@@ -129,14 +149,49 @@ async def start_session(
 ) -> AgentSession:
     if sandbox is None:
         sandbox = await _new_sandbox(user, template, idle_timeout, envs or {})
+    # No prompt yet: the agent waits for it while a bridge attaches, so the record starts
+    # at the agent's first byte however much it prints at once.
     info = await upstream.client().start_agent(
-        sandbox.upstream_id, prompt=prompt, **_client_options(options)
+        sandbox.upstream_id, prompt=None, **_client_options(options)
     )
     session = await _create_session(
         sandbox, info.session_id, user, prompt, options, resumed_from=resumed_from
     )
     await _announce_new_session()
+    await _first_prompt(session, prompt)
     return session
+
+
+FIRST_PROMPT_WAIT = 10.0
+
+
+async def _first_prompt(session: AgentSession, text: str) -> None:
+    """Send the first prompt through the bridge once it holds the session. With no bridges
+    worker running, or none answering in time, send it through the REST API instead."""
+    alive = await database_sync_to_async(leases.workers_alive)()
+    problem = (
+        await send_stdin(session.id, {"type": "prompt", "text": text}, wait=FIRST_PROMPT_WAIT)
+        if alive
+        else "no bridges worker is running"
+    )
+    if problem is not None:
+        log.warning("session %s: first prompt sent without a bridge: %s", session.id, problem)
+        if alive:
+            await note(
+                session.id,
+                {
+                    "type": "notice",
+                    "message": f"The first prompt went out before recording began ({problem}); "
+                    "output printed before then may be missing.",
+                },
+            )
+        try:
+            await upstream.client().send_prompt(
+                session.sandbox.upstream_id, session.upstream_id, text
+            )
+        except OpenComputerError as exc:
+            await _failed(session.id, "prompt", exc)
+            raise
 
 
 def _client_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -172,14 +227,21 @@ async def interrupt(user: Any, session: AgentSession) -> None:
 
 
 async def configure(user: Any, session: AgentSession, options: dict[str, Any]) -> None:
-    """There is no REST call for configure: the bridge writes the line to the agent's stdin."""
-    await note(session.id, {"type": "configure", **options}, user)
-    layer = get_channel_layer()
-    if layer is not None:
-        await layer.group_send(
-            bridge_group(session.id),
-            {"type": "bridge.stdin", "line": {"type": "configure", **options}},
+    """There is no REST call for configure: the bridge writes the line to the agent's stdin
+    and acknowledges it. Without an acknowledgement the timeline records the failure and
+    `NotDelivered` tells the person."""
+    if not await database_sync_to_async(leases.held)(session.id):
+        message = "Not connected to the agent right now: no bridge holds this session."
+        await note(
+            session.id, {"type": "action_failed", "action": "configure", "message": message}, user
         )
+        raise NotDelivered(message)
+    await note(session.id, {"type": "configure", **shown_options(options)}, user)
+    problem = await send_stdin(session.id, {"type": "configure", **options})
+    if problem is not None:
+        message = f"Not sent: {problem}."
+        await note(session.id, {"type": "action_failed", "action": "configure", "message": message})
+        raise NotDelivered(message)
 
 
 async def kill(user: Any, session: AgentSession, signal: int = 9) -> None:
@@ -233,13 +295,15 @@ async def attach(user: Any, sandbox_upstream_id: str, session_upstream_id: str) 
     existing = await AgentSession.objects.filter(
         sandbox__upstream_id=sandbox_upstream_id, upstream_id=session_upstream_id
     ).afirst()
-    if existing is not None:
+    if existing is not None and existing.status != AgentSession.Status.LOST:
         return existing
     client = upstream.client()
     info = await client.get_sandbox(sandbox_upstream_id)
     sessions = await client.list_agents(sandbox_upstream_id)
     if not any(s.session_id == session_upstream_id for s in sessions):
         raise LookupError("That session is not an agent session of this sandbox.")
+    if existing is not None:
+        return await _reattach(user, existing)
     sandbox, _ = await Sandbox.objects.aget_or_create(
         upstream_id=sandbox_upstream_id,
         defaults={

@@ -9,24 +9,23 @@ the unique `(session, seq)`, is the fence against a stale bridge.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import quote
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.db import DataError, IntegrityError, transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
 
-from dashboard.agents import upstream
 from dashboard.agents.forms import controls_context
+from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, fence
+from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering import ToolIndex, render_event_oob
 
@@ -48,10 +47,6 @@ def bridge_group(session_id: object) -> str:
     return f"bridge.{session_id}"
 
 
-class LeaseLost(Exception):
-    """Another worker owns this session's bridge now; this one must stop writing."""
-
-
 @dataclass
 class NewEvent:
     source: str
@@ -63,7 +58,8 @@ class NewEvent:
 
     @classmethod
     def from_line(cls, source: str, raw: str, data: dict[str, Any] | None) -> NewEvent:
-        raw, data = _without_secrets(raw, data)
+        raw, data = mask_line(raw, data)
+        raw = storable(raw)
         if source == Event.Source.STDERR:
             return cls(source=source, raw=raw, type="stderr")
         kind = data.get("type") if data else None
@@ -74,78 +70,64 @@ class NewEvent:
     def ours(cls, source: str, data: dict[str, Any], actor_id: int | None = None) -> NewEvent:
         return cls(
             source=source,
-            raw=json.dumps(data, ensure_ascii=False),
+            raw=storable(json.dumps(data, ensure_ascii=False)),
             type=str(data.get("type", "")),
             actor_id=actor_id,
             data=data,
         )
 
 
-REDACTED = "[redacted]"
-
-
-def _secret_forms() -> tuple[str, ...]:
-    return _forms_of(upstream.secrets())
-
-
-@functools.lru_cache(maxsize=8)
-def _forms_of(secrets: tuple[str, ...]) -> tuple[str, ...]:
-    """The API key as it may appear in a line: as is, JSON-escaped, URL-quoted. Cached:
-    every line the bridge reads asks for them."""
-    forms: set[str] = set()
-    for secret in secrets:
-        forms |= {secret, json.dumps(secret)[1:-1], quote(secret, safe=""), quote(secret)}
-    return tuple(sorted(forms, key=len, reverse=True))
-
-
-def mask_secrets(text: str) -> str:
-    """The text with every form of the API key replaced (the same object when there is none)."""
-    forms = _secret_forms()
-    if not any(form in text for form in forms):
-        return text
-    for form in forms:
-        text = text.replace(form, REDACTED)
+def storable(text: str) -> str:
+    """Text every backend accepts: PostgreSQL refuses NUL in text, and no database encoding
+    takes a lone surrogate (a JSON `"\\udfff"` decodes to one). A NUL is kept visible as the
+    six characters `\\u0000`; a lone surrogate becomes "?"."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")  # each lone surrogate: "?"
     return text
 
 
-def _without_secrets(raw: str, data: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
-    """Mask the API key in what a sandbox printed, before it is stored.
-
-    A sandbox's processes can read what the server's user can (its command line, its
-    environment), so an agent may print the key. Masking at storage keeps it out of every
-    page, socket and export; replayed lines are masked the same way before they are lined
-    up with stored ones, so alignment still matches.
-    """
-    masked = mask_secrets(raw)
-    if masked is raw:
-        return raw, data
-    raw = masked
-    if data is not None:
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            parsed = None
-        data = parsed if isinstance(parsed, dict) else None
-    return raw, data
-
-
-def _label(value: object) -> str:
-    """A type or subtype fit for an indexed column: a JSON `"\\udfff"` is a lone surrogate,
-    which no database encoding accepts."""
+def _label(value: object, length: int = 64) -> str:
+    """A string from a sandbox fit for a bounded column."""
     if not isinstance(value, str):
         return ""
-    return value.encode("utf-8", "replace").decode("utf-8")[:64]
+    return storable(value)[:length]
+
+
+# The columns' limits: totals saturate there instead of failing the write. Cost is a
+# DecimalField(12, 6); turns a PositiveIntegerField (int4 on PostgreSQL); the rest bigint.
+MAX_COST = Decimal("999999.999999")
+MAX_INT = 2**31 - 1
+MAX_BIGINT = 2**63 - 1
 
 
 def _as_decimal(value: object) -> Decimal:
-    try:
-        return Decimal(str(value)) if isinstance(value, int | float | str) else Decimal(0)
-    except InvalidOperation:
+    """A non-negative cost within the column, from whatever a `result` line holds."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return Decimal(0)
+    try:
+        number = Decimal(str(value)[:64])
+    except (InvalidOperation, ValueError):
+        return Decimal(0)
+    if not number.is_finite() or number <= 0:
+        return Decimal(0)
+    return min(number, MAX_COST).quantize(Decimal("0.000001"))
 
 
-def _as_int(value: object) -> int:
-    return int(value) if isinstance(value, int | float) and value >= 0 else 0
+def _as_int(value: object, limit: int = MAX_BIGINT) -> int:
+    """A non-negative count within `limit`; NaN, infinities, negatives and non-numbers are 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return int(min(max(value, 0), limit))
+
+
+def _add(total: int, more: int, limit: int = MAX_BIGINT) -> int:
+    return min(total + more, limit)
 
 
 def apply_to_session(session: AgentSession, event: NewEvent) -> None:
@@ -154,26 +136,28 @@ def apply_to_session(session: AgentSession, event: NewEvent) -> None:
     if event.source == Event.Source.AGENT:
         if event.type == "system" and event.subtype == "init":
             session.status = AgentSession.Status.WORKING
-            model = data.get("model")
-            if isinstance(model, str) and model:
-                session.model = model[:128]
-            claude_id = data.get("session_id")
-            if isinstance(claude_id, str) and claude_id and not session.claude_session_id:
-                session.claude_session_id = claude_id[:128]
+            model = _label(data.get("model"), 128)
+            if model:
+                session.model = model
+            claude_id = _label(data.get("session_id"), 128)
+            if claude_id and not session.claude_session_id:
+                session.claude_session_id = claude_id
         elif event.type == "ready" and session.status == AgentSession.Status.STARTING:
             session.status = AgentSession.Status.IDLE
         elif event.type == "result":
-            session.total_cost_usd += _as_decimal(data.get("total_cost_usd"))
-            session.num_turns += _as_int(data.get("num_turns"))
-            session.duration_ms += _as_int(data.get("duration_ms"))
+            cost = Decimal(session.total_cost_usd) + _as_decimal(data.get("total_cost_usd"))
+            session.total_cost_usd = min(cost, MAX_COST)
+            turns = _as_int(data.get("num_turns"), MAX_INT)
+            session.num_turns = _add(session.num_turns, turns, MAX_INT)
+            session.duration_ms = _add(session.duration_ms, _as_int(data.get("duration_ms")))
             usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-            session.input_tokens += _as_int(usage.get("input_tokens"))
-            session.output_tokens += _as_int(usage.get("output_tokens"))
+            session.input_tokens = _add(session.input_tokens, _as_int(usage.get("input_tokens")))
+            session.output_tokens = _add(session.output_tokens, _as_int(usage.get("output_tokens")))
         elif event.type == "turn_complete":
             session.status = AgentSession.Status.IDLE
-            claude_id = data.get("claude_session_id")
-            if isinstance(claude_id, str) and claude_id:
-                session.claude_session_id = claude_id[:128]
+            claude_id = _label(data.get("claude_session_id"), 128)
+            if claude_id:
+                session.claude_session_id = claude_id
         elif event.type == "interrupted" and session.is_live:
             session.status = AgentSession.Status.IDLE
     elif event.source == Event.Source.DASHBOARD:
@@ -182,7 +166,8 @@ def apply_to_session(session: AgentSession, event: NewEvent) -> None:
     elif event.source == Event.Source.BRIDGE:
         if event.type == "exit":
             code = data.get("code")
-            session.exit_code = code if isinstance(code, int) else None
+            in_range = isinstance(code, int) and -(2**31) <= code < 2**31
+            session.exit_code = code if in_range else None
             session.status = (
                 AgentSession.Status.KILLED if session.kill_requested else AgentSession.Status.EXITED
             )
@@ -221,23 +206,25 @@ def append_events(
     session_id: object,
     new_events: Sequence[NewEvent],
     *,
+    lease: Lease | None = None,
     lease_owner: str | None = None,
-    lease_seconds: float | None = None,
 ) -> Appended:
-    """Store events with the next seqs; apply them to the session. Refuses a stale bridge."""
+    """Store events with the next seqs; apply them to the session.
+
+    A bridge passes its lease: the fence is checked inside this transaction, after the row
+    lock is taken, so a stale bridge writes nothing (`LeaseLost`). `lease_owner` alone (any
+    epoch of that owner) is for tests and benchmarks that play a bridge.
+    """
+    if lease is None and lease_owner is not None:
+        lease = Lease(str(session_id), lease_owner, None)
     now = timezone.now()
     with transaction.atomic():
+        bounded_waits()
+        if lease is not None:
+            fence(lease)
         session = (
             AgentSession.objects.select_for_update().select_related("sandbox").get(id=session_id)
         )
-        if lease_owner is not None:
-            held = session.bridge_owner == lease_owner and (
-                session.bridge_lease_until is not None and session.bridge_lease_until > now
-            )
-            if not held:
-                raise LeaseLost(str(session_id))
-            if lease_seconds:
-                session.bridge_lease_until = now + timedelta(seconds=lease_seconds)
         before = _state(session)
         rows = []
         for offset, new in enumerate(new_events):
@@ -258,9 +245,7 @@ def append_events(
         session.next_seq += len(rows)
         if rows:
             session.last_event_at = now
-        session.save(
-            update_fields=[*STATE_FIELDS, "next_seq", "last_event_at", "bridge_lease_until"]
-        )
+        session.save(update_fields=[*STATE_FIELDS, "next_seq", "last_event_at"])
     for row, new in zip(rows, new_events, strict=True):
         if new.data is not None:
             row._data = new.data  # spare the renderer a second parse
@@ -284,24 +269,87 @@ def render_state(session: AgentSession) -> dict[str, str]:
 Message = tuple[str, dict[str, Any]]
 
 
+# What a line's content can make a write raise (as opposed to the database being away).
+CONTENT_ERRORS: tuple[type[BaseException], ...] = (
+    DataError,
+    IntegrityError,
+    ValueError,
+    TypeError,
+    ArithmeticError,
+    RecursionError,
+)
+
+
+def quarantined(event: NewEvent, reason: str) -> NewEvent:
+    """A line that could not be stored as itself, kept raw (ASCII-escaped) with the reason."""
+    return NewEvent.ours(
+        Event.Source.BRIDGE,
+        {"type": "quarantined", "source": event.source, "reason": reason[:500], "raw": event.raw},
+    )
+
+
+def _append_isolating(
+    session_id: object, new_events: Sequence[NewEvent], lease: Lease | None
+) -> Appended:
+    """Append a batch; if its content makes the write fail, store the lines one by one and
+    keep each one that still fails as a quarantined raw event. Never a crash loop."""
+    try:
+        return append_events(session_id, new_events, lease=lease)
+    except LeaseLost:
+        raise
+    except CONTENT_ERRORS as exc:
+        if len(new_events) == 1 and new_events[0].type == "quarantined":
+            raise  # the quarantined form failed too: the database, not the content
+        log.warning("session %s: a batch failed to store (%r); isolating it", session_id, exc)
+    appended: Appended | None = None
+    rows: list[Event] = []
+    for event in new_events:
+        try:
+            appended = append_events(session_id, [event], lease=lease)
+        except LeaseLost:
+            raise
+        except CONTENT_ERRORS as exc:
+            log.warning("session %s: quarantining a line: %r", session_id, exc)
+            reason = f"{type(exc).__name__}: {exc}"
+            appended = append_events(
+                session_id, [quarantined(event, storable(reason))], lease=lease
+            )
+        rows += appended.events
+    assert appended is not None
+    return Appended(session=appended.session, events=rows, state_changed=True)
+
+
+def _rendered(event: Event, tools: ToolIndex) -> str | None:
+    try:
+        return render_event_oob(event, tools)
+    except Exception:
+        # Stored already; viewers get it from the database on their next load.
+        log.exception("session %s: event %s could not be rendered", event.session_id, event.seq)
+        return None
+
+
 def record(
     session_id: object,
     new_events: Sequence[NewEvent],
     *,
     tools: ToolIndex | None = None,
+    lease: Lease | None = None,
     lease_owner: str | None = None,
-    lease_seconds: float | None = None,
 ) -> tuple[Appended, list[Message]]:
     """Append events, render each once, and return the channel messages that announce them."""
-    appended = append_events(
-        session_id, new_events, lease_owner=lease_owner, lease_seconds=lease_seconds
-    )
+    if lease is None and lease_owner is not None:
+        lease = Lease(str(session_id), lease_owner, None)
+    if not new_events:
+        return append_events(session_id, [], lease=lease), []
+    appended = _append_isolating(session_id, new_events, lease)
     tools = tools if tools is not None else ToolIndex()
     items = []
     for event in appended.events:
         event.session = appended.session
         tools.observe(event)
-        items.append((event.seq, render_event_oob(event, tools)))
+        html = _rendered(event, tools)
+        if html is not None:
+            items.append((event.seq, html))
     messages: list[Message] = []
     group = session_group(appended.session.id)
     if items:

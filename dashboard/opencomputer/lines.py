@@ -116,6 +116,10 @@ class JSONLineAssembler:
             out.append(self._truncated(head))
         return out
 
+    def peek(self) -> bytes:
+        """The bytes buffered for the incomplete line (empty when discarding an oversize one)."""
+        return bytes(self._buf)
+
     def flush(self) -> list[Line]:
         """End of stream: return the unterminated last line, if any, and empty the buffer."""
         out: list[Line] = []

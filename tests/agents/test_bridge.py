@@ -17,8 +17,9 @@ import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
-from dashboard.agents.bridge import Bridge, BridgeSupervisor
+from dashboard.agents.bridge import Bridge
 from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import (
     JSONLineAssembler,
     OpenComputer,

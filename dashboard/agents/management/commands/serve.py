@@ -1,5 +1,8 @@
 """`manage.py serve`: run Porthole (Daphne) with its bridge supervisor in the same loop.
 
+Web workers can also run as plain `daphne dashboard.asgi:application` with the bridges in
+`manage.py bridges`; `serve` does both for one machine.
+
 With no `OPENCOMPUTER_API_URL`, it first starts the embedded sandbox server as a child
 process on loopback with a fresh API key, and points Porthole at it: one command, no
 account, no network. The bridges run in this process so that, with the in-memory channel
@@ -12,6 +15,7 @@ import contextlib
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -52,18 +56,26 @@ class Command(BaseCommand):
         from daphne.server import Server, twisted_loop
         from twisted.internet import reactor
 
-        from dashboard.agents.bridge import BridgeSupervisor
+        from dashboard.agents.supervisor import BridgeSupervisor, worker_id
         from dashboard.asgi import application
 
         child = None
         if not settings.OPENCOMPUTER_API_URL:
             child = self._start_localsandbox(options["sandbox_port"], options["agent"])
 
+        # A stable identity (host and port): restarted, this worker claims its own
+        # sessions back at once instead of waiting for their leases to lapse.
+        owner = worker_id(f"{socket.gethostname()}:serve:{options['port']}")
         supervisor = (
-            BridgeSupervisor()
+            BridgeSupervisor(owner)
             if settings.PORTHOLE_RUN_BRIDGES and not options["no_bridges"]
             else None
         )
+        if supervisor is None:
+            self.stdout.write(
+                "Not running bridges here: run `manage.py bridges` beside this process, "
+                "or started sessions will not be recorded."
+            )
 
         def start_supervisor() -> None:
             if supervisor is not None:

@@ -1,0 +1,187 @@
+"""Bridge leases: which worker holds a session's upstream socket, fenced by an epoch.
+
+The lease lives on the session row: `bridge_owner`, `bridge_lease_until` and
+`bridge_epoch`. The API is four calls, all synchronous (wrap them for async code):
+
+- `claim(owner, exclude)` takes every live session whose lease is free, expired, or
+  already `owner`'s (a restarted worker with a stable id takes its own back at once). Each
+  claim advances the epoch and returns a `Lease(session_id, owner, epoch)`.
+- `fence(lease)` is called inside a write transaction: one `UPDATE ... WHERE id AND owner
+  AND epoch AND lease_until > now` that also extends the lease. It takes the row lock and
+  checks the lease after the lock is taken, so a stale owner (paused, partitioned, slow)
+  writes nothing: `LeaseLost` rolls its transaction back.
+- `renew(lease)` is the same check outside a write: every `RENEW_SECONDS`, and before
+  every upstream send (stdin), so a stale owner sends nothing either.
+- `release(lease)` on a clean stop, so another worker can claim at once.
+
+Workers also beat a heartbeat (`heartbeat`, `BridgeWorker`), so the web side knows
+whether anything will pick a new session up (`workers_alive`) and whether a session's
+lease is held now (`held`).
+
+Times are the database's (`Now()`: `STATEMENT_TIMESTAMP()` on PostgreSQL), never a
+worker's clock. No call waits on another worker's lock: claims skip locked rows
+(`SKIP LOCKED`), and every transaction that touches a session row on PostgreSQL sets a
+short `lock_timeout` and `idle_in_transaction_session_timeout`, so a frozen owner holds a
+row for seconds, not for as long as TCP keepalive takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import connection, transaction
+from django.db.models import DateTimeField, ExpressionWrapper, F, Q
+from django.db.models.functions import Now
+
+from dashboard.agents.models import AgentSession, BridgeWorker
+
+LEASE_SECONDS = 10.0
+RENEW_SECONDS = 3.0
+# A live session with no lease for longer than this is shown as having no bridge.
+UNBRIDGED_WARNING_SECONDS = 8.0
+
+
+class LeaseLost(Exception):
+    """Another worker holds this session's bridge now (or the lease lapsed): stop."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    session_id: str
+    owner: str
+    epoch: int | None  # None: any epoch of this owner (tests and benchmarks only)
+
+
+def _until() -> ExpressionWrapper:
+    return ExpressionWrapper(Now() + timedelta(seconds=LEASE_SECONDS), output_field=DateTimeField())
+
+
+def bounded_waits() -> None:
+    """Inside a transaction on PostgreSQL: never wait long on another worker's row lock,
+    and never hold ours for long if this worker freezes mid-transaction."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL lock_timeout = '2s'")
+            cursor.execute("SET LOCAL idle_in_transaction_session_timeout = '5s'")
+
+
+def _held(lease: Lease) -> Q:
+    condition = Q(id=lease.session_id, bridge_owner=lease.owner, bridge_lease_until__gt=Now())
+    if lease.epoch is not None:
+        condition &= Q(bridge_epoch=lease.epoch)
+    return condition
+
+
+def fence(lease: Lease) -> None:
+    """Inside a write transaction: lock the row, check the lease, extend it; or raise."""
+    if not AgentSession.objects.filter(_held(lease)).update(bridge_lease_until=_until()):
+        raise LeaseLost(lease.session_id)
+
+
+def renew(lease: Lease) -> bool:
+    """Extend the lease if it is still held (by this owner, at this epoch)."""
+    with transaction.atomic():
+        bounded_waits()
+        return bool(AgentSession.objects.filter(_held(lease)).update(bridge_lease_until=_until()))
+
+
+def release(lease: Lease) -> None:
+    """Let another worker claim at once (a clean stop, an exit)."""
+    condition = Q(id=lease.session_id, bridge_owner=lease.owner)
+    if lease.epoch is not None:
+        condition &= Q(bridge_epoch=lease.epoch)
+    with transaction.atomic():
+        bounded_waits()
+        AgentSession.objects.filter(condition).update(bridge_owner="", bridge_lease_until=None)
+
+
+def _claimable(owner: str) -> Q:
+    return Q(status__in=AgentSession.LIVE_STATUSES) & (
+        Q(bridge_lease_until__isnull=True)
+        | Q(bridge_lease_until__lte=Now())
+        | Q(bridge_owner=owner)
+    )
+
+
+def claim(
+    owner: str, exclude: set[str] | frozenset[str] = frozenset(), limit: int = 50
+) -> list[Lease]:
+    """Take the leases of live sessions nobody holds, without waiting on any lock."""
+    leases: list[Lease] = []
+    with transaction.atomic():
+        bounded_waits()
+        candidates = list(
+            AgentSession.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(_claimable(owner))
+            .exclude(id__in=list(exclude))
+            .values_list("id", flat=True)[:limit]
+        )
+        for session_id in candidates:
+            won = (
+                AgentSession.objects.filter(_claimable(owner), id=session_id)
+                .exclude(id__in=list(exclude))
+                .update(
+                    bridge_owner=owner,
+                    bridge_lease_until=_until(),
+                    bridge_epoch=F("bridge_epoch") + 1,
+                )
+            )
+            if won:
+                epoch = AgentSession.objects.values_list("bridge_epoch", flat=True).get(
+                    id=session_id
+                )
+                leases.append(Lease(str(session_id), owner, epoch))
+    return leases
+
+
+def current(session_id: str, owner: str) -> Lease | None:
+    """The lease `owner` holds on a session now, if any (for bridges started by hand)."""
+    epoch = (
+        AgentSession.objects.filter(id=session_id, bridge_owner=owner)
+        .values_list("bridge_epoch", flat=True)
+        .first()
+    )
+    return None if epoch is None else Lease(session_id, owner, epoch)
+
+
+def held(session_id: object) -> bool:
+    """Whether some worker holds the session's lease now (by the database's clock)."""
+    return AgentSession.objects.filter(id=session_id, bridge_lease_until__gt=Now()).exists()
+
+
+def unbridged(session_id: object) -> bool:
+    """A live session no lease has covered for `UNBRIDGED_WARNING_SECONDS`: nothing records
+    it (no `bridges` process, or every one of them is stuck)."""
+    grace = Now() - timedelta(seconds=UNBRIDGED_WARNING_SECONDS)
+    return (
+        AgentSession.objects.filter(id=session_id, status__in=AgentSession.LIVE_STATUSES)
+        .filter(
+            Q(bridge_lease_until__isnull=True, started_at__lt=grace)
+            | Q(bridge_lease_until__lt=grace)
+        )
+        .exists()
+    )
+
+
+HEARTBEAT_STALE_SECONDS = 10.0
+
+
+def heartbeat(owner: str) -> None:
+    """This worker is alive (called every supervisor tick)."""
+    updated = BridgeWorker.objects.filter(name=owner).update(seen_at=Now())
+    if not updated:
+        BridgeWorker.objects.update_or_create(
+            name=owner, defaults={"seen_at": Now(), "started_at": Now()}
+        )
+
+
+def retire(owner: str) -> None:
+    """A clean stop: this worker records nothing more."""
+    BridgeWorker.objects.filter(name=owner).delete()
+
+
+def workers_alive() -> bool:
+    """Whether any bridges worker was seen lately."""
+    recent = Now() - timedelta(seconds=HEARTBEAT_STALE_SECONDS)
+    return BridgeWorker.objects.filter(seen_at__gt=recent).exists()

@@ -1,0 +1,51 @@
+"""`manage.py bridges`: run bridge supervision only, without HTTP.
+
+For deployments that serve the web side with plain Daphne (`daphne
+dashboard.asgi:application`) or several web workers: run one or more of these beside them
+(each with its own `--worker-id`, stable across restarts, so a restarted worker takes its
+own sessions back at once). SIGTERM or SIGINT stops cleanly: each bridge releases its lease
+so another worker can claim it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from dashboard.agents.supervisor import BridgeSupervisor, worker_id
+
+log = logging.getLogger(__name__)
+
+
+class Command(BaseCommand):
+    help = "Run bridge supervision (recording of live sessions) without serving HTTP."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--worker-id",
+            default="",
+            help="this worker's name, stable across restarts (default: PORTHOLE_WORKER_ID, "
+            "else host:bridges)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        owner = options["worker_id"] or worker_id(f"{socket.gethostname()}:bridges")
+        self.stdout.write(f"Bridges worker {owner} supervising live sessions")
+        asyncio.run(_run(owner))
+
+
+async def _run(owner: str) -> None:
+    supervisor = BridgeSupervisor(owner)
+    task = asyncio.create_task(supervisor.run(), name="bridge-supervisor")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("bridges worker %s stopped; leases released", owner)

@@ -1,0 +1,137 @@
+"""The bridge supervisor: claims live sessions' leases and runs a bridge for each.
+
+It runs in `manage.py bridges` (bridges only) or `manage.py serve` (web and bridges), so
+recording continues with no viewer and after a restart. A tick is one short claim
+(`leases.claim`, which skips rows other workers hold locked and never waits on a lock);
+each bridge is a task of its own, so one stuck session never delays the others.
+
+A worker's identity (`owner`) should be stable across restarts (`--worker-id`, or
+`PORTHOLE_WORKER_ID`; `serve` derives one from the host and port): a restarted worker
+then claims its own sessions back at once instead of waiting for their leases to lapse.
+On a clean stop it releases its leases so another worker can claim them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+
+from asgiref.sync import ThreadSensitiveContext
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from dashboard.agents import leases
+from dashboard.agents.bridge import Bridge, backoff_delay
+from dashboard.agents.leases import Lease
+
+log = logging.getLogger(__name__)
+
+WAKE_GROUP = "bridges"
+
+
+def worker_id(stable: str = "") -> str:
+    """`PORTHOLE_WORKER_ID` if set, else `stable` (e.g. host:serve:port), else a fresh one."""
+    configured = getattr(settings, "PORTHOLE_WORKER_ID", "") or os.environ.get(
+        "PORTHOLE_WORKER_ID", ""
+    )
+    if configured:
+        return configured[:64]
+    if stable:
+        return stable[:64]
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"[:64]
+
+
+class BridgeSupervisor:
+    """Starts and tracks this process's bridges."""
+
+    POLL_SECONDS = 2.0
+    WAKE_GROUP = WAKE_GROUP
+
+    def __init__(self, owner: str | None = None) -> None:
+        self.owner = owner or worker_id()
+        self.bridges: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        async with ThreadSensitiveContext():  # its database hops wait on nobody else's
+            listener = asyncio.create_task(self._listen_for_wakeups())
+            try:
+                while True:
+                    await self.tick()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.POLL_SECONDS)
+                    self._wake.clear()
+            finally:
+                listener.cancel()
+                await self.stop()
+
+    def running(self) -> set[str]:
+        return {sid for sid, task in self.bridges.items() if not task.done()}
+
+    async def tick(self) -> list[str]:
+        try:
+            await database_sync_to_async(leases.heartbeat)(self.owner)
+            claimed = await database_sync_to_async(leases.claim)(self.owner, self.running())
+        except Exception:
+            log.exception("bridge supervisor: cannot claim sessions")
+            return []
+        for lease in claimed:
+            bridge = Bridge(lease.session_id, self.owner, lease=lease)
+            self.bridges[lease.session_id] = asyncio.create_task(
+                self._run_bridge(bridge, lease), name=f"bridge-{lease.session_id}"
+            )
+        return [lease.session_id for lease in claimed]
+
+    async def _run_bridge(self, bridge: Bridge, lease: Lease) -> None:
+        try:
+            await bridge.run()
+        except Exception:
+            log.exception("bridge %s crashed; its lease will be retaken", bridge.session_id)
+            await asyncio.sleep(backoff_delay(3))
+        finally:
+            # Released on a clean stop too (cancelled): another worker takes over at once.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(database_sync_to_async(leases.release)(lease))
+
+    async def _listen_for_wakeups(self) -> None:
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        channel = await layer.new_channel()
+        await layer.group_add(WAKE_GROUP, channel)
+        try:
+            while True:
+                try:
+                    await layer.receive(channel)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.warning("bridge supervisor: wake-up channel failed", exc_info=True)
+                    await asyncio.sleep(self.POLL_SECONDS)
+                    continue
+                self._wake.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await layer.group_discard(WAKE_GROUP, channel)
+
+    async def stop(self) -> None:
+        """Stop every bridge (each releases its lease) and retire this worker."""
+        tasks = list(self.bridges.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await database_sync_to_async(leases.retire)(self.owner)
+
+
+async def wake_supervisors() -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(WAKE_GROUP, {"type": "bridges.wake"})
