@@ -46,7 +46,7 @@ def optional_int(
         raise bad_request(f"`{name}` must be at least {minimum}")
     if maximum is not None and value > maximum:
         raise bad_request(f"`{name}` must be at most {maximum}")
-    return value
+    return int(value)
 
 
 def optional_number(body: dict[str, Any], name: str, *, minimum: float = 0) -> float | None:
@@ -75,6 +75,23 @@ def string_map(body: dict[str, Any], name: str) -> dict[str, str] | None:
         return None
     if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
         raise bad_request(f"`{name}` must be an object whose values are strings")
+    return value
+
+
+def no_nul(value: str | list[str] | None, name: str) -> None:
+    """A process can be given no NUL (in its arguments, cwd or environment): refuse it now."""
+    items = [value] if isinstance(value, str) else value or []
+    if any("\0" in item for item in items):
+        raise bad_request(f"`{name}` must not contain NUL characters")
+
+
+def environment(body: dict[str, Any], name: str) -> dict[str, str] | None:
+    """A string map that can be a process's environment: names without `=` or NUL."""
+    value = string_map(body, name)
+    for key, item in (value or {}).items():
+        if not key or "=" in key or "\0" in key:
+            raise bad_request(f"`{name}` names must be non-empty, without `=` or NUL: {key!r}")
+        no_nul(item, name)
     return value
 
 

@@ -59,7 +59,7 @@ class RestApi:
         options = SandboxOptions(
             template_id=fields.optional_str(body, "templateID") or "base",
             timeout=fields.optional_int(body, "timeout", minimum=0) or 0,
-            envs=fields.string_map(body, "envs") or {},
+            envs=fields.environment(body, "envs") or {},
             metadata=fields.string_map(body, "metadata") or {},
             cpu_count=fields.optional_int(body, "cpuCount", minimum=1),
             memory_mb=fields.optional_int(body, "memoryMB", minimum=1),
@@ -161,13 +161,16 @@ def _exec_options(body: dict[str, Any], default_timeout: float = 0) -> ExecOptio
     if not cmd.strip():
         raise bad_request("`cmd` must not be empty")
     timeout = fields.optional_number(body, "timeout", minimum=0)
-    return ExecOptions(
+    options = ExecOptions(
         cmd=cmd,
         args=fields.string_list(body, "args") or [],
-        envs=fields.string_map(body, "envs") or {},
+        envs=fields.environment(body, "envs") or {},
         cwd=fields.optional_str(body, "cwd"),
         timeout=default_timeout if timeout is None else timeout,
     )
+    for name, value in (("cmd", options.cmd), ("args", options.args), ("cwd", options.cwd)):
+        fields.no_nul(value, name)
+    return options
 
 
 def _agent_options(body: dict[str, Any]) -> dict[str, Any]:

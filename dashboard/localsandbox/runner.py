@@ -197,8 +197,8 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
     validate(options)
     out = out or sys.stdout
     # Importing daphne.server installs Twisted's asyncio reactor; it must come first.
-    from daphne.endpoints import build_endpoint_description_strings
-    from daphne.server import Server
+    from daphne.endpoints import build_endpoint_description_strings  # type: ignore[import-untyped]
+    from daphne.server import Server  # type: ignore[import-untyped]
     from twisted.internet import defer, reactor
 
     from .server import LocalSandboxApp
@@ -217,7 +217,7 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
     # Said on stdout, unmissably, before the listening line (`manage.py serve` echoes both).
     print(f"localsandbox isolation: {app.isolation.detail}", file=out, flush=True)
 
-    class AnnouncingServer(Server):
+    class AnnouncingServer(Server):  # type: ignore[misc]
         def listen_success(self, port: Any) -> None:
             super().listen_success(port)
             address = port.getHost()
@@ -241,8 +241,11 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
         websocket_timeout=-1,
         verbosity=0,
     )
+    # Twisted's interface declares its methods without `self`, which shifts mypy's view by one.
     reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: defer.Deferred.fromFuture(_ensure_future(app.shutdown()))
+        "before",
+        "shutdown",  # type: ignore[arg-type]
+        lambda: defer.Deferred.fromFuture(_ensure_future(app.shutdown())),
     )
     try:
         server.run()

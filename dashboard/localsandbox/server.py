@@ -7,6 +7,7 @@ Everything lives under `/api`. Credentials, when the server has an API key: the 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import re
@@ -18,7 +19,7 @@ from dashboard.daphne_glue import reject_websocket
 from . import isolation, launch
 from .attach import serve_attachment
 from .errors import ApiError, not_found
-from .processes import ExecSession
+from .processes import ExecSession, SessionKind
 from .rest import RestApi
 from .sandboxes import Sandbox, SandboxRegistry
 from .web import (
@@ -127,7 +128,13 @@ class LocalSandboxApp:
             await reject_websocket(send, exc.status, exc.message)
             return
         await send({"type": "websocket.accept"})
-        await serve_attachment(sandbox, session, receive, send)
+        try:
+            await serve_attachment(sandbox, session, receive, send)
+        except Exception:
+            # Logged here; the client gets a plain "internal error" close, no details.
+            logger.exception("stream %s failed", scope["path"])
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 1011})
 
     def _stream_target(self, scope: Scope) -> tuple[Sandbox, ExecSession]:
         path = _api_path(scope)
@@ -136,7 +143,7 @@ class LocalSandboxApp:
         if match is None:
             raise not_found(f"no such stream endpoint: {path}")
         sandbox = self.registry.get(match["sandbox_id"])
-        kind = "agent" if match["kind"] == "agent" else None
+        kind: SessionKind | None = "agent" if match["kind"] == "agent" else None
         return sandbox, sandbox.session(match["session_id"], kind=kind)
 
     # -- shared --------------------------------------------------------------------------

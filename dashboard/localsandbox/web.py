@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -12,6 +12,9 @@ from urllib.parse import parse_qs
 from .errors import ApiError, bad_request
 
 Scope = dict[str, Any]
+# Deeper bodies are refused: nothing in the API nests this far, and every later step that
+# walks or re-encodes a value (the agent's stdin line) must not meet Python's recursion limit.
+MAX_JSON_DEPTH = 64
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -45,9 +48,30 @@ class Request:
             value = json.loads(self.body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise bad_request(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            value = None  # nested beyond the parser: refused just below
+        if value is None or not within_depth(value, MAX_JSON_DEPTH):
+            raise bad_request(f"request body is nested more than {MAX_JSON_DEPTH} levels deep")
         if not isinstance(value, dict):
             raise bad_request("request body must be a JSON object")
         return value
+
+
+def within_depth(value: Any, limit: int) -> bool:
+    """Whether `value` nests at most `limit` containers deep (walked without recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        pending.extend((child, depth + 1) for child in children)
+    return True
 
 
 @dataclass

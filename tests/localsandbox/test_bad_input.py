@@ -172,3 +172,75 @@ async def test_it_survives_a_client_that_sends_garbage_frames_then_vanishes(
     await polite.wait_for(lambda s: any(e["type"] == "turn_complete" for e in s.events()))
     assert polite.exit_code is None
     await assert_still_serving(api, sandbox_id)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/sandboxes", {"envs": {"A": "x\u0000y"}}, "envs"),
+        ("/sandboxes", {"envs": {"A\u0000B": "x"}}, "envs"),
+        ("/sandboxes", {"envs": {"A=B": "x"}}, "envs"),
+        ("/sandboxes", {"envs": {"": "x"}}, "envs"),
+        ("/sandboxes/{sandbox}/exec", {"cmd": "echo", "envs": {"A": "\u0000"}}, "envs"),
+        ("/sandboxes/{sandbox}/exec", {"cmd": "echo", "args": ["a\u0000b"]}, "args"),
+        ("/sandboxes/{sandbox}/exec", {"cmd": "ec\u0000ho"}, "cmd"),
+        ("/sandboxes/{sandbox}/exec", {"cmd": "echo", "cwd": "a\u0000b"}, "cwd"),
+    ],
+)
+async def test_it_refuses_what_no_process_could_be_given_when_it_is_given(
+    api: httpx.AsyncClient, sandbox_id: str, path: str, body: dict[str, Any], field: str
+) -> None:
+    """NUL cannot be in an argument or an environment variable: say so at once, not at every
+    exec later."""
+    assert_error(await api.post(path.format(sandbox=sandbox_id), json=body), 400, field)
+    await assert_still_serving(api, sandbox_id)
+
+
+@pytest.mark.parametrize("path", ["/sandboxes", "/sandboxes/{sandbox}/agent"])
+async def test_it_answers_400_for_deeply_nested_json(
+    api: httpx.AsyncClient, sandbox_id: str, path: str
+) -> None:
+    nested = '{"mcpServers": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    response = await api.post(
+        path.format(sandbox=sandbox_id),
+        content=nested.encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert_error(response, 400, "nested")
+    # Deep, but within what JSON parsers and encoders take, is still refused past our own cap.
+    deep = {"mcpServers": {"x": {"command": "c", "env": {}, "args": []}}}
+    inner: dict[str, Any] = deep
+    for _ in range(200):
+        inner["more"] = {}
+        inner = inner["more"]
+    assert_error(await api.post(path.format(sandbox=sandbox_id), json=deep), 400, "nested")
+    await assert_still_serving(api, sandbox_id)
+
+
+async def test_it_answers_an_unexpected_failure_with_a_json_500_and_no_traceback(
+    localsandbox: LocalSandbox, tmp_path: Any
+) -> None:
+    from dashboard.localsandbox import isolation
+    from dashboard.localsandbox.server import AppConfig, LocalSandboxApp
+
+    app = LocalSandboxApp(AppConfig(workspaces_dir=tmp_path, bwrap="/missing/bwrap"))
+    assert app.isolation.mode == "unavailable"
+
+    async def explode(request: Any) -> Any:
+        raise RuntimeError("secret detail /srv/porthole/var Traceback")
+
+    app.rest.router.add("GET", "/sandboxes", explode)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/api/sandboxes", "headers": []}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 500
+    assert (b"content-type", b"application/json") in sent[0]["headers"]
+    assert sent[1]["body"] == b'{"error": "internal server error"}'
+    assert isolation.UNSAFE_SETTING == "LOCALSANDBOX_UNSAFE_NO_ISOLATION"

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import secrets
+import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.localsandbox.helpers import eventually, process_alive
+from tests.localsandbox.helpers import eventually, host_pids_marked, process_alive
 
 Event = dict[str, Any]
 
@@ -252,6 +256,51 @@ async def test_it_kills_the_running_command_on_interrupt(agent: DemoAgent, tmp_p
     await agent.wait_count("interrupted")
     pid = int(pid_file.read_text())
     await eventually(lambda: not process_alive(pid), what="the command to be killed")
+
+
+@pytest.fixture
+def mark() -> Iterator[str]:
+    """A mark for the processes a test leaves behind on purpose; they are killed afterwards."""
+    mark = secrets.token_hex(8)
+    yield mark
+    for pid in host_pids_marked(mark):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_it_returns_from_an_interrupt_while_a_daemonised_child_holds_the_output(
+    agent: DemoAgent, mark: str
+) -> None:
+    # The double fork leaves `sleep` outside the command's group, its session and its tree,
+    # holding the command's stdout: waiting for end-of-file would wait for it.
+    script = f"$ (PH_MARK={mark} setsid sleep 300 &); echo started; exec sleep 300"
+    await agent.send(type="prompt", text=script)
+    await eventually(lambda: host_pids_marked(mark), what="the daemonised child")
+    await agent.wait_count("assistant")
+    await agent.send(type="interrupt")
+    await agent.wait_count("interrupted")
+    await agent.wait_count("turn_complete")
+    assert of_type(await agent.turn("next"), "result")[0]["result"] == "next"
+
+
+async def test_it_finishes_a_command_whose_daemonised_child_holds_the_output(
+    agent: DemoAgent, mark: str
+) -> None:
+    script = f"$ (PH_MARK={mark} setsid sleep 300 &); echo finished"
+    events = await agent.turn(script)
+    (result,) = blocks(events, "tool_result")
+    assert result["content"] == "finished" and result["is_error"] is False
+    assert host_pids_marked(mark)  # left running: it is not the command, and not in its tree
+
+
+async def test_it_kills_a_commands_setsid_children_on_interrupt(
+    agent: DemoAgent, mark: str
+) -> None:
+    await agent.send(type="prompt", text=f"$ PH_MARK={mark} setsid sleep 300 & exec sleep 300")
+    await eventually(lambda: len(host_pids_marked(mark)) == 1, what="the setsid child")
+    await agent.send(type="interrupt")
+    await agent.wait_count("interrupted")
+    await eventually(lambda: not host_pids_marked(mark), what="the setsid child to die")
 
 
 async def test_it_ignores_an_interrupt_while_idle(agent: DemoAgent) -> None:

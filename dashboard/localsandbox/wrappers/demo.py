@@ -40,12 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..process_tree import session_processes
 from .protocol import Output, config_from, log, stdin_commands
 
 DEFAULT_MODEL = "demo"
 DEFAULT_PERMISSION_MODE = "bypassPermissions"
 TOOLS = ["Bash"]
 COMMAND_TIMEOUT_SECONDS = 60
+# After a command exits, how long what its leftover children write is still taken.
+OUTPUT_GRACE_SECONDS = 0.5
 TOOL_OUTPUT_LIMIT = 30_000
 DEFAULT_FLOOD_BYTES = 200
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -407,7 +410,14 @@ class Turn:
 
 
 async def run_shell(command: str, cwd: str) -> tuple[str, bool]:
-    """Run `sh -c command`; (combined output, is_error). Cancelling kills the command."""
+    """Run `sh -c command`; (combined output, is_error). Cancelling kills the command.
+
+    The command's end is its process's exit, not end-of-file on its output: a child that
+    daemonised (double fork, `setsid`) may hold the pipe open for ever. Once the process has
+    exited, what it wrote is read for a moment longer and the rest is not waited for; on an
+    interrupt or the time limit, its process group and every descendant are killed first.
+    """
+    read_fd, write_fd = os.pipe()
     try:
         process = await asyncio.create_subprocess_exec(
             "sh",
@@ -415,43 +425,60 @@ async def run_shell(command: str, cwd: str) -> tuple[str, bool]:
             command,
             cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            # A plain descriptor, not an asyncio pipe: asyncio's wait() would wait for the
+            # pipe to close as well as for the process.
+            stdout=write_fd,
+            stderr=write_fd,
             # Its own process group, so an interrupt can kill the command and its children;
             # still in the agent's session, so killing the agent session kills it too.
             process_group=0,
         )
     except OSError as exc:
+        os.close(read_fd)
         return f"cannot run command: {exc}", True
-    assert process.stdout is not None
+    finally:
+        os.close(write_fd)
+    output = _CappedOutput(TOOL_OUTPUT_LIMIT * 4)
+    reading = asyncio.create_task(output.read(read_fd))
     try:
-        output, total = await asyncio.wait_for(
-            _read_capped(process.stdout, TOOL_OUTPUT_LIMIT * 4), COMMAND_TIMEOUT_SECONDS
-        )
+        code = await asyncio.wait_for(process.wait(), COMMAND_TIMEOUT_SECONDS)
     except TimeoutError:
-        _kill_group(process.pid)
+        _kill_tree(process.pid)
         await process.wait()
+        reading.cancel()
         return f"Command timed out after {COMMAND_TIMEOUT_SECONDS} s", True
     except asyncio.CancelledError:
-        _kill_group(process.pid)
-        with contextlib.suppress(asyncio.CancelledError):
-            await process.wait()
+        _kill_tree(process.pid)
+        reading.cancel()
         raise
-    code = await process.wait()
-    text = output.decode("utf-8", errors="replace")
-    return _tool_output(text, truncated_from=total if total > len(output) else None, code=code), (
-        code != 0
-    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(reading), OUTPUT_GRACE_SECONDS)
+    reading.cancel()
+    text = bytes(output.kept).decode("utf-8", errors="replace")
+    truncated_from = output.total if output.total > len(output.kept) else None
+    return _tool_output(text, truncated_from=truncated_from, code=code), code != 0
 
 
-async def _read_capped(stream: asyncio.StreamReader, limit: int) -> tuple[bytes, int]:
-    """Up to `limit` bytes of the stream, reading (and counting) the rest to the end."""
-    kept = bytearray()
-    total = 0
-    while chunk := await stream.read(64 * 1024):
-        total += len(chunk)
-        kept += chunk[: max(0, limit - len(kept))]
-    return bytes(kept), total
+class _CappedOutput:
+    """Up to `limit` bytes of a pipe, counting (and dropping) the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept = bytearray()
+        self.total = 0
+
+    async def read(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        )
+        try:
+            while chunk := await reader.read(64 * 1024):
+                self.total += len(chunk)
+                self.kept += chunk[: max(0, self.limit - len(self.kept))]
+        finally:
+            transport.close()
 
 
 def _tool_output(text: str, *, truncated_from: int | None, code: int) -> str:
@@ -466,9 +493,14 @@ def _tool_output(text: str, *, truncated_from: int | None, code: int) -> str:
     return text
 
 
-def _kill_group(pid: int) -> None:
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the command's process group and everything it started that is still its own."""
+    members = session_processes(pid)  # before any dies: their orphans would leave the tree
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+    for member in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, signal.SIGKILL)
 
 
 def main() -> int:
