@@ -102,24 +102,45 @@ def ensure_venv(lock: str) -> Path:
     return py
 
 
-def ensure_chromium() -> None:
-    if os.path.exists(os.environ.get("PORTHOLE_CHROMIUM", CHROMIUM)):
+# Debian packages, each with the file that shows it is installed and what it is for.
+# Running Porthole needs these (bubblewrap isolates each embedded sandbox):
+RUNTIME_PACKAGES: list[tuple[str, tuple[str, ...], str]] = [
+    ("/usr/bin/bwrap", ("bubblewrap",), "embedded sandboxes will refuse to run agents"),
+]
+# The tests need these as well (add more here: package, the file it installs, what skips):
+TEST_PACKAGES: list[tuple[str, tuple[str, ...], str]] = [
+    *RUNTIME_PACKAGES,
+    (
+        os.environ.get("PORTHOLE_CHROMIUM", CHROMIUM),
+        ("chromium", "fonts-dejavu-core"),
+        "end-to-end tests will skip",
+    ),
+]
+
+
+def ensure_debian_packages(wanted: list[tuple[str, tuple[str, ...], str]]) -> None:
+    """Install with apt-get whatever of `wanted` is missing (as root, or with sudo -n)."""
+    missing = [entry for entry in wanted if not os.path.exists(entry[0])]
+    if not missing:
         return
+    packages = [package for _, names, _ in missing for package in names]
+    consequences = "; ".join(f"without {names[0]}, {then}" for _, names, then in missing)
     if shutil.which("apt-get") is None:
-        say("Chromium is missing and apt-get is not available: end-to-end tests will skip")
+        say(f"apt-get is not available to install {' '.join(packages)}: {consequences}")
         return
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    say("installing Debian's chromium for the end-to-end tests")
+    say(f"installing Debian's {' '.join(packages)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     try:
         run(*prefix, "apt-get", "update", "-qq", env=env)
-        run(*prefix, "apt-get", "install", "-y", "-qq", "chromium", "fonts-dejavu-core", env=env)
+        run(*prefix, "apt-get", "install", "-y", "-qq", *packages, env=env)
     except (subprocess.CalledProcessError, OSError) as exc:
-        say(f"could not install chromium ({exc}): end-to-end tests will skip")
+        say(f"could not install {' '.join(packages)} ({exc}): {consequences}")
 
 
 def start(args: list[str]) -> int:
     py = ensure_venv("dev.lock" if os.environ.get("PORTHOLE_DEV") else "base.lock")
+    ensure_debian_packages(RUNTIME_PACKAGES)
     run(py, "manage.py", "migrate", "--noinput", cwd=ROOT)
     return subprocess.call([str(py), "manage.py", "serve", *args], cwd=ROOT)
 
@@ -134,7 +155,7 @@ LINTERS = (
 def test(args: list[str]) -> int:
     """Lint and type-check (unless pytest arguments narrow the run), then the whole suite."""
     py = ensure_venv("dev.lock")
-    ensure_chromium()
+    ensure_debian_packages(TEST_PACKAGES)
     failed = 0
     if not args:
         for linter in LINTERS:
