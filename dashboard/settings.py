@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -88,13 +89,17 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_htmx",
+    "axes",
     "dashboard.agents",
     "dashboard.localsandbox",
     "dashboard.awareness",
 ]
 
 MIDDLEWARE = [
+    # Before anything reads the client's address or scheme (dashboard/proxies.py).
+    "dashboard.proxies.TrustedProxyMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -103,6 +108,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "dashboard.urls"
@@ -204,6 +210,23 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Sign-in limits (django-axes, in the database so every worker counts the same failures):
+# 10 failures per client address, or per (address, username), lock that for 15 minutes.
+# A correct password of someone with no failures of their own still signs in
+# (people.correct_password_of_someone_who_did_not_fail), and success clears their count.
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 10, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = ["ip_address", ["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_CLIENT_IP_CALLABLE = "dashboard.proxies.client_ip"
+AXES_WHITELIST_CALLABLE = "dashboard.agents.people.correct_password_of_someone_who_did_not_fail"
+AXES_LOCKOUT_CALLABLE = "dashboard.agents.people.locked_out"
+AXES_VERBOSE = False
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "index"
 LOGOUT_REDIRECT_URL = "login"
@@ -216,6 +239,14 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = Path(env_str("STATIC_ROOT", str(DATA_DIR / "static")))
+# WhiteNoise serves what `collectstatic` wrote: content-hashed names cached for a year,
+# gzip and brotli beside each file. Before any collectstatic, plain names from the app
+# directories with a short cache (dashboard/staticfiles.py).
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "dashboard.staticfiles.Storage"},
+}
+WHITENOISE_USE_FINDERS = True
 
 # Security: cookies, headers and a nonce-based CSP that htmx and its ws extension work under.
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
@@ -226,8 +257,10 @@ SECURE_REFERRER_POLICY = "same-origin"
 # Sent only on HTTPS responses (Django checks request.is_secure()); 0 turns it off.
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
-if env_bool("SECURE_PROXY_SSL_HEADER", False):
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, e.g.
+# 127.0.0.1,10.0.0.0/8); from any other peer those headers are dropped (dashboard/proxies.py).
+PORTHOLE_TRUSTED_PROXIES = env_list("PORTHOLE_TRUSTED_PROXIES", [])
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
 SECURE_CSP = {
     "default-src": [CSP.SELF],

@@ -4,7 +4,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 
-from dashboard.agents.people import RateLimitedLoginView
+from dashboard.agents.people import SignInView
 
 
 def healthz(request: HttpRequest) -> HttpResponse:
@@ -16,10 +16,10 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
-    path("login/", RateLimitedLoginView.as_view(), name="login"),
+    path("login/", SignInView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    # Django admin's own sign-in would bypass the rate limit: it goes through ours.
-    path("admin/login/", RateLimitedLoginView.as_view(), name="admin_login"),
+    # Django admin's own sign-in would bypass the sign-in page's context: it goes through ours.
+    path("admin/login/", SignInView.as_view(), name="admin_login"),
     path("admin/", admin.site.urls),
     path("", include("dashboard.awareness.urls")),
     path("", include("dashboard.agents.urls")),

@@ -1,4 +1,4 @@
-"""Accounts: first-run setup, sign-in with a rate limit, and the administrators' people page."""
+"""Accounts: first-run setup, sign-in (limited by django-axes), the people page."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ import secrets
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from axes.models import AccessAttempt  # type: ignore[import-untyped]
 from channels.layers import get_channel_layer
 from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model, login
+from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
 from django.contrib.auth.views import LoginView
-from django.core.cache import cache
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from dashboard.agents import access
@@ -23,47 +25,53 @@ from dashboard.agents.models import AuditEntry
 from dashboard.agents.recording import user_group
 
 User = get_user_model()
-LOGIN_ATTEMPTS = 10
-LOGIN_WINDOW = 15 * 60
 
 
 # -- sign in -------------------------------------------------------------------------------------
+# django-axes counts failures (settings.AXES_*): per client address, and per (address, username),
+# with the client address from dashboard.proxies (X-Forwarded-For only from trusted proxies).
 
 
-def _client_ip(request: HttpRequest) -> str:
-    return str(request.META.get("REMOTE_ADDR", "unknown"))
-
-
-class RateLimitedLoginView(LoginView):
-    """Django's login, refusing more than LOGIN_ATTEMPTS failures per address or username
-    in LOGIN_WINDOW seconds (the cache is shared by all workers with REDIS_URL)."""
-
-    def _keys(self) -> list[str]:
-        username = str(self.request.POST.get("username", ""))[:150].lower()
-        return [f"login-fail:ip:{_client_ip(self.request)}", f"login-fail:user:{username}"]
-
-    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if any((cache.get(key) or 0) >= LOGIN_ATTEMPTS for key in self._keys()):
-            form = self.get_form()
-            form.errors.clear()
-            response = self.render_to_response(self.get_context_data(form=form, locked_out=True))
-            response.status_code = 429
-            return response
-        return super().post(request, *args, **kwargs)
-
-    def form_invalid(self, form: AuthenticationForm) -> HttpResponse:
-        for key in self._keys():
-            cache.add(key, 0, LOGIN_WINDOW)
-            try:
-                cache.incr(key)
-            except ValueError:
-                cache.set(key, 1, LOGIN_WINDOW)
-        return super().form_invalid(form)
+class SignInView(LoginView):
+    """Django's login; /admin/login/ is routed here too, so Django's admin is limited the same."""
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
         context["needs_setup"] = access.needs_setup()
         return context
+
+
+def locked_out(
+    request: HttpRequest,
+    original_response: HttpResponse | None = None,
+    credentials: dict[str, Any] | None = None,
+) -> HttpResponse:
+    """What axes answers a refused sign-in with (AXES_LOCKOUT_CALLABLE): the form, and why."""
+    form = AuthenticationForm(request)
+    context = {"form": form, "locked_out": True, "needs_setup": False, "next": ""}
+    return render(request, "registration/login.html", context, status=429)
+
+
+def correct_password_of_someone_who_did_not_fail(
+    request: HttpRequest, credentials: dict[str, Any] | None = None
+) -> bool:
+    """AXES_WHITELIST_CALLABLE: a person with no recent failed sign-in of their own signs in
+    with their correct password even while their address is over the limit (an office behind
+    one NAT, or someone spraying usernames from it). A wrong password is never let through
+    and is counted as usual, so this gives nobody extra guesses."""
+    credentials = credentials or {}
+    username = credentials.get("username")
+    password = credentials.get("password")
+    if not username or not password:
+        return False
+    cool_off = settings.AXES_COOLOFF_TIME
+    failed = AccessAttempt.objects.filter(username=username, failures_since_start__gt=0)
+    if cool_off is not None:
+        failed = failed.filter(attempt_time__gte=timezone.now() - cool_off)
+    if failed.exists():
+        return False
+    user = ModelBackend().authenticate(request, username=username, password=password)
+    return user is not None
 
 
 # -- first run -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -156,11 +157,30 @@ def _stop(process: subprocess.Popen[str]) -> None:
         process.wait(timeout=5)
 
 
+def _team_database() -> str | None:
+    """On PostgreSQL + Redis (the team-mode child run): a fresh database for the server."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://")) or not os.environ.get("REDIS_URL"):
+        return None
+    import psycopg
+
+    parts = urlsplit(url)
+    name = f"{parts.path.lstrip('/') or 'porthole'}_e2e"
+    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
 @pytest.fixture(scope="session")
 def porthole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Porthole]:
-    """`manage.py serve` with the embedded sandbox server and the demo agent, DEBUG off."""
+    """`manage.py serve` with the embedded sandbox server and the demo agent, DEBUG off;
+    on PostgreSQL and Redis too when this run is (tests/team/test_team_mode.py)."""
     data_dir = tmp_path_factory.mktemp("porthole-e2e")
     env = _server_env(data_dir)
+    team_database = _team_database()
+    if team_database is not None:
+        env.update(DATABASE_URL=team_database, REDIS_URL=os.environ["REDIS_URL"])
     _manage(env, "migrate", "--noinput")
     _manage(
         dict(env, DJANGO_SUPERUSER_PASSWORD=ADMIN_PASSWORD),
