@@ -7,11 +7,12 @@
    buffer passes 64 KiB and resumes it once drained; tapping those calls gives real
    back-pressure, so the per-subscriber limit (and not memory) absorbs a stalled client.
 
-Shared by the embedded sandbox server (its subscribers) and Porthole's own consumers (its
-viewers). Both find Daphne's protocol object through the `send` callable Daphne hands the
-application (`functools.partial(server.handle_reply, protocol)`). Under any other ASGI
-server, or if that ever changes, they fall back to a plain close (403) and to "always
-writable".
+Used by the embedded sandbox server only (its subscribers). Porthole's own consumers do
+not rely on it: their viewers acknowledge what they received and the consumer stops at a
+window (`dashboard/agents/viewers.py`). The sandbox server finds Daphne's protocol object
+through the `send` callable Daphne hands the application
+(`functools.partial(server.handle_reply, protocol)`). Under any other ASGI server, or if
+that ever changes, it falls back to a plain close (403) and to "always writable".
 """
 
 from __future__ import annotations

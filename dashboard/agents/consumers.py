@@ -1,11 +1,13 @@
 """WebSocket consumers: the live session page and the live session list.
 
-A session viewer says which `seq` it already holds (`{"last_seq": N}`, sent by the page
-on every open of the socket); the consumer replays what is missing from the database and
-then forwards the fragments the bridge rendered. It tracks the last seq it sent, so each
-event reaches the viewer exactly once and in order even when live messages overtake the
-replay, arrive twice, or were dropped by a full channel layer (a seq gap triggers a
-catch-up from the database).
+A session page's consumer is glue: it checks who may watch, joins its worker's feed of the
+session (`fanout.py`: one channel-layer subscription per session per worker, one frame for
+all local viewers), and feeds a `viewers.Cursor` with what happens — the page's hello
+(`{"last_seq": N}`, on every open of the socket) and acknowledgements (`{"ack": N}`), live
+batches, catch-up results from the database — sending what the cursor says to send. Every
+event reaches the page exactly once and in order, and a page that stops acknowledging stops
+receiving, then is caught up from the database once it reads again. Presence (who watches)
+lives in `presence.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import json
 import logging
 import uuid
-from datetime import timedelta
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -22,18 +23,15 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
 from django.utils import timezone
 
-from dashboard.agents import access
-from dashboard.agents.models import AgentSession, Event, ShareLink, Watcher
-from dashboard.agents.recording import SESSIONS_GROUP, render_state, session_group, user_group
+from dashboard.agents import access, viewers
+from dashboard.agents.fanout import Feed, hub_for
+from dashboard.agents.models import AgentSession, Event, ShareLink
+from dashboard.agents.recording import SESSIONS_GROUP, render_state, user_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
 from dashboard.agents.sharing import share_group
-from dashboard.daphne_glue import WriteGate
+from dashboard.agents.viewers import Batch, Cursor, Item, StateFrames
 
 log = logging.getLogger(__name__)
-
-CATCH_UP_CHUNK = 200
-MAX_PENDING = 500
-WATCHER_TTL = 90  # seconds; a socket refreshes its presence every third of that
 
 
 @database_sync_to_async
@@ -72,44 +70,7 @@ def _shared_session(token: str) -> tuple[str, int, float | None] | None:
 
 
 @database_sync_to_async
-def _watch(channel: str, session_id: str, user: Any, link_id: int | None) -> str:
-    Watcher.objects.update_or_create(
-        channel_name=channel,
-        defaults={
-            "session_id": session_id,
-            "seen_at": timezone.now(),
-            "user": user if user is not None and user.is_authenticated else None,
-            "share_link_id": link_id,
-        },
-    )
-    return _render_watchers(session_id)
-
-
-@database_sync_to_async
-def _unwatch(channel: str, session_id: str) -> str:
-    Watcher.objects.filter(channel_name=channel).delete()
-    return _render_watchers(session_id)
-
-
-@database_sync_to_async
-def _still_watching(channel: str) -> None:
-    Watcher.objects.filter(channel_name=channel).update(seen_at=timezone.now())
-
-
-def _render_watchers(session_id: str) -> str:
-    fresh = Watcher.objects.filter(
-        session_id=session_id, seen_at__gt=timezone.now() - timedelta(seconds=WATCHER_TTL)
-    ).select_related("user")
-    names = sorted({w.user.get_username() for w in fresh if w.user is not None})
-    links = sum(1 for w in fresh if w.user is None)
-    return render_to_string(
-        "agents/session.html#watchers",
-        {"watchers": {"names": names, "links": links}, "oob": True},
-    )
-
-
-@database_sync_to_async
-def _render_missing(session_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+def _render_missing(session_id: str, after: int, limit: int) -> list[Item]:
     session = AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
     if session is None:  # deleted while someone watched: nothing more to send
         return []
@@ -127,8 +88,9 @@ def _render_missing(session_id: str, after: int, limit: int) -> list[tuple[int, 
 
 
 @database_sync_to_async
-def _current_state(session_id: str) -> dict[str, str]:
-    return render_state(AgentSession.objects.select_related("sandbox").get(id=session_id))
+def _current_state(session_id: str) -> dict[str, str] | None:
+    session = AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
+    return None if session is None else render_state(session)
 
 
 async def _join_user_group(consumer: AsyncWebsocketConsumer) -> None:
@@ -143,11 +105,16 @@ async def _leave_user_group(consumer: AsyncWebsocketConsumer) -> None:
         await consumer.channel_layer.group_discard(user_group(user.pk), consumer.channel_name)
 
 
+def _seq(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 class SessionConsumer(AsyncWebsocketConsumer):
     """A team member's session page."""
 
     can_steer = False
     link_id: int | None = None
+    feed: Feed | None = None
 
     async def authorise(self) -> str | None:
         """The session this socket may watch, or None to refuse it."""
@@ -164,143 +131,100 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self.close(code=4403)
             return
         self.session_id = session_id
-        self.last_seq: int | None = None
-        self.pending: list[dict[str, Any]] = []
-        self.overflowed = False
-        self.group = session_group(self.session_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.cursor = Cursor(window=viewers.WINDOW, chunk=viewers.CHUNK)
+        self.sending = asyncio.Lock()
+        self.catching_up: asyncio.Task[None] | None = None
+        # Subscribed before the page's hello, so that nothing falls between its catch-up
+        # and the live messages.
+        self.feed = await hub_for(self.channel_layer).join(session_id, self)
         await self.accept()
-        self.gate = WriteGate(self.base_send)
-        self.delivery = asyncio.Lock()
-        self.draining: asyncio.Task[None] | None = None
         await _join_user_group(self)
-        self.heartbeat = asyncio.create_task(self._keep_presence())
-        watchers = await _watch(
-            self.channel_name, self.session_id, self.scope.get("user"), self.link_id
-        )
-        await self.channel_layer.group_send(
-            self.group, {"type": "session.presence", "html": watchers}
-        )
+        await self.feed.presence.arrive(self.channel_name, self.scope.get("user"), self.link_id)
 
     async def disconnect(self, code: int) -> None:
-        if not hasattr(self, "group"):
+        feed, self.feed = self.feed, None
+        if feed is None:
             return
-        self.heartbeat.cancel()
-        if self.draining is not None:
-            self.draining.cancel()
-        await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.catching_up is not None:
+            self.catching_up.cancel()
+        await hub_for(self.channel_layer).leave(self.session_id, self)
         await _leave_user_group(self)
-        watchers = await _unwatch(self.channel_name, self.session_id)
-        await self.channel_layer.group_send(
-            self.group, {"type": "session.presence", "html": watchers}
-        )
-
-    async def _keep_presence(self) -> None:
-        while True:
-            await asyncio.sleep(WATCHER_TTL / 3)
-            await _still_watching(self.channel_name)
-
-    async def session_presence(self, message: dict[str, Any]) -> None:
-        if self.last_seq is not None:
-            await self.send(text_data=message["html"])
+        await feed.presence.leave(self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
             message = json.loads(text_data or "")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested past the stack
             return
-        if not isinstance(message, dict) or self.last_seq is not None:
-            return  # only the opening `last_seq` is listened to; steering is plain POSTs
-        held = message.get("last_seq")
-        self.last_seq = held if isinstance(held, int) and held >= 0 else 0
-        await self._catch_up()
-        pending, self.pending = self.pending, []
-        for queued in pending:
-            await self._dispatch(queued)
-        if self.overflowed:
-            self.overflowed = False
-            await self._catch_up()
-        # The page was rendered a moment ago: bring its header, controls and watchers up to date.
-        await self.session_state(await _current_state(self.session_id))
-        await self.send(text_data=await database_sync_to_async(_render_watchers)(self.session_id))
+        if not isinstance(message, dict) or self.feed is None:
+            return  # steering is plain POSTs: only the hello and acknowledgements come here
+        if "last_seq" in message and not self.cursor.greeted:
+            self.cursor.hello(_seq(message["last_seq"]) or 0)
+        elif (acked := _seq(message.get("ack"))) is not None:
+            self.cursor.ack(acked)
+        self._catch_up_soon()
 
-    async def session_events(self, message: dict[str, Any]) -> None:
-        await self._dispatch(message)
+    # -- what the feed hands over (the same objects for every viewer of this worker) --------
 
-    async def session_state(self, message: dict[str, Any]) -> None:
-        if self.last_seq is None:
-            return  # the state is sent in full once the viewer says hello
-        fragments = [message["status"] if self.link_id is None else message["status_shared"]]
-        if self.can_steer:
-            fragments.append(message["controls"])
-        await self.send(text_data="".join(fragments))
+    async def live_events(self, batch: Batch) -> None:
+        if self.sending.locked():
+            self.cursor.skip(batch)  # a catch-up is sending: it brings these too
+        else:
+            async with self.sending:
+                text = self.cursor.offer(batch)
+                if text:
+                    await self.send(text_data=text)
+        self._catch_up_soon()
 
-    async def _dispatch(self, message: dict[str, Any]) -> None:
-        if message.get("type") != "session.events":
-            await self.session_state(message)
-            return
-        if self.last_seq is None:
-            if len(self.pending) < MAX_PENDING:
-                self.pending.append(message)
+    async def live_state(self, frames: StateFrames) -> None:
+        if self.cursor.offer_state():
+            frame = frames.frame(shared=self.link_id is not None, steer=self.can_steer)
+            await self._send_state(frame)
+
+    async def live_presence(self, watchers: dict[str, str]) -> None:
+        if self.cursor.offer_state():
+            await self._send_state(watchers["html" if self.link_id is None else "shared"])
+
+    async def missed(self) -> None:
+        self.cursor.stale = True
+        self._catch_up_soon()
+
+    async def _send_state(self, frame: str) -> None:
+        async with self.sending:
+            await self.send(text_data=frame)
+
+    # -- catching up from the database --------------------------------------------------------
+
+    def _catch_up_soon(self) -> None:
+        if (self.catching_up is None or self.catching_up.done()) and self.cursor.wants_catch_up:
+            self.catching_up = asyncio.create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        """Send what the database has past what the page holds, within the window; then,
+        once level with the live stream, the header, controls and watchers as they are.
+        Runs until nothing more is due (live batches may ask for more meanwhile)."""
+        while True:
+            query = self.cursor.fetch()
+            if query is not None:
+                after, limit = query
+                try:
+                    items = await _render_missing(self.session_id, after, limit)
+                except BaseException:
+                    self.cursor.abandon()
+                    raise
+                async with self.sending:
+                    text = self.cursor.fetched(items, limit)
+                    if text:
+                        await self.send(text_data=text)
+            elif self.cursor.refresh_state() and self.feed is not None:
+                # The page was rendered (or fell behind) a moment ago: bring it up to date.
+                state = await _current_state(self.session_id)
+                watchers = await self.feed.presence.current()
+                if state is not None:
+                    await self.live_state(StateFrames(state))
+                await self.live_presence(watchers)
             else:
-                self.overflowed = True
-            return
-        items: list[tuple[int, str]] = [tuple(item) for item in message["items"]]  # type: ignore[misc]
-        async with self.delivery:
-            if not items or self._falling_behind():
-                return  # the database has these; the viewer gets them once it reads again
-            if items[0][0] > self.last_seq + 1:
-                await self._catch_up_locked(until=items[0][0] - 1)
-                if self.last_seq < items[0][0] - 1:
-                    return  # the gap is not filled yet: the drain's catch-up sends these too
-            await self._send_items(items)
-
-    async def _catch_up(self, until: int | None = None) -> None:
-        async with self.delivery:
-            await self._catch_up_locked(until)
-
-    async def _catch_up_locked(self, until: int | None = None) -> None:
-        """Send what the database has after `last_seq`. Callers hold `self.delivery`: the
-        drain task and live messages would otherwise both send the same events."""
-        assert self.last_seq is not None
-        while until is None or self.last_seq < until:
-            if self._falling_behind():
                 return
-            chunk = await _render_missing(self.session_id, self.last_seq, CATCH_UP_CHUNK)
-            if until is not None:
-                chunk = [(seq, html) for seq, html in chunk if seq <= until]
-            if not chunk:
-                return
-            await self._send_items(chunk)
-            if len(chunk) < CATCH_UP_CHUNK:
-                return
-
-    def _falling_behind(self) -> bool:
-        """True while the viewer's socket is not draining (Daphne paused our writes).
-
-        Sending on regardless would pile fragments up in the server's send buffer without
-        bound (invariant 6). Instead nothing more is sent until it drains; then the viewer
-        is caught up from the database, like a reconnect.
-        """
-        if self.gate.writable and self.draining is None:
-            return False
-        if self.draining is None:
-            self.draining = asyncio.create_task(self._drain())
-        return True
-
-    async def _drain(self) -> None:
-        await self.gate.wait()
-        self.draining = None
-        await self._catch_up()
-
-    async def _send_items(self, items: list[tuple[int, str]]) -> None:
-        """Send in order what this viewer has not had; `last_seq` only ever grows."""
-        assert self.last_seq is not None
-        fresh = [(seq, html) for seq, html in items if seq > self.last_seq]
-        if not fresh:
-            return
-        self.last_seq = fresh[-1][0]
-        await self.send(text_data="".join(html for _, html in fresh))
 
     async def user_revoked(self, message: dict[str, Any]) -> None:
         """The person's role or account was taken away: stop watching at once."""
@@ -375,7 +299,7 @@ class SessionListConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
             message = json.loads(text_data or "")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested past the stack
             return
         rows = message.get("rows") if isinstance(message, dict) else None
         if isinstance(rows, list):

@@ -108,6 +108,11 @@ class Cursor:
         self.held = batch.last
         return text
 
+    def skip(self, batch: Batch) -> None:
+        """A live batch this viewer could not take now (it is busy sending)."""
+        if self.held is not None and batch.items and batch.last > self.held:
+            self.stale = True
+
     def offer_state(self) -> bool:
         """Whether a state fragment may be sent now; if not, it is refreshed later."""
         if self.behind:
@@ -121,6 +126,18 @@ class Cursor:
             return None
         self.stale, self.fetching = False, True
         return self.held, min(self.chunk, self.room)
+
+    @property
+    def wants_catch_up(self) -> bool:
+        """Whether a catch-up (events, or then the state fragments) is due now."""
+        if self.held is None or self.fetching:
+            return False
+        return (self.stale and self.room > 0) or (self.state_stale and not self.stale)
+
+    def abandon(self) -> None:
+        """The catch-up query failed or was cancelled: try again later."""
+        self.fetching = False
+        self.stale = True
 
     def fetched(self, items: Sequence[Item], limit: int) -> str | None:
         """Take a catch-up query's result (events after the seq `fetch` gave, in order)."""

@@ -59,7 +59,9 @@
     }
     if (root.id === "session-root") {
       // Tell the consumer what we hold; it replays what we missed, then goes live.
-      evt.detail.socketWrapper.sendImmediately(JSON.stringify({ last_seq: lastSeq(root) }));
+      sessionSocket = evt.detail.socketWrapper;
+      acked = lastSeq(root);
+      sessionSocket.sendImmediately(JSON.stringify({ last_seq: acked }));
     }
     openedAt = Date.now();
     setConnection("live", "live");
@@ -104,12 +106,44 @@
     }, reconnectDelay());
   });
 
+  // -- flow control ----------------------------------------------------------------------------
+  // The consumer sends at most a window of events past the last seq this page acknowledged
+  // (then it waits, and catches the page up from the database once it acknowledges again),
+  // so a page that cannot keep up never makes the server buffer without bound. Acknowledge
+  // every ACK_EVERY events, and shortly after the last message of a quieter stretch.
+  var ACK_EVERY = 100;
+  var ACK_AFTER_MS = 250;
+  var sessionSocket = null;
+  var acked = 0;
+  var ackTimer = null;
+
+  function acknowledge() {
+    ackTimer = null;
+    var root = document.getElementById("session-root");
+    if (!sessionSocket || !root) { return; }
+    var held = lastSeq(root);
+    if (held > acked) {
+      acked = held;
+      sessionSocket.send(JSON.stringify({ ack: held }));
+    }
+  }
+
+  function received(root) {
+    if (lastSeq(root) - acked >= ACK_EVERY) {
+      if (ackTimer) { window.clearTimeout(ackTimer); }
+      acknowledge();
+    } else if (!ackTimer) {
+      ackTimer = window.setTimeout(acknowledge, ACK_AFTER_MS);
+    }
+  }
+
   document.addEventListener("htmx:wsBeforeMessage", function (evt) {
     if (evt.target.id === "session-root") { follow = nearBottom(); }
   });
 
   document.addEventListener("htmx:wsAfterMessage", function (evt) {
     if (evt.target.id !== "session-root") { return; }
+    received(evt.target);
     var empty = document.getElementById("empty-timeline");
     if (empty && document.getElementById("timeline").children.length) { empty.remove(); }
     var jump = document.getElementById("jump-latest");

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 
 import pytest
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
+from dashboard.agents import presence, viewers
+from dashboard.agents.fanout import hub_for
 from dashboard.agents.models import AgentSession, Sandbox
-from dashboard.agents.recording import NewEvent, publish, record
+from dashboard.agents.recording import NewEvent, publish, record, session_group
 from dashboard.asgi import application
-from tests.agents.helpers import ORIGIN, communicator
+from tests.agents.helpers import ORIGIN, communicator, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(30)]
 
@@ -165,51 +167,112 @@ async def test_it_stores_a_line_whose_type_is_a_lone_surrogate(db):
     assert appended.events[0].type == "?"
 
 
-async def _stalled_viewer(session: AgentSession):  # type: ignore[no-untyped-def]
-    """A session consumer on a Twisted transport this test pauses and resumes, as Daphne's
-    send buffer would; what it sends is collected as seqs."""
-    import functools
-    from types import SimpleNamespace
-
-    from twisted.internet.testing import StringTransport
-
-    from dashboard.agents.consumers import SessionConsumer
-    from dashboard.daphne_glue import WriteGate
-
-    async def handle_reply(protocol: object, message: dict) -> None:
-        return None
-
-    transport = StringTransport()
-    consumer = SessionConsumer()
-    consumer.session_id, consumer.last_seq, consumer.can_steer = str(session.id), 0, False
-    consumer.pending, consumer.overflowed, consumer.draining = [], False, None
-    consumer.delivery = asyncio.Lock()
-    consumer.gate = WriteGate(functools.partial(handle_reply, SimpleNamespace(transport=transport)))
-    sent: list[int] = []
-
-    async def send(text_data: str) -> None:
-        sent.extend(int(seq) for seq in SEQ.findall(text_data))
-
-    consumer.send = send  # type: ignore[method-assign]
-    return consumer, transport, sent
+# -- flow control and fan-out ----------------------------------------------------------------
 
 
-async def test_it_catches_a_stalled_viewer_up_exactly_once_when_it_drains(db):
+async def _hello(viewer: WebsocketCommunicator, last_seq: int = 0) -> None:
+    connected, _ = await viewer.connect()
+    assert connected
+    await viewer.send_json_to({"last_seq": last_seq})
+
+
+async def _caught_up(viewer: WebsocketCommunicator) -> None:
+    """Until the watchers line, which follows the hello's catch-up."""
+    while 'id="watchers"' not in await viewer.receive_from(timeout=5):
+        pass
+
+
+async def test_it_stops_at_the_window_and_resumes_from_the_database_on_ack(alice, monkeypatch):
+    monkeypatch.setattr(viewers, "WINDOW", 10)
     session = await _session()
-    consumer, transport, sent = await _stalled_viewer(session)
-    _, first = await database_sync_to_async(record)(session.id, [_text(n) for n in range(1, 6)])
-    await consumer.session_events(first[0][1])
-    assert sent == [1, 2, 3, 4, 5]
+    viewer = await _viewer(session, alice)
+    await _hello(viewer)
+    await _record(session, *range(1, 9))
+    assert await _seqs_until(viewer, 8) == list(range(1, 9))
+    # The page stops acknowledging: the live batch would pass the window, so it is dropped
+    # and the viewer gets from the database only what the window still allows.
+    await _record(session, *range(9, 16))
+    assert await _seqs_until(viewer, 10) == [9, 10]
+    assert await viewer.receive_nothing(timeout=0.2)
+    await viewer.send_json_to({"ack": 10})
+    assert await _seqs_until(viewer, 15) == list(range(11, 16))
+    await viewer.send_json_to({"ack": 15})
+    await _record(session, 16)
+    assert await _seqs_until(viewer, 16) == [16]
+    await viewer.disconnect()
 
-    transport.producer.pauseProducing()  # the browser stops reading
-    _, later = await database_sync_to_async(record)(session.id, [_text(n) for n in range(6, 31)])
-    await consumer.session_events(later[0][1])
-    assert sent == [1, 2, 3, 4, 5]  # nothing piles up while it cannot drain
-    drain = consumer.draining
-    assert drain is not None
-    _, live = await database_sync_to_async(record)(session.id, [_text(31)])
 
-    transport.producer.resumeProducing()
-    # The drain's catch-up and a live message that skips seqs race for the same events.
-    await asyncio.gather(drain, consumer.session_events(live[0][1]))
-    assert sent == list(range(1, 32))
+@pytest.fixture
+def members(monkeypatch):  # type: ignore[no-untyped-def]
+    """The channel layer's group members, as this process added and discarded them."""
+    layer = get_channel_layer()
+    assert layer is not None
+    groups: dict[str, set[str]] = {}
+    add, discard = layer.group_add, layer.group_discard
+
+    async def group_add(group: str, channel: str) -> None:
+        groups.setdefault(group, set()).add(channel)
+        await add(group, channel)
+
+    async def group_discard(group: str, channel: str) -> None:
+        groups.get(group, set()).discard(channel)
+        await discard(group, channel)
+
+    monkeypatch.setattr(layer, "group_add", group_add)
+    monkeypatch.setattr(layer, "group_discard", group_discard)
+    return groups
+
+
+async def test_it_subscribes_once_per_session_and_shares_one_frame(alice, bob, charlie, members):
+    session = await _session()
+    watching = [await _viewer(session, user) for user in (alice, bob, charlie)]
+    for viewer in watching:
+        await _hello(viewer)
+        await _caught_up(viewer)
+    # One member of the session's group for this worker, not one per viewer.
+    assert len(members[session_group(session.id)]) == 1
+    feed = hub_for(get_channel_layer()).feeds[str(session.id)]
+    assert len(feed.viewers) == 3
+    await _record(session, 1, 2)
+    frames = []
+    for viewer in watching:
+        html = await viewer.receive_from(timeout=5)
+        while not SEQ.findall(html):
+            html = await viewer.receive_from(timeout=5)
+        frames.append(html)
+    # Joined once and handed to every viewer as the very same string.
+    assert frames[0] is frames[1] is frames[2]
+    assert feed.batches == 1
+    for viewer in watching:
+        await viewer.disconnect()
+    assert members[session_group(session.id)] == set()
+    assert str(session.id) not in hub_for(get_channel_layer()).feeds
+
+
+async def test_it_announces_watchers_coalesced(alice, monkeypatch):
+    monkeypatch.setattr(presence, "INTERVAL", 3600.0)  # no second update within this test
+    renders = 0
+    real = presence.render_watchers
+
+    def counted(session_id: str) -> dict[str, str]:
+        nonlocal renders
+        renders += 1
+        return real(session_id)
+
+    monkeypatch.setattr(presence, "render_watchers", counted)
+    session = await _session()
+    watching = [await _viewer(session, alice) for _ in range(12)]
+    for viewer in watching:
+        await _hello(viewer)
+    feed = hub_for(get_channel_layer()).feeds[str(session.id)]
+    await wait_for(lambda: _true(feed.presence.updates.runs == 1))
+    for viewer in watching:
+        await viewer.disconnect()
+    # Twelve arrivals and twelve departures: one announcement (the rest wait for the next
+    # second), plus one render per hello for the page that just opened.
+    assert feed.presence.updates.runs == 1 and feed.presence.updates.pending
+    assert renders <= 1 + len(watching)
+
+
+async def _true(value: bool) -> bool:
+    return value

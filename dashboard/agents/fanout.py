@@ -1,0 +1,174 @@
+"""Fan-out: one subscription per watched session per worker, one frame for all its viewers.
+
+A session's messages (`session.events`, `session.state`, `session.presence`) are sent to the
+session's channel-layer group, as before. What is in that group is not every viewer's
+socket but one channel per worker process that has viewers of the session (a `Feed`). The
+feed reads each message once, builds its frame once (`viewers.Batch`, `viewers.StateFrames`)
+and hands the very same string to each of its local viewers, which decide for themselves
+whether to send it (`viewers.Cursor`). The channel layer thus carries and copies one
+message per worker, not per viewer; a viewer that cannot take a frame skips it and catches
+up from the database.
+
+Nothing here awaits a slow viewer: sending a WebSocket frame under Daphne only queues it,
+and a viewer that has to query the database does so in a task of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any, Protocol
+
+from dashboard.agents.presence import INTERVAL, REFRESH, Coalescer, Presence
+from dashboard.agents.recording import session_group
+from dashboard.agents.viewers import Batch, StateFrames
+
+log = logging.getLogger(__name__)
+
+# channels-redis forgets group members after a day; a long-lived feed joins again hourly.
+REJOIN_EVERY = 3600.0
+
+
+class Viewer(Protocol):
+    channel_name: str
+
+    async def live_events(self, batch: Batch) -> None: ...
+
+    async def live_state(self, frames: StateFrames) -> None: ...
+
+    async def live_presence(self, watchers: dict[str, str]) -> None: ...
+
+    async def missed(self) -> None: ...
+
+
+class Feed:
+    """This worker's subscription to one session, shared by its local viewers."""
+
+    def __init__(self, layer: Any, session_id: str) -> None:
+        self.layer = layer
+        self.session_id = session_id
+        self.group = session_group(session_id)
+        self.viewers: dict[Viewer, None] = {}  # an ordered set
+        self.presence = Presence(session_id, self._announce)
+        self.batches = 0  # frames built, for the tests: one per message, whatever the viewers
+        self.channel = ""
+        self._latest_watchers: dict[str, str] | None = None
+        self._deliveries = Coalescer(INTERVAL, self._deliver_watchers)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started: asyncio.Task[None] = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
+        self.channel = await self.layer.new_channel()
+        await self.layer.group_add(self.group, self.channel)
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._keep())]
+
+    async def ready(self) -> None:
+        """Returns once messages sent to the session reach this feed."""
+        await asyncio.shield(self._started)
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.shield(self._started)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            if self.channel:
+                await self.layer.group_discard(self.group, self.channel)
+
+    async def _announce(self, watchers: dict[str, str]) -> None:
+        await self.layer.group_send(self.group, {"type": "session.presence", **watchers})
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The layer failed (Redis went away): everyone may have missed something.
+                log.exception("feed of session %s could not read; retrying", self.session_id)
+                await asyncio.sleep(1)
+                await self.layer.group_add(self.group, self.channel)
+                for viewer in list(self.viewers):
+                    await self._hand(viewer.missed)
+                continue
+            await self.dispatch(message)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "session.events" and message.get("items"):
+            batch = Batch.of(message["items"])
+            self.batches += 1
+            for viewer in list(self.viewers):
+                await self._hand(viewer.live_events, batch)
+        elif kind == "session.state":
+            frames = StateFrames(message)
+            for viewer in list(self.viewers):
+                await self._hand(viewer.live_state, frames)
+        elif kind == "session.presence":
+            self._latest_watchers = {"html": message["html"], "shared": message["shared"]}
+            self._deliveries.poke()
+
+    async def _deliver_watchers(self) -> None:
+        watchers = self._latest_watchers
+        if watchers is None:
+            return
+        for viewer in list(self.viewers):
+            await self._hand(viewer.live_presence, watchers)
+
+    async def _hand(self, method: Any, *args: Any) -> None:
+        try:
+            await method(*args)
+        except Exception:  # one broken socket must not cost the others their updates
+            log.exception("a viewer of session %s failed to take a message", self.session_id)
+
+    async def _keep(self) -> None:
+        """Keep this worker's viewers counted as watching, and its group membership alive."""
+        since_join = 0.0
+        while True:
+            await asyncio.sleep(REFRESH)
+            await self.presence.refresh(viewer.channel_name for viewer in self.viewers)
+            since_join += REFRESH
+            if since_join >= REJOIN_EVERY:
+                since_join = 0.0
+                await self.layer.group_add(self.group, self.channel)
+
+
+class Hub:
+    """The feeds of one worker process (one per channel layer and event loop)."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.feeds: dict[str, Feed] = {}
+
+    async def join(self, session_id: str, viewer: Viewer) -> Feed:
+        feed = self.feeds.get(session_id)
+        if feed is None:
+            feed = self.feeds[session_id] = Feed(self.layer, session_id)
+        feed.viewers[viewer] = None
+        await feed.ready()
+        return feed
+
+    async def leave(self, session_id: str, viewer: Viewer) -> None:
+        feed = self.feeds.get(session_id)
+        if feed is None:
+            return
+        feed.viewers.pop(viewer, None)
+        if not feed.viewers:
+            del self.feeds[session_id]
+            await feed.stop()
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Hub]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def hub_for(layer: Any) -> Hub:
+    """This process's hub for `layer`, on the running event loop."""
+    hubs = _hubs.setdefault(asyncio.get_running_loop(), {})
+    hub = hubs.get(id(layer))
+    if hub is None or hub.layer is not layer:
+        hub = hubs[id(layer)] = Hub(layer)
+    return hub
