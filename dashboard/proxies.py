@@ -77,8 +77,12 @@ class TrustedProxyMiddleware(MiddlewareMixin):
                 peer, str(meta.get("HTTP_X_FORWARDED_FOR", "")), trusted
             )
         else:
-            meta.pop("HTTP_X_FORWARDED_FOR", None)
-            meta.pop("HTTP_X_FORWARDED_PROTO", None)
+            forwarded = meta.pop("HTTP_X_FORWARDED_FOR", None)
+            forwarded = meta.pop("HTTP_X_FORWARDED_PROTO", None) or forwarded
+            if forwarded:
+                # Remembered for address-based checks (/metrics): a proxy we don't trust
+                # forwarded this, so the peer's address is not the client's.
+                meta["PORTHOLE_UNTRUSTED_FORWARDED"] = "1"
 
 
 def client_ip(request: HttpRequest) -> str:

@@ -17,6 +17,8 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.csp import CSP
 
+from dashboard.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -274,11 +276,14 @@ SECURE_CSP = {
     "frame-ancestors": [CSP.NONE],
 }
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
-}
+# Operations (dashboard/ops.py): who may read /metrics (addresses or networks), or a bearer
+# token; the port a bridges-only worker serves its own metrics on (loopback; 0: none).
+PORTHOLE_METRICS_ALLOW = env_list("PORTHOLE_METRICS_ALLOW", ["127.0.0.1", "::1"])
+PORTHOLE_METRICS_TOKEN = env_str("PORTHOLE_METRICS_TOKEN")
+PORTHOLE_METRICS_PORT = env_int("PORTHOLE_METRICS_PORT", 0, minimum=0)
+
+# Logs: `text` (default) or `json`, one object a line; lines about one session carry its id.
+LOG_FORMAT = env_str("LOG_FORMAT", "text").strip().lower()
+if LOG_FORMAT not in {"text", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r} must be text or json")
+LOGGING = logging_config(LOG_FORMAT, env_str("LOG_LEVEL", "INFO"))

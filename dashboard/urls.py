@@ -1,21 +1,14 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.db import connection
-from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 
+from dashboard import ops
 from dashboard.agents.people import SignInView
 
-
-def healthz(request: HttpRequest) -> HttpResponse:
-    """For container health checks and load balancers: the database answers."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-    return HttpResponse("ok", content_type="text/plain")
-
-
 urlpatterns = [
-    path("healthz", healthz, name="healthz"),
+    path("healthz", ops.healthz, name="healthz"),
+    path("readyz", ops.readyz, name="readyz"),
+    path("metrics", ops.metrics, name="metrics"),
     path("login/", SignInView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     # Django admin's own sign-in would bypass the sign-in page's context: it goes through ours.

@@ -1,0 +1,41 @@
+"""Porthole's Prometheus metrics that code increments as things happen.
+
+Import the one you need and call it (`metrics.LAYER_DROPS.labels("full").inc()`). Each
+process counts its own; `/metrics` on a web worker shows that worker's, and a bridges
+worker exposes its own with `start_metrics_server()` when PORTHOLE_METRICS_PORT is set.
+What the database knows (sessions by status, leases held, viewers, events stored) is read
+from it when scraped (dashboard/ops.py), so it is the same on every worker.
+
+Wired so far: see each metric's note. Not yet incremented anywhere are marked TODO: the
+code that knows the moment (bridge, recording, consumers) belongs to others and should
+call them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+# TODO(recording): inc(n) after each committed batch in recording.append_events.
+EVENTS_RECORDED = Counter(
+    "porthole_events_recorded", "Events this process recorded (committed to the database)"
+)
+# TODO(bridge): observe(seconds) from a frame read upstream to its event committed.
+RECORDING_LAG = Histogram(
+    "porthole_recording_lag_seconds",
+    "Time from reading a frame upstream to committing its events",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+# TODO(bridge): inc() on every upstream reconnect (where the `reconnected` event is recorded).
+UPSTREAM_RECONNECTS = Counter(
+    "porthole_upstream_reconnects", "Upstream exec sockets this process reconnected"
+)
+# TODO(consumers, recording.publish): labels(reason).inc() when a channel-layer send fails
+# or a message is dropped: reason "full" (ChannelFull), "error" (a transient layer error).
+LAYER_DROPS = Counter(
+    "porthole_channel_layer_drops",
+    "Channel-layer messages dropped or failed in this process",
+    ["reason"],
+)
+# TODO(supervisor): inc() on every lease this process claims / loses to another worker.
+LEASES_CLAIMED = Counter("porthole_leases_claimed", "Bridge leases this process claimed")
+LEASES_LOST = Counter("porthole_leases_lost", "Bridge leases this process lost (fenced out)")

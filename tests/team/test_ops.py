@@ -1,0 +1,133 @@
+"""Operations: /readyz names what is not ready, /metrics is Prometheus text for the monitoring
+system only, and JSON logs carry the session id of the work they are about."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+
+import pytest
+from django.test import Client
+from prometheus_client.parser import text_string_to_metric_families
+
+from dashboard.agents.models import AgentSession, Sandbox, Watcher
+from dashboard.logs import JsonFormatter, SessionFilter, bind_session, logging_config
+from tests.conftest import LocalSandbox
+from tests.team.procs import free_port
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_is_ready_when_database_layer_and_upstream_answer(oc: LocalSandbox) -> None:
+    response = Client().get("/readyz")
+    assert response.status_code == 200, response.content
+    assert response.json()["checks"] == {"database": "ok", "channel_layer": "ok", "upstream": "ok"}
+    assert Client().get("/healthz").status_code == 200
+
+
+def test_it_says_which_check_failed_when_the_upstream_is_away(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.OPENCOMPUTER_API_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings.OPENCOMPUTER_API_KEY = "k"
+    response = Client().get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failed"] == ["upstream"]
+    assert body["checks"]["database"] == "ok" and body["checks"]["channel_layer"] == "ok"
+    assert "127.0.0.1" not in response.content.decode()  # the kind of failure, no addresses
+
+
+def _scrape(client: Client, **extra: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    response = client.get("/metrics", **extra)  # type: ignore[arg-type]
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/plain")
+    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def test_it_exports_what_the_database_knows(alice) -> None:  # type: ignore[no-untyped-def]
+    sandbox = Sandbox.objects.create(upstream_id="sb-m")
+    for n, status in enumerate(["working", "working", "idle", "exited"]):
+        AgentSession.objects.create(
+            sandbox=sandbox, upstream_id=f"s{n}", status=status, next_seq=11
+        )
+    session = AgentSession.objects.first()
+    assert session is not None
+    Watcher.objects.create(channel_name="c1", session=session, user=alice)
+    samples = _scrape(Client())
+    sessions = samples["porthole_sessions"]
+    assert sessions[(("status", "working"),)] == 2
+    assert sessions[(("status", "idle"),)] == 1
+    assert sessions[(("status", "lost"),)] == 0
+    assert samples["porthole_events_stored"][()] == 40
+    assert samples["porthole_viewers"][(("kind", "member"),)] == 1
+    assert samples["porthole_sessions_unbridged"][()] == 3  # nothing holds their leases
+    # This process's own counters are there too, ready for the code that counts.
+    assert "porthole_upstream_reconnects_total" in samples
+    assert "porthole_events_recorded_total" in samples
+
+
+def test_it_serves_metrics_only_to_allowed_addresses_or_the_token(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.PORTHOLE_METRICS_TOKEN = "s3cret-token"
+    outsider = Client(REMOTE_ADDR="203.0.113.9")
+    assert outsider.get("/metrics").status_code == 403
+    assert outsider.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
+    _scrape(outsider, HTTP_AUTHORIZATION="Bearer s3cret-token")
+    _scrape(Client())  # loopback: the monitoring agent on this machine
+    # Through a proxy on this machine that we were not told to trust: its loopback address
+    # is not the client's.
+    forwarded = Client(HTTP_X_FORWARDED_FOR="203.0.113.9")
+    assert forwarded.get("/metrics").status_code == 403
+    # Through a trusted proxy, the client's own address decides.
+    settings.PORTHOLE_TRUSTED_PROXIES = ["127.0.0.1"]
+    assert forwarded.get("/metrics").status_code == 403
+    _scrape(Client(HTTP_X_FORWARDED_FOR="127.0.0.1"))
+
+
+def test_it_puts_the_session_id_on_every_line_of_a_sessions_work() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(SessionFilter())
+    logger = logging.getLogger("dashboard.agents.bridge.test")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    async def bridge(session_id: str) -> None:
+        bind_session(session_id)
+        logger.info("connected to %s", "upstream")
+        await asyncio.create_task(asyncio.sleep(0))  # tasks started later inherit it
+        await asyncio.to_thread(logger.warning, "from a thread")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("recording failed")
+
+    async def two() -> None:
+        await asyncio.gather(bridge("session-a"), bridge("session-b"))
+        logger.info("supervisor line")
+
+    try:
+        asyncio.run(two())
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 7
+    by_session = [line.get("session_id") for line in lines]
+    assert by_session.count("session-a") == 3 and by_session.count("session-b") == 3
+    assert lines[-1]["message"] == "supervisor line" and "session_id" not in lines[-1]
+    failed = [line for line in lines if line["message"] == "recording failed"]
+    assert all("ValueError: boom" in line["exception"] for line in failed)
+    assert {line["level"] for line in lines} == {"INFO", "WARNING", "ERROR"}
+
+
+def test_it_configures_json_or_text_logs() -> None:
+    config = logging_config("json", "INFO")
+    assert config["handlers"]["console"]["formatter"] == "json"
+    assert config["handlers"]["console"]["filters"] == ["session"]
+    assert logging_config("text", "INFO")["handlers"]["console"]["formatter"] == "text"
