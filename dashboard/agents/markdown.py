@@ -15,6 +15,7 @@ from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
 from markdown_it.rules_core import StateCore
 from markdown_it.token import Token
+from pygments.token import STANDARD_TYPES
 
 # Longer input is cut before parsing: markdown parsers have super-linear corners, and
 # nobody reads 100k characters in a timeline card anyway (the raw payload stays downloadable).
@@ -47,8 +48,11 @@ ALLOWED_TAGS = {
     "th",
     "td",
     "a",
+    "span",  # highlighted code: Pygments' token classes only (below)
 }
 ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "ol": {"start"}}
+# Every class Pygments' HtmlFormatter writes (short names: k, s2, nf…).
+TOKEN_CLASSES = {css for css in STANDARD_TYPES.values() if css}
 URL_SCHEMES = {"http", "https", "mailto"}
 LINK_REL = "noopener noreferrer nofollow"
 
@@ -89,6 +93,7 @@ _cleaner = nh3.Cleaner(
     # with their content rather than leave a script's text lying in the page.
     clean_content_tags={"script", "style", "iframe", "object", "embed", "svg", "math"},
     attributes=ALLOWED_ATTRIBUTES,
+    allowed_classes={"span": TOKEN_CLASSES},
     url_schemes=URL_SCHEMES,
     # Relative links in agent output name files in the sandbox ("src/app.py"); resolved
     # against Porthole they would point into the dashboard itself. Keep the text, drop the link.
@@ -118,8 +123,20 @@ def _images_to_links(state: StateCore) -> None:
         block.children = children
 
 
+def _highlight(code: str, lang: str, attrs: object) -> str:
+    """Fenced code with a language, highlighted by Pygments (classes only; the sanitiser
+    keeps Pygments' token classes on <span> and nothing else)."""
+    # Imported here: the rendering package imports this module.
+    from dashboard.agents.rendering.highlight import for_markdown
+
+    return for_markdown(code, lang, attrs)
+
+
 def _build() -> MarkdownIt:
-    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    md = MarkdownIt(
+        "commonmark",
+        {"html": False, "linkify": False, "typographer": False, "highlight": _highlight},
+    )
     md.enable(["table", "strikethrough"])
     md.core.ruler.push("images_to_links", _images_to_links)
     return md

@@ -82,7 +82,10 @@ FORBIDDEN_TAGS = {
 # Elements that let content act on the page or post somewhere, never inside an event.
 FORM_TAGS = {"form", "input", "button", "textarea", "select", "option", "label"}
 HTMX_PREFIXES = ("hx-", "data-hx-", "ws-", "data-ws-")
-OUR_IDS = re.compile(r"(event-\d+|toolstatus-[A-Za-z0-9_-]+)")
+OUR_IDS = re.compile(
+    r"(event-\d+|fold-\d+(-body|-count)?"
+    r"|(toolstatus|toolduration|toolcall|toolresult|toolchildren)-[A-Za-z0-9_-]+)"
+)
 CONTROL = re.compile(r"[\x00-\x20\x7f]+")
 
 

@@ -541,15 +541,16 @@ def test_it_shows_bash_write_edit_multiedit_and_other_tools_their_own_way() -> N
     )
     html = render_event(event, ToolIndex())
     page = assert_safe(html)
-    assert page.find("pre", "code-bash") and "pytest -q &amp;&amp; echo ok" in html
+    shown = "".join(page.text)
+    assert page.find("pre", "code-bash") and "pytest -q && echo ok" in shown
     assert "Test" in html
-    assert page.find("pre", "code-file") and "/w/a.py" in html and "print(&#x27;hi&#x27;)" in html
-    deleted = page.find("span", "diff-del")
-    added = page.find("span", "diff-add")
+    assert page.find("pre", "code-write") and "/w/a.py" in html and "print('hi')" in shown
+    deleted = page.find("tr", "diff-del")
+    added = page.find("tr", "diff-add")
     assert len(deleted) == 2 + 2 and len(added) == 1 + 2
-    assert "- x = 1" in html and "- y = 2" in html and "+ x = 3" in html
-    assert page.find("span", "diff-hunk"), "MultiEdit hunks are separated"
-    assert page.find("pre", "code-json") and "&quot;pattern&quot;: &quot;def main&quot;" in html
+    assert "-x = 1" in shown and "-y = 2" in shown and "+x = 3" in shown
+    assert len(page.find("tr", "diff-hunk")) == 3, "each edit is a hunk"
+    assert page.find("pre", "code-json") and '"pattern": "def main"' in shown
     names = "".join(page.text)
     for name in ("Bash", "Write", "Edit", "MultiEdit", "Grep"):
         assert name in names
@@ -575,17 +576,17 @@ def test_it_pairs_a_tool_result_with_its_call() -> None:
     tools = ToolIndex.for_session(session, [call, answer])
     call_html, answer_html = render_event(call, tools), render_event(answer, tools)
 
-    page = assert_safe(answer_html)
-    result = page.find("details", "blk-result")[0]
-    assert "open" in result.attrs, "a short result starts open"
-    links = [e for e in page.find("a") if e.attrs.get("href") == f"#event-{call.seq}"]
-    assert links, "the result links back to its call"
-    assert "result of" in answer_html and "Bash · ls" in answer_html
-    accent = next(c for c in result.classes if c.startswith("accent-"))
-
-    call_page = parse(call_html)
-    tool = call_page.find("section", "blk-tool")[0]
-    assert accent in tool.classes, "call and result share an accent"
+    # The result is drawn in its call's card; its own place keeps only a hidden mark.
+    mark = root(answer_html)
+    assert mark.tag == "span" and "hidden" in mark.attrs
+    assert mark.attrs["data-seq"] == str(answer.seq)
+    assert mark.attrs["data-at"] == "toolcall-toolu_1"
+    call_page = assert_safe(call_html)
+    card = call_page.find("details", "blk-tool")[0]
+    assert card.attrs["id"] == "toolcall-toolu_1"
+    slot = call_page.find("div", "tool-result-slot")[0]
+    assert slot.attrs["id"] == "toolresult-toolu_1"
+    assert "a.py\nb.py" in "".join(call_page.text)
     status = call_page.find("span", "toolstatus")[0]
     assert "toolstatus-done" in status.classes
     assert f'href="#event-{answer.seq}"' in call_html
@@ -621,13 +622,14 @@ def test_it_marks_tool_errors_and_renders_result_blocks() -> None:
         ),
     )
     tools = ToolIndex.for_session(session, [call, answer])
-    html = render_event(answer, tools)
+    html = render_event(call, tools)
     page = assert_safe(html)
-    result = page.find("details", "blk-result")[0]
-    assert "is-error" in result.classes and "open" in result.attrs
+    assert "open" in page.find("details", "blk-tool")[0].attrs, "a failed call shows itself"
+    result = page.find("div", "blk-result")[0]
+    assert "is-error" in result.classes
     assert "line one" in html and "[image: image/png, 2 KB]" in html
     assert "AAAA" not in html
-    assert "toolstatus-error" in render_event(call, tools)
+    assert "toolstatus-error" in html
 
 
 @pytest.mark.django_db
@@ -698,8 +700,16 @@ def test_it_marks_subagent_messages_as_inside_their_task() -> None:
     inner = add_event(
         session, "agent", _assistant([{"type": "text", "text": "inside"}], parent="toolu_task")
     )
+    # On the same page, the subagent's messages are drawn inside the Task's card.
     tools = ToolIndex.for_session(session, [task, inner])
-    html = render_event(inner, tools)
+    assert root(render_event(inner, tools)).attrs["data-at"] == "toolcall-toolu_task"
+    task_page = parse(render_event(task, tools))
+    children = task_page.find("div", "tool-children")[0]
+    assert children.attrs["id"] == "toolchildren-toolu_task"
+    assert [e.attrs["id"] for e in task_page.find("article")][1:] == [f"event-{inner.seq}"]
+    # On a page that starts after the Task, they say where they belong.
+    fresh = Event.objects.get(pk=inner.pk)
+    html = render_event(fresh, ToolIndex.for_session(session, [fresh]))
     element = root(html)
     assert "is-subagent" in element.classes
     assert "inside Task · Survey validators" in html
@@ -903,14 +913,22 @@ def test_it_swaps_the_call_status_marker_when_a_result_arrives_live() -> None:
     tools.observe(answer)
     html = render_event_oob(answer, tools)
     page = assert_safe(html)
-    swaps = [e for e in page.elements if e.attrs.get("hx-swap-oob") == "outerHTML"]
+    swaps = [
+        e
+        for e in page.elements
+        if e.attrs.get("hx-swap-oob") == "outerHTML" and e.attrs["id"].startswith("toolstatus")
+    ]
     assert [(s.attrs["id"], sorted(s.classes)) for s in swaps] == [
         ("toolstatus-toolu_9", ["toolstatus", "toolstatus-done"]),
         ("toolstatus-toolu_10", ["toolstatus", "toolstatus-error"]),
     ]
     assert html.count(f'href="#event-{answer.seq}"') == 2
-    # The top-level elements: the append, then one swap per answered call.
-    assert html.startswith('<div hx-swap-oob="beforeend:#timeline">')
+    # Each result is swapped into its call's card, and #timeline gets only the seq mark.
+    slots = [e for e in page.elements if e.attrs.get("hx-swap-oob") == "true"]
+    assert [s.attrs["id"] for s in slots] == ["toolresult-toolu_9", "toolresult-toolu_10"]
+    assert not page.find("article")
+    assert root(html).attrs["hx-swap-oob"] == "true"
+    assert page.find("span", "seq-mark")[0].attrs["data-seq"] == str(answer.seq)
 
 
 @pytest.mark.django_db
@@ -1172,11 +1190,10 @@ def test_it_caps_a_megabyte_tool_result_and_links_to_the_full_payload() -> None:
     big = "0123456789abcdef\n" * (1024 * 1024 // 17)
     answer = add_event(session, "agent", _user([_result("toolu_big", big)]))
     tools = ToolIndex.for_session(session, [call, answer])
-    html = render_event(answer, tools)
+    html = render_event(call, tools)
     assert len(html) < 3 * TOOL_CAP
     page = assert_safe(html)
-    result = page.find("details", "blk-result")[0]
-    assert "open" not in result.attrs, "a long result starts collapsed"
+    assert "open" not in page.find("details", "blk-tool")[0].attrs, "cards start collapsed"
     link = page.find("a", "show-full")
     assert len(link) == 1
     assert link[0].attrs["href"] == f"/sessions/{session.id}/events/{answer.seq}/raw"
@@ -1240,22 +1257,28 @@ def test_it_renders_the_whole_transcript_with_every_call_paired(
 
     for event in events:
         element = root(rendered[event.seq])
-        assert element.attrs["id"] == f"event-{event.seq}"
+        # An event, a fold of noise starting with it, or the mark of one drawn elsewhere.
+        assert element.attrs.get("id") in (f"event-{event.seq}", f"fold-{event.seq}", None)
         assert element.attrs["data-seq"] == str(event.seq)
         assert_safe(rendered[event.seq])
+    joined = "".join(rendered.values())
+    page = parse(joined)
+    ids = [e.attrs["id"] for e in page.elements if e.attrs.get("id", "").startswith("event-")]
+    assert sorted(ids) == sorted(f"event-{e.seq}" for e in events), "each event exactly once"
 
     calls, results = _calls_and_results(events)
     assert len(calls) > 130 and set(calls) == set(results)
     for tool_id, (result_seq, is_error) in results.items():
         call_seq = calls[tool_id]
-        assert f'href="#event-{call_seq}"' in rendered[result_seq], tool_id
-        status = _status(rendered[call_seq], tool_id)
+        # (A subagent's calls are drawn inside its Task's card, not at their own place.)
+        status = _status(joined, tool_id)
         assert status == ("toolstatus-error" if is_error else "toolstatus-done"), tool_id
-        assert f'href="#event-{result_seq}"' in rendered[call_seq]
+        assert f'href="#event-{result_seq}"' in joined
+        if result_seq != call_seq:  # (server tools answer in the same turn)
+            slot = f'id="toolresult-{dom_id(tool_id)}" class="tool-result-slot">'
+            assert slot + '<div class="blk-result' in joined, tool_id
 
-    kinds = {
-        next(c for c in root(html).classes if c.startswith("ev-")) for html in rendered.values()
-    }
+    kinds = {c for a in page.find("article") for c in a.classes if c.startswith("ev-")}
     assert kinds == {
         "ev-message",
         "ev-init",
@@ -1268,9 +1291,10 @@ def test_it_renders_the_whole_transcript_with_every_call_paired(
         "ev-stderr",
         "ev-generic",
     }
-    joined = "".join(rendered.values())
     assert "session resumed" in joined and "context compacted (auto)" in joined
-    assert "inside Task · Survey existing validators" in joined
+    tasks = [c for c in page.find("div", "tool-children") if c.attrs["id"].startswith("toolchild")]
+    assert tasks, "the subagent's work is drawn inside its Task card"
+    assert "system events" in joined
     assert "rate_limit_event" in joined and "malformed line" in joined
 
 
@@ -1284,7 +1308,8 @@ def test_it_renders_the_transcript_live_through_one_bridge_index() -> None:
         tools.observe(event)
         html = render_event_oob(event, tools)
         assert_safe(html)
-        swaps += html.count('hx-swap-oob="outerHTML"')
+        swaps += html.count('class="toolstatus toolstatus-done" hx-swap-oob="outerHTML"')
+        swaps += html.count('class="toolstatus toolstatus-error" hx-swap-oob="outerHTML"')
     assert swaps == len(_calls_and_results(events)[1])
 
 
@@ -1295,7 +1320,8 @@ def test_it_splits_a_page_between_timeline_and_stderr_log() -> None:
     page = render_timeline(session, events)
     stderr = [e for e in events if e.source == "stderr"]
     assert page.stderr.count('class="ev ev-stderr') == len(stderr)
-    assert page.timeline.count("<article ") == len(events) - len(stderr)
+    shown = [e for e in parse(page.timeline).elements if e.attrs.get("id", "").startswith("event-")]
+    assert len(shown) == len(events) - len(stderr)
 
 
 def _calls_and_results(events: list[Event]) -> tuple[dict[str, int], dict[str, tuple[int, bool]]]:

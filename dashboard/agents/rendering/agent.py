@@ -3,15 +3,17 @@ forwarded as they are, and the wrapper's own lines)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from django.utils.safestring import SafeString, mark_safe
+from pygments.lexer import Lexer
 
 from dashboard.agents import markdown
 from dashboard.agents.markdown import render_markdown
 from dashboard.agents.models import Event
-from dashboard.agents.rendering import budget
+from dashboard.agents.rendering import budget, highlight
 from dashboard.agents.rendering.base import (
     DISPLAY_CAP,
     MAX_BLOCKS,
@@ -31,9 +33,9 @@ from dashboard.agents.rendering.base import (
     one_line,
     pretty_json,
 )
+from dashboard.agents.rendering.highlight import DiffRow
 from dashboard.agents.rendering.items import (
     Block,
-    DiffLine,
     EventItem,
     GenericBlock,
     ImageBlock,
@@ -92,15 +94,18 @@ def _tool_use_block(event: Event, block: dict[str, Any], tools: ToolIndex) -> To
     if name == "Bash" and _str(tool_input, "command"):
         use.view, use.code = "bash", clip(_str(tool_input, "command"))
         use.description = one_line(_str(tool_input, "description"), 200)
+        use.code_html = highlight.block(use.code.text, highlight.lexer_named("bash"))
     elif name == "Write" and "content" in tool_input:
         use.view, use.path = "write", _str(tool_input, "file_path")
         use.code = clip(_str(tool_input, "content"))
+        use.code_html = highlight.block(use.code.text, highlight.lexer_for_path(use.path))
     elif name in ("Edit", "MultiEdit") and _str(tool_input, "file_path"):
         use.view, use.path = "edit", _str(tool_input, "file_path")
         edits = _list(tool_input, "edits") if name == "MultiEdit" else [tool_input]
-        use.diff, use.diff_truncated = _diff(edits)
+        use.diff, use.diff_truncated = _diff(edits, highlight.lexer_for_path(use.path))
     elif not _said_by_summary(tool_input, ref.summary):
         use.code = clip(pretty_json(tool_input))
+        use.code_html = highlight.block(use.code.text, highlight.lexer_named("json"))
     return use
 
 
@@ -110,20 +115,19 @@ def _said_by_summary(tool_input: dict[str, Any], summary: str) -> bool:
     return len(values) == 1 and isinstance(values[0], str) and values[0].strip() == summary
 
 
-def _diff(edits: list[Any]) -> tuple[list[DiffLine], bool]:
-    """old_string lines as `-`, new_string lines as `+`, capped to TOOL_CAP characters."""
-    lines: list[DiffLine] = []
-    budget = TOOL_CAP
-    for number, edit in enumerate(e for e in edits if isinstance(e, dict)):
-        if number:
-            lines.append(DiffLine("@", "…"))
-        for sign, key in (("-", "old_string"), ("+", "new_string")):
-            for text in _str(edit, key).split("\n"):
-                if budget <= 0:
-                    return lines, True
-                lines.append(DiffLine(sign, text[:budget]))
-                budget -= len(text) + 1
-    return lines, False
+def _diff(edits: list[Any], lexer: Lexer | None) -> tuple[list[DiffRow], bool]:
+    """Each edit as a hunk of a unified diff, all edits sharing TOOL_CAP characters of each
+    side (drawn from the event's budget like any clip)."""
+    rows: list[DiffRow] = []
+    cut = False
+    for edit in (e for e in edits if isinstance(e, dict)):
+        old, new = clip(_str(edit, "old_string")), clip(_str(edit, "new_string"))
+        hunk, hunk_cut = highlight.diff(old.text, new.text, lexer)
+        rows += hunk
+        cut = cut or hunk_cut or old.truncated or new.truncated
+        if old.truncated or new.truncated:
+            break
+    return rows, cut
 
 
 def _tool_result_block(event: Event, block: dict[str, Any], tools: ToolIndex) -> ToolResultBlock:
@@ -149,14 +153,40 @@ def _tool_result_block(event: Event, block: dict[str, Any], tools: ToolIndex) ->
     shown = sum(len(part.text) for part in parts)
     lines = sum(part.lines for part in parts)
     is_error = block.get("is_error") is True
-    return ToolResultBlock(
+    tool = tools.resolve(event, tool_id) if tool_id else None
+    result = ToolResultBlock(
         tool_use_id=tool_id,
-        tool=tools.resolve(event, tool_id) if tool_id else None,
+        tool=tool,
         is_error=is_error,
         parts=parts,
         images=images,
         open=is_error or (shown <= OPEN_RESULT_CHARS and lines <= OPEN_RESULT_LINES),
+        seq=event.seq,
+        session_id=str(event.session_id),
+        raw_size=len(event.raw.encode("utf-8", "replace")),
     )
+    if tool is not None and tool.name == "Read" and len(parts) == 1 and not is_error:
+        result.numbered = _numbered(parts[0].text, highlight.lexer_for_path(tool.summary))
+    return result
+
+
+# Read's output is `cat -n` style: a right-aligned number, then a tab or an arrow.
+_NUMBERED_LINE = re.compile(r" *(\d{1,9})(?:\t|\u2192)(.*)")
+
+
+def _numbered(text: str, lexer: Lexer | None) -> list[tuple[str, SafeString]]:
+    """Read's lines as (number, highlighted code), or [] when they are not all numbered
+    or cannot be highlighted (then the text is shown as it is)."""
+    matches = [_NUMBERED_LINE.fullmatch(line) for line in text.splitlines()]
+    if lexer is None or not matches or not all(matches):
+        return []
+    code = [match.group(2) for match in matches if match]
+    highlighted = highlight.lines("\n".join(code), lexer)
+    if highlighted is None or len(highlighted) != len(code):
+        return []
+    return [
+        (match.group(1), line) for match, line in zip(matches, highlighted, strict=True) if match
+    ]
 
 
 def _clip_all(texts: list[str], cap: int) -> list[Clipped]:

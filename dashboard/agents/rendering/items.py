@@ -22,7 +22,8 @@ from dashboard.agents.rendering.base import (
     clip,
     one_line,
 )
-from dashboard.agents.rendering.tools import ToolRef, ToolStatus
+from dashboard.agents.rendering.highlight import DiffRow
+from dashboard.agents.rendering.tools import TASK_NAMES, ToolRef, ToolStatus
 
 
 @dataclass
@@ -42,27 +43,33 @@ class ThinkingBlock:
 
 
 @dataclass
-class DiffLine:
-    sign: str  # "-", "+" or "@" (hunk separator)
-    text: str
-
-    @property
-    def css(self) -> str:
-        return {"-": "del", "+": "add"}.get(self.sign, "hunk")
-
-
-@dataclass
 class ToolUseBlock:
+    """One card per tool call: its input, and its result once known (page renders; live,
+    the result is swapped into the card's slot by id)."""
+
     ref: ToolRef
     status: ToolStatus
     view: str  # bash | write | edit | json
     server: bool = False
     description: str = ""  # Bash's own description of the command
     code: Clipped | None = None  # bash: the command; write: the content; json: the input
+    code_html: SafeString | None = None  # `code` highlighted (Pygments), when it could be
     path: str = ""  # write / edit
-    diff: list[DiffLine] = field(default_factory=list)
+    diff: list[DiffRow] = field(default_factory=list)
     diff_truncated: bool = False
+    result: ToolResultBlock | None = None
+    children: list[SafeString] = field(default_factory=list)  # a Task's subagent events
     kind: str = "tool_use"
+
+    @property
+    def is_task(self) -> bool:
+        return self.ref.name in TASK_NAMES
+
+    @property
+    def open(self) -> bool:
+        """Cards start collapsed to their one-line summary, except a subagent's work and
+        failures."""
+        return self.is_task or self.status.state == "error"
 
 
 @dataclass
@@ -73,6 +80,11 @@ class ToolResultBlock:
     parts: list[Clipped]
     images: list[str]  # one short description per image block
     open: bool
+    seq: int = 0  # the event holding the result (its "show full" link)
+    session_id: str = ""
+    raw_size: int = 0
+    # Read's output: (line number, highlighted line) when it could be highlighted.
+    numbered: list[tuple[str, SafeString]] = field(default_factory=list)
     kind: str = "tool_result"
 
     @property

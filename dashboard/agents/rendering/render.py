@@ -7,17 +7,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from django.template.loader import render_to_string
 from django.utils.safestring import SafeString, mark_safe
 
 from dashboard.agents.models import AgentSession, Event
-from dashboard.agents.rendering.agent import _agent
-from dashboard.agents.rendering.base import clip
+from dashboard.agents.rendering.agent import _agent, _tool_result_block
+from dashboard.agents.rendering.base import STDERR_TARGET, TIMELINE_TARGET, clip
 from dashboard.agents.rendering.budget import event_budget
-from dashboard.agents.rendering.items import EventItem, _generic, _item
+from dashboard.agents.rendering.items import (
+    EventItem,
+    ToolResultBlock,
+    ToolUseBlock,
+    _generic,
+    _item,
+)
 from dashboard.agents.rendering.porthole import _bridge, _dashboard
-from dashboard.agents.rendering.tools import ToolIndex
+from dashboard.agents.rendering.tools import ToolIndex, is_noise, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +61,123 @@ def _describe_safely(event: Event, tools: ToolIndex) -> EventItem:
 
 
 # ---------------------------------------------------------------------------------------
-# Rendering.
+# Rendering: a page (`render_event`, the layout decided by `ToolIndex.for_session`) or live
+# (`render_event_oob`: out-of-band swaps into whatever already holds the event's place).
 
 
-def _render(partial: str, event: Event, tools: ToolIndex) -> str:
-    item = describe(event, tools)
+def _html(partial: str, context: dict[str, Any], event: Event, item: EventItem) -> str:
     try:
-        return render_to_string(f"agents/timeline.html#{partial}", {"item": item})
+        return render_to_string(f"agents/timeline.html#{partial}", context)
     except Exception:
         log.exception("could not render event %s of session %s", event.seq, event.session_id)
         fallback = _generic(event, note="This event could not be displayed normally.")
         fallback.statuses = item.statuses
-        return render_to_string(f"agents/timeline.html#{partial}", {"item": fallback})
+        context = {**context, "item": fallback, "results": [], "article": True}
+        return render_to_string(f"agents/timeline.html#{partial}", context)
+
+
+def _mark(seq: int, holder: str, *, anchor: bool) -> str:
+    """A hidden placeholder for an event drawn elsewhere (inside a card or a fold): the
+    page's record of which seqs it holds, and where a link to the event should go. It is
+    the event's anchor (`#event-N`) only when the event has no element of its own."""
+    context = {"seq": seq, "at": holder, "anchor": anchor}
+    return render_to_string("agents/timeline.html#seq-mark", context)
 
 
 def render_event(event: Event, tools: ToolIndex) -> str:
     """One event's element, for a page render (`tools` from `ToolIndex.for_session`)."""
-    return _render("event", event, tools)
+    holder = tools.absorbed.get(event.seq)
+    if holder is not None:
+        return _mark(event.seq, holder, anchor=event.seq in tools.paired)
+    members = tools.folds.get(event.seq)
+    if members is not None:
+        context = {
+            "fold": {"head": event.seq, "count": len(members)},
+            "members": [mark_safe(_inline(member, tools)) for member in members],  # noqa: S308
+        }
+        return render_to_string("agents/timeline.html#fold", context)
+    return _inline(event, tools)
+
+
+def _inline(event: Event, tools: ToolIndex, *, nested: bool = False) -> str:
+    if event.seq in tools.paired:
+        # Its results are in their calls' cards; at top level its mark is drawn already.
+        holder = tools.absorbed.get(event.seq, "timeline")
+        return "" if nested else _mark(event.seq, holder, anchor=True)
+    item = describe(event, tools)
+    if nested:
+        item.inside = None  # the Task card around it says so
+    for block in item.blocks:
+        if isinstance(block, ToolUseBlock):
+            _fill_card(block, tools)
+    return _html("event", {"item": item}, event, item)
+
+
+def _fill_card(block: ToolUseBlock, tools: ToolIndex) -> None:
+    """A call's result and its subagent's events, when they are on the same page."""
+    if tools.get(block.ref.id) != block.ref:
+        return  # a call id used twice (hostile): only its latest card is filled
+    found = tools.result_blocks.get(block.ref.id)
+    if found is not None:
+        result_event, result = found
+        with event_budget(tools.page_budget):  # the result's own event pays for it
+            block.result = _tool_result_block(result_event, result, tools)
+    block.children = [
+        mark_safe(_inline(child, tools, nested=True))  # noqa: S308 - from the templates
+        for child in tools.children.get(block.ref.id, [])
+    ]
 
 
 def render_event_oob(event: Event, tools: ToolIndex) -> str:
     """One event as htmx out-of-band swaps for the ws extension: the element appended to
-    #timeline (or #stderr-log), plus the status marker of every call it answers."""
-    return _render("event-oob", event, tools)
+    #timeline (or #stderr-log, or the card of the Task whose subagent it comes from, or the
+    fold of noise it continues), each result swapped into its call's card by id, and the
+    status marker of every call it answers."""
+    item = describe(event, tools)
+    if item.source == Event.Source.STDERR:
+        context: dict[str, Any] = {"item": item, "container": STDERR_TARGET, "article": True}
+        return _html("event-oob", context, event, item)
+    container = TIMELINE_TARGET
+    parent = parent_of(event)
+    task = tools.resolve(event, parent) if parent else None
+    if task is not None and task.nests and task.seq is not None and task.seq < event.seq:
+        container, item.inside = f"#toolchildren-{task.dom_id}", None
+    results = [
+        block
+        for block in item.blocks
+        if isinstance(block, ToolResultBlock)
+        and block.tool is not None
+        and block.tool.seq is not None
+        and block.tool.seq < event.seq
+    ]
+    item.blocks = [block for block in item.blocks if not any(block is r for r in results)]
+    article = not (results and not item.blocks and item.text is None)
+    fold = None
+    if container == TIMELINE_TARGET and article:
+        if is_noise(event):
+            head, count = tools.fold if tools.fold is not None else (event.seq, 0)
+            tools.fold = (head, count + 1)
+            fold = {"head": head, "count": count + 1, "new": count == 0}
+        else:
+            tools.fold = None
+    holder = container.removeprefix("#")
+    if fold is not None and not fold["new"]:
+        holder = f"fold-{fold['head']}"
+    elif not article:
+        holder = f"toolcall-{results[0].tool.dom_id}" if results[0].tool else "timeline"
+    context = {
+        "item": item,
+        "container": container,
+        "article": article,
+        "results": results,
+        "fold": fold,
+        # Anything not appended to #timeline itself leaves a mark there: the page's count
+        # of what it holds (the last seq it tells the server) reads #timeline's children.
+        "mark": holder != "timeline" and not (fold and fold["new"]),
+        "holder": holder,
+        "not_article": not article,
+    }
+    return _html("event-oob", context, event, item)
 
 
 @dataclass

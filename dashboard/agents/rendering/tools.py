@@ -9,6 +9,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from dashboard.agents.models import AgentSession, Event
@@ -18,16 +19,33 @@ from dashboard.agents.rendering.budget import PageBudget
 log = logging.getLogger(__name__)
 
 
+# Subagents nest their calls inside the Task card that started them, this many levels deep;
+# deeper ones are shown at top level (with a link to their Task) so that a hostile chain of
+# nested calls cannot nest the page without bound.
+MAX_DEPTH = 4
+# The tools whose calls run a subagent (Claude Code renamed Task to Agent).
+TASK_NAMES = ("Task", "Agent")
+
+
 @dataclass(frozen=True)
 class ToolRef:
     id: str
     name: str
     summary: str
     seq: int | None  # the event holding the call; None when not known
+    time: datetime | None = None  # when the call was recorded (for the duration)
+    parent: str = ""  # the Task call whose subagent made this call
+    depth: int = 0  # how many Task cards this call's card sits in
 
     @property
     def dom_id(self) -> str:
         return dom_id(self.id)
+
+    @property
+    def nests(self) -> bool:
+        """Whether its card holds the events of a subagent (that name it as their parent)
+        at a depth still allowed."""
+        return self.name in TASK_NAMES and self.depth < MAX_DEPTH
 
     @property
     def accent(self) -> int:
@@ -38,6 +56,7 @@ class ToolRef:
 class ToolOutcome:
     seq: int  # the event holding the result
     is_error: bool
+    time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,52 @@ class ToolStatus:
     dom_id: str
     state: str  # running | done | error | missing (no result and the session is over)
     result_seq: int | None = None
+    duration: str = ""  # from the call to its result, when both times are known
+
+
+def duration(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return ""
+    seconds = max((end - start).total_seconds(), 0.0)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes} min {rest} s"
+
+
+# Agent events that say little to a reader: folded into one "N system events" line.
+_KNOWN_TYPES = {
+    "assistant",
+    "user",
+    "system",
+    "result",
+    "turn_complete",
+    "ready",
+    "configured",
+    "interrupted",
+    "error",
+    "tool_use_summary",
+}
+_MEANINGFUL_SYSTEM = {"init", "compact_boundary"}
+
+
+def is_noise(event: Event) -> bool:
+    """Unknown agent events, streaming partials, progress ticks and system messages other
+    than init and compaction. Folded on the page; never dropped from the record."""
+    if event.source != Event.Source.AGENT:
+        return False
+    data = event.data
+    if data is None:
+        return False  # a malformed line is worth seeing
+    kind = data.get("type")
+    if kind == "system":
+        return data.get("subtype") not in _MEANINGFUL_SYSTEM
+    return kind not in _KNOWN_TYPES
+
+
+def parent_of(event: Event) -> str:
+    data = event.data if event.source == Event.Source.AGENT else None
+    return _str(data, "parent_tool_use_id") if data is not None else ""
 
 
 def _tool_summary(name: str, tool_input: dict[str, Any]) -> str:
@@ -104,6 +169,16 @@ class ToolIndex:
         # Shared by the events of one page render (see `budget`); None for the bridge's
         # long-lived index, whose events each render once.
         self.page_budget: PageBudget | None = None
+        # A page render's layout (see `_lay_out`): events drawn inside something else (a
+        # Task card, a call's card, a fold) → the id of the element holding them.
+        self.absorbed: dict[int, str] = {}
+        self.paired: set[int] = set()  # events made only of results shown in their calls' cards
+        self.children: dict[str, list[Event]] = {}  # Task call id → its subagent's events
+        self.folds: dict[int, list[Event]] = {}  # first seq of a run of noise → the run
+        self.result_blocks: dict[str, tuple[Event, dict[str, Any]]] = {}
+        self._page_seqs: set[int] = set()
+        # Live: the run of noise at the end of the timeline (first seq, count), if any.
+        self.fold: tuple[int, int] | None = None
 
     # Learning -----------------------------------------------------------------------
 
@@ -124,30 +199,41 @@ class ToolIndex:
         if kind == "assistant":
             for block in _content_blocks(data):
                 if block.get("type") in ("tool_use", "server_tool_use", "mcp_tool_use"):
-                    self._add_tool(block, event.seq)
+                    self._add_tool(block, event, _str(data, "parent_tool_use_id"))
                 elif _str(block, "tool_use_id"):  # server tool results live in assistant turns
-                    self._add_result(block, event.seq)
+                    self._add_result(block, event)
         elif kind == "user":
             for block in _content_blocks(data):
                 if block.get("type") == "tool_result" or _str(block, "tool_use_id"):
-                    self._add_result(block, event.seq)
+                    self._add_result(block, event)
         elif kind == "system" and data.get("subtype") == "init":
             session_id = _str(data, "session_id")
             if session_id and session_id not in self._inits:
                 self._put(self._inits, session_id, event.seq)
 
-    def _add_tool(self, block: dict[str, Any], seq: int) -> None:
+    def _add_tool(self, block: dict[str, Any], event: Event, parent: str) -> None:
         tool_id = _str(block, "id")
         if not tool_id:
             return
         name = _str(block, "name") or "tool"
-        ref = ToolRef(tool_id, one_line(name, 60), _tool_summary(name, _dict(block, "input")), seq)
+        outer = self._tools.get(parent) if parent else None
+        depth = (outer.depth + 1 if outer is not None else 1) if parent else 0
+        ref = ToolRef(
+            tool_id,
+            one_line(name, 60),
+            _tool_summary(name, _dict(block, "input")),
+            event.seq,
+            event.created_at,
+            parent,
+            depth,
+        )
         self._put(self._tools, tool_id, ref)
 
-    def _add_result(self, block: dict[str, Any], seq: int) -> None:
+    def _add_result(self, block: dict[str, Any], event: Event) -> None:
         tool_id = _str(block, "tool_use_id")
         if tool_id:
-            self._put(self.results, tool_id, ToolOutcome(seq, block.get("is_error") is True))
+            outcome = ToolOutcome(event.seq, block.get("is_error") is True, event.created_at)
+            self._put(self.results, tool_id, outcome)
 
     def _put(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
         table[key] = value
@@ -171,7 +257,8 @@ class ToolIndex:
     def status(self, event: Event, ref: ToolRef) -> ToolStatus:
         outcome = self.results.get(ref.id)
         if outcome is not None:
-            return ToolStatus(ref.dom_id, "error" if outcome.is_error else "done", outcome.seq)
+            state = "error" if outcome.is_error else "done"
+            return ToolStatus(ref.dom_id, state, outcome.seq, duration(ref.time, outcome.time))
         session = _cached_session(event)
         if session is not None and not session.is_live:
             return ToolStatus(ref.dom_id, "missing")
@@ -230,6 +317,7 @@ class ToolIndex:
         if not events:
             return index
         index.page_budget = PageBudget()
+        index._lay_out(events)
         last_seq = max(event.seq for event in events)
         # Results whose call is older than the slice.
         for event in events:
@@ -242,6 +330,66 @@ class ToolIndex:
                 if ref.id not in index.results and index._may_look_up(ref.id):
                     index._load_matching(session.id, ref.id, seq_gt=last_seq, kind="user")
         return index
+
+    # Layout of a page render --------------------------------------------------------
+
+    def _lay_out(self, events: list[Event]) -> None:
+        """Where each event of a page is drawn: a subagent's events inside their Task's
+        card, results inside their calls' cards, runs of noise in one fold; everything else
+        at top level. Rendering an absorbed event at top level gives only a hidden seq mark
+        (the page's bookkeeping of what it holds)."""
+        self._page_seqs = {event.seq for event in events}
+        fold_head: int | None = None
+        for event in sorted(events, key=lambda e: e.seq):
+            parent = self.on_page(parent_of(event), before=event.seq)
+            if parent is not None and parent.nests:
+                self.children.setdefault(parent.id, []).append(event)
+                self.absorbed[event.seq] = f"toolcall-{parent.dom_id}"
+                if self._pair(event) is not None:
+                    self.paired.add(event.seq)
+                continue
+            answered = self._pair(event)
+            if answered is not None:
+                self.paired.add(event.seq)
+                self.absorbed[event.seq] = f"toolcall-{answered.dom_id}"
+                continue
+            if is_noise(event):
+                if fold_head is None:
+                    fold_head = event.seq
+                    self.folds[fold_head] = [event]
+                else:
+                    self.folds[fold_head].append(event)
+                    self.absorbed[event.seq] = f"fold-{fold_head}"
+                continue
+            fold_head = None
+
+    def on_page(self, tool_use_id: str, *, before: int) -> ToolRef | None:
+        """The call, if its card is drawn on this page above `before`."""
+        ref = self._tools.get(tool_use_id) if tool_use_id else None
+        if ref is None or ref.seq is None or ref.seq not in self._page_seqs or ref.seq >= before:
+            return None
+        return ref
+
+    def _pair(self, event: Event) -> ToolRef | None:
+        """When `event` is only results whose calls' cards are on this page, the first of
+        those calls (the results are then drawn in their cards); else None."""
+        data = event.data if event.source == Event.Source.AGENT else None
+        if data is None or data.get("type") != "user" or _str(data, "error"):
+            return None
+        content = _dict(data, "message").get("content")
+        if not isinstance(content, list) or not content:
+            return None
+        found: list[tuple[ToolRef, dict[str, Any]]] = []
+        for block in content:
+            if not isinstance(block, dict) or block.get("type") != "tool_result":
+                return None
+            ref = self.on_page(_str(block, "tool_use_id"), before=event.seq)
+            if ref is None:
+                return None
+            found.append((ref, block))
+        for ref, block in found:
+            self.result_blocks[ref.id] = (event, block)
+        return found[0][0]
 
     @staticmethod
     def _result_ids(event: Event) -> list[str]:
