@@ -1,0 +1,186 @@
+"""The edges a hostile browser pokes at: the WebSocket origin (scheme, host and port), and
+inputs that used to end in a 500 or a socket closed with 1011 and a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import ApplicationCommunicator, WebsocketCommunicator
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
+
+from dashboard.agents.models import AgentSession, Sandbox
+from dashboard.asgi import application
+from tests.agents.helpers import communicator, cookie_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+NESTED = "[" * 200_000 + "]" * 200_000
+NESTED_OBJECT = '{"a":' * 50_000 + "1" + "}" * 50_000
+
+
+@database_sync_to_async
+def _session() -> AgentSession:
+    sandbox = Sandbox.objects.create(upstream_id="sb-edges")
+    return AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-edges", title="edges")
+
+
+async def _socket(path: str, user: User, *, origin: str, host: str) -> WebsocketCommunicator:
+    cookie = await database_sync_to_async(cookie_for)(user)
+    headers = [(b"origin", origin.encode()), (b"host", host.encode()), (b"cookie", cookie)]
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+# -- the origin --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "accepted"),
+    [
+        ("http://localhost:8000", "localhost:8000", True),
+        ("http://localhost", "localhost", True),
+        ("http://localhost:80", "localhost", True),
+        ("http://localhost:9999", "localhost:8000", False),  # another server on this machine
+        ("http://localhost", "localhost:8000", False),
+        ("https://localhost:8000", "localhost:8000", False),  # another scheme
+        ("http://127.0.0.1:8000", "localhost:8000", False),
+        ("http://evil.example", "localhost", False),
+        ("null", "localhost", False),
+        ("http://localhost:8000", "evil.example:8000", False),  # a host not allowed at all
+    ],
+)
+async def test_it_accepts_a_socket_only_from_this_very_origin(alice, origin, host, accepted):
+    session = await _session()
+    socket = await _socket(f"/ws/sessions/{session.id}/", alice, origin=origin, host=host)
+    connected, _ = await socket.connect()
+    assert connected == accepted
+    if connected:
+        await socket.disconnect()
+
+
+async def test_it_accepts_a_socket_from_a_trusted_origin(alice, settings):
+    """Behind a TLS proxy that says nothing: the operator lists the public origin."""
+    settings.CSRF_TRUSTED_ORIGINS = ["https://porthole.example.org"]
+    settings.ALLOWED_HOSTS = ["porthole.example.org"]
+    session = await _session()
+    for origin, accepted in (
+        ("https://porthole.example.org", True),
+        ("https://porthole.example.org:8443", False),
+        ("http://porthole.example.org", True),  # the scheme the proxy forwards as
+    ):
+        socket = await _socket(
+            f"/ws/sessions/{session.id}/", alice, origin=origin, host="porthole.example.org"
+        )
+        connected, _ = await socket.connect()
+        assert connected == accepted, origin
+        if connected:
+            await socket.disconnect()
+
+
+async def test_it_takes_the_scheme_from_a_trusted_proxy(alice, settings):
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.ALLOWED_HOSTS = ["porthole.example.org"]
+    session = await _session()
+    cookie = await database_sync_to_async(cookie_for)(alice)
+    for origin, accepted in (
+        ("https://porthole.example.org", True),
+        ("http://porthole.example.org", False),
+    ):
+        headers = [
+            (b"origin", origin.encode()),
+            (b"host", b"porthole.example.org"),
+            (b"x-forwarded-proto", b"https"),
+            (b"cookie", cookie),
+        ]
+        socket = WebsocketCommunicator(application, f"/ws/sessions/{session.id}/", headers=headers)
+        connected, _ = await socket.connect()
+        assert connected == accepted, origin
+        if connected:
+            await socket.disconnect()
+
+
+# -- no 500, no 1011 -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [NESTED, NESTED_OBJECT, '{"fs": {"command": "x", "type": [1]}}'])
+def test_it_refuses_deeply_nested_mcp_servers_with_a_message(oc, alice, value):
+    client = Client()
+    client.force_login(alice)
+    response = client.post(
+        reverse("new_session"), {"prompt": "keep me", "sandbox": "new", "mcp_servers": value}
+    )
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "MCP servers" in html and "keep me" in html
+    assert not AgentSession.objects.exists()
+
+
+@pytest.mark.parametrize("junk", [NESTED, NESTED_OBJECT, "\ud800", "[]", "1e999999", '"x"'])
+async def test_it_ignores_junk_on_the_session_socket_and_carries_on(alice, junk):
+    session = await _session()
+    socket = await communicator(f"/ws/sessions/{session.id}/", alice)
+    assert (await socket.connect())[0]
+    await socket.send_to(text_data=junk)
+    await socket.send_json_to({"last_seq": 0})
+    seen = ""
+    while 'id="session-state"' not in seen:
+        seen += await socket.receive_from(timeout=5)
+    await socket.disconnect()
+
+
+@pytest.mark.parametrize("junk", [NESTED, NESTED_OBJECT, '{"rows": "abc"}', '{"rows": [[[]]]}'])
+async def test_it_ignores_junk_on_the_list_socket_and_carries_on(alice, junk):
+    session = await _session()
+    socket = await communicator("/ws/sessions/", alice)
+    assert (await socket.connect())[0]
+    await socket.send_to(text_data=junk)
+    await socket.send_json_to({"rows": [str(session.id)]})
+    assert f'id="row-{session.id}"' in await socket.receive_from(timeout=5)
+    await socket.disconnect()
+
+
+@pytest.mark.parametrize("path", ["/ws/nowhere/", "/ws/sessions/not-a-uuid/", "/", "/ws/share/"])
+async def test_it_refuses_an_unknown_socket_path_cleanly(alice, path):
+    socket = await communicator(path, alice)
+    connected, code = await socket.connect()  # raised "No route found" before
+    assert not connected
+
+
+async def _http(path: bytes) -> int:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path.decode(),
+        "raw_path": path,
+        "query_string": b"",
+        "headers": [(b"host", b"localhost")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+    app = ApplicationCommunicator(application, scope)
+    await app.send_input({"type": "http.request", "body": b"", "more_body": False})
+    start = await app.receive_output(timeout=10)
+    await app.wait(timeout=10)
+    return int(start["status"])
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/static/%2e%2e/dashboard/settings.py",
+        b"/static/../dashboard/settings.py",
+        b"/static/%2e%2e/%2e%2e/etc/passwd",
+        b"/static/..%2f..%2fetc/passwd",
+    ],
+)
+async def test_it_answers_a_path_out_of_static_with_a_clean_4xx(db, path):
+    status = await _http(path)
+    assert 400 <= status < 500, status
+
+
+async def test_it_still_serves_static_files(db):
+    assert await _http(b"/static/porthole/app.css") == 200
