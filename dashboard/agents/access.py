@@ -10,14 +10,16 @@ import functools
 import hashlib
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest
 from django.utils import timezone
 
 from dashboard.agents.models import AgentSession, AuditEntry, Sandbox, ShareLink
@@ -77,7 +79,7 @@ def can_kill_sandbox(user: Any, sandbox: Sandbox | None) -> bool:
 def can_revoke(user: Any, link: ShareLink) -> bool:
     if not can_share(user):
         return False
-    return link.created_by_id == user.pk or user.has_perm("agents.revoke_any_sharelink")
+    return bool(link.created_by_id == user.pk or user.has_perm("agents.revoke_any_sharelink"))
 
 
 def require(check: Callable[[Any], bool], message: str) -> Callable[[Any], None]:
@@ -104,6 +106,59 @@ def viewer_required(view: Callable[..., Any]) -> Callable[..., Any]:
         return view(request, *args, **kwargs)
 
     return login_required(wrapper)
+
+
+# -- objects with what the user may do with them (healthchecks' `_get_check_for_user`) ------------
+
+
+@dataclass(frozen=True)
+class SessionRights:
+    """What the person looking at one session may do with it."""
+
+    member: bool = False  # a team member; False for a share link's holder (read-only)
+    steer: bool = False
+    share: bool = False
+    kill_sandbox: bool = False
+
+
+READ_ONLY = SessionRights()
+
+
+def session_for_user(user: Any, session_id: UUID | str) -> tuple[AgentSession, SessionRights]:
+    """The session and what `user` may do with it.
+
+    PermissionDenied without the viewer role; Http404 when there is no such session.
+    """
+    require_view(user)
+    session = (
+        AgentSession.objects.select_related("sandbox", "started_by", "resumed_from")
+        .filter(id=session_id)
+        .first()
+    )
+    if session is None:
+        raise Http404("No such session.")
+    return session, SessionRights(
+        member=True,
+        steer=can_steer(user),
+        share=can_share(user),
+        kill_sandbox=can_kill_sandbox(user, session.sandbox),
+    )
+
+
+def session_for_link(token: str) -> tuple[ShareLink, AgentSession, SessionRights]:
+    """The live link, its session, and what its holder may do: watch. Http404 otherwise."""
+    link = active_link(token)
+    if link is None:
+        raise Http404("This link is not valid: it may have expired or been revoked.")
+    return link, link.session, READ_ONLY
+
+
+def sandbox_for_user(user: Any, upstream_id: str) -> tuple[Sandbox | None, bool]:
+    """The sandbox Porthole knows by this upstream id (None if it never recorded it), and
+    whether `user` may kill it. PermissionDenied without the operator role."""
+    require_steer(user)
+    sandbox = Sandbox.objects.filter(upstream_id=upstream_id).first()
+    return sandbox, can_kill_sandbox(user, sandbox)
 
 
 # -- roles ---------------------------------------------------------------------------------------
@@ -168,15 +223,23 @@ def create_share_link(
     return link, token
 
 
+def link_is_live(link: ShareLink) -> bool:
+    """Neither revoked nor expired, and its creator may still share: a link dies with its
+    creator's right to share (checked here, on every use, whatever took the right away)."""
+    return link.is_active and link.created_by is not None and can_share(link.created_by)
+
+
 def active_link(token: str) -> ShareLink | None:
     if not token or len(token) > 200:
         return None
     link = (
-        ShareLink.objects.select_related("session", "session__sandbox", "session__started_by")
+        ShareLink.objects.select_related(
+            "session", "session__sandbox", "session__started_by", "created_by"
+        )
         .filter(token_hash=hash_token(token))
         .first()
     )
-    return link if link is not None and link.is_active else None
+    return link if link is not None and link_is_live(link) else None
 
 
 def remember_share(request: HttpRequest, link: ShareLink) -> None:
@@ -186,13 +249,14 @@ def remember_share(request: HttpRequest, link: ShareLink) -> None:
     request.session[SHARE_SESSION_KEY] = sorted(held)
 
 
-def shares_session(request: HttpRequest, session_id: object) -> bool:
+def shares_session(request: HttpRequest, session_id: UUID | str) -> bool:
     held = request.session.get(SHARE_SESSION_KEY, [])
     if not held:
         return False
-    return any(
-        link.is_active for link in ShareLink.objects.filter(pk__in=held, session_id=session_id)
+    links = ShareLink.objects.filter(pk__in=held, session_id=UUID(str(session_id))).select_related(
+        "created_by"
     )
+    return any(link_is_live(link) for link in links)
 
 
 # -- first run -----------------------------------------------------------------------------------

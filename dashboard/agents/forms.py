@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from typing import Any
 
 from django import forms
@@ -17,6 +18,8 @@ PERMISSION_MODES = [
     ("plan", "plan: plan only, no changes"),
 ]
 NEW_SANDBOX = "new"
+PROMPT_LIMIT = 200_000  # characters, on every form that takes a prompt
+MCP_DEPTH = 10  # a server definition is an object of objects of strings and lists
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:*()\- ]+$")
 
@@ -45,6 +48,9 @@ def parse_envs(value: str) -> dict[str, str]:
 def parse_mcp_servers(value: str) -> dict[str, Any]:
     if not value.strip():
         return {}
+    if _nesting(value) > MCP_DEPTH:
+        # Refused before parsing: deep enough, the parser itself runs out of stack.
+        raise ValidationError(f"Nested too deeply: at most {MCP_DEPTH} levels.")
     try:
         servers = json.loads(value)
     except json.JSONDecodeError as exc:
@@ -66,10 +72,48 @@ def parse_mcp_servers(value: str) -> dict[str, Any]:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             raise ValidationError(f"Server “{name}”: “env” must map strings to strings.")
+        if not isinstance(spec.get("type", ""), str):
+            raise ValidationError(f"Server “{name}”: “type” must be a string.")
         unknown = set(spec) - {"command", "args", "env", "type"}
         if unknown:
             raise ValidationError(f"Server “{name}”: unknown keys {', '.join(sorted(unknown))}.")
     return servers
+
+
+def _nesting(text: str) -> int:
+    """How deeply brackets nest in this JSON text, strings aside."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def prompt_field(required_message: str, rows: int = 3, **attrs: Any) -> forms.CharField:
+    """A prompt box that says its limit when it is exceeded."""
+    return forms.CharField(
+        widget=forms.Textarea(attrs={"rows": rows, **attrs}),
+        max_length=PROMPT_LIMIT,
+        error_messages={
+            "required": required_message,
+            "max_length": (
+                f"A prompt is at most {PROMPT_LIMIT:,} characters; this one has %(show_value)s."
+            ),
+        },
+    )
 
 
 class AgentOptionsForm(forms.Form):
@@ -111,10 +155,7 @@ class AgentOptionsForm(forms.Form):
 
 
 class StartSessionForm(AgentOptionsForm):
-    prompt = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 6, "autofocus": True}),
-        error_messages={"required": "Write a prompt."},
-    )
+    prompt = prompt_field("Write a prompt.", rows=6, autofocus=True)
     cwd = forms.CharField(max_length=500, required=False, label="Working directory")
     mcp_servers = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 3}), required=False, label="MCP servers (JSON)"
@@ -134,6 +175,8 @@ class StartSessionForm(AgentOptionsForm):
         label="Environment variables",
         help_text="NAME=value, one a line",
     )
+    # One token per rendered form: the start view starts one session per token.
+    submission = forms.CharField(widget=forms.HiddenInput, required=False, max_length=64)
 
     field_order = [
         "prompt",
@@ -152,13 +195,16 @@ class StartSessionForm(AgentOptionsForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.fields["submission"].initial = secrets.token_urlsafe(18)
         running = Sandbox.objects.filter(status=Sandbox.Status.RUNNING).order_by("-created_at")
-        self.fields["sandbox"].choices = [(NEW_SANDBOX, "A new sandbox")] + [
+        sandbox = self.fields["sandbox"]
+        assert isinstance(sandbox, forms.ChoiceField)
+        sandbox.choices = [(NEW_SANDBOX, "A new sandbox")] + [
             (str(s.id), f"{s.upstream_id} ({s.template or 'base'})") for s in running[:100]
         ]
 
     def clean_prompt(self) -> str:
-        prompt = self.cleaned_data["prompt"]
+        prompt = str(self.cleaned_data["prompt"])
         if not prompt.strip():
             raise ValidationError("Write a prompt.")
         return prompt
@@ -185,25 +231,17 @@ class StartSessionForm(AgentOptionsForm):
 
 
 class PromptForm(forms.Form):
-    text = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3}),
-        max_length=200_000,
-        error_messages={"required": "Write a prompt."},
-    )
+    text = prompt_field("Write a prompt.")
 
     def clean_text(self) -> str:
-        text = self.cleaned_data["text"]
+        text = str(self.cleaned_data["text"])
         if not text.strip():
             raise ValidationError("Write a prompt.")
         return text
 
 
 class ContinueForm(forms.Form):
-    prompt = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3}),
-        max_length=200_000,
-        error_messages={"required": "Write a prompt for the new session."},
-    )
+    prompt = prompt_field("Write a prompt for the new session.")
 
 
 def controls_context(session: AgentSession) -> dict[str, Any]:

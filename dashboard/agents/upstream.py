@@ -13,7 +13,7 @@ import weakref
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from dashboard.opencomputer import OpenComputer
+from dashboard.opencomputer import OpenComputer, OpenComputerError, redact
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, OpenComputer] = (
     weakref.WeakKeyDictionary()
@@ -47,3 +47,8 @@ def _normalised(url: str) -> str:
 def secrets() -> tuple[str, ...]:
     """Values that must never reach a browser, for redacting messages shown to users."""
     return tuple(s for s in (settings.OPENCOMPUTER_API_KEY,) if s)
+
+
+def shown(exc: OpenComputerError) -> str:
+    """An upstream error as a person may see it: the server's message, secrets masked."""
+    return redact(exc.message or str(exc), secrets())

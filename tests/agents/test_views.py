@@ -9,12 +9,15 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from django.test import Client
+from channels.db import database_sync_to_async
+from django.test import AsyncClient, Client
 from django.urls import reverse
 from django.utils import timezone
 
+from dashboard.agents.bridge import Bridge
 from dashboard.agents.models import AgentSession, AuditEntry, Event, Sandbox
 from dashboard.opencomputer import OpenComputer
+from tests.agents.helpers import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -250,19 +253,31 @@ def test_it_refuses_configure_when_no_bridge_holds_the_session(oc, alice):
     assert not session.events.filter(type="configure").exists()
 
 
-def test_it_sends_configure_and_records_it(oc, alice):
-    session = start(signed_in(alice), "x")
-    AgentSession.objects.filter(id=session.id).update(  # a bridge holds it
-        bridge_owner="w", bridge_lease_until=timezone.now() + timedelta(seconds=30)
+async def test_it_sends_configure_and_records_it(oc, alice):
+    """Configure travels through the bridge that holds the session: a real one here."""
+    client = AsyncClient()
+    await database_sync_to_async(client.force_login)(alice)
+    response = await client.post(reverse("new_session"), {"prompt": "x", "sandbox": "new"})
+    session = await AgentSession.objects.aget(id=response.url.strip("/").split("/")[-1])
+    await AgentSession.objects.filter(id=session.id).aupdate(  # as a supervisor would
+        bridge_owner="views-test-worker", bridge_lease_until=timezone.now() + timedelta(seconds=60)
     )
-    response = signed_in(alice).post(
+    bridge = asyncio.create_task(Bridge(str(session.id), "views-test-worker").run())
+
+    async def ready() -> bool:  # the agent is up: configure can be acknowledged
+        return await session.events.filter(type="ready").aexists()
+
+    await wait_for(ready)
+    response = await client.post(
         reverse("session_configure", args=[session.id]),
         {"model": "other-model", "max_turns": "7"},
         headers={"HX-Request": "true"},
     )
-    assert response.status_code == 200
-    event = session.events.get(type="configure")
+    assert response.status_code == 200, response.content.decode()
+    event = await session.events.aget(type="configure")
     assert json.loads(event.raw) == {"type": "configure", "model": "other-model", "maxTurns": 7}
+    await client.post(reverse("session_kill", args=[session.id]), headers={"HX-Request": "true"})
+    await asyncio.wait_for(bridge, 30)
 
 
 def test_it_continues_in_a_new_session_with_resume(oc, alice):

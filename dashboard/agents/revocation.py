@@ -1,0 +1,133 @@
+"""When someone's rights shrink, what they opened closes at once, whoever changed them.
+
+Hooked on the models, not on the People page: Django admin, a shell or a script that
+deactivates a user or takes a role away has the same effect.
+
+- Deactivated: every Django session of theirs is deleted (signed out in every browser, and
+  still signed out if they are made active again) and their sockets are closed.
+- No longer allowed to share: the links they created die (revoked, audited) and every
+  socket open through them closes. Links are also checked on every use
+  (`access.link_is_live`), which catches what no hook sees, such as a group's
+  permissions edited in Django admin.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from importlib import import_module
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.contrib.sessions.models import Session
+from django.db import transaction
+from django.db.models.signals import m2m_changed, post_save
+from django.dispatch import receiver
+from django.utils import timezone
+
+from dashboard.agents import access, sharing
+from dashboard.agents.models import ShareLink
+from dashboard.agents.recording import user_group
+
+log = logging.getLogger(__name__)
+
+User = get_user_model()
+# Saving only these fields cannot change what anyone may do (a sign-in saves last_login).
+_HARMLESS_FIELDS = {"last_login", "password", "email", "first_name", "last_name"}
+_DB_SESSION_ENGINES = {
+    "django.contrib.sessions.backends.db",
+    "django.contrib.sessions.backends.cached_db",
+}
+
+
+def rights_changed(user_ids: Iterable[Any]) -> None:
+    """Close what these people may no longer hold; run after the change is committed."""
+    ids = {pk for pk in user_ids if pk is not None}
+    if not ids:
+        return
+    for user in User.objects.filter(pk__in=ids):
+        if not user.is_active:
+            sign_out_everywhere(user)
+        if not access.can_share(user):
+            end_links_of(user)
+
+
+def sign_out_everywhere(user: Any) -> None:
+    """Delete the person's Django sessions and close their sockets."""
+    if settings.SESSION_ENGINE in _DB_SESSION_ENGINES:
+        key = str(user.pk)
+        # Session data is encoded, so it cannot be filtered in SQL; teams are small.
+        stale = [
+            session.session_key
+            for session in Session.objects.filter(expire_date__gt=timezone.now()).iterator()
+            if session.get_decoded().get("_auth_user_id") == key
+        ]
+        store = import_module(settings.SESSION_ENGINE).SessionStore
+        for session_key in stale:
+            store(session_key=session_key).delete()  # cached_db: from the cache too
+    else:
+        log.warning(
+            "Sessions in %s cannot be listed: %s stays signed in until the session expires "
+            "(an inactive account is refused on every request meanwhile).",
+            settings.SESSION_ENGINE,
+            user.get_username(),
+        )
+    _group_send(user_group(user.pk), {"type": "user.revoked"})
+
+
+def end_links_of(user: Any) -> None:
+    """The person may no longer share: the links they made die, and their sockets close."""
+    links = list(ShareLink.objects.filter(created_by=user, revoked_at__isnull=True))
+    sharing.revoke(links, None, reason="its creator may no longer share")
+
+
+def _group_send(group: str, message: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        async_to_sync(layer.group_send)(group, message)
+
+
+def _after_commit(user_ids: Iterable[Any]) -> None:
+    ids = list(user_ids)
+    transaction.on_commit(lambda: rights_changed(ids))
+
+
+@receiver(post_save, sender=User)
+def _user_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+    fields = kwargs.get("update_fields")
+    if created or (fields is not None and set(fields) <= _HARMLESS_FIELDS):
+        return
+    _after_commit([instance.pk])
+
+
+@receiver(m2m_changed, sender=User.groups.through)
+@receiver(m2m_changed, sender=User.user_permissions.through)
+def _user_groups_changed(
+    sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any, **kwargs: Any
+) -> None:
+    """Roles are groups: a role taken away (from the user's side or the group's)."""
+    if action == "pre_clear" and reverse:
+        # The group's members are gone by post_clear: note them now.
+        instance._porthole_cleared = list(instance.user_set.values_list("pk", flat=True))
+    if action not in ("post_remove", "post_clear"):
+        return
+    if not reverse:
+        _after_commit([instance.pk])
+    elif action == "post_clear":
+        _after_commit(getattr(instance, "_porthole_cleared", []))
+    else:
+        _after_commit(pk_set or [])
+
+
+@receiver(m2m_changed, sender=Group.permissions.through)
+def _group_permissions_changed(
+    sender: Any, instance: Any, action: str, reverse: bool, **kwargs: Any
+) -> None:
+    """A role's permissions edited: everyone in it may have lost something."""
+    if action not in ("post_remove", "post_clear") or reverse:
+        return
+    _after_commit(instance.user_set.values_list("pk", flat=True))

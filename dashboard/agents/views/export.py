@@ -1,0 +1,70 @@
+"""Taking a session away: as JSONL or Markdown, and one event's full payload."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.utils.text import slugify
+from django.views.decorators.http import require_GET
+
+from dashboard.agents import access
+from dashboard.agents.access import viewer_required
+from dashboard.agents.export import iter_session_markdown, session_jsonl
+from dashboard.agents.models import AgentSession, Event
+
+
+def _export_name(session: AgentSession, extension: str) -> str:
+    slug = slugify(session.title)[:60] or "session"
+    return f"porthole-{slug}-{str(session.id)[:8]}.{extension}"
+
+
+def _ordered_events(session: AgentSession) -> Iterator[Event]:
+    return (
+        Event.objects.filter(session=session)
+        .select_related("actor")
+        .order_by("seq")
+        .iterator(chunk_size=1000)
+    )
+
+
+@require_GET
+@viewer_required
+def export_jsonl(request: HttpRequest, session_id: str) -> HttpResponseBase:
+    session, _ = access.session_for_user(request.user, session_id)
+    lines = (line + "\n" for line in session_jsonl(session, _ordered_events(session)))
+    response = StreamingHttpResponse(lines, content_type="application/x-ndjson; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{_export_name(session, "jsonl")}"'
+    return response
+
+
+@require_GET
+@viewer_required
+def export_markdown(request: HttpRequest, session_id: str) -> HttpResponseBase:
+    session, _ = access.session_for_user(request.user, session_id)
+    chunks = iter_session_markdown(session, _ordered_events(session))
+    response = StreamingHttpResponse(chunks, content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{_export_name(session, "md")}"'
+    return response
+
+
+@require_GET
+def event_raw(request: HttpRequest, session_id: str, seq: int) -> HttpResponse:
+    """The full payload of one event, as received: what the timeline truncates for display.
+
+    Team members, and browsers that opened a live share link of this very session.
+    """
+    if not (access.can_view(request.user) or access.shares_session(request, session_id)):
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path())
+        raise PermissionDenied("You may not see this session.")
+    if seq >= 2**63:  # past a 64-bit column, the database would raise
+        raise Http404("No such event.")
+    event = get_object_or_404(Event, session_id=session_id, seq=seq)
+    response = HttpResponse(event.raw, content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="event-{seq}.txt"'
+    response["X-Content-Type-Options"] = "nosniff"
+    return response

@@ -1,0 +1,88 @@
+"""Sharing: create and revoke read-only links, and the page (and older events) a link opens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.db.models import F
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from dashboard.agents import access, sharing
+from dashboard.agents.models import AgentSession, ShareLink
+from dashboard.agents.sharing import ShareLinkForm, share_panel_context
+from dashboard.agents.views.common import HtmxHttpRequest, older, session_context
+
+
+def _panel(request: HttpRequest, session: AgentSession, **extra: Any) -> HttpResponse:
+    context = {
+        "session": session,
+        "can_share": True,
+        **share_panel_context(request.user, session),
+        **extra,
+    }
+    return render(request, "agents/session.html#share-panel", context)
+
+
+@require_POST
+def share_create(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    access.require_share(request.user)
+    session, _ = access.session_for_user(request.user, session_id)
+    form = ShareLinkForm(request.POST)
+    if not form.is_valid():
+        return _panel(request, session, share_error="Choose how long the link lasts.")
+    link, token = access.create_share_link(
+        session,
+        request.user,
+        label=form.cleaned_data["label"],
+        expiry=form.cleaned_data["expiry"],
+    )
+    access.audit(
+        request.user,
+        "share.create",
+        session.id,
+        link=link.pk,
+        label=link.label,
+        expires_at=link.expires_at.isoformat() if link.expires_at else None,
+    )
+    url = request.build_absolute_uri(f"/share/{token}/")
+    if not request.htmx:
+        sharing.hold_new_link(request, session, url)
+        return redirect(session)
+    return _panel(request, session, new_link_url=url, new_link=link)
+
+
+@require_POST
+def share_revoke(request: HtmxHttpRequest, link_id: int) -> HttpResponse:
+    link = get_object_or_404(ShareLink.objects.select_related("session"), pk=link_id)
+    if not access.can_revoke(request.user, link):
+        raise PermissionDenied("You may revoke only the links you created.")
+    sharing.revoke([link], request.user)
+    if not request.htmx:
+        return redirect(link.session)
+    return _panel(request, link.session)
+
+
+@require_GET
+def share_page(request: HttpRequest, token: str) -> HttpResponse:
+    link, session, rights = access.session_for_link(token)
+    link.token = token  # type: ignore[attr-defined]  # for this request only, never stored
+    ShareLink.objects.filter(pk=link.pk).update(
+        last_used_at=timezone.now(), use_count=F("use_count") + 1
+    )
+    access.remember_share(request, link)
+    context = session_context(request, session, rights, share=link)
+    response = render(request, "agents/session.html", context)
+    response["Referrer-Policy"] = "no-referrer"  # the token is in this page's URL
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@require_GET
+def share_older(request: HttpRequest, token: str) -> HttpResponse:
+    link, session, _ = access.session_for_link(token)
+    link.token = token  # type: ignore[attr-defined]
+    return older(request, session, link)

@@ -1,0 +1,178 @@
+"""Steering a session: follow-up prompt, interrupt, configure, kill, continue.
+
+Async: each waits on the sandbox server. What they read from the database is fetched in one
+step (`_steerable`) before the first await on the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_POST
+from django_htmx.http import HttpResponseClientRedirect
+
+from dashboard.agents import access, actions
+from dashboard.agents.forms import AgentOptionsForm, ContinueForm, PromptForm
+from dashboard.agents.models import AgentSession
+from dashboard.agents.upstream import shown
+from dashboard.agents.views.common import HtmxHttpRequest
+from dashboard.opencomputer import OpenComputerError
+
+
+@sync_to_async
+def _steerable(request: HttpRequest, session_id: str) -> tuple[Any, AgentSession]:
+    """The person and the session, if they may steer it."""
+    user = request.user
+    access.require_steer(user)
+    session, rights = access.session_for_user(user, session_id)
+    if not rights.steer:
+        raise PermissionDenied("You may watch sessions but not steer them.")
+    return user, session
+
+
+def _first_error(form: Any) -> str:
+    return " ".join(str(e) for errors in form.errors.values() for e in errors)
+
+
+@sync_to_async
+def _controls_response(
+    request: HtmxHttpRequest,
+    session: AgentSession,
+    *,
+    error: str = "",
+    notice: str = "",
+    status: int = 200,
+) -> HttpResponse:
+    """htmx gets a feedback line; a plain form post is redirected with the message.
+
+    Only the feedback is swapped, never the controls: live updates replace the controls at
+    any moment, and a reply swapped into a replaced element would take the prompt box
+    (preserved across swaps) with it.
+    """
+    if not request.htmx:
+        if error:
+            messages.error(request, error)
+        elif notice:
+            messages.success(request, notice)
+        return redirect(session)
+    html = render_to_string(
+        "agents/session.html#feedback", {"error": error, "notice": notice}, request=request
+    )
+    return HttpResponse(html, status=status)
+
+
+@require_POST
+@login_required
+async def session_prompt(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    form = PromptForm(request.POST)
+    if not session.is_live:
+        return await _controls_response(
+            request,
+            session,
+            error="The session has ended; continue it in a new session.",
+            status=409,
+        )
+    if not form.is_valid():
+        return await _controls_response(request, session, error=_first_error(form), status=400)
+    try:
+        await actions.send_prompt(user, session, form.cleaned_data["text"])
+    except OpenComputerError as exc:
+        return await _controls_response(
+            request, session, error=f"Not sent: {shown(exc)}", status=502
+        )
+    return await _controls_response(request, session, notice="Prompt sent.")
+
+
+async def _act_on_live_session(
+    request: HtmxHttpRequest,
+    session_id: str,
+    act: Callable[[Any, AgentSession], Awaitable[None]],
+    *,
+    done: str,
+    failed: str,
+) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    if not session.is_live:
+        return await _controls_response(
+            request, session, error="The session has ended.", status=409
+        )
+    try:
+        await act(user, session)
+    except OpenComputerError as exc:
+        return await _controls_response(
+            request, session, error=f"{failed}: {shown(exc)}", status=502
+        )
+    return await _controls_response(request, session, notice=done)
+
+
+@require_POST
+@login_required
+async def session_interrupt(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    return await _act_on_live_session(
+        request, session_id, actions.interrupt, done="Interrupt sent.", failed="Interrupt failed"
+    )
+
+
+@require_POST
+@login_required
+async def session_configure(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    form = AgentOptionsForm(request.POST)
+    if not session.is_live:
+        return await _controls_response(
+            request, session, error="The session has ended.", status=409
+        )
+    if not form.is_valid():
+        problems = "; ".join(
+            f"{form.fields[name].label or name}: {' '.join(str(e) for e in errors)}"
+            if name in form.fields
+            else " ".join(str(e) for e in errors)
+            for name, errors in form.errors.items()
+        )
+        return await _controls_response(
+            request, session, error=f"Check the configuration — {problems}", status=400
+        )
+    options = form.options()
+    if not options:
+        return await _controls_response(request, session, error="Nothing to change.", status=400)
+    try:
+        # Configure travels through the bridge's socket; actions records any failure.
+        await actions.configure(user, session, options)
+    except actions.NotDelivered as exc:
+        return await _controls_response(request, session, error=str(exc), status=503)
+    return await _controls_response(request, session, notice="Configuration sent.")
+
+
+@require_POST
+@login_required
+async def session_kill(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    return await _act_on_live_session(
+        request, session_id, actions.kill, done="Kill sent.", failed="Kill failed"
+    )
+
+
+@require_POST
+@login_required
+async def session_continue(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    user, session = await _steerable(request, session_id)
+    form = ContinueForm(request.POST)
+    if not form.is_valid():
+        return await _controls_response(request, session, error=_first_error(form), status=400)
+    try:
+        new = await actions.continue_session(user, session, form.cleaned_data["prompt"])
+    except OpenComputerError as exc:
+        return await _controls_response(
+            request, session, error=f"Could not continue: {shown(exc)}", status=502
+        )
+    if request.htmx:
+        return HttpResponseClientRedirect(new.get_absolute_url())
+    return redirect(new)
