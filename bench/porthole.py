@@ -7,10 +7,10 @@ with `channels.testing.WebsocketCommunicator`. A viewer notes when each fragment
 which `data-seq`s it carried; after the run, every seq is matched with the
 `demo_emitted_at` in the raw line the bridge stored.
 
-A *stalled* viewer connects and says hello like the others, then never reads: the consumer
-goes on sending to it, and what it sent waits in the communicator's output queue. (Under
-Daphne it waits in Twisted's send buffer, unbounded too, until Daphne's keep-alive ping
-times out: `bench/stalled_daphne.py` measures that.)
+A reading viewer acknowledges what it got, as the page does. A *stalled* viewer connects
+and says hello like the others, then never reads nor acknowledges: the consumer sends it at
+most its flow-control window (`dashboard/agents/viewers.py`), and that is what waits in the
+communicator's output queue.
 
 `setup()` must run before anything imports Django models.
 """
@@ -253,6 +253,8 @@ class Viewer:
         self.messages = 0
         self.chars = 0
         self.last_seq = 0
+        self.acked = 0
+        self.acked_at = 0.0
         self.target: int | None = None
         self.done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -281,6 +283,11 @@ class Viewer:
             if seqs:
                 self.arrivals.append((now, seqs))
                 self.last_seq = max(self.last_seq, seqs[-1])
+                # Acknowledge like the page (static/porthole/app.js): the consumer sends at
+                # most a window of events past the last acknowledgement.
+                if self.last_seq - self.acked >= 100 or now - self.acked_at >= 0.25:
+                    self.acked, self.acked_at = self.last_seq, now
+                    await self.communicator.send_json_to({"ack": self.last_seq})
             self._check()
 
     def _check(self) -> None:
