@@ -173,6 +173,7 @@ def cached_median_cost(period: Period) -> Decimal | None:
 # -- chart geometry -----------------------------------------------------------------------------
 
 WIDTH, HEIGHT = 720, 220
+RANK_WIDTH = 520
 LEFT, RIGHT, TOP, BOTTOM = 56, 12, 12, 28
 
 
@@ -234,8 +235,11 @@ class Chart:
 
 
 def money(value: Decimal | float) -> str:
+    """Dollars to the cent; amounts under a cent (but not nothing) with four places."""
     amount = Decimal(str(value))
-    return f"${amount.quantize(CENT):,}" if amount >= 1 or amount == 0 else f"${amount:.4f}"
+    if 0 < abs(amount) < CENT:
+        return f"${amount:.4f}"
+    return f"${amount.quantize(CENT):,}"
 
 
 def count(value: float) -> str:
@@ -301,6 +305,7 @@ def day_chart(
 class HBar:
     y: float
     width: float
+    value_x: float
     label: str
     value: str
 
@@ -321,20 +326,23 @@ def ranking_chart(
 ) -> HChart:
     """Horizontal bars, biggest first (at most 10 rows; the rest are in the table)."""
     rows = list(items)[:10]
-    label_w, value_w, bar_h, gap = 150, 80, 18, 8
+    width, label_w, value_w, bar_h, gap = RANK_WIDTH, 170, 80, 18, 8
     top = max((value for _, value in rows), default=0) or 1
-    span = WIDTH - label_w - value_w
-    bars = [
-        HBar(
-            y=n * (bar_h + gap) + 4,
-            width=round(max(span * value / top, 1.0 if value > 0 else 0.0), 2),
-            label=label if len(label) <= 22 else label[:21] + "…",
-            value=fmt(value),
+    span = width - label_w - value_w
+    bars = []
+    for n, (label, value) in enumerate(rows):
+        bar_w = round(max(span * value / top, 1.0 if value > 0 else 0.0), 2)
+        bars.append(
+            HBar(
+                y=n * (bar_h + gap) + 4,
+                width=bar_w,
+                value_x=round(label_w + bar_w + 6, 2),
+                label=label if len(label) <= 24 else label[:23] + "…",
+                value=fmt(value),
+            )
         )
-        for n, (label, value) in enumerate(rows)
-    ]
     height = max(len(rows), 1) * (bar_h + gap) + 8
-    return HChart(title, WIDTH, height, label_w, bar_h, bars, empty=not any(v for _, v in rows))
+    return HChart(title, width, height, label_w, bar_h, bars, empty=not any(v for _, v in rows))
 
 
 def charts(report: Usage) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dashboard.agents.models import AgentSession
 from dashboard.awareness import attention, usage
 from dashboard.awareness.models import Delivery, Hook, Kind, new_secret
 
-DELIVERY_LOG = 50
+DELIVERY_LOG = 30
 WATCH_LIMIT = 50
 FEED_HORIZON_DAYS = 7
 

@@ -63,7 +63,14 @@
     document.title = count > 0 ? `(${count}) ${baseTitle}` : baseTitle;
     if (countLink) {
       countLink.hidden = !(count > 0);
-      countLink.textContent = `${count} need${count === 1 ? "s" : ""} attention`;
+      const words = `${count === 1 ? "session needs" : "sessions need"} attention`;
+      const number = document.createElement("strong");
+      number.textContent = String(count);
+      const label = document.createElement("span");
+      label.className = "words";
+      label.textContent = ` ${count === 1 ? "needs" : "need"} attention`;
+      countLink.replaceChildren(number, label);
+      countLink.title = `${count} ${words}`;
     }
   };
 

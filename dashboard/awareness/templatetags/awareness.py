@@ -26,6 +26,11 @@ def tokens(value: Any) -> str:
 
 
 @register.filter
+def thousands(value: Any) -> str:
+    return f"{int(value or 0):,}"
+
+
+@register.filter
 def querystring_of(params: dict[str, str]) -> str:
     return urlencode(params)
 

@@ -1,0 +1,178 @@
+"""Awareness in real headless Chromium under the production CSP: a notification when a watched
+session fails (once, with two tabs open), the attention count in the tab title, and the usage
+and webhook pages drawn with no console error; their screenshots go to docs/screenshots/.
+
+The fixtures are the end-to-end suite's (tests/e2e/conftest.py), imported so that this module
+gets a Porthole of its own: the month of sessions it seeds stays out of the other browser
+tests' lists.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e import conftest as e2e
+from tests.e2e.conftest import ROOT, Porthole, require_browser
+
+# The end-to-end fixtures, taken into this module (a Porthole of its own, see above).
+porthole = e2e.porthole
+_porthole_alive = e2e._porthole_alive
+browser = e2e.browser
+signed_in_state = e2e.signed_in_state
+open_context = e2e.open_context
+
+require_browser()
+
+from playwright.sync_api import Page, expect  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+SESSION_PATH = re.compile(r"/sessions/([0-9a-f-]{36})/$")
+
+# A spy, not a stand-in: the real Notification is still created; every construction is also
+# reported to the test, from whichever tab made it.
+NOTIFICATION_SPY = """
+(() => {
+  const Real = window.Notification;
+  if (!Real) { return; }
+  class Spy extends Real {
+    constructor(title, options) {
+      super(title, options);
+      if (window.__porthole_notified) {
+        const o = options || {};
+        window.__porthole_notified({title, body: o.body, tag: o.tag});
+      }
+    }
+  }
+  Object.defineProperty(Spy, "permission", { get: () => Real.permission });
+  Spy.requestPermission = (...args) => Real.requestPermission(...args);
+  window.Notification = Spy;
+})();
+"""
+
+
+def wait_until(page: Page, condition: Any, timeout: float = 30.0) -> None:
+    """Poll a condition fed by Playwright's events (which are delivered while it waits)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        page.wait_for_timeout(100)
+
+
+def start_session(page: Page, script: str) -> str:
+    page.bring_to_front()
+    page.goto("/sessions/new/")
+    page.locator("#id_prompt").fill(script)
+    with page.expect_response(
+        lambda r: r.request.method == "GET" and bool(SESSION_PATH.search(r.url))
+    ) as info:
+        page.get_by_role("button", name="Start session").click()
+    match = SESSION_PATH.search(info.value.url)
+    assert match
+    return match.group(1)
+
+
+def test_it_notifies_once_when_a_watched_session_fails(open_context: Any) -> None:
+    tabs = open_context(permissions=["notifications"])
+    shown: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def notified(source: Any, detail: dict[str, Any]) -> None:
+        with lock:
+            shown.append(detail)
+
+    polls = [0]
+
+    def on_response(response: Any) -> None:
+        if "/awareness/attention/" in response.url:
+            polls[0] += 1
+
+    tabs.context.on("response", on_response)
+    tabs.context.expose_binding("__porthole_notified", notified)
+    tabs.context.add_init_script(NOTIFICATION_SPY)
+
+    first = tabs.new_page()
+    first.goto("/")
+    toggle = first.locator("#notify-toggle")
+    expect(toggle).to_have_text("Notifications off")
+    toggle.click()  # the permission is asked only now (and granted by the context)
+    expect(toggle).to_have_attribute("aria-pressed", "true")
+
+    second = tabs.new_page()  # another tab of the same browser
+    second.goto("/usage/")
+    expect(second.locator("#notify-toggle")).to_have_attribute("aria-pressed", "true")
+
+    third = tabs.new_page()
+    session_id = start_session(third, "Trying something risky\nexit 3")
+    expect(third.locator(".badge-exited")).to_contain_text("3")
+
+    # The tab title counts it as soon as a poll sees it.
+    expect(second).to_have_title(re.compile(r"^\(\d+\) Usage"), timeout=20_000)
+    wait_until(first, lambda: any(session_id in (s.get("tag") or "") for s in list(shown)))
+    # Then two more polls of the feed, whichever tab makes them: a duplicate would be out by then.
+    seen_polls = polls[0]
+    wait_until(first, lambda: polls[0] >= seen_polls + 2)
+    with lock:
+        mine = [s for s in shown if session_id in (s.get("tag") or "")]
+    assert len(mine) == 1, shown
+    assert mine[0]["title"].endswith("failed")
+    expect(first.locator("#attention-count")).to_be_visible()
+
+
+def test_it_draws_the_usage_charts_and_takes_screenshots(
+    porthole: Porthole, open_context: Any
+) -> None:
+    e2e._manage(
+        e2e._server_env(porthole.data_dir),
+        "shell",
+        "-c",
+        "from tests.awareness.seed import seed; seed()",
+    )
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    layouts = {
+        "light": {"color_scheme": "light", "viewport": {"width": 1280, "height": 900}},
+        "dark": {"color_scheme": "dark", "viewport": {"width": 1280, "height": 900}},
+        "narrow": {
+            "color_scheme": "light",
+            "viewport": {"width": 390, "height": 844},
+            "device_scale_factor": 2,
+            "is_mobile": True,
+            "has_touch": True,
+        },
+    }
+    for name, options in layouts.items():
+        page = open_context(**options).new_page()
+        page.goto("/usage/")
+        charts = page.locator("svg.chart-svg")
+        expect(charts).to_have_count(5)
+        expect(page.locator("svg.chart-svg rect.s-cost").first).to_be_visible()
+        assert page.locator("#total-cost").inner_text().startswith("$")
+        fits(page)
+        shoot(page, SCREENSHOTS / f"usage-{name}.png")
+        page.goto("/settings/hooks/")
+        expect(page.locator("table.delivery-log")).to_be_visible()
+        expect(page.locator(".delivery-failed").first).to_be_visible()
+        fits(page)
+        shoot(page, SCREENSHOTS / f"settings-{name}.png")
+        page.goto("/?status=attention")
+        expect(page.locator(".badge-attention").first).to_be_visible()
+
+
+def fits(page: Page) -> None:
+    """No sideways scrolling of the whole page (a chart may scroll inside its own box)."""
+    widths = page.evaluate(
+        "() => ({page: document.documentElement.scrollWidth, view: window.innerWidth})"
+    )
+    assert widths["page"] <= widths["view"], (page.url, widths)
+
+
+def shoot(page: Page, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True, caret="initial")
