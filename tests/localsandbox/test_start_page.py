@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
-from pytest_django.fixtures import SettingsWrapper
+from pytest_django.fixtures import Settings
 
 from dashboard.agents.access import set_role
 from dashboard.localsandbox.templatetags import localsandbox as tags
@@ -36,7 +36,7 @@ def fresh_probe() -> None:
 )
 def test_it_shows_which_isolation_is_in_force(
     operator_client: Client,
-    settings: SettingsWrapper,
+    settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
     bwrap: str,
     unsafe: bool,
