@@ -389,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=300)
     parser.add_argument("--export-events", type=int, default=100_000)
     parser.add_argument("--label", default="")
+    parser.add_argument(
+        "--server-root",
+        help="start the embedded sandbox server from this checkout (its sandboxes get a "
+        "private /tmp, so a checkout under /tmp cannot run their agents)",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--viewers-n", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--api-url", help=argparse.SUPPRESS)
@@ -400,12 +405,17 @@ def main(argv: list[str] | None = None) -> int:
         run_phase(args)
         return 0
 
+    if args.server_root:
+        sys.path.insert(0, str(Path(args.server_root).resolve()))
     from tests.conftest import start_localsandbox, stop_localsandbox
 
     matrix = [int(v) for v in args.viewers.split(",") if v]
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     results: dict[str, Any] = {"config": vars(args) | {"data_dir": None, "out": None}}
+    results["commit"] = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     runs: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="porthole-fanout-server-") as server_dir:
         server = start_localsandbox(Path(server_dir))
