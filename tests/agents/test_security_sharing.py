@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Group, User
 from django.contrib.messages.storage.cookie import MessageSerializer
 from django.core import signing
 from django.test import Client
@@ -107,15 +107,38 @@ def test_it_stops_a_never_expiring_link_when_its_creator_may_no_longer_share(
     assert AuditEntry.objects.filter(action="share.revoke", target=str(session.id)).exists()
 
 
-def test_it_stops_a_link_whose_creator_lost_the_right_outside_porthole(oc, alice):
-    """Group permissions edited in Django admin: the check on load catches what no hook saw."""
+def test_it_stops_a_link_whose_creator_lost_the_right_where_no_hook_sees_it(oc, alice):
+    """A role's permission deleted in bulk (no signal fires): the check on use still holds."""
     session = _session(alice)
-    _, token = access.create_share_link(session, alice, label="", expiry="never")
+    link, token = access.create_share_link(session, alice, label="", expiry="never")
+    operator = access.role_group("operator")
+    share = operator.permissions.get(codename="share_agentsession")
+    granted = Group.permissions.through.objects.filter(group=operator, permission=share)
+    granted.delete()
+    try:
+        assert Client().get(f"/share/{token}/").status_code == 404
+        link.refresh_from_db()
+        assert link.revoked_at is None  # nothing saw it happen: refused on use all the same
+    finally:
+        operator.permissions.add(share)
+    assert Client().get(f"/share/{token}/").status_code == 200
+
+
+def test_it_ends_the_links_of_everyone_whose_role_loses_the_right(oc, alice, charlie):
+    """A role's permissions edited in Django admin: its members' links die, sockets close."""
+    session = _session(alice)
+    links = [
+        access.create_share_link(session, person, label="", expiry="never")
+        for person in (alice, charlie)
+    ]
     operator = access.role_group("operator")
     share = operator.permissions.get(codename="share_agentsession")
     operator.permissions.remove(share)
     try:
-        assert Client().get(f"/share/{token}/").status_code == 404
+        for link, token in links:
+            assert Client().get(f"/share/{token}/").status_code == 404
+            link.refresh_from_db()
+            assert link.revoked_at is not None
     finally:
         operator.permissions.add(share)
 
