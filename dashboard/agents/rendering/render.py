@@ -23,6 +23,7 @@ from dashboard.agents.rendering.items import (
     _generic,
     _item,
 )
+from dashboard.agents.rendering.outline import entry_for
 from dashboard.agents.rendering.porthole import _bridge, _dashboard
 from dashboard.agents.rendering.tools import ToolIndex, is_noise, parent_of
 
@@ -176,6 +177,7 @@ def render_event_oob(event: Event, tools: ToolIndex) -> str:
         "mark": holder != "timeline" and not (fold and fold["new"]),
         "holder": holder,
         "not_article": not article,
+        "outline": entry_for(event),
     }
     return _html("event-oob", context, event, item)
 
