@@ -5,3 +5,6 @@ class AwarenessConfig(AppConfig):
     name = "dashboard.awareness"
     label = "awareness"
     verbose_name = "Team awareness"
+
+    def ready(self) -> None:
+        from dashboard.awareness import checks  # noqa: F401 (registers the checks)

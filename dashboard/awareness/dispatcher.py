@@ -50,6 +50,8 @@ CLAIM_BATCH = 20
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 # Sessions idle for longer than this are no longer re-examined for the idle verdict.
 IDLE_HORIZON = timedelta(days=7)
+KEEP_DAYS = 30
+PRUNE_EVERY = timedelta(hours=1)
 RELEVANT = (
     Q(seq=1)
     | Q(source=Event.Source.BRIDGE, type__in=["exit", "lost", "gap"])
@@ -153,7 +155,11 @@ def scan(now: datetime | None = None) -> int:
     now = now or timezone.now()
     cursor = _cursor()
     hooks = list(Hook.objects.filter(active=True))
-    found, top = _occurrences(now, cursor.position)
+    if not hooks:  # nobody to tell: keep up with the log and do nothing else
+        top = Event.objects.aggregate(top=Max("id"))["top"] or 0
+        found: list[Occurrence] = []
+    else:
+        found, top = _occurrences(now, cursor.position)
     rows = []
     for item in found:
         body = webhooks.payload(
@@ -255,6 +261,13 @@ async def send(client: httpx.AsyncClient, delivery: Delivery, worker: str) -> st
     return await sync_to_async(settle)(delivery, worker, status_code, error)
 
 
+def prune(now: datetime | None = None) -> int:
+    """Forget settled deliveries after KEEP_DAYS (the log shows the latest anyway)."""
+    cutoff = (now or timezone.now()) - timedelta(days=KEEP_DAYS)
+    old = Delivery.objects.filter(created_at__lt=cutoff).exclude(status=Delivery.Status.PENDING)
+    return int(old.delete()[0])
+
+
 async def run_once(client: httpx.AsyncClient, worker: str) -> int:
     await sync_to_async(scan)()
     due = await sync_to_async(claim_due)(worker)
@@ -283,9 +296,13 @@ async def run_forever(
             log.exception("webhooks: could not add the hooks of PORTHOLE_WEBHOOK_URLS")
         try:
             async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
+                pruned_at: datetime | None = None
                 while not stop.is_set():
                     busy = 0
                     try:
+                        if pruned_at is None or timezone.now() - pruned_at > PRUNE_EVERY:
+                            pruned_at = timezone.now()
+                            await sync_to_async(prune)()
                         busy = await run_once(client, worker)
                     except asyncio.CancelledError:
                         raise

@@ -253,3 +253,36 @@ def test_it_adds_the_hooks_of_the_environment_once(settings):
     assert list(Hook.objects.filter(active=True).values_list("url", flat=True)) == [
         "https://hooks.example.org/b"
     ]
+
+
+def test_it_refuses_a_malformed_webhook_url_at_start_up(settings):
+    from dashboard.awareness.checks import webhook_urls
+
+    settings.PORTHOLE_WEBHOOK_URLS = ["https://ok.example.org/h", "hooks.example.org/no-scheme"]
+    errors = webhook_urls()
+    assert [e.id for e in errors] == ["awareness.E001"]
+    assert "no-scheme" in errors[0].msg
+
+
+def test_it_forgets_settled_deliveries_after_a_month():
+    with receiver() as target:
+        hook_for(target)
+        dispatcher.scan()
+        started("long ago")
+        dispatcher.scan()
+    Delivery.objects.update(status=Delivery.Status.DELIVERED)
+    assert dispatcher.prune() == 0
+    assert dispatcher.prune(now=timezone.now() + timedelta(days=31)) == 1
+    assert not Delivery.objects.exists()
+
+
+def test_it_keeps_up_with_the_log_while_no_hook_listens():
+    from django.db.models import Max
+
+    from dashboard.awareness.models import Cursor
+
+    dispatcher.scan()
+    finished(turn(started("unheard")), 1)
+    assert dispatcher.scan() == 0
+    top = Event.objects.aggregate(top=Max("id"))["top"]
+    assert Cursor.objects.get(name=dispatcher.CURSOR).position == top
