@@ -153,6 +153,19 @@ def session_for_link(token: str) -> tuple[ShareLink, AgentSession, SessionRights
     return link, link.session, READ_ONLY
 
 
+def link_for_user(user: Any, link_id: int) -> tuple[ShareLink, bool]:
+    """The share link and whether `user` may revoke it. Http404 when there is none."""
+    link = ShareLink.objects.select_related("session").filter(pk=link_id).first()
+    if link is None:
+        raise Http404("No such link.")
+    return link, can_revoke(user, link)
+
+
+def may_see_session(request: HttpRequest, session_id: UUID | str) -> bool:
+    """A team member, or a browser that opened a live share link of this very session."""
+    return can_view(request.user) or shares_session(request, session_id)
+
+
 def sandbox_for_user(user: Any, upstream_id: str) -> tuple[Sandbox | None, bool]:
     """The sandbox Porthole knows by this upstream id (None if it never recorded it), and
     whether `user` may kill it. PermissionDenied without the operator role."""

@@ -19,6 +19,7 @@ PERMISSION_MODES = [
 ]
 NEW_SANDBOX = "new"
 PROMPT_LIMIT = 200_000  # characters, on every form that takes a prompt
+TOO_LONG = f"A prompt is at most {PROMPT_LIMIT:,} characters; this one has %(show_value)s."
 MCP_DEPTH = 10  # a server definition is an object of objects of strings and lists
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.:*()\- ]+$")
@@ -109,9 +110,7 @@ def prompt_field(required_message: str, rows: int = 3, **attrs: Any) -> forms.Ch
         max_length=PROMPT_LIMIT,
         error_messages={
             "required": required_message,
-            "max_length": (
-                f"A prompt is at most {PROMPT_LIMIT:,} characters; this one has %(show_value)s."
-            ),
+            "max_length": TOO_LONG,
         },
     )
 
@@ -120,7 +119,12 @@ class AgentOptionsForm(forms.Form):
     """The options an agent takes at start and between turns (configure)."""
 
     model = forms.CharField(max_length=128, required=False, help_text="Empty: the agent default")
-    system_prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False)
+    system_prompt = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        required=False,
+        max_length=PROMPT_LIMIT,
+        error_messages={"max_length": TOO_LONG},
+    )
     allowed_tools = forms.CharField(
         required=False, help_text="Comma separated, e.g. Read, Edit, Bash"
     )

@@ -157,6 +157,12 @@ def test_it_says_what_the_prompt_limit_is_on_every_form(oc, alice):
     assert "200,000" in response.content.decode()
     assert not AgentSession.objects.exists()
 
+    response = client.post(
+        reverse("new_session"), {"prompt": "p", "sandbox": "new", "system_prompt": too_long}
+    )
+    assert response.status_code == 400
+    assert "200,000" in response.content.decode()
+
     response = _start(client, "short")
     session = AgentSession.objects.get(id=response.url.strip("/").split("/")[-1])
     prompt = client.post(

@@ -57,7 +57,7 @@ def event_raw(request: HttpRequest, session_id: str, seq: int) -> HttpResponse:
 
     Team members, and browsers that opened a live share link of this very session.
     """
-    if not (access.can_view(request.user) or access.shares_session(request, session_id)):
+    if not access.may_see_session(request, session_id):
         if not request.user.is_authenticated:
             return redirect_to_login(request.get_full_path())
         raise PermissionDenied("You may not see this session.")

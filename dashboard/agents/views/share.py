@@ -7,7 +7,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied
 from django.db.models import F
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
@@ -57,8 +57,8 @@ def share_create(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
 
 @require_POST
 def share_revoke(request: HtmxHttpRequest, link_id: int) -> HttpResponse:
-    link = get_object_or_404(ShareLink.objects.select_related("session"), pk=link_id)
-    if not access.can_revoke(request.user, link):
+    link, may_revoke = access.link_for_user(request.user, link_id)
+    if not may_revoke:
         raise PermissionDenied("You may revoke only the links you created.")
     sharing.revoke([link], request.user)
     if not request.htmx:
