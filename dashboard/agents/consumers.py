@@ -26,7 +26,7 @@ from django.utils import timezone
 from dashboard.agents import access, viewers
 from dashboard.agents.fanout import Feed, hub_for
 from dashboard.agents.models import AgentSession, Event, ShareLink
-from dashboard.agents.recording import SESSIONS_GROUP, render_state, user_group
+from dashboard.agents.recording import SESSIONS_GROUP, user_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
 from dashboard.agents.sharing import share_group
 from dashboard.agents.viewers import Batch, Cursor, Item, StateFrames
@@ -85,12 +85,6 @@ def _render_missing(session_id: str, after: int, limit: int) -> list[Item]:
         event.session = session
         rendered.append((event.seq, render_event_oob(event, tools)))
     return rendered
-
-
-@database_sync_to_async
-def _current_state(session_id: str) -> dict[str, str] | None:
-    session = AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
-    return None if session is None else render_state(session)
 
 
 async def _join_user_group(consumer: AsyncWebsocketConsumer) -> None:
@@ -218,10 +212,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
                         await self.send(text_data=text)
             elif self.cursor.refresh_state() and self.feed is not None:
                 # The page was rendered (or fell behind) a moment ago: bring it up to date.
-                state = await _current_state(self.session_id)
-                watchers = await self.feed.presence.current()
+                state = await self.feed.state()
+                watchers = await self.feed.watchers()
                 if state is not None:
-                    await self.live_state(StateFrames(state))
+                    await self.live_state(state)
                 await self.live_presence(watchers)
             else:
                 return

@@ -16,18 +16,28 @@ and a viewer that has to query the database does so in a task of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from typing import Any, Protocol
 
+from channels.db import database_sync_to_async
+
+from dashboard.agents.models import AgentSession
 from dashboard.agents.presence import INTERVAL, REFRESH, Coalescer, Presence
-from dashboard.agents.recording import session_group
+from dashboard.agents.recording import render_state, session_group
 from dashboard.agents.viewers import Batch, StateFrames
 
 log = logging.getLogger(__name__)
 
 # channels-redis forgets group members after a day; a long-lived feed joins again hourly.
 REJOIN_EVERY = 3600.0
+
+
+@database_sync_to_async
+def _current_state(session_id: str) -> dict[str, str] | None:
+    session = AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
+    return None if session is None else render_state(session)
 
 
 class Viewer(Protocol):
@@ -54,6 +64,9 @@ class Feed:
         self.batches = 0  # frames built, for the tests: one per message, whatever the viewers
         self.channel = ""
         self._latest_watchers: dict[str, str] | None = None
+        self._latest_state: StateFrames | None = None
+        self._state_version = 0
+        self._rendering = asyncio.Lock()
         self._deliveries = Coalescer(INTERVAL, self._deliver_watchers)
         self._tasks: list[asyncio.Task[None]] = []
         self._started: asyncio.Task[None] = asyncio.create_task(self._start())
@@ -89,7 +102,8 @@ class Feed:
                 # The layer failed (Redis went away): everyone may have missed something.
                 log.exception("feed of session %s could not read; retrying", self.session_id)
                 await asyncio.sleep(1)
-                await self.layer.group_add(self.group, self.channel)
+                with contextlib.suppress(Exception):
+                    await self.layer.group_add(self.group, self.channel)
                 for viewer in list(self.viewers):
                     await self._hand(viewer.missed)
                 continue
@@ -104,11 +118,31 @@ class Feed:
                 await self._hand(viewer.live_events, batch)
         elif kind == "session.state":
             frames = StateFrames(message)
+            self._latest_state = frames
+            self._state_version += 1
             for viewer in list(self.viewers):
                 await self._hand(viewer.live_state, frames)
         elif kind == "session.presence":
             self._latest_watchers = {"html": message["html"], "shared": message["shared"]}
             self._deliveries.poke()
+
+    async def state(self) -> StateFrames | None:
+        """The session's header and controls as they are now, for a page that just caught
+        up: the last state message this feed read or, before any, rendered once from the
+        database (the feed was subscribed first, so a later change would have come in)."""
+        if self._latest_state is None:
+            version = self._state_version
+            message = await _current_state(self.session_id)
+            if message is not None and version == self._state_version:
+                self._latest_state = StateFrames(message)
+        return self._latest_state
+
+    async def watchers(self) -> dict[str, str]:
+        """The watcher list as last announced (the next announcement includes newcomers)."""
+        async with self._rendering:  # a crowd arriving at once renders it once
+            if self._latest_watchers is None:
+                self._latest_watchers = await self.presence.current()
+        return self._latest_watchers
 
     async def _deliver_watchers(self) -> None:
         watchers = self._latest_watchers
