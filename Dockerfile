@@ -9,11 +9,14 @@ RUN /opt/venv/bin/pip install --require-hashes -r /tmp/base.lock
 
 FROM python:3.12-slim
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    PORTHOLE_DATA_DIR=/data PORTHOLE_HOST=0.0.0.0 PORTHOLE_PORT=8000
+    PORTHOLE_DATA_DIR=/data PORTHOLE_HOST=0.0.0.0 PORTHOLE_PORT=8000 \
+    STATIC_ROOT=/app/staticfiles
 RUN useradd --create-home --uid 10001 porthole && mkdir /data && chown porthole /data
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=porthole . /app
+# Content-hashed, brotli- and gzip-compressed copies that WhiteNoise serves with a year of
+# caching; in the image, not in the /data volume, so a new image brings its own.
 RUN SECRET_KEY=build-only python manage.py collectstatic --noinput
 USER porthole
 EXPOSE 8000

@@ -115,6 +115,7 @@ TEST_PACKAGES: list[tuple[str, tuple[str, ...], str]] = [
         ("chromium", "fonts-dejavu-core"),
         "end-to-end tests will skip",
     ),
+    ("/usr/sbin/nginx", ("nginx",), "the tests behind a real proxy will skip"),
 ]
 
 
@@ -142,6 +143,8 @@ def start(args: list[str]) -> int:
     py = ensure_venv("dev.lock" if os.environ.get("PORTHOLE_DEV") else "base.lock")
     ensure_debian_packages(RUNTIME_PACKAGES)
     run(py, "manage.py", "migrate", "--noinput", cwd=ROOT)
+    # Content-hashed, compressed static files for WhiteNoise to serve with long caching.
+    run(py, "manage.py", "collectstatic", "--noinput", "--verbosity", "0", cwd=ROOT)
     return subprocess.call([str(py), "manage.py", "serve", *args], cwd=ROOT)
 
 
