@@ -25,7 +25,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.sessions.models import Session
 from django.db import transaction
-from django.db.models.signals import m2m_changed, post_save
+from django.db.models.signals import m2m_changed, post_save, pre_delete
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -102,6 +102,14 @@ def _user_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> Non
     if created or (fields is not None and set(fields) <= _HARMLESS_FIELDS):
         return
     _after_commit([instance.pk])
+
+
+@receiver(pre_delete, sender=User)
+def _user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    """Deleted: their links die first (they would lose their creator), their sockets close."""
+    end_links_of(instance)
+    user_id = instance.pk
+    transaction.on_commit(lambda: _group_send(user_group(user_id), {"type": "user.revoked"}))
 
 
 @receiver(m2m_changed, sender=User.groups.through)

@@ -179,6 +179,19 @@ async def test_it_closes_open_link_sockets_when_the_creator_loses_the_right(oc, 
     assert not (await again.connect())[0]
 
 
+async def test_it_closes_link_sockets_when_the_creator_is_deleted(oc, alice):
+    session = await database_sync_to_async(_session)(alice)
+    link, token = await database_sync_to_async(access.create_share_link)(
+        session, alice, label="", expiry="never"
+    )
+    watcher = await communicator(f"/ws/share/{token}/")
+    assert (await watcher.connect())[0]
+    await watcher.send_json_to({"last_seq": 0})
+    await User.objects.filter(pk=alice.pk).adelete()
+    assert await _closed(watcher) == 4403
+    assert (await ShareLink.objects.aget(pk=link.pk)).revoked_at is not None
+
+
 # -- no names for outsiders ------------------------------------------------------------------------
 
 
