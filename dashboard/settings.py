@@ -95,6 +95,7 @@ INSTALLED_APPS = [
     "dashboard.agents",
     "dashboard.localsandbox",
     "dashboard.awareness",
+    "dashboard.search",
 ]
 
 MIDDLEWARE = [

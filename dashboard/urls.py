@@ -15,5 +15,6 @@ urlpatterns = [
     path("admin/login/", SignInView.as_view(), name="admin_login"),
     path("admin/", admin.site.urls),
     path("", include("dashboard.awareness.urls")),
+    path("", include("dashboard.search.urls")),
     path("", include("dashboard.agents.urls")),
 ]

@@ -28,6 +28,7 @@ from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, fence
 from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering import ToolIndex, render_event_oob
+from dashboard.search.index import index_events
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,7 @@ def record(
     if not new_events:
         return append_events(session_id, [], lease=lease), []
     appended = _append_isolating(session_id, new_events, lease)
+    index_events(appended.events)  # full-text search (dashboard.search); never raises
     tools = tools if tools is not None else ToolIndex()
     items = []
     for event in appended.events:

@@ -1,0 +1,159 @@
+"""One interface to full-text search over every session, two engines behind it: SQLite's
+FTS5 on one machine, PostgreSQL's text search in team mode (chosen by the connection's
+vendor). Both rank, both return a snippet with the matches marked, and the marks become
+<mark> elements only in a template (the text itself is always escaped).
+
+`index_events` is called by the recorder for every batch it stores; it never raises (a
+search index must not stop recording). `reindex` rebuilds sessions recorded before the
+index existed (`manage.py reindex_search`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import connection, transaction
+from django.urls import reverse
+
+from dashboard.agents.models import AgentSession, Event
+from dashboard.search.extract import extract
+from dashboard.search.models import SearchEntry
+
+log = logging.getLogger(__name__)
+
+START, STOP = "\x01", "\x02"  # snippet markers; extract() keeps them out of indexed text
+MAX_QUERY = 200
+MAX_TERMS = 12
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+# -- indexing ------------------------------------------------------------------------------
+
+
+def _entries(events: Iterable[Event]) -> list[SearchEntry]:
+    entries = []
+    for event in events:
+        found = extract(event.source, event.type, event.raw)
+        if found is not None:
+            kind, text = found
+            entries.append(
+                SearchEntry(
+                    session_id=event.session_id,
+                    seq=event.seq,
+                    kind=kind,
+                    text=text,
+                    created_at=event.created_at,
+                )
+            )
+    return entries
+
+
+def index_events(events: Sequence[Event]) -> None:
+    """Add freshly recorded events to the index. Never raises."""
+    try:
+        entries = _entries(events)
+        if entries:
+            SearchEntry.objects.bulk_create(entries, ignore_conflicts=True)
+    except Exception:
+        log.exception("search: could not index %d events", len(events))
+
+
+def reindex(sessions: Iterable[AgentSession] | None = None, chunk: int = 500) -> int:
+    """Rebuild the index of `sessions` (all by default); returns the entries written."""
+    written = 0
+    targets = sessions if sessions is not None else AgentSession.objects.order_by("started_at")
+    for session in targets:
+        with transaction.atomic():
+            SearchEntry.objects.filter(session=session).delete()
+            last = 0
+            while True:
+                events = list(
+                    Event.objects.filter(session=session, seq__gt=last).order_by("seq")[:chunk]
+                )
+                if not events:
+                    break
+                entries = _entries(events)
+                SearchEntry.objects.bulk_create(entries, ignore_conflicts=True)
+                written += len(entries)
+                last = events[-1].seq
+    return written
+
+
+# -- searching -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hit:
+    session: AgentSession
+    seq: int
+    kind: str
+    created_at: datetime
+    snippet: list[tuple[str, bool]]  # (text, matched) pieces, escaped by the template
+
+    @property
+    def url(self) -> str:
+        return reverse("session", args=[self.session.id]) + f"#event-{self.seq}"
+
+
+def terms(query: str) -> list[str]:
+    return _WORD.findall(query[:MAX_QUERY])[:MAX_TERMS]
+
+
+def _pieces(snippet: str) -> list[tuple[str, bool]]:
+    """'a \x01b\x02 c' → [('a ', False), ('b', True), (' c', False)]."""
+    pieces: list[tuple[str, bool]] = []
+    for index, part in enumerate(re.split(f"[{START}{STOP}]", snippet)):
+        if part:
+            pieces.append((part, index % 2 == 1))
+    return pieces
+
+
+def _sqlite(words: list[str], limit: int) -> list[tuple[int, str]]:
+    # Each word quoted (FTS5 syntax in a query is the user's text, not ours), as a prefix;
+    # all must match.
+    match = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
+    sql = (
+        "SELECT e.id, snippet(search_fts, 0, char(1), char(2), '…', 24) "
+        "FROM search_fts JOIN search_searchentry e ON e.id = search_fts.rowid "
+        "WHERE search_fts MATCH %s ORDER BY bm25(search_fts), e.id DESC LIMIT %s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [match, limit])
+        return list(cursor.fetchall())
+
+
+def _postgres(words: list[str], limit: int) -> list[tuple[int, str]]:
+    # Each word as a prefix (`word:*`), all must match; to_tsquery gets only \w+ words.
+    query = " & ".join(f"{word}:*" for word in words)
+    options = f"StartSel={START},StopSel={STOP},MaxWords=30,MinWords=12,MaxFragments=2"
+    sql = (
+        "SELECT e.id, ts_headline('english', e.text, q, %s) "
+        "FROM search_searchentry e, to_tsquery('english', %s) q "
+        "WHERE to_tsvector('english', e.text) @@ q "
+        "ORDER BY ts_rank(to_tsvector('english', e.text), q) DESC, e.id DESC LIMIT %s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [options, query, limit])
+        return list(cursor.fetchall())
+
+
+def search(query: str, limit: int = 50) -> list[Hit]:
+    """The best matches for `query` across every session, best first."""
+    words = terms(query)
+    if not words:
+        return []
+    engine = _postgres if connection.vendor == "postgresql" else _sqlite
+    rows = engine(words, limit)
+    found = SearchEntry.objects.select_related("session").in_bulk([row[0] for row in rows])
+    hits = []
+    for entry_id, snippet in rows:
+        entry = found.get(entry_id)
+        if entry is not None:
+            hits.append(
+                Hit(entry.session, entry.seq, entry.kind, entry.created_at, _pieces(snippet))
+            )
+    return hits
