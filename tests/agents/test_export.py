@@ -12,7 +12,8 @@ from html.parser import HTMLParser
 import pytest
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
-from django.test import RequestFactory
+from django.test import Client, RequestFactory
+from django.urls import reverse
 from markdown_it import MarkdownIt
 
 from dashboard.agents import export
@@ -434,4 +435,23 @@ def test_it_limits_concurrent_downloads_per_person(alice: User, bob: User) -> No
     assert again.status_code == 200
     for response in (second, bobs, again):
         response.close()
+    assert export.SLOTS.running == {}
+
+
+@pytest.mark.django_db(transaction=True)  # the download reads in a thread of its own
+def test_it_answers_429_to_a_third_download_at_once(client: Client, alice: User) -> None:
+    session = make_session()
+    add_event(session, "agent", {"type": "ready"})
+    client.force_login(alice)
+    url = reverse("export_jsonl", args=[session.id])
+    first, second = client.get(url), client.get(reverse("export_markdown", args=[session.id]))
+    assert first.status_code == second.status_code == 200 and first.streaming
+    refused = client.get(url)
+    assert refused.status_code == 429
+    assert "downloads running" in refused.content.decode()
+    assert json.loads(b"".join(first))["seq"] == 1  # read to the end, then closed
+    third = client.get(url)
+    assert third.status_code == 200
+    for response in (second, third):
+        b"".join(response)
     assert export.SLOTS.running == {}

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import get_object_or_404
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET
 
-from dashboard.agents import access
+from dashboard.agents import access, export
 from dashboard.agents.access import viewer_required
-from dashboard.agents.export import iter_session_markdown, session_jsonl
 from dashboard.agents.models import AgentSession, Event
 
 
@@ -22,33 +19,19 @@ def _export_name(session: AgentSession, extension: str) -> str:
     return f"porthole-{slug}-{str(session.id)[:8]}.{extension}"
 
 
-def _ordered_events(session: AgentSession) -> Iterator[Event]:
-    return (
-        Event.objects.filter(session=session)
-        .select_related("actor")
-        .order_by("seq")
-        .iterator(chunk_size=1000)
-    )
-
-
 @require_GET
 @viewer_required
 def export_jsonl(request: HttpRequest, session_id: str) -> HttpResponseBase:
     session, _ = access.session_for_user(request.user, session_id)
-    lines = (line + "\n" for line in session_jsonl(session, _ordered_events(session)))
-    response = StreamingHttpResponse(lines, content_type="application/x-ndjson; charset=utf-8")
-    response["Content-Disposition"] = f'attachment; filename="{_export_name(session, "jsonl")}"'
-    return response
+    # Streamed from an async iterator in chunks; a few per person at once (export.py).
+    return export.download(request, session, "jsonl", _export_name(session, "jsonl"))
 
 
 @require_GET
 @viewer_required
 def export_markdown(request: HttpRequest, session_id: str) -> HttpResponseBase:
     session, _ = access.session_for_user(request.user, session_id)
-    chunks = iter_session_markdown(session, _ordered_events(session))
-    response = StreamingHttpResponse(chunks, content_type="text/markdown; charset=utf-8")
-    response["Content-Disposition"] = f'attachment; filename="{_export_name(session, "md")}"'
-    return response
+    return export.download(request, session, "md", _export_name(session, "md"))
 
 
 @require_GET
