@@ -14,11 +14,15 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
+from channels.db import database_sync_to_async
+from django.db.models import Max
 from django.utils import timezone
 
 from dashboard.agents.models import AgentSession, Event
 from dashboard.awareness import dispatcher, webhooks
-from dashboard.awareness.models import Delivery, Hook, Kind
+from dashboard.awareness.checks import webhook_urls
+from dashboard.awareness.models import Cursor, Delivery, Hook, Kind
+from tests.agents.helpers import wait_for
 from tests.awareness.helpers import new_session, ours, record, turn, wait_until
 from tests.awareness.receiver import Receiver, receiver
 
@@ -256,8 +260,6 @@ def test_it_adds_the_hooks_of_the_environment_once(settings):
 
 
 def test_it_refuses_a_malformed_webhook_url_at_start_up(settings):
-    from dashboard.awareness.checks import webhook_urls
-
     settings.PORTHOLE_WEBHOOK_URLS = ["https://ok.example.org/h", "hooks.example.org/no-scheme"]
     errors = webhook_urls()
     assert [e.id for e in errors] == ["awareness.E001"]
@@ -277,12 +279,20 @@ def test_it_forgets_settled_deliveries_after_a_month():
 
 
 def test_it_keeps_up_with_the_log_while_no_hook_listens():
-    from django.db.models import Max
-
-    from dashboard.awareness.models import Cursor
-
     dispatcher.scan()
     finished(turn(started("unheard")), 1)
     assert dispatcher.scan() == 0
     top = Event.objects.aggregate(top=Max("id"))["top"]
     assert Cursor.objects.get(name=dispatcher.CURSOR).position == top
+
+
+async def test_it_stops_when_cancelled_as_serve_would_at_shutdown():
+    task = asyncio.create_task(dispatcher.run_forever(interval=0.01))
+
+    async def cursor_made() -> bool:
+        return await database_sync_to_async(Cursor.objects.filter(name="events").exists)()
+
+    await wait_for(cursor_made, 20)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
