@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Browsing, CuttableProxy, Porthole, require_browser
+from tests.e2e.conftest import ARTIFACTS, Browsing, CuttableProxy, Porthole, require_browser
 
 require_browser()
 
@@ -155,3 +155,10 @@ def test_it_stays_away_when_told_to_go_away(
     expect(badge(witness)).to_have_text("Idle")
     assert viewer.evaluate("window.__wsOpened") == opened
     expect(agent_text(viewer, "All done")).to_have_count(0)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    viewer.evaluate("window.scrollTo(0, 0)")
+    viewer.screenshot(path=ARTIFACTS / "session-go-away-light-wide.png")
+    viewer.emulate_media(color_scheme="dark")
+    viewer.set_viewport_size({"width": 390, "height": 844})
+    viewer.evaluate("window.scrollTo(0, 0)")
+    viewer.screenshot(path=ARTIFACTS / "session-go-away-dark-narrow.png")
