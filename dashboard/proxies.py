@@ -85,6 +85,9 @@ class TrustedProxyMiddleware(MiddlewareMixin):
                 meta["PORTHOLE_UNTRUSTED_FORWARDED"] = "1"
 
 
-def client_ip(request: HttpRequest) -> str:
-    """The client's address for django-axes (AXES_CLIENT_IP_CALLABLE), after the middleware."""
-    return str(request.META.get("REMOTE_ADDR") or "unknown")
+def client_ip(request: HttpRequest) -> str | None:
+    """The client's address for django-axes (AXES_CLIENT_IP_CALLABLE), after the middleware;
+    None when there is none (a login not made by a request, e.g. Client.force_login), since
+    the column is an address type on PostgreSQL."""
+    address = str(request.META.get("REMOTE_ADDR") or "")
+    return address if _address(address) is not None else None

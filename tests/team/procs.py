@@ -193,8 +193,8 @@ class Team:
         return proc
 
     def bridges(self, name: str = "bridges", extra_env: dict[str, str] | None = None) -> Proc:
-        """`manage.py bridges`: bridge supervision with no HTTP."""
-        args = [sys.executable, str(ROOT / "manage.py"), "bridges"]
+        """`manage.py bridges`: bridge supervision with no HTTP, its worker id = `name`."""
+        args = [sys.executable, str(ROOT / "manage.py"), "bridges", "--worker-id", name]
         proc = _spawn(name, args, {**self.env, **(extra_env or {})})
         self.procs.append(proc)
         return proc
@@ -252,6 +252,8 @@ def team(data_dir: Path, api_url: str, api_key: str, **extra: str) -> Iterator[T
         PYTHONUNBUFFERED="1",
         DEBUG="false",
         ALLOWED_HOSTS="localhost,127.0.0.1",
+        # nginx runs on this machine: its X-Forwarded-* are believed, nobody else's.
+        PORTHOLE_TRUSTED_PROXIES="127.0.0.1",
         LOG_LEVEL="INFO",
     )
     env.update(extra)

@@ -7,7 +7,7 @@ import gzip
 import re
 from pathlib import Path
 
-import brotli
+import brotli  # type: ignore[import-untyped]
 import pytest
 from django.core.management import call_command
 from django.test import Client, override_settings
