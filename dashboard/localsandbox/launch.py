@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -10,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from . import isolation
+from .wrappers.claude_code import find_cli
 from .wrappers.protocol import config_from
 
 AgentName = Literal["claude", "demo"]
@@ -23,10 +23,8 @@ CLAUDE_PASSTHROUGH = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 
 
 def claude_available() -> bool:
-    return (
-        importlib.util.find_spec("claude_agent_sdk") is not None
-        and importlib.util.find_spec("dashboard.localsandbox.wrappers.claude") is not None
-    )
+    """The Claude wrapper can run: it finds the Claude Code CLI (on PATH or claude-agent-sdk's)."""
+    return find_cli() is not None
 
 
 def choose_agent(

@@ -526,3 +526,46 @@ def test_it_reports_a_missing_api_key_and_exits_non_zero(
     (error,) = wrapper.read_until("error")
     assert "ANTHROPIC_API_KEY" in error["message"]
     assert wrapper.wait() != 0
+
+
+# ---------------------------------------------------------------- inside the embedded server
+
+
+async def test_it_runs_in_an_embedded_sandboxs_container(api: MessagesAPI, tmp_path: Path) -> None:
+    """The server runs the wrapper in the sandbox's bubblewrap container: the CLI (from the
+    read-only virtualenv) reaches the model API over the host's network, keeps its state in the
+    workspace, and its tools run as the sandbox's user."""
+    from tests.conftest import start_localsandbox, stop_localsandbox
+    from tests.localsandbox.helpers import Stream, api_client, stream_url
+
+    api.script(ToolUse("Bash", {"command": "id -u; echo $HOME; pwd"}), Text("Looked."))
+    server = start_localsandbox(tmp_path / "ws", extra_args=["--agent", "claude"])
+    try:
+        async with api_client(server) as client:
+            envs = {
+                "ANTHROPIC_BASE_URL": api.base_url,
+                "ANTHROPIC_API_KEY": "sk-ant-test-not-a-real-key",
+                **MessagesAPI.cli_env(),
+            }
+            created = await client.post("/sandboxes", json={"envs": envs})
+            sandbox_id = created.json()["sandboxID"]
+            assert created.json()["metadata"]["agent"] == "claude"
+            agent = await client.post(
+                f"/sandboxes/{sandbox_id}/agent", json={"prompt": "Look around"}
+            )
+            assert agent.status_code == 201, agent.text
+            stream = await Stream.open(
+                stream_url(server, sandbox_id, agent.json()["sessionID"], "agent")
+            )
+            await stream.wait_for(
+                lambda s: any(e["type"] == "turn_complete" for e in s.events()), timeout=60
+            )
+            lines = stream.events()
+            assert only(lines, "result")["result"] == "Looked."
+            (tool_result,) = blocks(lines, "user", "tool_result")
+            uid, home, cwd = text_of(tool_result["content"]).split()
+            assert int(uid) != 0 and home == cwd == "/workspace"
+            assert (server.workspaces_dir / sandbox_id / "workspace" / ".claude").is_dir()
+            await stream.close()
+    finally:
+        stop_localsandbox(server)

@@ -1,12 +1,13 @@
 """The in-sandbox Claude agent wrapper: `python -m dashboard.localsandbox.wrappers.claude`.
 
 It speaks the wrapper line protocol (see `protocol.py` and DESIGN.md section 2) on stdin/stdout
-and drives Claude through claude-agent-sdk, which runs the bundled Claude Code CLI.
+and drives the Claude Code CLI directly in its stream-json protocol (`claude_code.py`): the
+CLI's own flags and lines, the surface the Claude Agent SDKs are built on, and no SDK internals.
+claude-agent-sdk is needed only for the CLI it ships (or put `claude` on PATH).
 
-Every SDK message is forwarded as the raw JSON object the CLI printed (the stream-json wire
-shape the real OpenComputer wrapper forwards), not re-serialised from the SDK's dataclasses,
-which drop fields (`message.id`, `usage`, `uuid`, ...). Around them the wrapper adds `ready`,
-`configured`, `interrupted`, `turn_complete` and `error`.
+Every message is forwarded as the raw JSON object the CLI printed (the stream-json wire shape
+the real OpenComputer wrapper forwards). Around them the wrapper adds `ready`, `configured`,
+`interrupted`, `turn_complete` and `error`.
 
 One CLI process serves consecutive prompts, so they continue one Claude session. A `configure`
 that changes anything restarts the CLI before the next prompt with `--resume <session id>`, so
@@ -20,20 +21,17 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dashboard.localsandbox.wrappers.claude_code import (
+    ClaudeCode,
+    ClaudeCodeError,
+    cli_args,
+    find_cli,
+)
 from dashboard.localsandbox.wrappers.protocol import Output, config_from, log, stdin_commands
-
-try:
-    from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
-except ImportError:  # the `claude` extra is optional; main() reports it as a protocol error
-    ClaudeAgentOptions = ClaudeSDKClient = None  # type: ignore[assignment,misc]
-
-if TYPE_CHECKING:
-    from claude_agent_sdk import ClaudeAgentOptions as Options
-    from claude_agent_sdk import ClaudeSDKClient as Client
 
 DEFAULT_MODEL = "claude-sonnet-4-20250514"
 DEFAULTS: dict[str, Any] = {
@@ -95,27 +93,6 @@ def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def system_prompt_option(value: str | dict[str, Any] | None) -> dict[str, Any]:
-    """The SDK's system prompt for our `systemPrompt`.
-
-    Unset means Claude Code's own prompt (the SDK's default is an empty one, which leaves the
-    agent without its tool instructions); a string replaces it, as in the SDK; an SDK
-    system-prompt object passes through. `snapshot: False` because the CLI otherwise keeps the
-    prompt a session started with, even across `--resume`, and a `configure` that changes
-    the prompt mid-session would silently do nothing.
-    """
-    if value is None:
-        return {"type": "preset", "preset": "claude_code", "snapshot": False}
-    if isinstance(value, str):
-        return {"type": "custom", "prompt": value, "snapshot": False}
-    return value
-
-
-def mcp_servers_option(servers: Mapping[str, Any]) -> dict[str, Any]:
-    """OpenComputer's `{name: {command, args, env}}` is the SDK's stdio server config."""
-    return {name: {"type": "stdio", **server} for name, server in servers.items()}
-
-
 def cli_env() -> dict[str, str]:
     """Extra environment for the Claude Code CLI.
 
@@ -132,35 +109,23 @@ def cli_env() -> dict[str, str]:
     return {"IS_SANDBOX": "1"}
 
 
-def build_options(
-    config: Mapping[str, Any], resume: str | None, on_stderr: Callable[[str], None]
-) -> Options:
-    return ClaudeAgentOptions(
-        model=config["model"],
-        system_prompt=system_prompt_option(config.get("systemPrompt")),  # type: ignore[arg-type]
-        allowed_tools=list(config.get("allowedTools") or []),
-        permission_mode=config["permissionMode"],
-        max_turns=config["maxTurns"],
+def build_client(
+    config: Mapping[str, Any], resume: str | None, cli: str, on_stderr: Callable[[str], None]
+) -> ClaudeCode:
+    """A CLI process for these settings (its cwd is the configured one, relative to ours)."""
+    return ClaudeCode(
+        [cli, *cli_args(config, resume)],
+        env={**os.environ, **cli_env()},
         cwd=config.get("cwd"),
-        mcp_servers=mcp_servers_option(config.get("mcpServers") or {}),
-        resume=resume,
-        env=cli_env(),
-        stderr=on_stderr,  # the CLI's stderr: logged, and its tail explains a crash
+        on_stderr=on_stderr,  # logged, and its tail explains a crash
     )
 
 
-async def raw_messages(client: Client) -> AsyncIterator[dict[str, Any]]:
-    """The CLI's messages as the JSON objects it printed, control traffic already removed.
-
-    `ClaudeSDKClient.receive_messages()` is this stream parsed into dataclasses, which lose
-    fields of the wire shape; the query object under it yields the dicts themselves. That object
-    is internal, so fail loudly (the offline tests would catch it) if an SDK release moves it.
-    """
-    query = getattr(client, "_query", None)
-    if query is None or not hasattr(query, "receive_messages"):
-        raise RuntimeError("this claude-agent-sdk version does not expose the raw messages")
-    async for message in query.receive_messages():
-        yield message
+def result_text(message: dict[str, Any]) -> str:
+    errors = message.get("errors")
+    if isinstance(errors, list) and errors:
+        return "; ".join(str(error) for error in errors)
+    return str(message.get("result") or message.get("subtype") or "Claude Code failed")
 
 
 def describe(exc: BaseException, stderr_tail: deque[str]) -> str:
@@ -196,18 +161,21 @@ class Turn:
 
 @dataclass
 class Connection:
-    """A connected ClaudeSDKClient (one CLI process) and the task forwarding its messages."""
+    """A running CLI process and the task forwarding its messages."""
 
-    client: Client
+    client: ClaudeCode
     config: dict[str, Any]
     session_id: str | None  # the Claude session this CLI is on, once known
     pump: asyncio.Task[None] | None = None
     alive: bool = True
+    confirmed: bool = False  # the CLI has said which session it runs
+    startup_failure: str | None = None  # what the CLI said when it failed before any prompt
 
 
 class ClaudeWrapper:
-    def __init__(self, out: Output) -> None:
+    def __init__(self, out: Output, cli: str | None = None) -> None:
         self.out = out
+        self.cli = cli
         self.config: dict[str, Any] = dict(DEFAULTS)
         self.session_id: str | None = None  # the Claude session the next prompt continues
         self.confirmed_session_id: str | None = None  # the last one the CLI actually ran
@@ -356,7 +324,8 @@ class ClaudeWrapper:
             return current
         await self._disconnect()
         self.stderr_tail.clear()
-        client = ClaudeSDKClient(build_options(self.config, self.session_id, self._on_stderr))
+        assert self.cli is not None
+        client = build_client(self.config, self.session_id, self.cli, self._on_stderr)
         try:
             await client.connect()
         except Exception:
@@ -366,28 +335,45 @@ class ClaudeWrapper:
         connection = Connection(client=client, config=dict(self.config), session_id=self.session_id)
         connection.pump = asyncio.create_task(self._pump(connection))
         self.connection = connection
+        try:
+            await client.initialize()
+        except Exception as exc:
+            if connection.startup_failure:
+                raise ClaudeCodeError(connection.startup_failure) from exc
+            raise
         return connection
 
     async def _pump(self, connection: Connection) -> None:
         """Forward every message of one CLI process as it arrives, within a turn or not."""
         error: str | None = None
         try:
-            async for message in raw_messages(connection.client):
+            async for message in connection.client.messages():
                 self._forward(connection, message)
         except Exception as exc:
             error = describe(exc, self.stderr_tail)
             log(f"Claude Code stopped: {error}")
         finally:
             connection.alive = False
+            if not connection.confirmed and self.connection is connection:
+                # A session the CLI could not resume must not poison every later prompt.
+                self.session_id = self.confirmed_session_id
             if self.turn is not None and self.connection is connection:
                 self.turn.finish(error or "Claude Code exited before the turn ended")
 
     def _forward(self, connection: Connection, message: dict[str, Any]) -> None:
         current = connection is self.connection
+        turn = self.turn if current else None
+        before_any_prompt = turn is None or not turn.sending
+        if message.get("type") == "result" and not connection.confirmed and before_any_prompt:
+            # A result before any prompt (e.g. for a session it cannot resume): the start
+            # failed, and the turn reports that as an error instead.
+            connection.startup_failure = result_text(message)
+            log(f"Claude Code failed to start: {connection.startup_failure}")
+            return
         session_id = message.get("session_id")
         if current and isinstance(session_id, str) and session_id:
             self.session_id = self.confirmed_session_id = connection.session_id = session_id
-        turn = self.turn if current else None
+            connection.confirmed = True
         if message.get("type") != "result":
             self.out.emit(message)
             return
@@ -426,10 +412,14 @@ def main() -> int:
     if not os.environ.get("ANTHROPIC_API_KEY"):
         out.error("ANTHROPIC_API_KEY is not set: the Claude agent cannot run without it")
         return 1
-    if ClaudeSDKClient is None:
-        out.error("claude-agent-sdk is not installed (pip install 'porthole[claude]')")
+    cli = find_cli()
+    if cli is None:
+        out.error(
+            "the Claude Code CLI was not found: install claude-agent-sdk "
+            "(pip install 'porthole[claude]'), put `claude` on PATH or set CLAUDE_CODE_CLI"
+        )
         return 1
-    return asyncio.run(ClaudeWrapper(out).run())
+    return asyncio.run(ClaudeWrapper(out, cli).run())
 
 
 if __name__ == "__main__":
