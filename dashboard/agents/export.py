@@ -1,13 +1,12 @@
 """A session's recording, downloadable: JSON Lines (complete, machine-readable) and Markdown
 (a readable transcript).
 
-Both walk the events once and yield as they go, so a view can stream a long session
-without holding it in memory. The JSON export is lossless: each event as parsed, or its raw
-text when it was not a JSON object. The Markdown one is for people: prompts, text, tool
-calls and capped tool results. Everything a sandbox (or a person) wrote is hostile: inside
-code fences it stays as written (a fence shows it verbatim in any CommonMark renderer), and
-outside them it is made inert (`safe_markdown`), so that the file is safe to open in a
-renderer that passes raw HTML through.
+Both walk the events once and yield as they go; `downloads.py` streams them in chunks. The
+JSON export is lossless: each event as parsed, or its raw text when it was not a JSON
+object. The Markdown one is for people: prompts, text, tool calls and capped tool results.
+Everything a sandbox (or a person) wrote is hostile: inside code fences it stays as written
+(a fence shows it verbatim in any CommonMark renderer), and outside them it is made inert
+(`inert.py`), so that the file is safe to open in a renderer that passes raw HTML through.
 """
 
 from __future__ import annotations
@@ -15,15 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.core.exceptions import ObjectDoesNotExist
-from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
-from markdown_it import MarkdownIt
 
+from dashboard.agents.inert import plain, safe_markdown
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering import ToolIndex, clean_text, one_line, pretty_json
 
@@ -34,90 +30,6 @@ RESULT_CAP = 2_000
 INPUT_CAP = 4_000
 
 _BACKTICKS = re.compile(r"`+")
-
-
-# ---------------------------------------------------------------------------------------
-# Making text inert outside code fences
-
-# Link schemes a renderer may turn into a working link or image.
-SAFE_SCHEMES = frozenset({"http", "https", "mailto"})
-_LINK_TARGET = re.compile(r"\]\(([^)]{0,200})")
-_REFERENCE = re.compile(r"^( {0,3})\[(?=[^\]\n]*\]:)", re.MULTILINE)
-_SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):")
-_PARSER = MarkdownIt("commonmark")
-
-
-def _unsafe_target(target: str) -> bool:
-    # What a lenient renderer may read as the URL: no whitespace, no escapes, any case.
-    probe = re.sub(r"[\s\\\x00-\x1f]", "", target).lower()
-    scheme = _SCHEME.match(probe)
-    return scheme is not None and scheme.group(1) not in SAFE_SCHEMES
-
-
-def _inert(text: str) -> str:
-    """Prose that no renderer turns into HTML or a dangerous link.
-
-    `&` and `<` become entities: no tag, comment, autolink or entity trick survives (code
-    spans too: an HTML tag takes precedence over a code span in CommonMark, so a span is no
-    shelter). A link whose target has a scheme other than http(s)/mailto loses its `(`, and
-    every link reference definition its `[`, so neither is a link any more.
-    """
-    text = text.replace("&", "&amp;").replace("<", "&lt;")
-    text = _LINK_TARGET.sub(
-        lambda m: "]\\(" + m.group(1) if _unsafe_target(m.group(1)) else m.group(0), text
-    )
-    return _REFERENCE.sub(r"\1\\[", text)
-
-
-def _closes(line: str, markup: str) -> bool:
-    closing = rf" {{0,3}}{re.escape(markup[0])}{{{len(markup)},}}[ \t]*"
-    return re.fullmatch(closing, line) is not None
-
-
-def safe_markdown(text: str) -> str:
-    """Hostile markdown made inert outside its code blocks, and unable to leave one open.
-
-    CommonMark itself (markdown-it) says which lines are code: inside fenced and indented
-    code blocks the text stays as written, since every renderer shows it verbatim; every
-    other line goes through `_inert`. A fence left open at the end is closed here, or it
-    would swallow, and then unfence, whatever follows it in the transcript.
-    """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = text.split("\n")
-    verbatim = [False] * len(lines)
-    close = ""
-    for token in _PARSER.parse(text):
-        if token.type not in ("fence", "code_block") or token.map is None:
-            continue
-        start, end = token.map
-        if token.type == "fence":
-            start += 1  # the opening line (and its info string) is markup, not code
-            if end - 1 > start - 1 and _closes(lines[end - 1], token.markup):
-                end -= 1
-            elif token.level == 0 and end >= len(lines):
-                close = token.markup
-        for index in range(start, min(end, len(lines))):
-            verbatim[index] = True
-    out: list[str] = []
-    prose: list[str] = []
-    for line, keep in zip(lines, verbatim, strict=True):
-        if keep:
-            if prose:
-                out.append(_inert("\n".join(prose)))
-                prose = []
-            out.append(line)
-        else:
-            prose.append(line)
-    if prose:
-        out.append(_inert("\n".join(prose)))
-    if close:
-        out.append(close)
-    return "\n".join(out)
-
-
-def plain(text: str, limit: int = 200) -> str:
-    """One line of hostile text (a title, a name, a message), inert in any renderer."""
-    return _inert(one_line(clean_text(text), limit))
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,7 +324,7 @@ def _event_md(event: Event, tools: ToolIndex) -> str:
     return _agent_md(event, data, tools)
 
 
-class _Transcript:
+class Transcript:
     """Markdown pieces for events handed in order, in as many batches as the caller likes
     (tool calls are paired with their results across batches)."""
 
@@ -437,139 +349,10 @@ class _Transcript:
 
 def iter_session_markdown(session: AgentSession, events: Iterable[Event]) -> Iterator[str]:
     """The transcript in pieces (a header, then one piece per event that shows)."""
-    transcript = _Transcript(session)
+    transcript = Transcript(session)
     yield transcript.header()
     yield from transcript.pieces(events)
 
 
 def session_markdown(session: AgentSession, events: Iterable[Event]) -> str:
     return "".join(iter_session_markdown(session, events))
-
-
-# ---------------------------------------------------------------------------------------
-# Streaming a download
-#
-# Under ASGI, Django buffers a StreamingHttpResponse whose content is a plain iterator in
-# full before sending a byte (it cannot iterate it on the event loop). The downloads are
-# async iterators instead: a bounded chunk of events is read and written out in a thread,
-# sent, and only then is the next one read. Memory is one chunk whatever the session's
-# length, and the first bytes leave after the first chunk.
-
-EXPORT_CHUNK = 500
-# Downloads one person may run at once in one worker process; more are answered 429.
-MAX_EXPORTS_PER_USER = 2
-
-
-def _events_after(session_id: Any, after: int, limit: int) -> list[Event]:
-    return list(
-        Event.objects.filter(session_id=session_id, seq__gt=after)
-        .select_related("actor")
-        .order_by("seq")[:limit]
-    )
-
-
-def _jsonl_chunk(session: AgentSession, after: int, limit: int) -> tuple[int, int, str]:
-    events = _events_after(session.pk, after, limit)
-    text = "".join(line + "\n" for line in session_jsonl(session, events))
-    return (events[-1].seq if events else after), len(events), text
-
-
-def _markdown_chunk(transcript: _Transcript, after: int, limit: int) -> tuple[int, int, str]:
-    events = _events_after(transcript.session.pk, after, limit)
-    return (events[-1].seq if events else after), len(events), "".join(transcript.pieces(events))
-
-
-async def _chunked(
-    render: Callable[[int, int], tuple[int, int, str]], chunk: int
-) -> AsyncIterator[str]:
-    after = 0
-    while True:
-        after, count, text = await database_sync_to_async(render)(after, chunk)
-        if text:
-            yield text
-        if count < chunk:
-            return
-
-
-async def stream_jsonl(session: AgentSession, chunk: int = EXPORT_CHUNK) -> AsyncIterator[str]:
-    """The JSONL export, `chunk` events per database query."""
-    async for text in _chunked(lambda after, limit: _jsonl_chunk(session, after, limit), chunk):
-        yield text
-
-
-async def stream_markdown(session: AgentSession, chunk: int = EXPORT_CHUNK) -> AsyncIterator[str]:
-    """The Markdown export, `chunk` events per database query; the header comes first."""
-    transcript = _Transcript(session)
-    yield transcript.header()
-    async for text in _chunked(
-        lambda after, limit: _markdown_chunk(transcript, after, limit), chunk
-    ):
-        yield text
-
-
-class ExportSlots:
-    """How many downloads each person has running in this process."""
-
-    def __init__(self, per_user: int) -> None:
-        self.per_user = per_user
-        self.running: Counter[object] = Counter()
-
-    def take(self, who: object) -> Callable[[], None] | None:
-        """A release function when `who` may start one more, else None."""
-        if self.running[who] >= self.per_user:
-            return None
-        self.running[who] += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.running[who] -= 1
-                if self.running[who] <= 0:
-                    del self.running[who]
-
-        return release
-
-
-SLOTS = ExportSlots(MAX_EXPORTS_PER_USER)
-
-
-class _Download(StreamingHttpResponse):
-    """A streamed download that gives its slot back when the server is done with it: at
-    the end, on an error, and when the browser goes away mid-download (Django closes the
-    response in every case, even one never iterated)."""
-
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kw: Any):
-        super().__init__(content, **kw)
-        self._release = release
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._release()
-
-
-def download(
-    request: HttpRequest, session: AgentSession, kind: str, filename: str
-) -> HttpResponseBase:
-    """The session as a streamed `kind` ("jsonl" or "md") download, or a 429 when the person
-    already runs as many as allowed."""
-    release = SLOTS.take(request.user.pk if request.user.is_authenticated else None)
-    if release is None:
-        response = HttpResponse(
-            f"You already have {SLOTS.per_user} downloads running. Wait for one of them to "
-            "finish, then try again.\n",
-            status=429,
-            content_type="text/plain; charset=utf-8",
-        )
-        response["Retry-After"] = "10"
-        return response
-    if kind == "jsonl":
-        content, mime = stream_jsonl(session), "application/x-ndjson; charset=utf-8"
-    else:
-        content, mime = stream_markdown(session), "text/markdown; charset=utf-8"
-    streamed = _Download(content, release, content_type=mime)
-    streamed["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return streamed

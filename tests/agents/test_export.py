@@ -16,7 +16,7 @@ from django.test import Client, RequestFactory
 from django.urls import reverse
 from markdown_it import MarkdownIt
 
-from dashboard.agents import export
+from dashboard.agents import downloads
 from dashboard.agents.export import (
     RESULT_CAP,
     fence,
@@ -376,14 +376,14 @@ def _many_events(session: AgentSession, count: int) -> None:
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
     """Every query the downloads make: (after, limit, rows returned)."""
     seen: list[tuple[int, int, int]] = []
-    real = export._events_after
+    real = downloads._events_after
 
     def spy(session_id: object, after: int, limit: int) -> list[Event]:
         rows = real(session_id, after, limit)
         seen.append((after, limit, len(rows)))
         return rows
 
-    monkeypatch.setattr(export, "_events_after", spy)
+    monkeypatch.setattr(downloads, "_events_after", spy)
     return seen
 
 
@@ -395,9 +395,9 @@ async def test_it_streams_a_download_chunk_by_chunk(
     session = await database_sync_to_async(make_session)()
     await database_sync_to_async(_many_events)(session, 1_234)
     stream = (
-        export.stream_jsonl(session, 100)
+        downloads.stream_jsonl(session, 100)
         if kind == "jsonl"
-        else export.stream_markdown(session, 100)
+        else downloads.stream_markdown(session, 100)
     )
     first = await anext(stream)
     if kind == "md":
@@ -420,22 +420,22 @@ def test_it_limits_concurrent_downloads_per_person(alice: User, bob: User) -> No
     session = make_session()
     request = RequestFactory().get("/")
     request.user = alice
-    first = export.download(request, session, "jsonl", "a.jsonl")
-    second = export.download(request, session, "md", "a.md")
+    first = downloads.download(request, session, "jsonl", "a.jsonl")
+    second = downloads.download(request, session, "md", "a.md")
     assert first.status_code == second.status_code == 200
-    refused = export.download(request, session, "jsonl", "a.jsonl")
+    refused = downloads.download(request, session, "jsonl", "a.jsonl")
     assert refused.status_code == 429
     assert b"You already have 2 downloads running" in refused.content
     other = RequestFactory().get("/")
     other.user = bob
-    bobs = export.download(other, session, "jsonl", "b.jsonl")  # someone else is not held up
+    bobs = downloads.download(other, session, "jsonl", "b.jsonl")  # someone else is not held up
     assert bobs.status_code == 200
     first.close()  # finished, failed or abandoned: Django closes every response
-    again = export.download(request, session, "jsonl", "a.jsonl")
+    again = downloads.download(request, session, "jsonl", "a.jsonl")
     assert again.status_code == 200
     for response in (second, bobs, again):
         response.close()
-    assert export.SLOTS.running == {}
+    assert downloads.SLOTS.running == {}
 
 
 @pytest.mark.django_db(transaction=True)  # the download reads in a thread of its own
@@ -454,4 +454,4 @@ def test_it_answers_429_to_a_third_download_at_once(client: Client, alice: User)
     assert third.status_code == 200
     for response in (second, third):
         b"".join(response)
-    assert export.SLOTS.running == {}
+    assert downloads.SLOTS.running == {}

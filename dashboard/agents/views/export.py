@@ -9,7 +9,7 @@ from django.shortcuts import get_object_or_404
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET
 
-from dashboard.agents import access, export
+from dashboard.agents import access, downloads
 from dashboard.agents.access import viewer_required
 from dashboard.agents.models import AgentSession, Event
 
@@ -23,15 +23,15 @@ def _export_name(session: AgentSession, extension: str) -> str:
 @viewer_required
 def export_jsonl(request: HttpRequest, session_id: str) -> HttpResponseBase:
     session, _ = access.session_for_user(request.user, session_id)
-    # Streamed from an async iterator in chunks; a few per person at once (export.py).
-    return export.download(request, session, "jsonl", _export_name(session, "jsonl"))
+    # Streamed from an async iterator in chunks; a few per person at once.
+    return downloads.download(request, session, "jsonl", _export_name(session, "jsonl"))
 
 
 @require_GET
 @viewer_required
 def export_markdown(request: HttpRequest, session_id: str) -> HttpResponseBase:
     session, _ = access.session_for_user(request.user, session_id)
-    return export.download(request, session, "md", _export_name(session, "md"))
+    return downloads.download(request, session, "md", _export_name(session, "md"))
 
 
 @require_GET

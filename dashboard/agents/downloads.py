@@ -1,0 +1,138 @@
+"""A session as a streamed download (JSONL or Markdown), a few at a time per person.
+
+Under ASGI, Django buffers a StreamingHttpResponse whose content is a plain iterator in
+full before sending a byte (it cannot iterate it on the event loop). The downloads are
+async iterators instead: a bounded chunk of events is read and written out in a thread,
+sent, and only then is the next one read. Memory is one chunk whatever the session's
+length, and the first bytes leave after the first chunk.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+
+from dashboard.agents.export import Transcript, session_jsonl
+from dashboard.agents.models import AgentSession, Event
+
+EXPORT_CHUNK = 500
+MAX_EXPORTS_PER_USER = 2
+
+
+def _events_after(session_id: Any, after: int, limit: int) -> list[Event]:
+    return list(
+        Event.objects.filter(session_id=session_id, seq__gt=after)
+        .select_related("actor")
+        .order_by("seq")[:limit]
+    )
+
+
+def _jsonl_chunk(session: AgentSession, after: int, limit: int) -> tuple[int, int, str]:
+    events = _events_after(session.pk, after, limit)
+    text = "".join(line + "\n" for line in session_jsonl(session, events))
+    return (events[-1].seq if events else after), len(events), text
+
+
+def _markdown_chunk(transcript: Transcript, after: int, limit: int) -> tuple[int, int, str]:
+    events = _events_after(transcript.session.pk, after, limit)
+    return (events[-1].seq if events else after), len(events), "".join(transcript.pieces(events))
+
+
+async def _chunked(
+    render: Callable[[int, int], tuple[int, int, str]], chunk: int
+) -> AsyncIterator[str]:
+    after = 0
+    while True:
+        after, count, text = await database_sync_to_async(render)(after, chunk)
+        if text:
+            yield text
+        if count < chunk:
+            return
+
+
+async def stream_jsonl(session: AgentSession, chunk: int = EXPORT_CHUNK) -> AsyncIterator[str]:
+    """The JSONL export, `chunk` events per database query."""
+    async for text in _chunked(lambda after, limit: _jsonl_chunk(session, after, limit), chunk):
+        yield text
+
+
+async def stream_markdown(session: AgentSession, chunk: int = EXPORT_CHUNK) -> AsyncIterator[str]:
+    """The Markdown export, `chunk` events per database query; the header comes first."""
+    transcript = Transcript(session)
+    yield transcript.header()
+    async for text in _chunked(
+        lambda after, limit: _markdown_chunk(transcript, after, limit), chunk
+    ):
+        yield text
+
+
+class ExportSlots:
+    """How many downloads each person has running in this process."""
+
+    def __init__(self, per_user: int) -> None:
+        self.per_user = per_user
+        self.running: Counter[object] = Counter()
+
+    def take(self, who: object) -> Callable[[], None] | None:
+        """A release function when `who` may start one more, else None."""
+        if self.running[who] >= self.per_user:
+            return None
+        self.running[who] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.running[who] -= 1
+                if self.running[who] <= 0:
+                    del self.running[who]
+
+        return release
+
+
+SLOTS = ExportSlots(MAX_EXPORTS_PER_USER)
+
+
+class _Download(StreamingHttpResponse):
+    """A streamed download that gives its slot back when the server is done with it: at
+    the end, on an error, and when the browser goes away mid-download (Django closes the
+    response in every case, even one never iterated)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._release = release
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._release()
+
+
+def download(
+    request: HttpRequest, session: AgentSession, kind: str, filename: str
+) -> HttpResponseBase:
+    """The session as a streamed `kind` ("jsonl" or "md") download, or a 429 when the person
+    already runs as many as allowed."""
+    release = SLOTS.take(request.user.pk if request.user.is_authenticated else None)
+    if release is None:
+        response = HttpResponse(
+            f"You already have {SLOTS.per_user} downloads running. Wait for one of them to "
+            "finish, then try again.\n",
+            status=429,
+            content_type="text/plain; charset=utf-8",
+        )
+        response["Retry-After"] = "10"
+        return response
+    if kind == "jsonl":
+        content, mime = stream_jsonl(session), "application/x-ndjson; charset=utf-8"
+    else:
+        content, mime = stream_markdown(session), "text/markdown; charset=utf-8"
+    streamed = _Download(content, release, content_type=mime)
+    streamed["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return streamed
