@@ -235,3 +235,22 @@ def test_it_shows_the_attention_badge_in_the_list(alice):
     html = signed_in(alice).get(reverse("index")).content.decode()
     assert html.count('class="badge badge-attention"') == 1
     assert AgentSession.objects.count() == 2
+
+
+def test_it_judges_a_page_of_rows_in_one_query(alice, django_assert_max_num_queries):
+    for n in range(12):
+        turn(new_session(title=f"task {n}", user=alice), subtype="error_during_execution")
+    client = signed_in(alice)
+    client.get(reverse("index"))  # warm the median's cache and the session
+    with django_assert_max_num_queries(9):  # 8 today; one per row would be 20
+        html = client.get(reverse("index")).content.decode()
+    assert html.count('class="badge badge-attention"') == 12
+
+
+def test_it_puts_the_badge_on_live_rows_too(alice):
+    from dashboard.agents.recording import render_state
+
+    session = turn(new_session(title="live one", user=alice), subtype="error_during_execution")
+    assert 'class="badge badge-attention"' in render_state(session)["row"]
+    fine = turn(new_session(title="live two", user=alice))
+    assert "badge-attention" not in render_state(fine)["row"]

@@ -35,10 +35,22 @@ def querystring_of(params: dict[str, str]) -> str:
     return urlencode(params)
 
 
-@register.inclusion_tag("awareness/tags.html#attention")
-def attention_badge(session: Any) -> dict[str, Any]:
-    """Uses the list's annotation when it is there; asks the database otherwise (a live row)."""
-    return {"verdict": attention.of(session)}
+VERDICTS = "awareness_verdicts"
+
+
+@register.inclusion_tag("awareness/tags.html#attention", takes_context=True)
+def attention_badge(context: template.Context, session: Any) -> dict[str, Any]:
+    """The rule's verdict: for a page of sessions (`page` in the context, the list) all rows
+    in one query, the first time a row asks; for a lone row (a live update), on its own."""
+    if hasattr(session, "attention_turn"):
+        return {"verdict": attention.of(session)}
+    store = context.render_context
+    if VERDICTS not in store:
+        page = context.get("page")
+        ids = [row.pk for row in getattr(page, "object_list", [])]
+        store[VERDICTS] = attention.for_sessions(ids) if ids else {}
+    verdict = store[VERDICTS].get(str(session.pk))
+    return {"verdict": verdict if verdict is not None else attention.of(session)}
 
 
 @register.inclusion_tag("awareness/tags.html#relative-cost")
