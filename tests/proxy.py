@@ -63,3 +63,70 @@ class CuttableProxy:
             await self._server.wait_closed()
         for task in list(self._pipes):
             task.cancel()
+
+
+class ChaosProxy(CuttableProxy):
+    """Cuts every connection through it at a random point: after a random number of bytes
+    from the server (between `low` and `high`), as a flaky network would. Up to `limit`
+    cuts; after that connections pass untouched, so a test ends."""
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        low: int = 4096,
+        high: int = 262144,
+        limit: int = 25,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(target_host, target_port)
+        import random
+
+        self._random = random.Random(seed)
+        self.low, self.high, self.limit = low, high, limit
+        self.cuts = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        budget = self._random.randint(self.low, self.high) if self.cuts < self.limit else None
+        pipes = [
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._down(up_reader, writer, budget, (writer, up_writer))),
+        ]
+        self._writers |= {writer, up_writer}
+        self._pipes.update(pipes)
+        await asyncio.gather(*pipes, return_exceptions=True)
+        self._pipes.difference_update(pipes)
+
+    async def _down(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        budget: int | None,
+        both: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
+        sent = 0
+        try:
+            while data := await reader.read(65536):
+                if budget is not None and sent + len(data) > budget:
+                    writer.write(data[: budget - sent])
+                    self.cuts += 1
+                    for end in both:  # no close handshake: the connection just dies
+                        if end.transport is not None:
+                            end.transport.abort()
+                    return
+                sent += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+            self._writers.discard(writer)

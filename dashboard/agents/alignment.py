@@ -142,6 +142,40 @@ def _convincing(
     return False
 
 
+def _contained(history: Sequence[Item], replay: Sequence[Item], loose: dict[int, str]) -> bool:
+    """Whether the replay is a contiguous run of the history (a replay cut short before it
+    reached the end of what was read). Rolling hashes: linear."""
+    n, m = len(history), len(replay)
+    if m == 0 or m > n:
+        return False
+    powers = [1] * (m + 1)
+    for i in range(1, m + 1):
+        powers[i] = powers[i - 1] * _BASE % _MOD
+    hist = [_h(item) for item in history]
+    target = 0
+    for i, item in enumerate(replay):
+        target = (target * _BASE + (0 if i in loose else _h(item))) % _MOD
+    window = 0
+    for j in range(n):
+        window = (window * _BASE + hist[j]) % _MOD
+        if j >= m:
+            window = (window - hist[j - m] * powers[m]) % _MOD
+        if j < m - 1:
+            continue
+        start = j - m + 1
+        masked = window
+        for u in loose:
+            masked -= hist[start + u] * powers[m - 1 - u]
+        head = history[: start + m]
+        if (
+            masked % _MOD == target
+            and _matches(head, replay, loose, m)
+            and _convincing(replay, head, loose, m)
+        ):
+            return True
+    return False
+
+
 def _matches(
     history: Sequence[Item], replay: Sequence[Item], loose: dict[int, str], k: int
 ) -> bool:
@@ -189,8 +223,14 @@ def align(
     agent_stream: str = "agent",
     ring_bytes: int = RING_BYTES,
     chunk_slack: int = CHUNK_SLACK,
+    complete: bool = True,
 ) -> Aligned:
-    """Which replayed lines are new, and the assemblers live output continues in."""
+    """Which replayed lines are new, and the assemblers live output continues in.
+
+    `complete` is False for a replay cut short (the connection broke before its end): it
+    is still a contiguous piece of output and lines up the same way, but its size says
+    nothing about whether the ring was full.
+    """
     assemblers: dict[str, JSONLineAssembler] = {}
     lines: list[tuple[str, Line]] = []
     first: dict[str, int] = {}
@@ -222,6 +262,13 @@ def align(
         joins[stream], overlapping = _join(pending, tail)
         joined_any = joined_any or overlapping >= MIN_EVIDENCE
 
+    if not complete and k == 0 and _contained(list(log.items), items, loose):
+        # Cut short before it reached what was read: nothing new; carry on as before.
+        carried: dict[str, JSONLineAssembler] = {}
+        for stream, pending in log.pending.items():
+            carried[stream] = JSONLineAssembler()
+            carried[stream].feed(pending)
+        return Aligned(new=[], assemblers=carried)
     if k > 0 or joined_any or not lines:
         new = lines[k:]
         for stream, whole in joins.items():
@@ -234,7 +281,7 @@ def align(
         return Aligned(new=new, assemblers=assemblers, overlap=k)
     new = lines
     if not log.read_any:
-        whole_ring = total + chunk_slack <= ring_bytes
+        whole_ring = complete and total + chunk_slack <= ring_bytes
         starts_ready = lines[0][0] == agent_stream and lines[0][1].type == "ready"
         if whole_ring or starts_ready:
             return Aligned(new=new, assemblers=assemblers)

@@ -248,7 +248,8 @@ class Bridge:
         return {"gone": "session", "reason": "the sandbox no longer has this session"}
 
     async def _follow(self, stream: ExecStream) -> tuple[bool, bool]:
-        """Read one connection to its end: (whether it went live, whether the process exited)."""
+        """Read one connection to its end: (whether it made progress: went live or brought
+        new lines; whether the process exited)."""
         self._stream = stream
         replay: list[tuple[str, bytes]] = []
         live = False
@@ -260,6 +261,9 @@ class Bridge:
                     log.info("bridge %s: upstream error: %s", self.session_id, exc)
                     frame = None
                 if frame is None:
+                    if not live and replay:
+                        # Cut short: what did arrive is a contiguous piece of output.
+                        live = await self._align(replay, complete=False)
                     return live, False
                 if not live:
                     if isinstance(frame, Stdout):
@@ -269,11 +273,7 @@ class Bridge:
                         replay.append((Event.Source.STDERR, frame.data))
                         continue
                     if isinstance(frame, ScrollbackEnd | Exit):
-                        aligned = await asyncio.to_thread(
-                            align, self._log, replay, stored_form, agent_stream=Event.Source.AGENT
-                        )
-                        replay.clear()
-                        self._take(aligned)
+                        await self._align(replay, complete=True)
                         live = True
                 if isinstance(frame, Stdout):
                     self._lines(Event.Source.AGENT, frame.data)
@@ -286,6 +286,21 @@ class Bridge:
             self._stream = None
             self._log.pending = {s: a.peek() for s, a in self._assemblers.items()}
             await stream.close()
+
+    async def _align(self, replay: list[tuple[str, bytes]], *, complete: bool) -> bool:
+        """Line a replay up with what was read (in a thread: it is linear, but up to a MiB)
+        and hand the new lines over. True when it brought anything new."""
+        aligned = await asyncio.to_thread(
+            align,
+            self._log,
+            list(replay),
+            stored_form,
+            agent_stream=Event.Source.AGENT,
+            complete=complete,
+        )
+        replay.clear()
+        self._take(aligned)
+        return bool(aligned.new)
 
     def _take(self, aligned: Aligned) -> None:
         events: list[NewEvent] = []
@@ -406,14 +421,17 @@ def _note(kind: str, **details: Any) -> NewEvent:
 
 
 def _gap(lines_at_least: int, first_connect: bool) -> NewEvent:
-    amount = f"at least {lines_at_least} line{'s' if lines_at_least != 1 else ''}"
     where = "before Porthole attached" if first_connect else "while the connection was down"
+    amount = (
+        f"at least {lines_at_least} line{'s' if lines_at_least != 1 else ''} (possibly more) are"
+        if lines_at_least
+        else "an unknown amount of output is"
+    )
     return _note(
         "gap",
         lines_at_least=lines_at_least,
         first_connect=first_connect,
-        message=f"Output was evicted from the sandbox's scrollback {where}: {amount} "
-        "missing here, possibly more.",
+        message=f"Output was evicted from the sandbox's scrollback {where}: {amount} missing here.",
     )
 
 

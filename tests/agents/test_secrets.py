@@ -612,3 +612,98 @@ async def test_it_keeps_the_key_out_of_what_an_agent_of_the_embedded_server_prin
     walk = Walker(Haystack())
     await walk_session_as_viewer_and_stranger(walk, client, await signed_in(bob), session)
     walk.haystack.assert_clean([KEY])
+
+
+# -- masking what a sandbox prints, in every form (masking.py) ---------------------------------
+
+
+def _escaped(text: str, every: int = 1) -> str:
+    """The text with every `every`-th character written as a JSON \\u escape."""
+    return "".join(
+        f"\\u{ord(c):04x}" if i % every == 0 else json.dumps(c)[1:-1] for i, c in enumerate(text)
+    )
+
+
+def _b64_at(shift: int, key: str = KEY) -> str:
+    return base64.b64encode(b"x" * shift + key.encode() + b"tail").decode()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f'{{"type":"assistant","text":"{_escaped(KEY)}"}}',
+        f'{{"type":"assistant","text":"a {_escaped(KEY, 3)} b"}}',
+        f'{{"type":"user","content":[{{"{_escaped(KEY, 2)}":1}}]}}',
+        '{"type":"x","nested":' + json.dumps(json.dumps({"k": KEY})) + "}",
+        f'{{"type":"x","b64":"{_b64_at(0)}"}}',
+        f'{{"type":"x","b64":"{_b64_at(1)}"}}',
+        f'{{"type":"x","b64":"{_b64_at(2)}"}}',
+        f'{{"type":"x","b64url":"{base64.urlsafe_b64encode(KEY.encode()).decode()}"}}',
+        f'{{"type":"x","hex":"{KEY.encode().hex()}","HEX":"{KEY.encode().hex().upper()}"}}',
+        f'{{"type":"x","url":"{quote(KEY, safe="")}","plus":"{quote_plus(KEY)}"}}',
+        f'{{"type":"x","lower":"{quote(KEY, safe="").lower()}"}}',
+        f"not json: {KEY} and {_b64_at(1)} and {quote(KEY)}",
+        "not json either: " + _escaped(KEY),
+    ],
+)
+def test_it_masks_every_form_of_a_secret_in_what_is_stored(line: str, settings: Any) -> None:
+    from dashboard.agents.masking import mask_line
+    from dashboard.opencomputer import parse_line
+
+    settings.OPENCOMPUTER_API_KEY = KEY
+    parsed = parse_line(line)
+    raw, data = mask_line(parsed.text, parsed.data)
+    shown = raw + (json.dumps(data, ensure_ascii=False) if data is not None else "")
+    decoded = json.loads(raw) if data is not None else None
+    for text in (shown, json.dumps(decoded, ensure_ascii=False)):
+        for form in key_forms(KEY):
+            assert form not in text
+        assert HEAD not in text and TAIL not in text
+    assert "[redacted]" in raw
+
+
+def test_it_masks_the_anthropic_key_handed_to_agents(settings: Any, monkeypatch) -> None:
+    from dashboard.agents.masking import mask_line
+
+    anthropic = "sk-ant-api03-" + "Q" * 20 + "wxyz"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", anthropic)
+    settings.OPENCOMPUTER_API_KEY = KEY
+    raw, data = mask_line(
+        f'{{"type":"user","content":"ANTHROPIC_API_KEY={_escaped(anthropic, 2)}"}}',
+        {"type": "user", "content": f"ANTHROPIC_API_KEY={anthropic}"},
+    )
+    assert anthropic not in raw and data is not None and anthropic not in data["content"]
+
+
+def test_it_leaves_lines_without_secrets_untouched(settings: Any) -> None:
+    from dashboard.agents.masking import mask_line
+
+    settings.OPENCOMPUTER_API_KEY = KEY
+    raw = '{"type":"assistant","text":"caf\\u00e9 \\n fine"}'
+    data = json.loads(raw)
+    assert mask_line(raw, data) == (raw, data)
+
+
+async def test_it_keeps_encoded_keys_an_agent_prints_out_of_every_page(keyed, alice, bob):
+    """Issue 7: a line carrying the key as \\u escapes showed it in clear on pages, sockets,
+    exports and share pages; so did base64, hex and URL-quoted forms."""
+    client = await signed_in(alice)
+    rogue = json.dumps(
+        {"type": "assistant", "message": {"content": [{"type": "text", "text": "K"}]}}
+    ).replace('"K"', f'"{_escaped(KEY, 2)}"')
+    script = "\n".join(
+        [
+            "Encodings of the key:",
+            f"$ printf '%s\\n' '{rogue}' > /proc/$PPID/fd/1",
+            f"$ printf '%s' '{KEY}' | base64",
+            f"$ printf '%s' 'xy{KEY}' | base64 -w0",
+            f"$ printf '%s' '{KEY}' | od -An -tx1 | tr -d ' \\n'",
+            "exit 0",
+        ]
+    )
+    session = await start(client, script)
+    await asyncio.wait_for(await bridge(session), 30)
+    assert await _count(session, raw__contains="[redacted]") >= 3
+    walk = Walker(Haystack())
+    await walk_session_as_viewer_and_stranger(walk, client, await signed_in(bob), session)
+    walk.haystack.assert_clean([KEY])
