@@ -349,3 +349,36 @@ def test_it_uses_no_user_namespace_as_root_and_one_otherwise() -> None:
     assert "--unshare-user" not in args and "--unshare-net" not in args
     assert args[args.index("--cap-drop") + 1] == "ALL"
     assert os.path.basename(args[0]) == "bwrap"
+
+
+async def test_it_ends_every_daemon_of_a_deleted_sandbox(api: httpx.AsyncClient) -> None:
+    sandbox_id = await new_sandbox(api)
+    mark = secrets.token_hex(8)
+    for _ in range(2):  # two sessions, each leaving a daemon behind a live first process
+        await start_exec(
+            api, sandbox_id, "(setsid sleep 300 &); exec sleep 300", envs={"PH_MARK": mark}
+        )
+    await eventually(lambda: len(host_pids_marked(mark)) == 4, what="two sessions, two daemons")
+    assert (await api.delete(f"/sandboxes/{sandbox_id}")).status_code == 204
+    await eventually(lambda: not host_pids_marked(mark), what="every process of the sandbox")
+
+
+async def test_it_takes_every_sandbox_process_with_it_when_the_server_is_killed(
+    tmp_path: Path,
+) -> None:
+    server = start_localsandbox(tmp_path / "ws")
+    mark = secrets.token_hex(8)
+    try:
+        async with api_client(server) as api:
+            sandbox_id = await new_sandbox(api)
+            await start_exec(
+                api, sandbox_id, "(setsid sleep 300 &); exec sleep 300", envs={"PH_MARK": mark}
+            )
+            await eventually(lambda: len(host_pids_marked(mark)) == 2, what="the processes")
+        # No chance to clean up: --die-with-parent and the PID namespace do it.
+        server.process.kill()
+        server.process.wait(timeout=10)
+        await eventually(lambda: not host_pids_marked(mark), what="the sandbox to die with it")
+    finally:
+        if server.process.poll() is None:
+            stop_localsandbox(server)
