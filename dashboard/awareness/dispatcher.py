@@ -179,6 +179,19 @@ def scan(now: datetime | None = None) -> int:
                     )
                 )
     if rows:
+        # Most of a rescan is known already: skip those rows rather than have the database
+        # refuse them (on SQLite even a refused insert takes the write lock from recording).
+        known = set(
+            Delivery.objects.filter(session_id__in={row.session_id for row in rows}).values_list(
+                "hook_id", "session_id", "kind", "occurrence"
+            )
+        )
+        rows = [
+            row
+            for row in rows
+            if (row.hook_id, row.session_id, row.kind, row.occurrence) not in known
+        ]
+    if rows:
         Delivery.objects.bulk_create(rows, ignore_conflicts=True)
     if top > cursor.position:
         Cursor.objects.filter(name=CURSOR, position__lt=top).update(position=top, updated_at=now)
