@@ -28,8 +28,9 @@ def _strings(value: Any, out: list[str], budget: list[int], depth: int = 0) -> N
         out.append(value[: budget[0]])
         budget[0] -= len(value)
     elif isinstance(value, dict):
-        for item in value.values():
-            _strings(item, out, budget, depth + 1)
+        for key, item in value.items():
+            if key != "type":  # a block's kind ("text", "image"), not its content
+                _strings(item, out, budget, depth + 1)
     elif isinstance(value, list):
         for item in value[:200]:
             _strings(item, out, budget, depth + 1)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering import ToolIndex, render_event, render_event_oob, render_timeline
 from dashboard.agents.rendering.tools import MAX_DEPTH
+from tests.agents.test_reading_budget import content
 from tests.agents.test_rendering import add_event, assert_safe, make_session, parse
 
 pytestmark = pytest.mark.django_db
@@ -250,6 +251,7 @@ def test_it_folds_noise_live_growing_one_fold() -> None:
     assert f'id="fold-{fourth.seq}"' in html5, "a new run starts a new fold"
 
 
+@pytest.mark.django_db(transaction=True)  # the export streams from another thread
 def test_it_keeps_folded_events_in_the_export(alice: Any) -> None:
     from django.test import Client
     from django.urls import reverse
@@ -259,9 +261,8 @@ def test_it_keeps_folded_events_in_the_export(alice: Any) -> None:
         add_event(session, "agent", payload)
     client = Client()
     client.force_login(alice)
-    body = client.get(reverse("export_jsonl", args=[session.id]))
-    content = b"".join(body.streaming_content) if body.streaming else body.content
-    assert len(content.decode().strip().splitlines()) == len(NOISE)
+    body = content(client.get(reverse("export_jsonl", args=[session.id])))
+    assert len(body.decode().strip().splitlines()) == len(NOISE)
 
 
 # -- the layout as a property: every event drawn exactly once, in order ------------------------

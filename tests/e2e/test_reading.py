@@ -1,0 +1,198 @@
+"""Reading a session in a real browser, under the production CSP: one card per tool call
+with its result swapped in live, folded noise, the outline, follow-live, jumping to an
+event from search, highlighted code. Screenshots (light and dark, wide and narrow) of a
+recorded Claude Code session land in docs/screenshots/.
+
+The recorded session is tests/fixtures/transcript.jsonl (a transcript of the real Claude
+CLI), loaded into the running server's database; the live tests drive the demo agent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from tests.e2e.conftest import ROOT, Browsing, Porthole, _server_env, require_browser
+
+require_browser()
+
+from playwright.sync_api import Page, expect  # noqa: E402
+
+from tests.e2e.test_browser import start_session  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+FIXTURE = ROOT / "tests" / "fixtures" / "transcript.jsonl"
+
+LOADER = """
+import json, sys, django
+django.setup()
+from django.contrib.auth.models import User
+from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.search.index import reindex
+# Gone: the recording outlived its sandbox (and no form offers it for a new session).
+sandbox, _ = Sandbox.objects.get_or_create(upstream_id="sb-recorded", status="gone")
+session = AgentSession.objects.create(
+    sandbox=sandbox, upstream_id="agent-recorded", title="Add signup validation",
+    status="exited", exit_code=0)
+from datetime import timedelta
+from django.utils import timezone
+start = timezone.now() - timedelta(hours=1)
+# The fixture keeps no times: a plausible pace (results take a moment after their calls).
+for seq, line in enumerate(open(sys.argv[1]), start=1):
+    record = json.loads(line)
+    raw = record["raw"]
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    data = data if isinstance(data, dict) else {}
+    actor = None
+    if record.get("actor"):
+        actor, _ = User.objects.get_or_create(username=record["actor"])
+    kind = data.get("type") if isinstance(data.get("type"), str) else ""
+    Event.objects.create(
+        session=session, seq=seq, source=record["source"], raw=raw, actor=actor,
+        created_at=start + timedelta(seconds=seq * 1.7 + (seq % 5) * 0.35),
+        type="stderr" if record["source"] == "stderr" else kind[:64],
+        subtype=(data.get("subtype") or "")[:64] if isinstance(data.get("subtype"), str) else "")
+session.next_seq = seq + 1
+session.save()
+reindex([session])
+print(session.id)
+"""
+
+
+def _database_url() -> dict[str, str]:
+    """The e2e server's database in the team-mode run (see conftest's _team_database)."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://")) or not os.environ.get("REDIS_URL"):
+        return {}
+    parts = urlsplit(url)
+    name = f"{parts.path.lstrip('/') or 'porthole'}_e2e"
+    return {"DATABASE_URL": urlunsplit(parts._replace(path=f"/{name}"))}
+
+
+@pytest.fixture(scope="module")
+def recorded(porthole: Porthole) -> str:
+    """The recorded Claude Code session, stored in the running server's database."""
+    env = dict(_server_env(porthole.data_dir), **_database_url(), PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, str(FIXTURE)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return f"/sessions/{done.stdout.strip().splitlines()[-1]}/"
+
+
+def shoot(page: Page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("scheme", "width"), [("light", 1280), ("dark", 1280), ("light", 420), ("dark", 420)]
+)
+def test_it_shows_a_recorded_claude_session_readably(
+    open_context: Any, recorded: str, scheme: str, width: int
+) -> None:
+    browsing: Browsing = open_context(
+        color_scheme=scheme, viewport={"width": width, "height": 1100}
+    )
+    page = browsing.new_page()
+    # The Edit call is older than the first page: the page loads older events to reach it.
+    page.goto(recorded + "#event-27")
+    target = page.locator("#event-27.is-target")
+    expect(target).to_be_visible()
+    # Cards: one per call, each with its result inside; noise folded into one line.
+    cards = page.locator("#timeline details.tool-card")
+    expect(page.locator("#timeline details.fold").first).to_contain_text("system event")
+    expect(page.locator("#outline-list li").first).to_be_attached()
+    # The Edit card, opened: a highlighted unified diff with line numbers.
+    edit = target.locator("details.tool-card").first
+    expect(edit.locator(".tool-name")).to_have_text("Edit")
+    edit.locator("summary").click()
+    expect(edit.locator("table.diff tr.diff-add").first).to_be_visible()
+    assert edit.locator("table.diff span[class]").count() > 0, "highlighted"
+    assert cards.count() > 20
+    page.locator("#event-23").scroll_into_view_if_needed()
+    page.evaluate("window.scrollBy(0, -120)")
+    suffix = "" if width > 600 else "-narrow"
+    shoot(page, f"session-{scheme}{suffix}")
+    # A Task card holds its subagent's work.
+    task = page.locator("details.tool-card.is-task").first
+    expect(task.locator(".tool-children > article").first).to_be_attached()
+    if width > 600:
+        task.scroll_into_view_if_needed()
+        shoot(page, f"session-task-{scheme}")
+
+
+def test_it_swaps_a_live_result_into_its_call_card(browsing: Browsing) -> None:
+    page = browsing.new_page()
+    start_session(page, "Checking.\n$ echo card-live\nsleep 2\n$ echo second-call\nAll done")
+    card = page.locator("#timeline details.tool-card").filter(has_text="echo card-live")
+    expect(card.locator(".toolstatus")).to_have_text("done ✓")
+    expect(card.locator(".blk-result pre")).to_have_text("card-live")
+    second = page.locator("#timeline details.tool-card").filter(has_text="echo second-call")
+    expect(second.locator(".blk-result pre")).to_have_text("second-call")
+    # No card of its own for any result; the page's seq bookkeeping still holds them.
+    expect(page.locator("#timeline details.blk-result")).to_have_count(0)
+    marks = page.locator("#timeline > .seq-mark")
+    assert marks.count() >= 2
+    expect(page.locator("#outline-list li.ol-result")).to_have_count(1)
+    seqs = page.locator("#timeline > [data-seq]").evaluate_all(
+        "els => els.map(e => +e.dataset.seq)"
+    )
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+
+
+def test_it_stops_following_when_the_reader_scrolls_up(browsing: Browsing) -> None:
+    page = browsing.new_page()
+    page.set_viewport_size({"width": 1000, "height": 500})
+    lines = "\n".join(f"Line {n} of a long answer." for n in range(40))
+    start_session(page, f"{lines}\nsleep 3\n$ echo later\nAll done")
+    follow = page.locator("#follow-live")
+    expect(follow).to_be_checked()
+    expect(page.locator("#timeline")).to_contain_text("Line 39")
+    page.mouse.wheel(0, -2000)
+    expect(follow).not_to_be_checked()
+    at = page.evaluate("window.scrollY")
+    expect(page.locator("#timeline")).to_contain_text("All done")
+    assert page.evaluate("window.scrollY") == at, "live events did not move the page"
+    follow.check()
+    at_end = "window.innerHeight + window.scrollY >= document.body.scrollHeight - 130"
+    assert page.evaluate(at_end), "turning it back on goes to the latest event"
+
+
+def test_it_opens_a_search_hit_at_its_event(browsing: Browsing, recorded: str) -> None:
+    page = browsing.new_page()
+    page.goto("/search/?q=validators")
+    hits = page.locator(".hit")
+    expect(hits.first).to_be_visible()
+    expect(hits.first.locator("mark").first).to_be_visible()
+    shoot(page, "search-light")
+    href = hits.first.locator("a.hit-link").get_attribute("href") or ""
+    seq = int(href.rsplit("-", 1)[1])
+    hits.first.locator("a.hit-link").click()
+    target = page.locator(".is-target")
+    expect(target).to_have_count(1)
+    expect(target).to_be_in_viewport()
+    holder = page.evaluate(
+        """seq => { const e = document.getElementById('event-' + seq);
+                     return e && (e.dataset.at || e.id); }""",
+        seq,
+    )
+    assert holder, f"event {seq} is on the page (loaded older events as needed)"
