@@ -7,11 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
@@ -25,6 +30,8 @@ from dashboard.awareness.models import Cursor, Delivery, Hook, Kind
 from tests.agents.helpers import wait_for
 from tests.awareness.helpers import new_session, ours, record, turn, wait_until
 from tests.awareness.receiver import Receiver, receiver
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
@@ -295,3 +302,62 @@ async def test_it_stops_when_cancelled_as_serve_would_at_shutdown():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def _database_url_for_children() -> str:
+    """The test database, as a URL another process can open."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or ""
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    host = db.get("HOST") or "127.0.0.1"
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    return f"postgres://{user}{password}@{host}{port}/{db['NAME']}"
+
+
+def test_it_delivers_once_across_two_worker_processes(tmp_path):
+    """`manage.py webhooks` twice, as two real processes, stopped with SIGTERM."""
+    with receiver() as target:
+        hook = hook_for(target)
+        dispatcher.scan()
+        expected = set()
+        for n in range(8):
+            session = finished(turn(started(f"process {n}")), n % 2)
+            kind = Kind.FINISHED if n % 2 == 0 else Kind.FAILED
+            expected |= {(str(session.id), Kind.STARTED), (str(session.id), kind)}
+        env = dict(
+            os.environ,
+            DATABASE_URL=_database_url_for_children(),
+            PORTHOLE_DATA_DIR=str(tmp_path),
+            DJANGO_SETTINGS_MODULE="dashboard.settings",
+        )
+        env.pop("PORTHOLE_WEBHOOK_URLS", None)
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "django", "webhooks", "--interval", "0.05"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        try:
+            wait_until(lambda: len(target.received()) >= len(expected) and all_settled(), 60)
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            outputs = [worker.communicate(timeout=30)[0] for worker in workers]
+        assert [w.returncode for w in workers] == [0, 0], outputs
+        got = Counter()
+        for request in target.received():
+            assert webhooks.verify(
+                hook.secret, request.body, request.headers["x-porthole-signature"]
+            )
+            body = json.loads(request.body)
+            got[(body["session"]["id"], body["kind"])] += 1
+        assert set(got) == expected and set(got.values()) == {1}, got
