@@ -43,7 +43,8 @@ pid {directory}/nginx.pid;
 error_log stderr notice;
 events {{ worker_connections 2048; }}
 http {{
-    access_log {directory}/access.log;
+    log_format upstreams '$remote_addr "$request" $status $upstream_addr';
+    access_log {directory}/access.log upstreams;
     client_body_temp_path {directory}/body;
     proxy_temp_path {directory}/proxy;
     fastcgi_temp_path {directory}/fastcgi;
