@@ -20,8 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-# The child's own budget; the whole suite must stay within 20 minutes on 2 cores.
-CHILD_TIMEOUT = 15 * 60
+# The child's own budget (the suite on a quiet 2-core machine takes far less; see
+# docs/deploy.md for measurements). PORTHOLE_TEAM_TIMEOUT raises it on a busy machine.
+CHILD_TIMEOUT = int(os.environ.get("PORTHOLE_TEAM_TIMEOUT", str(25 * 60)))
 
 pytestmark = [pytest.mark.team, pytest.mark.timeout(CHILD_TIMEOUT + 60)]
 
