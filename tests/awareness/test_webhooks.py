@@ -361,3 +361,21 @@ def test_it_delivers_once_across_two_worker_processes(tmp_path):
             body = json.loads(request.body)
             got[(body["session"]["id"], body["kind"])] += 1
         assert set(got) == expected and set(got.values()) == {1}, got
+
+
+def test_it_takes_over_what_a_dead_worker_had_claimed():
+    with receiver() as target:
+        hook_for(target, kinds=[Kind.LOST])
+        dispatcher.scan()
+        record(started("orphaned"), ours(Event.Source.BRIDGE, {"type": "lost"}))
+        dispatcher.scan()
+        assert [d.pk for d in dispatcher.claim_due("worker-that-dies")]
+        # Held: nobody else may take it while the claim lasts.
+        assert dispatcher.claim_due("another") == []
+        # The worker died; its claim runs out.
+        Delivery.objects.update(claimed_until=timezone.now() - timedelta(seconds=1))
+        with dispatchers(1):
+            wait_until(all_settled, 30)
+        delivery = Delivery.objects.get()
+        assert (delivery.status, delivery.attempts) == (Delivery.Status.DELIVERED, 1)
+        assert len(target.received()) == 1
