@@ -69,12 +69,13 @@ class NewEvent:
 
     @classmethod
     def ours(cls, source: str, data: dict[str, Any], actor_id: int | None = None) -> NewEvent:
+        raw, masked = mask_line(json.dumps(data, ensure_ascii=False), data)
         return cls(
             source=source,
-            raw=storable(json.dumps(data, ensure_ascii=False)),
+            raw=storable(raw),
             type=str(data.get("type", "")),
             actor_id=actor_id,
-            data=data,
+            data=masked,
         )
 
 
