@@ -1,6 +1,6 @@
 from django.urls import path
 
-from dashboard.agents import people
+from dashboard.agents import people, workspace
 from dashboard.agents.views import browse, export, sandboxes, share, start, steer
 
 urlpatterns = [
@@ -20,6 +20,8 @@ urlpatterns = [
     path("sessions/<uuid:session_id>/export.jsonl", export.export_jsonl, name="export_jsonl"),
     path("sessions/<uuid:session_id>/export.md", export.export_markdown, name="export_markdown"),
     path("sessions/<uuid:session_id>/events/<int:seq>/raw", export.event_raw, name="event_raw"),
+    path("sessions/<uuid:session_id>/changes/", workspace.changes, name="workspace_changes"),
+    path("sessions/<uuid:session_id>/changes/file", workspace.changed_file, name="workspace_file"),
     path("sessions/<uuid:session_id>/share/", share.share_create, name="share_create"),
     path("share-links/<int:link_id>/revoke/", share.share_revoke, name="share_revoke"),
     path("share/<str:token>/", share.share_page, name="share"),
