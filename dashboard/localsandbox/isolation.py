@@ -114,8 +114,44 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-def template_for(template_id: str, memory_mb: int | None = None) -> Template:
-    template = TEMPLATES.get(template_id, TEMPLATES["base"])
+class TemplateError(ValueError):
+    """A templates file that does not say what a template must."""
+
+
+def load_templates(path: Path) -> dict[str, Template]:
+    """The built-in templates, with those of a JSON file added or replaced:
+    `{"name": {"network": bool, "cpu_seconds": int, "memory_mb": int, "max_processes": int,
+    "file_size_mb": int, "open_files": int}}`; every key optional (defaults as in `base`)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TemplateError(f"cannot read templates from {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise TemplateError(f"{path}: expected an object of templates by name")
+    templates = dict(TEMPLATES)
+    limit_names = set(Limits.__dataclass_fields__)
+    for name, settings in raw.items():
+        if not isinstance(settings, dict) or not set(settings) <= limit_names | {"network"}:
+            known = ", ".join(sorted(limit_names | {"network"}))
+            raise TemplateError(f"{path}: template {name!r} must be an object of: {known}")
+        network = settings.get("network", True)
+        limits = {key: value for key, value in settings.items() if key != "network"}
+        if not isinstance(network, bool) or not all(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+            for value in limits.values()
+        ):
+            raise TemplateError(
+                f"{path}: template {name!r}: network is true or false, limits positive integers"
+            )
+        templates[name] = Template(network=network, limits=Limits(**limits))
+    return templates
+
+
+def template_for(
+    template_id: str, memory_mb: int | None = None, templates: dict[str, Template] | None = None
+) -> Template:
+    known = TEMPLATES if templates is None else templates
+    template = known.get(template_id, known["base"])
     if memory_mb is not None:
         limits = Limits(**{**asdict(template.limits), "memory_mb": memory_mb})
         template = Template(network=template.network, limits=limits)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .isolation import UNSAFE_SETTING
+from .isolation import TEMPLATES, UNSAFE_SETTING, Template, TemplateError, load_templates
 from .launch import AGENT_CHOICES, AgentChoice
 from .server import DEFAULT_MAX_BODY, AppConfig
 
@@ -63,6 +63,7 @@ class ServerOptions:
     max_body: int = DEFAULT_MAX_BODY
     bwrap: str = "bwrap"
     unsafe_no_isolation: bool = False
+    templates: dict[str, Template] = field(default_factory=lambda: dict(TEMPLATES))
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,13 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Defaults) -> None:
         f"user instead of refusing them (also {UNSAFE_SETTING}=true)",
     )
     parser.add_argument(
+        "--templates",
+        type=Path,
+        default=os.environ.get("LOCALSANDBOX_TEMPLATES") or None,
+        help="a JSON file of sandbox templates (network, limits) added to base and offline "
+        "(also LOCALSANDBOX_TEMPLATES)",
+    )
+    parser.add_argument(
         "--agent",
         "--wrapper",
         choices=AGENT_CHOICES,
@@ -148,6 +156,7 @@ def options_from(namespace: Any) -> ServerOptions:
         max_body=namespace.max_body,
         bwrap=namespace.bwrap,
         unsafe_no_isolation=namespace.unsafe_no_isolation,
+        templates=_templates(namespace.templates),
     )
     if namespace.data_dir is not None:
         logger.warning(
@@ -156,6 +165,15 @@ def options_from(namespace: Any) -> ServerOptions:
         )
     validate(options)
     return options
+
+
+def _templates(path: Path | str | None) -> dict[str, Template]:
+    if path is None:
+        return dict(TEMPLATES)
+    try:
+        return load_templates(Path(path))
+    except TemplateError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -212,6 +230,7 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
             max_body=options.max_body,
             bwrap=options.bwrap,
             unsafe_no_isolation=options.unsafe_no_isolation,
+            templates=options.templates,
         )
     )
     # Said on stdout, unmissably, before the listening line (`manage.py serve` echoes both).

@@ -195,17 +195,19 @@ class SandboxRegistry:
         *,
         isolation_status: isolation.Status,
         bwrap: str = "bwrap",
+        templates: dict[str, isolation.Template] | None = None,
     ) -> None:
         self.workspaces_dir = workspaces_dir
         self.agent_choice: launch.AgentChoice = agent_choice
         self.server_env = dict(os.environ if server_env is None else server_env)
         self.isolation = isolation_status
         self.bwrap = shutil.which(bwrap) or bwrap
+        self.templates = dict(isolation.TEMPLATES if templates is None else templates)
         self._sandboxes: dict[str, Sandbox] = {}
 
     def create(self, options: SandboxOptions) -> Sandbox:
         sandbox_id = new_id("sb")
-        template = isolation.template_for(options.template_id, options.memory_mb)
+        template = isolation.template_for(options.template_id, options.memory_mb, self.templates)
         confinement = isolation.new_confinement(
             self.workspaces_dir / sandbox_id,
             template,

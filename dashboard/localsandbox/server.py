@@ -11,7 +11,7 @@ import contextlib
 import hmac
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dashboard.daphne_glue import reject_websocket
@@ -52,6 +52,9 @@ class AppConfig:
     agent: launch.AgentChoice = "auto"
     max_body: int = DEFAULT_MAX_BODY
     bwrap: str = "bwrap"
+    templates: dict[str, isolation.Template] = field(
+        default_factory=lambda: dict(isolation.TEMPLATES)
+    )
     # Run sandbox processes unisolated, on the host, when bubblewrap cannot run. Never default.
     unsafe_no_isolation: bool = False
 
@@ -71,6 +74,7 @@ class LocalSandboxApp:
             config.agent,
             isolation_status=self.isolation,
             bwrap=config.bwrap,
+            templates=config.templates,
         )
         self.rest = RestApi(self.registry)
 

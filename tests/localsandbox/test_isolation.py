@@ -4,6 +4,7 @@ and to outlive a kill."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -382,3 +383,35 @@ async def test_it_takes_every_sandbox_process_with_it_when_the_server_is_killed(
     finally:
         if server.process.poll() is None:
             stop_localsandbox(server)
+
+
+async def test_it_takes_templates_from_the_operators_file(tmp_path: Path) -> None:
+    templates = tmp_path / "templates.json"
+    templates.write_text(
+        json.dumps({"tiny": {"network": False, "max_processes": 30, "memory_mb": 128}})
+    )
+    server = start_localsandbox(tmp_path / "ws", env={"LOCALSANDBOX_TEMPLATES": str(templates)})
+    try:
+        async with api_client(server) as api:
+            sandbox_id = await new_sandbox(api, templateID="tiny")
+            result = await run(api, sandbox_id, "cat /proc/self/limits /proc/net/dev")
+            assert re.search(r"Max processes\s+30\s+30", result["stdout"])
+            assert re.search(rf"Max data size\s+{128 * 1024 * 1024}\s", result["stdout"])
+            assert "eth" not in result["stdout"] and "lo:" in result["stdout"]
+            # The built-in ones are still there.
+            base = await new_sandbox(api, templateID="base")
+            limits = (await run(api, base, "cat /proc/self/limits"))["stdout"]
+            assert re.search(r"Max processes\s+512\s+512", limits)
+    finally:
+        stop_localsandbox(server)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json", '["tiny"]', '{"tiny": {"network": "no"}}', '{"tiny": {"max_processes": 0}}'],
+)
+def test_it_refuses_to_start_with_a_bad_templates_file(tmp_path: Path, content: str) -> None:
+    templates = tmp_path / "templates.json"
+    templates.write_text(content)
+    with pytest.raises(RuntimeError, match="templates"):
+        start_localsandbox(tmp_path / "ws", env={"LOCALSANDBOX_TEMPLATES": str(templates)})
