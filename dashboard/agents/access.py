@@ -145,6 +145,18 @@ def session_for_user(user: Any, session_id: UUID | str) -> tuple[AgentSession, S
     )
 
 
+def viewable_session(
+    user: Any, session_id: UUID | str
+) -> tuple[AgentSession, SessionRights] | None:
+    """`session_for_user` for sockets, which refuse rather than raise: None if not allowed."""
+    if user is None:
+        return None
+    try:
+        return session_for_user(user, session_id)
+    except (PermissionDenied, Http404):
+        return None
+
+
 def session_for_link(token: str) -> tuple[ShareLink, AgentSession, SessionRights]:
     """The live link, its session, and what its holder may do: watch. Http404 otherwise."""
     link = active_link(token)

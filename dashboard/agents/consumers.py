@@ -34,16 +34,7 @@ from dashboard.agents.viewers import Batch, Cursor, Item, StateFrames
 log = logging.getLogger(__name__)
 
 
-@database_sync_to_async
-def _viewable_session(user: Any, session_id: str) -> AgentSession | None:
-    if user is None or not access.can_view(user):
-        return None
-    return AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
-
-
-@database_sync_to_async
-def _can_steer(user: Any) -> bool:
-    return access.can_steer(user)
+_viewable_session = database_sync_to_async(access.viewable_session)
 
 
 @database_sync_to_async
@@ -114,9 +105,10 @@ class SessionConsumer(AsyncWebsocketConsumer):
         """The session this socket may watch, or None to refuse it."""
         session_id = str(self.scope["url_route"]["kwargs"]["session_id"])
         user = self.scope.get("user")
-        if await _viewable_session(user, session_id) is None:
+        found = await _viewable_session(user, session_id)
+        if found is None:
             return None
-        self.can_steer = await _can_steer(user)
+        self.can_steer = found[1].steer
         return session_id
 
     async def connect(self) -> None:
