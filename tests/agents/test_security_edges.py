@@ -10,6 +10,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
+from dashboard.agents import access
 from dashboard.agents.models import AgentSession, Sandbox
 from dashboard.asgi import application
 from tests.agents.helpers import communicator, cookie_for
@@ -116,10 +117,17 @@ def test_it_refuses_deeply_nested_mcp_servers_with_a_message(oc, alice, value):
     assert not AgentSession.objects.exists()
 
 
+@pytest.mark.parametrize("via", ["member", "link"])
 @pytest.mark.parametrize("junk", [NESTED, NESTED_OBJECT, "\ud800", "[]", "1e999999", '"x"'])
-async def test_it_ignores_junk_on_the_session_socket_and_carries_on(alice, junk):
+async def test_it_ignores_junk_on_the_session_socket_and_carries_on(alice, junk, via):
     session = await _session()
-    socket = await communicator(f"/ws/sessions/{session.id}/", alice)
+    if via == "member":
+        socket = await communicator(f"/ws/sessions/{session.id}/", alice)
+    else:
+        _, token = await database_sync_to_async(access.create_share_link)(
+            session, alice, label="", expiry="1d"
+        )
+        socket = await communicator(f"/ws/share/{token}/")
     assert (await socket.connect())[0]
     await socket.send_to(text_data=junk)
     await socket.send_json_to({"last_seq": 0})
