@@ -209,7 +209,38 @@ def python_paths() -> list[Path]:
     return [*kept, PROJECT_ROOT / "dashboard" / "__init__.py", PACKAGE_DIR]
 
 
-def bwrap_args(bwrap: str, confinement: Confinement) -> list[str]:
+SANDBOX_USER = "sandbox"
+# The uid and gid the command has inside a user namespace of our own (when not root).
+USERNS_ID = 1000
+
+
+def sandbox_id_of(confinement: Confinement) -> int:
+    return USERNS_ID if confinement.uid is None else confinement.uid
+
+
+def identity_files(confinement: Confinement) -> tuple[bytes, bytes]:
+    """/etc/passwd and /etc/group as the host has them, plus the sandbox's user when its uid
+    has no name there, so that tools that look the user up (ssh, whoami, getpass) work."""
+    ident = sandbox_id_of(confinement)
+    files = []
+    for name, line in (
+        ("passwd", f"{SANDBOX_USER}:x:{ident}:{ident}:sandbox:{WORKSPACE}:/bin/sh\n"),
+        ("group", f"{SANDBOX_USER}:x:{ident}:\n"),
+    ):
+        try:
+            text = (Path("/etc") / name).read_text()
+        except OSError:
+            text = ""
+        taken = {row.split(":")[2] for row in text.splitlines() if row.count(":") >= 3}
+        if str(ident) not in taken:
+            text = (text if not text or text.endswith("\n") else text + "\n") + line
+        files.append(text.encode())
+    return files[0], files[1]
+
+
+def bwrap_args(
+    bwrap: str, confinement: Confinement, identity_fds: tuple[int, int] | None = None
+) -> list[str]:
     """The bubblewrap command line for one process of the sandbox (without the command)."""
     args = [bwrap, "--die-with-parent", "--new-session"]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
@@ -217,7 +248,7 @@ def bwrap_args(bwrap: str, confinement: Confinement) -> list[str]:
         args.append("--unshare-net")
     if confinement.uid is None:
         # Not root: a user namespace of our own, where we are an ordinary user.
-        args += ["--unshare-user", "--uid", "1000", "--gid", "1000"]
+        args += ["--unshare-user", "--uid", str(USERNS_ID), "--gid", str(USERNS_ID)]
     else:
         # Root: no user namespace (so the sandbox's uid is a real, unprivileged one); the jail
         # keeps only what it needs to become that uid.
@@ -233,7 +264,10 @@ def bwrap_args(bwrap: str, confinement: Confinement) -> list[str]:
     args += ["--perms", "0755", "--dir", "/etc"]
     for name in ETC_ENTRIES:
         entry = Path("/etc") / name
-        if entry.exists():
+        if identity_fds is not None and name in ("passwd", "group"):
+            fd = identity_fds[0] if name == "passwd" else identity_fds[1]
+            args += ["--perms", "0644", "--ro-bind-data", str(fd), str(entry)]
+        elif entry.exists():
             args += ["--ro-bind", str(entry.resolve()), str(entry)]
     seen: set[Path] = {Path("/usr"), Path("/etc")}
     for path in python_paths():

@@ -92,10 +92,16 @@ async def _start_jailed(spec: ProcessSpec, jail: Jail, command: str) -> subproce
     """
     spec_fd = _memfd("porthole-sandbox-spec")
     args_fd = _memfd("porthole-sandbox-args")
+    passwd_fd, group_fd = _memfd("porthole-sandbox-passwd"), _memfd("porthole-sandbox-group")
     status_read, status_write = os.pipe()
     try:
         _fill(spec_fd, isolation.jail_spec(jail.confinement, spec.argv, spec.env, spec.cwd))
-        bwrap, *options = isolation.bwrap_args(jail.bwrap, jail.confinement)
+        passwd, group = isolation.identity_files(jail.confinement)
+        _fill(passwd_fd, passwd)
+        _fill(group_fd, group)
+        bwrap, *options = isolation.bwrap_args(
+            jail.bwrap, jail.confinement, identity_fds=(passwd_fd, group_fd)
+        )
         # Through --args, so that the container's PID 1 (bubblewrap) shows the sandbox no host
         # paths in its command line, and `ps` on the host shows no sandbox's settings.
         _fill(args_fd, b"".join(option.encode() + b"\0" for option in options))
@@ -115,12 +121,12 @@ async def _start_jailed(spec: ProcessSpec, jail: Jail, command: str) -> subproce
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 close_fds=True,
-                pass_fds=(spec_fd, args_fd, status_write),
+                pass_fds=(spec_fd, args_fd, passwd_fd, group_fd, status_write),
             )
         except (OSError, ValueError) as exc:
             raise SpawnError(f"cannot start the sandbox for {command!r}: {exc}") from exc
     finally:
-        for fd in (spec_fd, args_fd, status_write):
+        for fd in (spec_fd, args_fd, passwd_fd, group_fd, status_write):
             os.close(fd)
     try:
         status = await asyncio.wait_for(

@@ -133,13 +133,14 @@ async def test_it_runs_commands_as_an_unprivileged_user_with_a_private_tmp(
         api,
         sandbox_id,
         "id -u; grep CapEff /proc/self/status; touch /usr/x /etc/x 2>&1 || true;"
-        " echo hi > /tmp/t && cat /tmp/t; echo w > /workspace/w && cat w; pwd",
+        " echo hi > /tmp/t && cat /tmp/t; echo w > /workspace/w && cat w; pwd; whoami",
     )
     lines = result["stdout"].splitlines()
     assert int(lines[0]) != 0
     assert lines[1].split() == ["CapEff:", "0000000000000000"]
     assert "Read-only file system" in result["stdout"] or "Permission denied" in result["stdout"]
-    assert lines[-3:] == ["hi", "w", "/workspace"]
+    # A user with a name, for the tools that look it up (ssh, getpass), and nothing more.
+    assert lines[-4:] == ["hi", "w", "/workspace", "sandbox"]
 
 
 async def test_it_keeps_each_sandbox_out_of_the_others_workspace_and_tmp(
