@@ -99,7 +99,7 @@ def _after_commit(user_ids: Iterable[Any]) -> None:
 @receiver(post_save, sender=User)
 def _user_saved(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
     fields = kwargs.get("update_fields")
-    if created or (fields is not None and set(fields) <= _HARMLESS_FIELDS):
+    if created or kwargs.get("raw") or (fields is not None and set(fields) <= _HARMLESS_FIELDS):
         return
     _after_commit([instance.pk])
 
