@@ -33,13 +33,13 @@ class DemoAgent:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, cwd: Path) -> DemoAgent:
+    async def start(cls, cwd: Path, **env: str) -> DemoAgent:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "dashboard.localsandbox.wrappers.demo",
             cwd=cwd,
-            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **env},
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -291,6 +291,22 @@ async def test_it_finishes_a_command_whose_daemonised_child_holds_the_output(
     (result,) = blocks(events, "tool_result")
     assert result["content"] == "finished" and result["is_error"] is False
     assert host_pids_marked(mark)  # left running: it is not the command, and not in its tree
+
+
+async def test_it_ends_a_command_at_its_time_limit_though_a_daemon_holds_the_output(
+    tmp_path: Path, mark: str
+) -> None:
+    agent = await DemoAgent.start(tmp_path, DEMO_COMMAND_TIMEOUT_S="0.5")
+    try:
+        script = f"$ (PH_MARK={mark} setsid sleep 300 &); PH_MARK={mark} exec sleep 300"
+        events = await agent.turn(script)
+        (result,) = blocks(events, "tool_result")
+        assert result == {**result, "content": "Command timed out after 0.5 s", "is_error": True}
+        # The command itself was killed; the daemon outside its tree was only not waited for.
+        await eventually(lambda: len(host_pids_marked(mark)) == 1, what="the command killed")
+    finally:
+        agent.process.kill()
+        await agent.process.wait()
 
 
 async def test_it_kills_a_commands_setsid_children_on_interrupt(

@@ -46,7 +46,7 @@ from .protocol import Output, config_from, log, stdin_commands
 DEFAULT_MODEL = "demo"
 DEFAULT_PERMISSION_MODE = "bypassPermissions"
 TOOLS = ["Bash"]
-COMMAND_TIMEOUT_SECONDS = 60
+COMMAND_TIMEOUT_SECONDS = 60.0
 # After a command exits, how long what its leftover children write is still taken.
 OUTPUT_GRACE_SECONDS = 0.5
 TOOL_OUTPUT_LIMIT = 30_000
@@ -409,6 +409,15 @@ class Turn:
 # -- the Bash tool -------------------------------------------------------------------------
 
 
+def command_timeout() -> float:
+    """60 s, or `$DEMO_COMMAND_TIMEOUT_S` (a sandbox's environment may shorten or lengthen it)."""
+    try:
+        value = float(os.environ.get("DEMO_COMMAND_TIMEOUT_S", COMMAND_TIMEOUT_SECONDS))
+    except ValueError:
+        return COMMAND_TIMEOUT_SECONDS
+    return value if value > 0 else COMMAND_TIMEOUT_SECONDS
+
+
 async def run_shell(command: str, cwd: str) -> tuple[str, bool]:
     """Run `sh -c command`; (combined output, is_error). Cancelling kills the command.
 
@@ -441,12 +450,12 @@ async def run_shell(command: str, cwd: str) -> tuple[str, bool]:
     output = _CappedOutput(TOOL_OUTPUT_LIMIT * 4)
     reading = asyncio.create_task(output.read(read_fd))
     try:
-        code = await asyncio.wait_for(process.wait(), COMMAND_TIMEOUT_SECONDS)
+        code = await asyncio.wait_for(process.wait(), command_timeout())
     except TimeoutError:
         _kill_tree(process.pid)
         await process.wait()
         reading.cancel()
-        return f"Command timed out after {COMMAND_TIMEOUT_SECONDS} s", True
+        return f"Command timed out after {command_timeout():g} s", True
     except asyncio.CancelledError:
         _kill_tree(process.pid)
         reading.cancel()
