@@ -163,11 +163,12 @@ def cached_median_cost(period: Period) -> Decimal | None:
     """Every list row asks (live rows too): computed once a minute per period."""
     key = f"porthole:awareness:median:{period.start}:{period.end}"
     found = cache.get(key)
-    if found is None:
-        value = median_cost(period)
-        found = "" if value is None else str(value)
-        cache.set(key, found, MEDIAN_CACHE_SECONDS)
-    return Decimal(found) if found else None
+    if found is not None:
+        return Decimal(found)
+    value = median_cost(period)
+    if value is not None:  # "nothing cost anything yet" is cheap to ask again, and may change
+        cache.set(key, str(value), MEDIAN_CACHE_SECONDS)
+    return value
 
 
 # -- chart geometry -----------------------------------------------------------------------------

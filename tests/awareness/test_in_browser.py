@@ -162,8 +162,14 @@ def test_it_draws_the_usage_charts_and_takes_screenshots(
         expect(page.locator(".delivery-failed").first).to_be_visible()
         fits(page)
         shoot(page, SCREENSHOTS / f"settings-{name}.png")
+        page.goto("/")
+        expect(page.locator(".rel-cost").first).to_be_visible()
+        shoot(page, e2e.ARTIFACTS / f"awareness-all-{name}.png")
         page.goto("/?status=attention")
         expect(page.locator(".badge-attention").first).to_be_visible()
+        fits(page)
+        e2e.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shoot(page, e2e.ARTIFACTS / f"awareness-list-{name}.png")
 
 
 def fits(page: Page) -> None:
