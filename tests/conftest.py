@@ -110,6 +110,11 @@ def stop_localsandbox(server: LocalSandbox) -> None:
 def localsandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSandbox]:
     """One embedded sandbox server (demo agent, API key required) for the whole run."""
     server = start_localsandbox(tmp_path_factory.mktemp("localsandbox"))
+    if not any("(isolation: bubblewrap)" in line for line in server.log):
+        stop_localsandbox(server)
+        said = "".join(line for line in server.log if "isolation" in line)
+        # Everything that runs a command would fail with 503; say why once, plainly.
+        pytest.fail(f"the embedded sandbox server cannot isolate sandboxes here:\n{said}")
     yield server
     stop_localsandbox(server)
 
