@@ -235,6 +235,13 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
     )
     # Said on stdout, unmissably, before the listening line (`manage.py serve` echoes both).
     print(f"localsandbox isolation: {app.isolation.detail}", file=out, flush=True)
+    if not options.api_key:
+        print(
+            "localsandbox WARNING: no --api-key, so any process on this machine can use this "
+            "API, sandboxes with network included, and through it reach every other sandbox",
+            file=out,
+            flush=True,
+        )
 
     class AnnouncingServer(Server):  # type: ignore[misc]
         def listen_success(self, port: Any) -> None:
