@@ -231,6 +231,9 @@ def attention_feed(request: HttpRequest) -> JsonResponse:
         verdict = attention.of(session)
         count += bool(verdict)
         kind, key = _notice(session, verdict)
+        changed = session.last_event_at or session.started_at
+        if verdict.reasons == ("idle",):  # it became news when the threshold passed
+            changed += attention.idle_threshold()
         items.append(
             {
                 "id": str(session.pk),
@@ -241,7 +244,7 @@ def attention_feed(request: HttpRequest) -> JsonResponse:
                 "reasons": verdict.labels,
                 "kind": kind,
                 "key": key,
-                "changed_at": (session.last_event_at or session.started_at).isoformat(),
+                "changed_at": changed.isoformat(),
             }
         )
     return JsonResponse({"count": count, "sessions": items, "now": timezone.now().isoformat()})

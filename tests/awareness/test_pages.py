@@ -254,3 +254,17 @@ def test_it_puts_the_badge_on_live_rows_too(alice):
     assert 'class="badge badge-attention"' in render_state(session)["row"]
     fine = turn(new_session(title="live two", user=alice))
     assert "badge-attention" not in render_state(fine)["row"]
+
+
+def test_it_dates_idleness_from_when_the_threshold_passed(alice, settings):
+    """So a browser that turned notifications on while the session sat idle still hears of it."""
+    settings.PORTHOLE_ATTENTION_IDLE_MINUTES = 10
+    session = turn(new_session(title="waiting", user=alice))
+    ended = timezone.now() - timedelta(minutes=11)
+    Event.objects.filter(session=session).update(created_at=ended)
+    AgentSession.objects.filter(pk=session.pk).update(last_event_at=ended)
+    item = signed_in(alice).get(reverse("attention_feed")).json()["sessions"][0]
+    assert item["kind"] == Kind.NEEDS_ATTENTION and item["reasons"] == [
+        "idle after a turn, nobody followed up"
+    ]
+    assert item["changed_at"] == (ended + timedelta(minutes=10)).isoformat()
