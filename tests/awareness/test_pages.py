@@ -268,3 +268,17 @@ def test_it_dates_idleness_from_when_the_threshold_passed(alice, settings):
         "idle after a turn, nobody followed up"
     ]
     assert item["changed_at"] == (ended + timedelta(minutes=10)).isoformat()
+
+
+def test_it_shows_share_link_holders_none_of_it(alice):
+    from dashboard.agents.access import create_share_link
+
+    session = turn(new_session(title="shared", user=alice), cost="1.5")
+    _, token = create_share_link(session, alice, label="for a guest", expiry="1d")
+    guest = Client()
+    assert guest.get(reverse("share", args=[token])).status_code == 200
+    for name in ("usage", "usage_csv", "hooks", "attention_feed"):
+        response = guest.get(reverse(name))
+        assert response.status_code == 302 and "/login/" in response.url, name
+    page = guest.get(reverse("share", args=[token])).content.decode()
+    assert "notify.js" not in page and "/usage/" not in page
