@@ -1,15 +1,21 @@
 """How every recorded event looks in the timeline, by concern:
 
 - `base`: defensive accessors for hostile JSON, display caps, `clip`.
-- `tools`: `ToolIndex`, pairing tool calls with their results across events.
+- `budget`: what one event (and one page render) may cost to render.
+- `tools`: `ToolIndex`, pairing tool calls with their results across events, and the layout
+  of a page render (cards, nesting, folds).
 - `items`: the dataclasses the partials in `templates/agents/timeline.html` render.
 - `agent`: the agent's own messages (assistant/user turns, init, result, system…).
+- `calls`: tool calls and results as the blocks of their cards.
+- `highlight`: Pygments highlighting and unified diffs.
 - `porthole`: Porthole's events (dashboard actions, bridge observations).
+- `outline`: the session page's jump list.
 - `render`: `describe` and the entry points `render_event`, `render_event_oob`,
   `render_timeline`.
 
 Nothing from an event is marked safe except markdown that went through
-`render_markdown`'s sanitiser (DESIGN §4.3).
+`render_markdown`'s sanitiser (DESIGN §4.3) and code highlighted by Pygments (which escapes
+every character it is given).
 """
 
 from dashboard.agents.rendering.base import (

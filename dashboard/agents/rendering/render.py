@@ -13,9 +13,10 @@ from django.template.loader import render_to_string
 from django.utils.safestring import SafeString, mark_safe
 
 from dashboard.agents.models import AgentSession, Event
-from dashboard.agents.rendering.agent import _agent, _tool_result_block
+from dashboard.agents.rendering.agent import _agent
 from dashboard.agents.rendering.base import STDERR_TARGET, TIMELINE_TARGET, clip
 from dashboard.agents.rendering.budget import event_budget
+from dashboard.agents.rendering.calls import _tool_result_block
 from dashboard.agents.rendering.items import (
     EventItem,
     ToolResultBlock,

@@ -1,6 +1,7 @@
 """Tool calls and their results, across events: a result names only a `tool_use_id`, and
 its card must find the call it answers (in memory, or in the database when the call lies
-outside what was rendered)."""
+outside what was rendered). The page layout lives here too (which card or fold draws which
+event), because it is decided from the same index; together just over 400 lines."""
 
 from __future__ import annotations
 
