@@ -8,7 +8,9 @@ on the session row, checked inside every write (leases.py).
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -16,6 +18,9 @@ from django.conf import settings
 from django.db import models
 from django.urls import reverse
 from django.utils import timezone
+
+log = logging.getLogger(__name__)
+_unbridged_logged: dict[object, float] = {}
 
 MARKDOWN_LEAD = re.compile(r"^(?:#{1,6}\s+|>\s*|[-*+]\s+|\d+[.)]\s+)+")
 MARKDOWN_EMPHASIS = re.compile(r"(\*\*|\*|`)(.+?)\1")  # not _: snake_case is common
@@ -142,6 +147,29 @@ class AgentSession(models.Model):
     @property
     def is_working(self) -> bool:
         return self.status == self.Status.WORKING
+
+    UNBRIDGED_AFTER = 8  # seconds live with no lease before the page warns (leases.py)
+
+    @property
+    def unbridged(self) -> bool:
+        """Live, and no worker has held its lease for a while: nothing records it (no
+        `manage.py bridges` or `serve` running, or all of them stuck). Logged, rate-limited."""
+        if not self.is_live:
+            return False
+        since = self.bridge_lease_until or self.started_at
+        waited = (timezone.now() - since).total_seconds()
+        if waited <= self.UNBRIDGED_AFTER:
+            return False
+        last = _unbridged_logged.get(self.pk, 0.0)
+        if time.monotonic() - last > 60:
+            _unbridged_logged[self.pk] = time.monotonic()
+            log.warning(
+                "session %s has been live for %d s with no bridge recording it: is "
+                "`manage.py bridges` (or `manage.py serve`) running against this database?",
+                self.pk,
+                waited,
+            )
+        return True
 
     @property
     def needs_attention(self) -> bool:

@@ -238,3 +238,22 @@ async def test_it_acknowledges_a_configure_the_bridge_wrote_to_the_agent(oc, ali
     await client.send_prompt(sandbox.sandbox_id, agent.session_id, "exit 0")
     await asyncio.wait_for(task, 30)
     await client.aclose()
+
+
+async def test_it_warns_on_the_page_when_nothing_records_a_live_session(alice, caplog):
+    """Issue 9: served by plain Daphne with no bridges worker, a started session stayed
+    "working" with no event, no warning and no log line."""
+    session = await _new_session("sb-unbridged", "ses-unbridged", leased=False)
+    await AgentSession.objects.filter(id=session.id).aupdate(
+        status=AgentSession.Status.WORKING, started_at=timezone.now() - timedelta(seconds=60)
+    )
+    web = await _signed_in(alice)
+    page = (await web.get(reverse("session", args=[session.id]))).content.decode()
+    assert "Nothing is recording this session" in page
+    assert any("no bridge recording it" in r.getMessage() for r in caplog.records)
+
+    await AgentSession.objects.filter(id=session.id).aupdate(
+        bridge_owner="w", bridge_lease_until=timezone.now() + timedelta(seconds=10)
+    )
+    page = (await web.get(reverse("session", args=[session.id]))).content.decode()
+    assert "Nothing is recording this session" not in page
