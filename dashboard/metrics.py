@@ -29,7 +29,8 @@ RECORDING_LAG = Histogram(
 UPSTREAM_RECONNECTS = Counter(
     "porthole_upstream_reconnects", "Upstream exec sockets this process reconnected"
 )
-# TODO(consumers, recording.publish): labels(reason).inc() when a channel-layer send fails
+# Counted by dashboard.redis_layer for direct sends (ChannelFull, Redis errors). TODO(consumers,
+# recording.publish): labels(reason).inc() where a group send or a transient error is caught;
 # or a message is dropped: reason "full" (ChannelFull), "error" (a transient layer error).
 LAYER_DROPS = Counter(
     "porthole_channel_layer_drops",

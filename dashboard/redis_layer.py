@@ -21,10 +21,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from channels.exceptions import ChannelFull
 from channels_redis.core import (  # type: ignore[import-untyped]
     RedisChannelLayer as StockRedisChannelLayer,
 )
 from redis.asyncio import BlockingConnectionPool
+from redis.exceptions import RedisError
+
+from dashboard.metrics import LAYER_DROPS
 
 # Longer than the layer's 5 s BZPOPMIN, short enough to notice a Redis that went away.
 SOCKET_TIMEOUT = 15.0
@@ -50,7 +54,18 @@ def host_options(url: str, *, max_connections: int = MAX_CONNECTIONS) -> dict[st
 
 
 class RedisChannelLayer(StockRedisChannelLayer):  # type: ignore[misc]
-    """channels-redis' layer with a pool that waits for a free connection."""
+    """channels-redis' layer with a pool that waits for a free connection; messages it
+    cannot deliver to a channel are counted (`porthole_channel_layer_drops_total`)."""
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        try:
+            await super().send(channel, message)
+        except ChannelFull:
+            LAYER_DROPS.labels("full").inc()
+            raise
+        except RedisError:
+            LAYER_DROPS.labels("error").inc()
+            raise
 
     def create_pool(self, index: int) -> BlockingConnectionPool:
         host = dict(self.hosts[index])

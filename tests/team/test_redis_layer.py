@@ -160,3 +160,33 @@ async def _all_settled(flags: list[asyncio.Event], tasks: list[asyncio.Task[Any]
     """Until every viewer is open or has already finished (failed)."""
     while not all(flag.is_set() or task.done() for flag, task in zip(flags, tasks, strict=True)):
         await asyncio.sleep(0.05)
+
+
+def test_it_waits_on_an_idle_channel_longer_than_the_blocking_pop_and_counts_drops() -> None:
+    """The layer as configured: a receive outlives redis-py 8's old 5 s read timeout, and a
+    message a full channel refuses is counted."""
+    if "redis" not in settings.CHANNEL_LAYERS["default"]["BACKEND"].lower():
+        pytest.skip("needs REDIS_URL (the team-mode child run sets it)")
+    from channels.exceptions import ChannelFull
+    from channels.layers import get_channel_layer
+    from prometheus_client import REGISTRY
+
+    def drops() -> float:
+        return (
+            REGISTRY.get_sample_value("porthole_channel_layer_drops_total", {"reason": "full"})
+            or 0.0
+        )
+
+    async def scenario() -> None:
+        layer = get_channel_layer()
+        assert layer is not None
+        channel = await layer.new_channel()
+        with pytest.raises(TimeoutError):  # ours, not redis-py's read timeout
+            await asyncio.wait_for(layer.receive(channel), 8)
+        before = drops()
+        with pytest.raises(ChannelFull):
+            for n in range(layer.capacity + 1):
+                await layer.send(channel, {"type": "x", "n": n})
+        assert drops() == before + 1
+
+    asyncio.run(scenario())
