@@ -45,6 +45,29 @@
     }
   });
 
+  // -- live swaps into cards that are not on this page ------------------------------------------
+  // A result (or a subagent's event) arrives for a call whose card lies before the loaded
+  // page: its out-of-band target is missing, and htmx would drop it (with a console error).
+  // Give every missing target a place at the end of the timeline first, so nothing that
+  // arrives live is ever invisible.
+  var SPAN_TARGET = /^(toolstatus-|toolduration-|fold-\d+-count$)/;
+
+  document.addEventListener("htmx:wsBeforeMessage", function (evt) {
+    var timeline = document.getElementById("timeline");
+    if (evt.target.id !== "session-root" || !timeline || typeof evt.detail.message !== "string") { return; }
+    var parsed = new DOMParser().parseFromString(evt.detail.message, "text/html"); // inert
+    parsed.body.querySelectorAll("[hx-swap-oob]").forEach(function (element) {
+      var spec = element.getAttribute("hx-swap-oob") || "";
+      var at = spec.indexOf(":#");
+      var id = at >= 0 ? spec.slice(at + 2) : element.id;
+      if (!id || document.getElementById(id)) { return; }
+      var holder = document.createElement(SPAN_TARGET.test(id) ? "span" : "div");
+      holder.id = id;
+      if (holder.tagName === "SPAN") { holder.hidden = true; } else { holder.className = "orphan"; }
+      timeline.appendChild(holder);
+    });
+  });
+
   // -- jumping to an event -------------------------------------------------------------------
   // An event's element is #event-N. A result drawn in its call's card leaves a hidden mark
   // (#event-N, data-at = the card); an event not loaded yet is found by loading older pages.

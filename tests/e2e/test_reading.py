@@ -138,6 +138,11 @@ def test_it_shows_a_recorded_claude_session_readably(
     if width > 600:
         task.scroll_into_view_if_needed()
         shoot(page, f"session-task-{scheme}")
+    # The Changes panel: what the calls wrote, stale (and saying so) with the sandbox gone.
+    page.locator("details.changes-panel > summary").click()
+    changes = page.locator(".changes-body")
+    expect(changes).to_contain_text("The sandbox is gone")
+    expect(changes.locator(".changed-path").first).to_contain_text("/workspace/app/")
 
 
 def test_it_swaps_a_live_result_into_its_call_card(browsing: Browsing) -> None:
@@ -157,6 +162,20 @@ def test_it_swaps_a_live_result_into_its_call_card(browsing: Browsing) -> None:
         "els => els.map(e => +e.dataset.seq)"
     )
     assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+
+
+def test_it_shows_a_live_result_whose_card_is_not_on_the_page(browsing: Browsing) -> None:
+    page = browsing.new_page()
+    start_session(page, "Slow one.\n$ sleep 4; echo arrived-late\nAll done")
+    card = page.locator("#timeline details.tool-card").filter(has_text="arrived-late")
+    expect(card.locator(".toolstatus")).to_have_text("running…")
+    # As if the call lay before the loaded page (older than its first 200 events).
+    card.evaluate("element => element.closest('article').remove()")
+    # Its slot, made at the end of the timeline, received it.
+    orphan = page.locator("#timeline > .tool-result-slot")
+    expect(orphan.locator(".blk-result pre")).to_have_text("arrived-late")
+    expect(page.locator("#timeline")).to_contain_text("All done")
+    # (No console error either: the browsing fixture fails the test on any.)
 
 
 def test_it_stops_following_when_the_reader_scrolls_up(browsing: Browsing) -> None:
