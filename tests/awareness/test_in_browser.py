@@ -9,6 +9,7 @@ tests' lists.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -33,7 +34,13 @@ from playwright.sync_api import Page, expect  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# The committed screenshots change only when asked (PORTHOLE_UPDATE_SCREENSHOTS=1); every run
+# leaves its own in test-artifacts/.
+SCREENSHOTS = (
+    ROOT / "docs" / "screenshots"
+    if os.environ.get("PORTHOLE_UPDATE_SCREENSHOTS")
+    else e2e.ARTIFACTS / "awareness"
+)
 SESSION_PATH = re.compile(r"/sessions/([0-9a-f-]{36})/$")
 
 # A spy, not a stand-in: the real Notification is still created; every construction is also
@@ -137,6 +144,7 @@ def test_it_draws_the_usage_charts_and_takes_screenshots(
         "from tests.awareness.seed import seed; seed()",
     )
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    e2e.ARTIFACTS.mkdir(parents=True, exist_ok=True)
     layouts = {
         "light": {"color_scheme": "light", "viewport": {"width": 1280, "height": 900}},
         "dark": {"color_scheme": "dark", "viewport": {"width": 1280, "height": 900}},
@@ -168,7 +176,6 @@ def test_it_draws_the_usage_charts_and_takes_screenshots(
         page.goto("/?status=attention")
         expect(page.locator(".badge-attention").first).to_be_visible()
         fits(page)
-        e2e.ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shoot(page, e2e.ARTIFACTS / f"awareness-list-{name}.png")
 
 
