@@ -3,15 +3,22 @@
 (function () {
   "use strict";
 
+  // The highest seq this page holds: what the server rendered (data-last-seq), raised by
+  // every seq a live message carried. Read from the messages, not the DOM: events land in
+  // folds, cards and subagent lists, not only at the end of #timeline.
+  var heldSeq = 0;
+  var DATA_SEQ = /data-seq="(\d+)"/g;
+
+  function noteSeqs(html) {
+    var match;
+    DATA_SEQ.lastIndex = 0;
+    while ((match = DATA_SEQ.exec(html)) !== null) {
+      heldSeq = Math.max(heldSeq, parseInt(match[1], 10) || 0);
+    }
+  }
+
   function lastSeq(root) {
-    var seq = parseInt(root.dataset.lastSeq || "0", 10) || 0;
-    ["timeline", "stderr-log"].forEach(function (id) {
-      var list = document.getElementById(id);
-      var last = list && list.lastElementChild;
-      while (last && !last.dataset.seq) { last = last.previousElementSibling; }
-      if (last) { seq = Math.max(seq, parseInt(last.dataset.seq, 10) || 0); }
-    });
-    return seq;
+    return Math.max(heldSeq, parseInt(root.dataset.lastSeq || "0", 10) || 0);
   }
 
   // -- the live session page -------------------------------------------------------------
@@ -143,6 +150,7 @@
 
   document.addEventListener("htmx:wsAfterMessage", function (evt) {
     if (evt.target.id !== "session-root") { return; }
+    if (typeof evt.detail.message === "string") { noteSeqs(evt.detail.message); }
     received(evt.target);
     var empty = document.getElementById("empty-timeline");
     if (empty && document.getElementById("timeline").children.length) { empty.remove(); }

@@ -162,3 +162,16 @@ def test_it_stays_away_when_told_to_go_away(
     viewer.set_viewport_size({"width": 390, "height": 844})
     viewer.evaluate("window.scrollTo(0, 0)")
     viewer.screenshot(path=ARTIFACTS / "session-go-away-dark-narrow.png")
+
+
+def test_it_keeps_a_flood_flowing_past_the_window_by_acknowledging(browsing: Browsing) -> None:
+    """More events than the consumer's window (1,000 unacknowledged): they all arrive only
+    if the page acknowledges what it swapped in."""
+    page = browsing.new_page()
+    start_session(page, "sleep 2\nflood 2500 40\nAll flooded")  # the page is live first
+    expect(agent_text(page, "All flooded")).to_be_visible(timeout=60_000)
+    timeline = seqs(page)
+    assert timeline == sorted(set(timeline)), "duplicated or out of order"
+    every = sorted(timeline + seqs(page, "#stderr-log"))
+    assert every == list(range(every[0], every[-1] + 1)), "a gap in what the page shows"
+    assert len(timeline) > 2_500
