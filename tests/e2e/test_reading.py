@@ -9,6 +9,8 @@ CLI), loaded into the running server's database; the live tests drive the demo a
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +42,7 @@ from dashboard.search.index import reindex
 # Gone: the recording outlived its sandbox (and no form offers it for a new session).
 sandbox, _ = Sandbox.objects.get_or_create(upstream_id="sb-recorded", status="gone")
 session = AgentSession.objects.create(
-    sandbox=sandbox, upstream_id="agent-recorded", title="Add signup validation",
+    sandbox=sandbox, upstream_id="agent-" + sys.argv[2][:20], title=sys.argv[2],
     status="exited", exit_code=0)
 from datetime import timedelta
 from django.utils import timezone
@@ -60,7 +62,7 @@ for seq, line in enumerate(open(sys.argv[1]), start=1):
     kind = data.get("type") if isinstance(data.get("type"), str) else ""
     Event.objects.create(
         session=session, seq=seq, source=record["source"], raw=raw, actor=actor,
-        created_at=start + timedelta(seconds=seq * 1.7 + (seq % 5) * 0.35),
+        created_at=start + timedelta(seconds=record.get("t", seq * 1.7 + (seq % 5) * 0.35)),
         type="stderr" if record["source"] == "stderr" else kind[:64],
         subtype=(data.get("subtype") or "")[:64] if isinstance(data.get("subtype"), str) else "")
 session.next_seq = seq + 1
@@ -80,12 +82,12 @@ def _database_url() -> dict[str, str]:
     return {"DATABASE_URL": urlunsplit(parts._replace(path=f"/{name}"))}
 
 
-@pytest.fixture(scope="module")
-def recorded(porthole: Porthole) -> str:
-    """The recorded Claude Code session, stored in the running server's database."""
+def load(porthole: Porthole, transcript: Path, title: str) -> str:
+    """Store a transcript (JSON lines of {source, raw, actor?, t?}) as an exited session in
+    the running server's database; its page's path."""
     env = dict(_server_env(porthole.data_dir), **_database_url(), PYTHONPATH=str(ROOT))
     done = subprocess.run(
-        [sys.executable, "-c", LOADER, str(FIXTURE)],
+        [sys.executable, "-c", LOADER, str(transcript), title],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -94,6 +96,103 @@ def recorded(porthole: Porthole) -> str:
     )
     assert done.returncode == 0, done.stderr
     return f"/sessions/{done.stdout.strip().splitlines()[-1]}/"
+
+
+@pytest.fixture(scope="module")
+def recorded(porthole: Porthole) -> str:
+    """The recorded Claude Code session, stored in the running server's database."""
+    return load(porthole, FIXTURE, "Add signup validation")
+
+
+FORMS = """from django import forms
+
+
+class SignupForm(forms.Form):
+    email = forms.EmailField()
+    password = forms.CharField(widget=forms.PasswordInput)
+"""
+
+
+@pytest.fixture(scope="module")
+def real_cli(porthole: Porthole, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A session produced by the real Claude Code CLI (through our wrapper and the Agent
+    SDK) against the scripted Messages API stand-in: it really reads, edits, writes and
+    runs in a throwaway workspace. Stored as an exited session; its page's path."""
+    if importlib.util.find_spec("claude_agent_sdk") is None:
+        pytest.skip("claude-agent-sdk is not installed (it carries the CLI)")
+    from tests.fakes.messages_api import MessagesAPI, Text, ToolUse
+    from tests.localsandbox.test_claude_wrapper import Wrapper
+
+    base = tmp_path_factory.mktemp("real-cli")
+    app = base / "workspace" / "app"
+    app.mkdir(parents=True)
+    (app / "forms.py").write_text(FORMS)
+    (base / "home").mkdir()
+    forms_py, test_py = str(app / "forms.py"), str(app / "test_forms.py")
+    prompt = "Limit the signup email's length and add a test."
+    with MessagesAPI() as api:
+        api.script(
+            ToolUse("Read", {"file_path": forms_py}, text="I'll read the form first."),
+            ToolUse(
+                "Edit",
+                {
+                    "file_path": forms_py,
+                    "old_string": "    email = forms.EmailField()\n",
+                    "new_string": "    email = forms.EmailField(max_length=254)  # RFC 5321\n",
+                },
+                text="The email field has no length limit. Adding one:",
+            ),
+            ToolUse(
+                "Write",
+                {
+                    "file_path": test_py,
+                    "content": "from forms import SignupForm\n\n\n"
+                    "def test_it_rejects_long_emails():\n"
+                    "    form = SignupForm({'email': 'a' * 250 + '@x.io', 'password': 'p'})\n"
+                    "    assert not form.is_valid()\n",
+                },
+            ),
+            ToolUse(
+                "Bash",
+                {"command": "grep -n EmailField forms.py && ls", "description": "Check the edit"},
+            ),
+            ToolUse("Read", {"file_path": str(app / "missing.py")}),
+            Text(
+                "Done. `SignupForm.email` now has `max_length=254`:\n\n"
+                "```python\nemail = forms.EmailField(max_length=254)\n```\n\n"
+                "and **test_forms.py** checks that longer addresses are rejected."
+            ),
+        )
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("ANTHROPIC_", "CLAUDE")) and k != "PYTHONPATH"
+        }
+        env.update(
+            HOME=str(base / "home"),
+            ANTHROPIC_BASE_URL=api.base_url,
+            ANTHROPIC_API_KEY="sk-ant-test-not-a-real-key",
+            PYTHONPATH=str(ROOT),
+            PYTHONUNBUFFERED="1",
+            **MessagesAPI.cli_env(),
+        )
+        wrapper = Wrapper(env, app)
+        try:
+            wrapper.read_until("ready", timeout=60)
+            wrapper.send(type="configure", cwd=str(app))
+            wrapper.read_until("configured", timeout=60)
+            wrapper.turn(prompt)
+        finally:
+            wrapper.stop()
+    prompt_raw = json.dumps({"type": "prompt", "text": prompt})
+    records = [{"source": "dashboard", "actor": "alice", "t": 0.0, "raw": prompt_raw}]
+    for offset, message in enumerate(wrapper.seen, start=1):
+        records.append({"source": "agent", "t": offset * 1.3, "raw": json.dumps(message)})
+    exit_raw = json.dumps({"type": "exit", "code": 0})
+    records.append({"source": "bridge", "t": len(records) * 1.3, "raw": exit_raw})
+    transcript = base / "transcript.jsonl"
+    transcript.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return load(porthole, transcript, "Real Claude CLI: limit the email length")
 
 
 def shoot(page: Page, name: str) -> Path:
@@ -143,6 +242,31 @@ def test_it_shows_a_recorded_claude_session_readably(
     changes = page.locator(".changes-body")
     expect(changes).to_contain_text("The sandbox is gone")
     expect(changes.locator(".changed-path").first).to_contain_text("/workspace/app/")
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_it_shows_a_session_of_the_real_claude_cli(
+    open_context: Any, real_cli: str, scheme: str
+) -> None:
+    browsing: Browsing = open_context(color_scheme=scheme, viewport={"width": 1280, "height": 1000})
+    page = browsing.new_page()
+    page.goto(real_cli)
+    cards = page.locator("#timeline details.tool-card")
+    expect(cards).to_have_count(5)
+    names = cards.locator(".tool-name").all_inner_texts()
+    assert names == ["Read", "Edit", "Write", "Bash", "Read"]
+    expect(cards.nth(0).locator(".toolstatus")).to_have_text("done ✓")
+    expect(cards.nth(4).locator(".toolstatus")).to_have_text("error ✗")
+    for index in (1, 2, 3):
+        cards.nth(index).locator("summary").click()
+    expect(cards.nth(1).locator("table.diff tr.diff-add")).to_have_count(1)
+    expect(cards.nth(1).locator("table.diff tr.diff-del")).to_have_count(1)
+    expect(cards.nth(3).locator(".blk-result pre")).to_contain_text("max_length=254")
+    expect(page.locator("#timeline .md pre span.mi").first).to_be_attached()  # 254
+    expect(page.locator("#outline-list li.ol-result")).to_have_count(1)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.locator("#timeline").scroll_into_view_if_needed()
+    shoot(page, f"real-cli-{scheme}")
 
 
 def test_it_swaps_a_live_result_into_its_call_card(browsing: Browsing) -> None:
