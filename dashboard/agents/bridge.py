@@ -58,7 +58,6 @@ ACK_TIMEOUT = 5.0  # how long a person's configure waits for a bridge to take it
 ACK_RETRY = 0.5  # asked again this often meanwhile (a bridge may be attaching)
 
 StreamOpener = Callable[[str, str], Awaitable[ExecStream]]
-_DONE = object()
 
 
 def backoff_delay(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
@@ -137,7 +136,7 @@ class Bridge:
         self.connections = 0
         self.ended = False  # the session exited or was lost: nothing more to record
         self._stream: ExecStream | None = None
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._queue: asyncio.Queue[list[NewEvent] | None] = asyncio.Queue()  # None: done
         self._log = ReadLog()
         self._assemblers: dict[str, JSONLineAssembler] = {}
         self._sent: dict[str, str | None] = {}  # stdin requests answered, by id
@@ -223,7 +222,7 @@ class Bridge:
             attempt = 0 if live else attempt + 1
             log.info("bridge %s: upstream closed; reconnecting", self.session_id)
         self.ended = True
-        self._queue.put_nowait(_DONE)
+        self._queue.put_nowait(None)
 
     async def _connect(self, sandbox_id: str, session_id: str) -> ExecStream | None:
         try:
@@ -337,14 +336,14 @@ class Bridge:
     async def _record_loop(self) -> None:
         while True:
             item = await self._queue.get()
-            done = item is _DONE
-            events: list[NewEvent] = [] if done else list(item)  # type: ignore[call-overload]
+            done = item is None
+            events: list[NewEvent] = list(item or [])
             while not done and len(events) < RECORD_SLICE and not self._queue.empty():
                 more = self._queue.get_nowait()
-                if more is _DONE:
+                if more is None:
                     done = True
                 else:
-                    events += more  # type: ignore[operator]
+                    events += more
             await self._record(events)
             if done:
                 return

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import connection, transaction
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q
+from django.db.models import DateTimeField, Expression, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from dashboard.agents.models import AgentSession, BridgeWorker
@@ -53,7 +53,7 @@ class Lease:
     epoch: int | None  # None: any epoch of this owner (tests and benchmarks only)
 
 
-def _until() -> ExpressionWrapper:
+def _until() -> Expression:
     return ExpressionWrapper(Now() + timedelta(seconds=LEASE_SECONDS), output_field=DateTimeField())
 
 

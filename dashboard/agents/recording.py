@@ -152,7 +152,8 @@ def apply_to_session(session: AgentSession, event: NewEvent) -> None:
             turns = _as_int(data.get("num_turns"), MAX_INT)
             session.num_turns = _add(session.num_turns, turns, MAX_INT)
             session.duration_ms = _add(session.duration_ms, _as_int(data.get("duration_ms")))
-            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+            found = data.get("usage")
+            usage: dict[str, Any] = found if isinstance(found, dict) else {}
             session.input_tokens = _add(session.input_tokens, _as_int(usage.get("input_tokens")))
             session.output_tokens = _add(session.output_tokens, _as_int(usage.get("output_tokens")))
         elif event.type == "turn_complete":
@@ -326,7 +327,7 @@ def _rendered(event: Event, tools: ToolIndex) -> str | None:
         return render_event_oob(event, tools)
     except Exception:
         # Stored already; viewers get it from the database on their next load.
-        log.exception("session %s: event %s could not be rendered", event.session_id, event.seq)
+        log.exception("session %s: event %s could not be rendered", event.session.pk, event.seq)
         return None
 
 

@@ -27,7 +27,7 @@ from dashboard.agents.recording import NewEvent, record
 from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import OpenComputer
 from tests.agents.helpers import wait_for
-from tests.agents.test_bridge_faults import assert_whole_flood, flood_indices
+from tests.agents.test_bridge_faults import assert_whole_flood, figures, flood_indices
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
@@ -266,6 +266,7 @@ async def test_it_resumes_at_once_after_sigkill_and_restart_losing_nothing(oc) -
             worker.kill()
     gaps = await _stored(session, source=Event.Source.BRIDGE, type="gap")
     found = await flood_indices(session)
+    figures("SIGKILL + restart of a bridges worker", found, pieces * each, gaps=gaps)
     assert (gaps, len(found)) == (0, pieces * each)
     for piece in range(pieces):
         assert_whole_flood(found[piece * each : (piece + 1) * each], each)

@@ -22,7 +22,7 @@ from dashboard.agents.models import AgentSession, Event, Sandbox
 from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import OpenComputer
 from tests.agents.helpers import wait_for
-from tests.agents.test_bridge_faults import assert_whole_flood, flood_indices, through
+from tests.agents.test_bridge_faults import assert_whole_flood, figures, flood_indices, through
 from tests.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
@@ -74,6 +74,9 @@ async def test_it_records_from_the_first_byte_however_much_the_agent_prints_at_o
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
     notes = await _events(session, source=Event.Source.BRIDGE)
+    found = await flood_indices(session)
+    gaps = len([n for n in notes if n["type"] == "gap"])
+    figures("start with a flood of two rings", found, count, gaps=gaps)
     assert [note["type"] for note in notes] == ["exit"], notes
     assert (await _events(session, source=Event.Source.AGENT))[0]["type"] == "ready"
     assert_whole_flood(await flood_indices(session), count)
