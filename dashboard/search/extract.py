@@ -64,21 +64,26 @@ def _blocks(data: dict[str, Any]) -> tuple[str, list[str]]:
     return kind, texts
 
 
-def extract(source: str, kind: str, raw: str) -> tuple[str, str] | None:
+def extract(
+    source: str, kind: str, raw: str, data: dict[str, Any] | None = None
+) -> tuple[str, str] | None:
     """(kind of entry, text to index) for one stored event, or None when nothing in it is
-    worth finding."""
+    worth finding. `data` is the parsed line when the caller has it (the recorder does:
+    `Event.data` parses once for indexing and rendering alike)."""
     if source not in ("agent", "dashboard"):
         return None
-    if len(raw) > PARSE_MAX:
-        return (
-            ("tool", clean_text(raw[:MAX_TEXT].translate(MARKERS))) if source == "agent" else None
-        )
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
+    if data is None:
+        if len(raw) > PARSE_MAX:
+            if source != "agent":
+                return None
+            return "tool", clean_text(raw[:MAX_TEXT].translate(MARKERS))
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(parsed, dict):
+            return None
+        data = parsed
     texts: list[str]
     if source == "dashboard":
         if kind != "prompt" or not isinstance(data.get("text"), str):

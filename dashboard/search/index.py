@@ -37,7 +37,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 def _entries(events: Iterable[Event]) -> list[SearchEntry]:
     entries = []
     for event in events:
-        found = extract(event.source, event.type, event.raw)
+        found = extract(event.source, event.type, event.raw, event.data)
         if found is not None:
             kind, text = found
             entries.append(
