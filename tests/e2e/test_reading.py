@@ -1,7 +1,7 @@
 """Reading a session in a real browser, under the production CSP: one card per tool call
 with its result swapped in live, folded noise, the outline, follow-live, jumping to an
 event from search, highlighted code. Screenshots (light and dark, wide and narrow) of a
-recorded Claude Code session land in docs/screenshots/.
+recorded Claude Code session land in docs/screenshots/ with PORTHOLE_UPDATE_SCREENSHOTS=1.
 
 The recorded session is tests/fixtures/transcript.jsonl (a transcript of the real Claude
 CLI), loaded into the running server's database; the live tests drive the demo agent.
@@ -30,7 +30,13 @@ from tests.e2e.test_browser import start_session  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# The committed screenshots change only when asked (PORTHOLE_UPDATE_SCREENSHOTS=1); every
+# other run writes them beside the other browser-test artifacts.
+SCREENSHOTS = (
+    ROOT / "docs" / "screenshots"
+    if os.environ.get("PORTHOLE_UPDATE_SCREENSHOTS")
+    else ROOT / "test-artifacts" / "e2e" / "reading"
+)
 FIXTURE = ROOT / "tests" / "fixtures" / "transcript.jsonl"
 
 LOADER = """
