@@ -45,8 +45,8 @@ if str(ROOT) not in sys.path:
 from bench.common import RESULTS, PeakRSS, percentiles, rss, write_json  # noqa: E402
 
 DATA_SEQ = re.compile(r'data-seq="(\d+)"')
-ACK_EVERY = 100  # as static/porthole/app.js
-ACK_AFTER = 0.25
+ACK_EVERY = 250  # as static/porthole/app.js
+ACK_AFTER = 1.0
 CHILD_TIMEOUT = 900
 
 

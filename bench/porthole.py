@@ -285,7 +285,7 @@ class Viewer:
                 self.last_seq = max(self.last_seq, seqs[-1])
                 # Acknowledge like the page (static/porthole/app.js): the consumer sends at
                 # most a window of events past the last acknowledgement.
-                if self.last_seq - self.acked >= 100 or now - self.acked_at >= 0.25:
+                if self.last_seq - self.acked >= 250 or now - self.acked_at >= 1.0:
                     self.acked, self.acked_at = self.last_seq, now
                     await self.communicator.send_json_to({"ack": self.last_seq})
             self._check()

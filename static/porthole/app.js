@@ -117,9 +117,10 @@
   // The consumer sends at most a window of events past the last seq this page acknowledged
   // (then it waits, and catches the page up from the database once it acknowledges again),
   // so a page that cannot keep up never makes the server buffer without bound. Acknowledge
-  // every ACK_EVERY events, and shortly after the last message of a quieter stretch.
-  var ACK_EVERY = 100;
-  var ACK_AFTER_MS = 250;
+  // every ACK_EVERY events, and within a second in a quieter stretch (at most one a second
+  // then: hundreds of viewers acknowledging cost the server little).
+  var ACK_EVERY = 250;
+  var ACK_AFTER_MS = 1000;
   var sessionSocket = null;
   var acked = 0;
   var ackTimer = null;
