@@ -17,10 +17,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from dashboard.agents import leases, upstream
-from dashboard.agents.bridge import send_stdin
 from dashboard.agents.masking import mask_text
 from dashboard.agents.models import AgentSession, Event, Sandbox
 from dashboard.agents.recording import SESSIONS_GROUP, NewEvent, publish, record
+from dashboard.agents.stdin import send_stdin
 from dashboard.agents.supervisor import wake_supervisors
 from dashboard.opencomputer import OpenComputerError, redact
 

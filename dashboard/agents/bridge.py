@@ -13,6 +13,10 @@ Three tasks per bridge keep reading independent of recording (DESIGN invariant 5
 
 A session is marked lost only when the upstream says it is gone (the sandbox, or the
 session in a sandbox that still exists); while it may be alive the reader keeps trying.
+
+Leases are in leases.py, supervision in supervisor.py, alignment in alignment.py, stdin
+requests in stdin.py. What stays here (a little over 400 lines) is the three tasks of one
+bridge, which share one connection's state and belong together.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import contextlib
 import json
 import logging
 import random
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +40,7 @@ from dashboard.agents.leases import Lease, LeaseLost
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import Message, NewEvent, bridge_group, publish, record
 from dashboard.agents.rendering import ToolIndex
+from dashboard.agents.stdin import acknowledge
 from dashboard.opencomputer import (
     ExecStream,
     Exit,
@@ -54,8 +58,6 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 15.0
 RECORD_SLICE = 100  # events per transaction and per message to viewers
-ACK_TIMEOUT = 5.0  # how long a person's configure waits for a bridge to take it
-ACK_RETRY = 0.5  # asked again this often meanwhile (a bridge may be attaching)
 
 StreamOpener = Callable[[str, str], Awaitable[ExecStream]]
 
@@ -395,7 +397,7 @@ class Bridge:
             return
         request_id = str(message.get("id", ""))
         if request_id and request_id in self._sent:
-            await _acknowledge(message.get("reply"), self._sent[request_id])
+            await acknowledge(message.get("reply"), self._sent[request_id])
             return
         if not await database_sync_to_async(leases.renew)(self.lease):
             raise LeaseLost(self.session_id)  # the fence: a stale owner sends nothing
@@ -412,7 +414,7 @@ class Bridge:
             self._sent[request_id] = problem
             while len(self._sent) > 100:
                 self._sent.pop(next(iter(self._sent)))
-        await _acknowledge(message.get("reply"), problem)
+        await acknowledge(message.get("reply"), problem)
 
 
 def _note(kind: str, **details: Any) -> NewEvent:
@@ -432,41 +434,3 @@ def _gap(lines_at_least: int, first_connect: bool) -> NewEvent:
         first_connect=first_connect,
         message=f"Output was evicted from the sandbox's scrollback {where}: {amount} missing here.",
     )
-
-
-async def _acknowledge(reply: object, problem: str | None) -> None:
-    layer = get_channel_layer()
-    if layer is None or not isinstance(reply, str) or not reply:
-        return
-    with contextlib.suppress(Exception):
-        await layer.send(reply, {"type": "bridge.ack", "ok": problem is None, "problem": problem})
-
-
-async def send_stdin(
-    session_id: object, line: dict[str, Any], *, wait: float = ACK_TIMEOUT
-) -> str | None:
-    """Ask the bridge holding a session to write a line to the agent's stdin; None once it
-    acknowledged, else why not (no bridge answered in `wait` seconds, or it could not send).
-
-    The request is repeated until a bridge answers (one may be attaching right now); its id
-    lets the bridge send the line once however often it is asked.
-    """
-    layer = get_channel_layer()
-    if layer is None:
-        return "no channel layer is configured"
-    reply = await layer.new_channel()
-    request = {"type": "bridge.stdin", "line": line, "reply": reply, "id": uuid.uuid4().hex}
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        await layer.group_send(bridge_group(session_id), request)
-        remaining = deadline - loop.time()
-        try:
-            answer = await asyncio.wait_for(layer.receive(reply), min(ACK_RETRY, remaining))
-        except TimeoutError:
-            if loop.time() < deadline:
-                continue
-            return "no bridge holds this session right now"
-        if answer.get("ok"):
-            return None
-        return str(answer.get("problem") or "the bridge could not send it")

@@ -1,0 +1,60 @@
+"""Lines to an agent's stdin through the bridge that holds its session, acknowledged.
+
+Any worker may ask (`send_stdin`): the request goes to the `bridge.<session>` group with a
+reply channel and an id; the bridge holding the lease checks its fence, writes the line on
+its socket and answers (`acknowledge`). The request is repeated until a bridge answers (one
+may be attaching right now); the id lets the bridge send the line once however often it is
+asked. No answer in time means no bridge holds the session: the caller says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+from channels.layers import get_channel_layer
+
+from dashboard.agents.recording import bridge_group
+
+ACK_TIMEOUT = 5.0  # how long a person's configure waits for a bridge to take it
+ACK_RETRY = 0.5  # asked again this often meanwhile (a bridge may be attaching)
+
+
+async def acknowledge(reply: object, problem: str | None) -> None:
+    layer = get_channel_layer()
+    if layer is None or not isinstance(reply, str) or not reply:
+        return
+    with contextlib.suppress(Exception):
+        await layer.send(reply, {"type": "bridge.ack", "ok": problem is None, "problem": problem})
+
+
+async def send_stdin(
+    session_id: object, line: dict[str, Any], *, wait: float = ACK_TIMEOUT
+) -> str | None:
+    """Ask the bridge holding a session to write a line to the agent's stdin; None once it
+    acknowledged, else why not (no bridge answered in `wait` seconds, or it could not send).
+
+    The request is repeated until a bridge answers (one may be attaching right now); its id
+    lets the bridge send the line once however often it is asked.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return "no channel layer is configured"
+    reply = await layer.new_channel()
+    request = {"type": "bridge.stdin", "line": line, "reply": reply, "id": uuid.uuid4().hex}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        await layer.group_send(bridge_group(session_id), request)
+        remaining = deadline - loop.time()
+        try:
+            answer = await asyncio.wait_for(layer.receive(reply), min(ACK_RETRY, remaining))
+        except TimeoutError:
+            if loop.time() < deadline:
+                continue
+            return "no bridge holds this session right now"
+        if answer.get("ok"):
+            return None
+        return str(answer.get("problem") or "the bridge could not send it")
