@@ -37,7 +37,7 @@ from typing import Literal
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# The directory that holds the `dashboard` package, so `-m dashboard.localsandbox...` imports.
+# The directory that holds the `dashboard` package (wrappers/boot.py puts it on sys.path).
 PROJECT_ROOT = PACKAGE_DIR.parent.parent
 JAIL = PACKAGE_DIR / "jail.py"
 # Where the workspace appears inside the container.

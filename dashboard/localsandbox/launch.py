@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -16,8 +15,7 @@ AgentName = Literal["claude", "demo"]
 AgentChoice = Literal["auto", "claude", "demo"]
 AGENT_CHOICES: tuple[AgentChoice, ...] = ("auto", "claude", "demo")
 
-# The directory that holds the `dashboard` package, so `-m dashboard.localsandbox...` imports.
-PROJECT_ROOT = str(isolation.PROJECT_ROOT)
+BOOT = str(isolation.PACKAGE_DIR / "wrappers" / "boot.py")
 # Credentials the Claude wrapper needs; taken from the server unless the sandbox sets them.
 CLAUDE_PASSTHROUGH = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 
@@ -38,17 +36,15 @@ def choose_agent(
 
 
 def agent_argv(agent: AgentName) -> list[str]:
-    return [sys.executable, "-m", f"dashboard.localsandbox.wrappers.{agent}"]
+    """Isolated mode (`-I`, see wrappers/boot.py): the workspace is never on `sys.path`."""
+    return [sys.executable, "-I", "-u", BOOT, f"dashboard.localsandbox.wrappers.{agent}"]
 
 
 def agent_env(
     agent: AgentName, process_env: Mapping[str, str], server_env: Mapping[str, str]
 ) -> dict[str, str]:
-    """The sandbox process environment plus what the wrapper itself needs to run."""
+    """The sandbox process environment plus the credentials the Claude wrapper needs."""
     env = dict(process_env)
-    inherited_path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = PROJECT_ROOT + (os.pathsep + inherited_path if inherited_path else "")
-    env["PYTHONUNBUFFERED"] = "1"
     if agent == "claude":
         for name in CLAUDE_PASSTHROUGH:
             if name not in env and server_env.get(name):

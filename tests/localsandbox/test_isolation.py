@@ -416,3 +416,25 @@ def test_it_refuses_to_start_with_a_bad_templates_file(tmp_path: Path, content: 
     templates.write_text(content)
     with pytest.raises(RuntimeError, match="templates"):
         start_localsandbox(tmp_path / "ws", env={"LOCALSANDBOX_TEMPLATES": str(templates)})
+
+
+@pytest.mark.parametrize("planted", ["dashboard/__init__.py", "json.py", "typing.py"])
+async def test_it_imports_nothing_an_exec_session_planted_in_the_workspace_into_the_agent(
+    localsandbox: LocalSandbox, api: httpx.AsyncClient, sandbox_id: str, planted: str
+) -> None:
+    # The agent wrapper holds ANTHROPIC_API_KEY; the workspace is anyone's who can exec.
+    workspace = "/workspace"
+    await run(
+        api,
+        sandbox_id,
+        f"mkdir -p {workspace}/dashboard && printf '%s\\n' \"open('/workspace/pwned', 'w')\""
+        f" 'raise SystemExit(99)' > {workspace}/{planted}",
+    )
+    created = await api.post(f"/sandboxes/{sandbox_id}/agent", json={"prompt": "hello"})
+    assert created.status_code == 201, created.text
+    stream = await Stream.open(stream_url(localsandbox, sandbox_id, created.json()["sessionID"]))
+    await stream.wait_for(lambda s: any(e.get("type") == "result" for e in s.events()))
+    await stream.close()
+    assert "system" in [e["type"] for e in stream.events()]
+    assert stream.exit_code is None  # still running, waiting for the next prompt
+    assert "pwned" not in (await run(api, sandbox_id, "ls /workspace"))["stdout"]
