@@ -3,8 +3,10 @@ with its result swapped in live, folded noise, the outline, follow-live, jumping
 event from search, highlighted code. Screenshots (light and dark, wide and narrow) of a
 recorded Claude Code session land in docs/screenshots/ with PORTHOLE_UPDATE_SCREENSHOTS=1.
 
-The recorded session is tests/fixtures/transcript.jsonl (a transcript of the real Claude
-CLI), loaded into the running server's database; the live tests drive the demo agent.
+Two sessions are shown: one produced here by the real Claude Code CLI (our wrapper and the
+Agent SDK) against the scripted Messages API stand-in, and the longer recorded transcript
+tests/fixtures/transcript.jsonl (subagents, server tools, noise); both are loaded into the
+running server's database. The live tests drive the demo agent.
 """
 
 from __future__ import annotations
