@@ -88,6 +88,9 @@ class Limits:
     max_processes: int = 512  # threads count too
     file_size_mb: int = 4096
     open_files: int = 4096
+    # Not an rlimit: the size of the sandbox's own /dev/shm (a tmpfs, so RAM that no rlimit
+    # counts), enough for POSIX semaphores and modest shared memory.
+    shm_mb: int = 64
 
     def rlimits(self) -> dict[str, int]:
         return {
@@ -254,6 +257,10 @@ def bwrap_args(
         # keeps only what it needs to become that uid.
         args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     args += ["--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev"]
+    # A writable /dev/shm of a bounded size (as root bubblewrap's is root's; in a user
+    # namespace it is part of /dev, a tmpfs that could take half the host's RAM).
+    shm_bytes = str(confinement.template.limits.shm_mb * MiB)
+    args += ["--size", shm_bytes, "--perms", "1777", "--tmpfs", "/dev/shm"]
     args += ["--ro-bind", "/usr", "/usr"]
     for name in MERGED_USR:
         top = Path("/") / name
@@ -274,6 +281,10 @@ def bwrap_args(
         args += _ro_path_args(path, seen)
     args += ["--bind", str(confinement.workspace), WORKSPACE]
     args += ["--bind", str(confinement.tmp), "/tmp"]
+    # The root and /dev are tmpfs of bubblewrap's; in a user namespace the sandbox owns them,
+    # and what it wrote there would be RAM beyond its limits. Only mounts of their own (the
+    # workspace, /tmp, /dev/shm, the device nodes) stay writable.
+    args += ["--remount-ro", "/dev", "--remount-ro", "/"]
     # No --chdir: the workspace is its user's alone, so the jail enters it as that user.
     return args
 

@@ -8,8 +8,11 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -438,3 +441,76 @@ async def test_it_imports_nothing_an_exec_session_planted_in_the_workspace_into_
     assert "system" in [e["type"] for e in stream.events()]
     assert stream.exit_code is None  # still running, waiting for the next prompt
     assert "pwned" not in (await run(api, sandbox_id, "ls /workspace"))["stdout"]
+
+
+NOBODY = 65534
+FILLED = ["/filler", "/etc/filler", "/dev/filler", "/dev/shm/filler", "/usr/filler"]
+# Each write is more than a sandbox's /dev/shm may hold (and less than the host's RAM); then
+# the POSIX semaphore multiprocessing needs, in that small /dev/shm of the sandbox's own.
+MEMORY_SCRIPT = "".join(
+    f"head -c 209715200 /dev/zero > {path} 2>/dev/null && echo filled {path}"
+    f" || echo refused {path}; rm -f {path} 2>/dev/null;"
+    for path in FILLED
+) + (
+    "/usr/bin/python3 -I -c \"import multiprocessing; multiprocessing.Lock(); print('locked')\";"
+    " grep ' /dev/shm ' /proc/mounts"
+)
+
+
+def assert_memory_bounded(stdout: str) -> None:
+    lines = stdout.splitlines()
+    assert lines[: len(FILLED)] == [f"refused {path}" for path in FILLED], stdout
+    assert lines[len(FILLED)] == "locked", stdout
+    assert "size=65536k" in lines[len(FILLED) + 1], stdout
+
+
+async def test_it_bounds_what_a_sandbox_can_keep_in_memory_as_root(
+    api: httpx.AsyncClient, sandbox_id: str
+) -> None:
+    assert os.geteuid() == 0, "this suite runs as root; the user-namespace case is below"
+    assert_memory_bounded((await run(api, sandbox_id, MEMORY_SCRIPT))["stdout"])
+
+
+def test_it_bounds_what_a_sandbox_can_keep_in_memory_in_a_user_namespace(
+    tmp_path: Path,
+) -> None:
+    """The container a non-root operator's server makes (a user namespace), started as
+    nobody. Not the whole server: nobody cannot read the interpreter under /root here, so
+    Debian's own Python builds the same bubblewrap command line."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the container as another user")
+    setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    probe = subprocess.run(
+        [*setpriv, "bwrap", "--unshare-user", "--ro-bind", "/", "/", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unprivileged user namespaces unavailable here: {probe.stderr.strip()}")
+    sandbox_dir = Path(tempfile.mkdtemp(prefix="ph-nobody-"))
+    sandbox_dir.chmod(0o755)
+    try:
+        for path in (sandbox_dir / "workspace", sandbox_dir / "tmp"):
+            path.mkdir()
+            os.chown(path, NOBODY, NOBODY)
+        build = (
+            f"import os, sys; sys.path.insert(0, {str(settings.BASE_DIR)!r});"
+            "from pathlib import Path; from dashboard.localsandbox import isolation;"
+            f"root = Path({str(sandbox_dir)!r});"
+            "c = isolation.Confinement(root / 'workspace', root / 'tmp', isolation.Template(),"
+            " None);"
+            "args = isolation.bwrap_args('bwrap', c);"
+            "os.execvp(args[0], [*args, '--chdir', '/workspace', '--', '/bin/sh', '-c',"
+            " sys.argv[1]])"
+        )
+        result = subprocess.run(
+            [*setpriv, "/usr/bin/python3", "-I", "-c", build, MEMORY_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert_memory_bounded(result.stdout + result.stderr)
+    finally:
+        shutil.rmtree(sandbox_dir, ignore_errors=True)
