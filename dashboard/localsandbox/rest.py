@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from dataclasses import asdict
 from typing import Any
 
 from . import fields
@@ -29,6 +30,8 @@ class RestApi:
 
     def _add_routes(self) -> None:
         add = self.router.add
+        # The embedded server's own (the cloud has no such path): Porthole's start page asks.
+        add("GET", "/localsandbox", self.describe)
         add("GET", "/sandboxes", self.list_sandboxes)
         add("POST", "/sandboxes", self.create_sandbox)
         add("GET", "/sandboxes/{sandbox_id}", self.get_sandbox)
@@ -45,6 +48,13 @@ class RestApi:
         add("POST", "/sandboxes/{sandbox_id}/agent/{session_id}/prompt", self.prompt_agent)
         add("POST", "/sandboxes/{sandbox_id}/agent/{session_id}/interrupt", self.interrupt_agent)
         add("POST", "/sandboxes/{sandbox_id}/agent/{session_id}/kill", self.kill_agent)
+
+    async def describe(self, request: Request) -> Response:
+        status = self.registry.isolation
+        return Response(
+            200,
+            {"server": "porthole-localsandbox", "isolation": asdict(status)},
+        )
 
     def _sandbox(self, request: Request) -> Sandbox:
         return self.registry.get(request.params["sandbox_id"])

@@ -1,27 +1,33 @@
 """`{% sandbox_isolation as isolation %}`: how sandboxes are isolated, for the start page.
 
-With no `OPENCOMPUTER_API_URL` in the environment, Porthole runs the embedded server (which
-`manage.py serve` starts with this same environment and settings), so the same probe gives the
-same answer the server gave in its log. With one, sandboxes are OpenComputer's microVMs.
+The sandbox server Porthole talks to (`OPENCOMPUTER_API_URL`, which `manage.py serve` sets to
+the embedded server it starts) says so itself: the embedded server answers
+`GET /api/localsandbox` with its isolation mode, which OpenComputer's cloud does not have (404:
+each sandbox a microVM). Probing bubblewrap here would describe this process's machine and
+settings, not the server's. Asked with a short timeout and remembered briefly; when the server
+does not answer, the page says the mode is unknown.
 """
 
 from __future__ import annotations
 
-import functools
-import os
+import time
 from dataclasses import dataclass
 
+import httpx
 from django import template
 from django.conf import settings
 
-from dashboard.localsandbox import isolation
-
 register = template.Library()
+
+TIMEOUT_S = 2.0
+REMEMBER_S = 30.0
+REMEMBER_UNKNOWN_S = 5.0
+MODES = ("bubblewrap", "unsafe-none", "unavailable")
 
 
 @dataclass(frozen=True)
 class IsolationShown:
-    mode: str  # "cloud", or an isolation.Mode
+    mode: str  # "cloud", "unknown", or an isolation.Mode
     detail: str
 
     @property
@@ -29,14 +35,50 @@ class IsolationShown:
         return self.mode in ("cloud", "bubblewrap")
 
 
-@functools.cache
-def _probe(bwrap: str, unsafe: bool) -> isolation.Status:
-    return isolation.probe(bwrap, unsafe_no_isolation=unsafe)
+_answers: dict[str, tuple[float, IsolationShown]] = {}
+
+
+def forget() -> None:
+    """Drop remembered answers (tests, or after pointing Porthole at another server)."""
+    _answers.clear()
+
+
+def ask(api_url: str, api_key: str) -> IsolationShown:
+    base = api_url.rstrip("/")
+    base = base if base.endswith("/api") else f"{base}/api"
+    headers = {"X-API-Key": api_key} if api_key else {}
+    try:
+        response = httpx.get(f"{base}/localsandbox", headers=headers, timeout=TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        said = type(exc).__name__
+        return IsolationShown("unknown", f"the sandbox server did not answer ({said})")
+    if response.status_code == 404:
+        return IsolationShown("cloud", "OpenComputer cloud: each sandbox is a microVM of its own")
+    mode: object = None
+    detail: object = None
+    try:
+        if response.status_code == 200:
+            reported = response.json()["isolation"]
+            mode, detail = reported["mode"], reported["detail"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    if mode not in MODES or not isinstance(detail, str):
+        return IsolationShown(
+            "unknown", f"the sandbox server answered {response.status_code} without a mode"
+        )
+    return IsolationShown(mode, detail)
 
 
 @register.simple_tag
 def sandbox_isolation() -> IsolationShown:
-    if os.environ.get("OPENCOMPUTER_API_URL"):
-        return IsolationShown("cloud", "OpenComputer cloud: each sandbox is a microVM of its own")
-    status = _probe(settings.LOCALSANDBOX_BWRAP, settings.LOCALSANDBOX_UNSAFE_NO_ISOLATION)
-    return IsolationShown(status.mode, status.detail)
+    api_url = settings.OPENCOMPUTER_API_URL
+    if not api_url:
+        return IsolationShown("unknown", "no sandbox server is configured (OPENCOMPUTER_API_URL)")
+    now = time.monotonic()
+    remembered = _answers.get(api_url)
+    if remembered is not None and remembered[0] > now:
+        return remembered[1]
+    shown = ask(api_url, settings.OPENCOMPUTER_API_KEY or "")
+    keep = REMEMBER_UNKNOWN_S if shown.mode == "unknown" else REMEMBER_S
+    _answers[api_url] = (now + keep, shown)
+    return shown
