@@ -47,6 +47,7 @@ from bench.common import RESULTS, PeakRSS, percentiles, rss, write_json  # noqa:
 DATA_SEQ = re.compile(r'data-seq="(\d+)"')
 ACK_EVERY = 250  # as static/porthole/app.js
 ACK_AFTER = 1.0
+ACKS = os.environ.get("BENCH_NO_ACKS") != "1"  # a page from before acknowledgements existed
 CHILD_TIMEOUT = 900
 
 
@@ -158,8 +159,9 @@ class Viewer:
                     self.in_order = False
                 self.last = seq
                 self.arrived.setdefault(seq, now)
-            if self.last - self.acked >= ACK_EVERY or (
-                self.last > self.acked and time.monotonic() - self.acked_at >= ACK_AFTER
+            if ACKS and (
+                self.last - self.acked >= ACK_EVERY
+                or (self.last > self.acked and time.monotonic() - self.acked_at >= ACK_AFTER)
             ):
                 self.acked, self.acked_at = self.last, time.monotonic()
                 await self.socket.send_json_to({"ack": self.last})
@@ -417,28 +419,27 @@ def main(argv: list[str] | None = None) -> int:
         ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     runs: dict[str, list[dict[str, Any]]] = {}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"fanout-{stamp}{'-' + args.label if args.label else ''}.json"
+
+    def record(name: str, result: dict[str, Any]) -> None:
+        runs.setdefault(name, []).append(result)
+        write_json(out, results | {"runs": runs, "partial": True})  # kept if the run is cut
+
     with tempfile.TemporaryDirectory(prefix="porthole-fanout-server-") as server_dir:
         server = start_localsandbox(Path(server_dir))
         try:
             for index in range(args.repeat):
                 print(f"repetition {index + 1}/{args.repeat}", flush=True)
-                runs.setdefault("sdk", []).append(
-                    child(args, "sdk", api_url=server.api_url, api_key=server.api_key)
-                )
+                record("sdk", child(args, "sdk", api_url=server.api_url, api_key=server.api_key))
                 for viewers in matrix:
-                    runs.setdefault(f"fanout-{viewers}", []).append(
-                        child(args, "fanout", viewers_n=viewers)
-                    )
-                runs.setdefault("idle", []).append(child(args, "idle", viewers_n=args.idle))
-                runs.setdefault("export", []).append(
-                    child(args, "export", events=args.export_events)
-                )
+                    record(f"fanout-{viewers}", child(args, "fanout", viewers_n=viewers))
+                record("idle", child(args, "idle", viewers_n=args.idle))
+                record("export", child(args, "export", events=args.export_events))
         finally:
             stop_localsandbox(server)
     load_after = os.getloadavg()
     results |= {"runs": runs, "load_before": load_before, "load_after": load_after}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"fanout-{stamp}{'-' + args.label if args.label else ''}.json"
     write_json(out, results)
 
     def med(name: str, *path: str) -> float:
