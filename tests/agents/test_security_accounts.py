@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from channels.db import database_sync_to_async
@@ -15,6 +17,8 @@ from django.test import AsyncClient, Client
 from django.urls import reverse
 
 from dashboard.agents.models import AgentSession, Sandbox
+from dashboard.asgi import application
+from dashboard.opencomputer import OpenComputer
 from tests.agents.helpers import communicator, session_cookie
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
@@ -112,6 +116,89 @@ async def test_it_starts_one_session_when_the_same_form_is_submitted_five_times_
     response = await client.post(reverse("new_session"), {**data, **again})
     assert response.status_code == 302 and response.url != session.get_absolute_url()
     assert await AgentSession.objects.acount() == 2
+
+
+async def _wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def _post_and_hang_up(
+    path: str, body: bytes, cookies: str, hang_up: asyncio.Event
+) -> list[dict[str, Any]]:
+    """A browser's POST straight into the ASGI application, aborted when `hang_up` is set
+    (what Daphne sends when the browser drops the connection: `http.disconnect`)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"localhost"),
+            (b"content-type", b"application/x-www-form-urlencoded"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cookie", cookies.encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    given = False
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await application(scope, receive, send)
+    return sent
+
+
+async def test_it_starts_one_session_when_the_first_submit_is_abandoned_mid_start(oc, alice):
+    """A double click: the browser aborts the first POST (Django cancels its view) and sends
+    the second. The first start still completes and is recorded; the second lands on it."""
+    browser = await database_sync_to_async(_signed_in)(alice)
+    page = await database_sync_to_async(browser.get)(reverse("new_session"))
+    hidden = _form_fields(page.content.decode())
+    data = {**hidden, "prompt": "only once", "sandbox": "new"}
+    cookies = "; ".join(f"{name}={morsel.value}" for name, morsel in browser.cookies.items())
+    upstream = OpenComputer(oc.api_url, oc.api_key)
+    before = {s.sandbox_id for s in await upstream.list_sandboxes()}
+
+    hang_up = asyncio.Event()
+    first = asyncio.create_task(
+        _post_and_hang_up(reverse("new_session"), urlencode(data).encode(), cookies, hang_up)
+    )
+    # Hang up once the sandbox exists: the agent is being started, the session not recorded.
+    await _wait_for(Sandbox.objects.aexists)
+    hang_up.set()
+    await first
+
+    again = AsyncClient()
+    await database_sync_to_async(again.force_login)(alice)
+    second = await again.post(reverse("new_session"), data)
+
+    assert second.status_code == 302
+    session = await AgentSession.objects.select_related("sandbox").aget()
+    assert second.url == session.get_absolute_url()
+    assert await Sandbox.objects.acount() == 1
+    made = {s.sandbox_id for s in await upstream.list_sandboxes()} - before
+    assert made == {session.sandbox.upstream_id}
+    await upstream.aclose()
 
 
 async def test_it_keeps_one_persons_token_from_starting_anothers_session(oc, alice, charlie):
