@@ -169,9 +169,12 @@ class Confinement:
     tmp: Path
     template: Template
     uid: int | None  # set when the server is root: the sandbox's own unprivileged user
+    readonly: tuple[Path, ...] = ()  # more host paths it sees read-only (the Claude CLI)
 
 
-def new_confinement(sandbox_dir: Path, template: Template, *, as_root: bool) -> Confinement:
+def new_confinement(
+    sandbox_dir: Path, template: Template, *, as_root: bool, readonly: tuple[Path, ...] = ()
+) -> Confinement:
     """Make the sandbox's directories, owned by its user when there is one."""
     import secrets
 
@@ -186,7 +189,7 @@ def new_confinement(sandbox_dir: Path, template: Template, *, as_root: bool) -> 
             os.chown(path, uid, uid)
     workspace.chmod(0o700)
     tmp.chmod(0o700)
-    return Confinement(workspace=workspace, tmp=tmp, template=template, uid=uid)
+    return Confinement(workspace=workspace, tmp=tmp, template=template, uid=uid, readonly=readonly)
 
 
 def _ro_path_args(path: Path, seen: set[Path]) -> list[str]:
@@ -277,10 +280,16 @@ def bwrap_args(
         elif entry.exists():
             args += ["--ro-bind", str(entry.resolve()), str(entry)]
     seen: set[Path] = {Path("/usr"), Path("/etc")}
-    for path in python_paths():
+    python = python_paths()
+    for path in python:
         args += _ro_path_args(path, seen)
     args += ["--bind", str(confinement.workspace), WORKSPACE]
     args += ["--bind", str(confinement.tmp), "/tmp"]
+    # After /tmp, so that a CLI that lives under the host's /tmp is not hidden by it.
+    bound = [Path("/usr"), *python]
+    for path in confinement.readonly:
+        if not any(path.is_relative_to(root) for root in bound):
+            args += _ro_path_args(path, seen)
     # The root and /dev are tmpfs of bubblewrap's; in a user namespace the sandbox owns them,
     # and what it wrote there would be RAM beyond its limits. Only mounts of their own (the
     # workspace, /tmp, /dev/shm, the device nodes) stay writable.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from . import isolation
@@ -20,19 +22,37 @@ BOOT = str(isolation.PACKAGE_DIR / "wrappers" / "boot.py")
 CLAUDE_PASSTHROUGH = ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 
 
-def claude_available() -> bool:
-    """The Claude wrapper can run: it finds the Claude Code CLI (on PATH or claude-agent-sdk's)."""
-    return find_cli() is not None
+def claude_cli(server_env: Mapping[str, str]) -> Path | None:
+    """The Claude Code CLI this server finds (`$CLAUDE_CODE_CLI`, its PATH, claude-agent-sdk's),
+    resolved: the one sandboxes get, bound read-only (see `cli_binds`) and named to the wrapper
+    in `CLAUDE_CODE_CLI`, since the sandbox sees neither the server's PATH nor its home."""
+    found = find_cli(server_env)
+    if found is None:
+        return None
+    path = Path(found).resolve()
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def cli_binds(cli: Path | None) -> tuple[Path, ...]:
+    """What a sandbox needs to see to run `cli`: a native build is one file; an npm install's
+    `cli.js` needs its package directory (never more: a home directory stays hidden)."""
+    if cli is None:
+        return ()
+    return (cli.parent,) if cli.suffix in (".js", ".mjs", ".cjs") else (cli,)
+
+
+def claude_available(server_env: Mapping[str, str]) -> bool:
+    return claude_cli(server_env) is not None
 
 
 def choose_agent(
     choice: AgentChoice, sandbox_envs: Mapping[str, str], server_env: Mapping[str, str]
 ) -> AgentName:
-    """`auto` means Claude when there is a key for it and its SDK is installed, else the demo."""
+    """`auto` means Claude when there is a key for it and a CLI to run, else the demo."""
     if choice != "auto":
         return choice
     has_key = bool(sandbox_envs.get("ANTHROPIC_API_KEY") or server_env.get("ANTHROPIC_API_KEY"))
-    return "claude" if has_key and claude_available() else "demo"
+    return "claude" if has_key and claude_available(server_env) else "demo"
 
 
 def agent_argv(agent: AgentName) -> list[str]:
@@ -41,10 +61,16 @@ def agent_argv(agent: AgentName) -> list[str]:
 
 
 def agent_env(
-    agent: AgentName, process_env: Mapping[str, str], server_env: Mapping[str, str]
+    agent: AgentName,
+    process_env: Mapping[str, str],
+    server_env: Mapping[str, str],
+    cli: Path | None = None,
 ) -> dict[str, str]:
-    """The sandbox process environment plus the credentials the Claude wrapper needs."""
+    """The sandbox process environment plus what the Claude wrapper needs: the credentials
+    and the CLI the server found (unless the sandbox sets them)."""
     env = dict(process_env)
+    if agent == "claude" and cli is not None:
+        env.setdefault("CLAUDE_CODE_CLI", str(cli))
     if agent == "claude":
         for name in CLAUDE_PASSTHROUGH:
             if name not in env and server_env.get(name):

@@ -203,18 +203,20 @@ class SandboxRegistry:
         self.isolation = isolation_status
         self.bwrap = shutil.which(bwrap) or bwrap
         self.templates = dict(isolation.TEMPLATES if templates is None else templates)
+        self.claude_cli = launch.claude_cli(self.server_env)
         self._sandboxes: dict[str, Sandbox] = {}
 
     def create(self, options: SandboxOptions) -> Sandbox:
         sandbox_id = new_id("sb")
         template = isolation.template_for(options.template_id, options.memory_mb, self.templates)
+        agent = launch.choose_agent(self.agent_choice, options.envs, self.server_env)
         confinement = isolation.new_confinement(
             self.workspaces_dir / sandbox_id,
             template,
             as_root=os.geteuid() == 0 and self.isolation.mode == "bubblewrap",
+            readonly=launch.cli_binds(self.claude_cli) if agent == "claude" else (),
         )
         jail = Jail(self.bwrap, confinement) if self.isolation.mode == "bubblewrap" else None
-        agent = launch.choose_agent(self.agent_choice, options.envs, self.server_env)
         sandbox = Sandbox(sandbox_id, options, confinement, agent, jail)
         self._sandboxes[sandbox_id] = sandbox
         logger.info(
@@ -276,7 +278,9 @@ class SandboxRegistry:
         sandbox.require_running()
         self.require_isolation()
         argv = launch.agent_argv(sandbox.agent)
-        env = launch.agent_env(sandbox.agent, sandbox.process_env({}), self.server_env)
+        env = launch.agent_env(
+            sandbox.agent, sandbox.process_env({}), self.server_env, self.claude_cli
+        )
         spec = ProcessSpec(argv=argv, cwd=sandbox.resolve_cwd(None), env=env, jail=sandbox.jail)
         session = await self._spawn(sandbox, spec, kind="agent", command=argv[0], args=argv[1:])
         session.write_stdin(launch.initial_stdin(options, prompt))

@@ -514,3 +514,46 @@ def test_it_bounds_what_a_sandbox_can_keep_in_memory_in_a_user_namespace(
         assert_memory_bounded(result.stdout + result.stderr)
     finally:
         shutil.rmtree(sandbox_dir, ignore_errors=True)
+
+
+async def test_it_runs_the_claude_cli_it_found_on_the_host_inside_the_sandbox(
+    tmp_path: Path,
+) -> None:
+    # Where a user's own install puts it (~/.local/bin), which the sandbox does not otherwise
+    # see: choosing Claude because of it means making it visible there.
+    home_bin = tmp_path / "home" / ".local" / "bin"
+    home_bin.mkdir(parents=True)
+    (home_bin / "secret.txt").write_text("not for sandboxes")
+    cli = home_bin / "claude"
+    cli.write_text(
+        '#!/bin/sh\n{ ls $(dirname $0); echo "$CLAUDE_CODE_CLI"; } > /workspace/.out\n'
+        "mv /workspace/.out /workspace/cli-ran; exit 3\n"
+    )
+    cli.chmod(0o755)
+    for path in (tmp_path, tmp_path / "home", tmp_path / "home" / ".local", home_bin):
+        path.chmod(0o755)
+    server = start_localsandbox(
+        tmp_path / "ws",
+        extra_args=["--agent", "auto"],
+        env={
+            "ANTHROPIC_API_KEY": "sk-fake",
+            "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
+            "PATH": f"{home_bin}:{os.environ['PATH']}",
+        },
+    )
+    try:
+        async with api_client(server) as api:
+            # Offline: whatever CLI runs can reach nothing beyond the sandbox's own loopback.
+            created = await api.post("/sandboxes", json={"templateID": "offline"})
+            sandbox = created.json()
+            assert sandbox["metadata"]["agent"] == "claude"
+            agent = await api.post(
+                f"/sandboxes/{sandbox['sandboxID']}/agent", json={"prompt": "hello"}
+            )
+            assert agent.status_code == 201, agent.text
+            ran = server.workspaces_dir / sandbox["sandboxID"] / "workspace" / "cli-ran"
+            await eventually(ran.exists, what="the host's CLI to run in the sandbox")
+            # Only the CLI itself is bound, not its neighbours.
+            assert ran.read_text().split() == ["claude", str(cli)]
+    finally:
+        stop_localsandbox(server)

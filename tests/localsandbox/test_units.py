@@ -150,7 +150,9 @@ def test_it_chooses_the_agent_wrapper(
     claude_installed: bool,
     expected: str,
 ) -> None:
-    monkeypatch.setattr("dashboard.localsandbox.launch.claude_available", lambda: claude_installed)
+    monkeypatch.setattr(
+        "dashboard.localsandbox.launch.claude_available", lambda _env: claude_installed
+    )
     assert choose_agent(choice, sandbox_envs, server_env) == expected  # type: ignore[arg-type]
 
 
