@@ -5,9 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from axes.models import AccessAttempt  # type: ignore[import-untyped]
-from channels.layers import get_channel_layer
 from django import forms
 from django.conf import settings
 from django.contrib import messages
@@ -22,7 +20,6 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from dashboard.agents import access
 from dashboard.agents.models import AuditEntry
-from dashboard.agents.recording import user_group
 
 User = get_user_model()
 
@@ -180,11 +177,7 @@ def person_update(request: HttpRequest, user_id: int) -> HttpResponse:
         before=before,
         after={"role": role, "active": active},
     )
-    if before != {"role": role, "active": active}:
-        # Open pages were authorised for the old role: close their sockets now (a reload
-        # shows what the new role may see).
-        layer = get_channel_layer()
-        if layer is not None:
-            async_to_sync(layer.group_send)(user_group(person.pk), {"type": "user.revoked"})
+    # Sockets authorised for the old role close in `revocation.rights_changed`, hooked on the
+    # models (the same path as Django admin and a shell).
     messages.success(request, f"{person.get_username()} updated.")
     return redirect("people")

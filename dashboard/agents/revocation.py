@@ -4,7 +4,11 @@ Hooked on the models, not on the People page: Django admin, a shell or a script 
 deactivates a user or takes a role away has the same effect.
 
 - Deactivated: every Django session of theirs is deleted (signed out in every browser, and
-  still signed out if they are made active again) and their sockets are closed.
+  still signed out if they are made active again).
+- No longer allowed to view (deactivated, role or group taken away, the group deleted) or
+  to steer: every socket of theirs closes (`user.revoked`); the page was authorised for
+  what they could do before. This is the only place that sends it: the People page, Django
+  admin and a shell all end up here.
 - No longer allowed to share: the links they created die (revoked, audited) and every
   socket open through them closes. Links are also checked on every use
   (`access.link_is_live`), which catches what no hook sees, such as a group's
@@ -52,12 +56,14 @@ def rights_changed(user_ids: Iterable[Any]) -> None:
     for user in User.objects.filter(pk__in=ids):
         if not user.is_active:
             sign_out_everywhere(user)
+        if not access.can_view(user) or not access.can_steer(user):
+            _group_send(user_group(user.pk), {"type": "user.revoked"})
         if not access.can_share(user):
             end_links_of(user)
 
 
 def sign_out_everywhere(user: Any) -> None:
-    """Delete the person's Django sessions and close their sockets."""
+    """Delete the person's Django sessions (their sockets close in `rights_changed`)."""
     if settings.SESSION_ENGINE in _DB_SESSION_ENGINES:
         key = str(user.pk)
         # Session data is encoded, so it cannot be filtered in SQL; teams are small.
@@ -76,7 +82,6 @@ def sign_out_everywhere(user: Any) -> None:
             settings.SESSION_ENGINE,
             user.get_username(),
         )
-    _group_send(user_group(user.pk), {"type": "user.revoked"})
 
 
 def end_links_of(user: Any) -> None:
@@ -118,16 +123,12 @@ def _user_groups_changed(
     sender: Any, instance: Any, action: str, reverse: bool, pk_set: Any, **kwargs: Any
 ) -> None:
     """Roles are groups: a role taken away (from the user's side or the group's)."""
-    if action == "pre_clear" and reverse:
-        # The group's members are gone by post_clear: note them now.
-        instance._porthole_cleared = list(instance.user_set.values_list("pk", flat=True))
-    if action not in ("post_remove", "post_clear"):
-        return
-    if not reverse:
+    if reverse and action == "pre_clear":
+        # A group (or permission) emptied: its members are gone by post_clear, note them now.
+        _after_commit(list(instance.user_set.values_list("pk", flat=True)))
+    elif not reverse and action in ("post_remove", "post_clear"):
         _after_commit([instance.pk])
-    elif action == "post_clear":
-        _after_commit(getattr(instance, "_porthole_cleared", []))
-    else:
+    elif reverse and action == "post_remove":
         _after_commit(pk_set or [])
 
 
@@ -139,3 +140,9 @@ def _group_permissions_changed(
     if action not in ("post_remove", "post_clear") or reverse:
         return
     _after_commit(instance.user_set.values_list("pk", flat=True))
+
+
+@receiver(pre_delete, sender=Group)
+def _group_deleted(sender: Any, instance: Group, **kwargs: Any) -> None:
+    """Deleting a group removes its members with no m2m signal: note them while they are."""
+    _after_commit(list(instance.user_set.values_list("pk", flat=True)))

@@ -247,3 +247,48 @@ def test_it_shows_a_link_made_without_htmx_once_and_keeps_it_out_of_cookies(oc, 
     assert ShareLink.objects.get().token_hash == access.hash_token(token)
     assert "shown only once" in page
     assert token not in client.get(response.url).content.decode()
+
+
+# -- sockets close whoever takes the right away ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["shell", "admin", "group deleted"])
+async def test_it_closes_the_sockets_of_someone_who_may_no_longer_view(oc, bob, how):
+    session = await database_sync_to_async(_session)()
+    page = await communicator(f"/ws/sessions/{session.id}/", bob)
+    listing = await communicator("/ws/sessions/", bob)
+    for socket in (page, listing):
+        assert (await socket.connect())[0]
+    await page.send_json_to({"last_seq": 0})
+
+    def take_it_away() -> None:
+        if how == "shell":
+            User.objects.get(pk=bob.pk).groups.clear()
+        elif how == "admin":  # a superuser empties the person's groups on Django admin's page
+            root = User.objects.create_superuser("root", "root@example.org", "password")
+            admin = _signed_in(root)
+            url = f"/admin/auth/user/{bob.pk}/change/"
+            response = admin.post(url, {**_admin_change_form(admin, bob), "groups": []})
+            assert response.status_code == 302, response.content.decode()[:3000]
+        else:  # deleting a group removes its members without any m2m signal
+            Group.objects.get(name="viewer").delete()
+        assert not access.can_view(User.objects.get(pk=bob.pk))
+
+    await database_sync_to_async(take_it_away)()
+    assert await _closed(page) == 4403
+    assert await _closed(listing) == 4403
+
+
+async def test_it_closes_link_sockets_when_the_creators_group_is_deleted(oc, alice, charlie):
+    session = await database_sync_to_async(_session)(alice)
+    link, token = await database_sync_to_async(access.create_share_link)(
+        session, alice, label="", expiry="never"
+    )
+    watcher = await communicator(f"/ws/share/{token}/")
+    assert (await watcher.connect())[0]
+    await watcher.send_json_to({"last_seq": 0})
+
+    await Group.objects.filter(name="operator").adelete()
+
+    assert await _closed(watcher) == 4403
+    assert (await ShareLink.objects.aget(pk=link.pk)).revoked_at is not None
