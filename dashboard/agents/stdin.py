@@ -20,6 +20,7 @@ from dashboard.agents.recording import bridge_group
 
 ACK_TIMEOUT = 5.0  # how long a person's configure waits for a bridge to take it
 ACK_RETRY = 0.5  # asked again this often meanwhile (a bridge may be attaching)
+LATE_ANSWER = 1.0  # after the last request, how long an answer on its way is awaited
 
 
 async def acknowledge(reply: object, problem: str | None) -> None:
@@ -46,15 +47,20 @@ async def send_stdin(
     request = {"type": "bridge.stdin", "line": line, "reply": reply, "id": uuid.uuid4().hex}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while True:
+    answer: dict[str, Any] | None = None
+    while answer is None and loop.time() < deadline:
         await layer.group_send(bridge_group(session_id), request)
-        remaining = deadline - loop.time()
-        try:
-            answer = await asyncio.wait_for(layer.receive(reply), min(ACK_RETRY, remaining))
-        except TimeoutError:
-            if loop.time() < deadline:
-                continue
-            return "no bridge holds this session right now"
-        if answer.get("ok"):
-            return None
-        return str(answer.get("problem") or "the bridge could not send it")
+        with contextlib.suppress(TimeoutError):
+            answer = await asyncio.wait_for(
+                layer.receive(reply), max(0.0, min(ACK_RETRY, deadline - loop.time()))
+            )
+    if answer is None:
+        # A bridge may have taken the last request and be answering now: the caller's
+        # fallback (REST for a first prompt) must not send the line a second time.
+        with contextlib.suppress(TimeoutError):
+            answer = await asyncio.wait_for(layer.receive(reply), LATE_ANSWER)
+    if answer is None:
+        return "no bridge holds this session right now"
+    if answer.get("ok"):
+        return None
+    return str(answer.get("problem") or "the bridge could not send it")
