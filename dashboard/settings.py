@@ -17,6 +17,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.csp import CSP
 
+from dashboard.localsandbox.paths import default_workspaces_dir
 from dashboard.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -194,9 +195,8 @@ LOCALSANDBOX_PORT = env_int("LOCALSANDBOX_PORT", 8787, minimum=0)
 # Its isolation (docs/localsandbox.md): bubblewrap per sandbox; unisolated only by this opt-in.
 LOCALSANDBOX_BWRAP = env_str("LOCALSANDBOX_BWRAP", "bwrap")
 LOCALSANDBOX_UNSAFE_NO_ISOLATION = env_bool("LOCALSANDBOX_UNSAFE_NO_ISOLATION", False)
-LOCALSANDBOX_WORKSPACES_DIR = Path(
-    env_str("LOCALSANDBOX_WORKSPACES_DIR", str(Path.home() / ".local/state/porthole/workspaces"))
-).resolve()
+# $LOCALSANDBOX_WORKSPACES_DIR, else $XDG_STATE_HOME/porthole/workspaces: never the data dir.
+LOCALSANDBOX_WORKSPACES_DIR = default_workspaces_dir()
 # Whether this process runs bridges (the workers of a team deployment all may; leases decide).
 PORTHOLE_RUN_BRIDGES = env_bool("PORTHOLE_RUN_BRIDGES", True)
 # Team awareness (docs/awareness.md): webhooks added at start-up, and how long a session may sit

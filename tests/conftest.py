@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (http://\S+)")
+WORKSPACES = re.compile(r"localsandbox workspaces in (\S+)")
 
 
 @dataclass
@@ -34,13 +35,14 @@ class LocalSandbox:
 
 
 def start_localsandbox(
-    workspaces_dir: Path,
+    workspaces_dir: Path | None,
     *,
     api_key: str | None = None,
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> LocalSandbox:
+    """`workspaces_dir` None: the server's own default, as `manage.py serve` leaves it."""
     key = api_key if api_key is not None else secrets.token_hex(16)
     args = [
         sys.executable,
@@ -50,18 +52,22 @@ def start_localsandbox(
         "127.0.0.1",
         "--port",
         "0",
-        "--workspaces-dir",
-        str(workspaces_dir),
         "--agent",
         "demo",
     ]
+    if workspaces_dir is not None:
+        args += ["--workspaces-dir", str(workspaces_dir)]
     args += extra_args or []
     # The demo agent unless a test asks otherwise: a developer's own key must not leak in.
     proc_env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc_env.pop("ANTHROPIC_API_KEY", None)
     proc_env.pop("LOCALSANDBOX_API_KEY", None)
     # Isolated, as an operator's would be, whatever the developer's shell says.
-    for name in ("LOCALSANDBOX_UNSAFE_NO_ISOLATION", "LOCALSANDBOX_BWRAP"):
+    for name in (
+        "LOCALSANDBOX_UNSAFE_NO_ISOLATION",
+        "LOCALSANDBOX_BWRAP",
+        "LOCALSANDBOX_WORKSPACES_DIR",
+    ):
         proc_env.pop(name, None)
     if key:  # not on the command line, which every process can read
         proc_env["LOCALSANDBOX_API_KEY"] = key
@@ -92,8 +98,9 @@ def start_localsandbox(
     if not found.wait(timeout) or not url:
         process.kill()
         raise RuntimeError("localsandbox did not start:\n" + "".join(log))
+    said = next(m.group(1) for m in map(WORKSPACES.search, log) if m)
     return LocalSandbox(
-        api_url=url[0], api_key=key, workspaces_dir=workspaces_dir, process=process, log=log
+        api_url=url[0], api_key=key, workspaces_dir=Path(said), process=process, log=log
     )
 
 

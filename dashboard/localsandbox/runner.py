@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from .isolation import TEMPLATES, UNSAFE_SETTING, Template, TemplateError, load_templates
 from .launch import AGENT_CHOICES, AgentChoice
+from .paths import default_workspaces_dir
 from .server import DEFAULT_MAX_BODY, AppConfig
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,6 @@ def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     if value in _TRUE | _FALSE:
         return value in _TRUE
     raise ConfigurationError(f"{name}={raw!r} is not a boolean (use true or false)")
-
-
-def default_workspaces_dir() -> Path:
-    """Per user, outside any data directory: `$XDG_STATE_HOME/porthole/workspaces`."""
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "porthole" / "workspaces"
 
 
 @dataclass(frozen=True)
@@ -77,9 +72,7 @@ class Defaults:
 
 def defaults_from_environment() -> Defaults:
     return Defaults(
-        workspaces_dir=Path(
-            os.environ.get("LOCALSANDBOX_WORKSPACES_DIR") or default_workspaces_dir()
-        ),
+        workspaces_dir=default_workspaces_dir(),
         bwrap=os.environ.get("LOCALSANDBOX_BWRAP") or "bwrap",
         unsafe_no_isolation=env_flag(UNSAFE_SETTING),
     )
@@ -235,6 +228,7 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
     )
     # Said on stdout, unmissably, before the listening line (`manage.py serve` echoes both).
     print(f"localsandbox isolation: {app.isolation.detail}", file=out, flush=True)
+    print(f"localsandbox workspaces in {app.config.workspaces_dir}", file=out, flush=True)
     if not options.api_key:
         print(
             "localsandbox WARNING: no --api-key, so any process on this machine can use this "

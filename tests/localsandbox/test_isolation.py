@@ -21,6 +21,7 @@ import httpx
 import pytest
 from django.conf import settings
 
+from dashboard.localsandbox.paths import default_workspaces_dir
 from tests.conftest import LocalSandbox, start_localsandbox, stop_localsandbox
 from tests.localsandbox.helpers import (
     Stream,
@@ -258,15 +259,6 @@ async def test_it_applies_the_templates_limits(api: httpx.AsyncClient) -> None:
         assert rows["Max processes"] == ["512", "512"]
         assert rows["Max cpu time"] == [str(6 * 3600)] * 2
         assert rows["Max core file size"] == ["0", "0"]
-        # The process limit holds: a fork bomb stops at it, and the sandbox carries on.
-        bomb = await run(
-            api,
-            sandbox_id,
-            "ulimit -p 20; i=0; while [ $i -lt 40 ]; do sleep 30 & i=$((i+1)); done; echo all",
-        )
-        assert bomb["exitCode"] != 0 and "fork" in bomb["stderr"].lower(), bomb
-        assert "all" not in bomb["stdout"]
-        assert (await run(api, sandbox_id, "echo fine"))["stdout"] == "fine\n"
         # A program that asks for more memory than allowed is refused it.
         greedy = await run(
             api, sandbox_id, f'{sys.executable} -c "b = bytearray(512 * 1024 * 1024)"'
@@ -276,8 +268,22 @@ async def test_it_applies_the_templates_limits(api: httpx.AsyncClient) -> None:
         await api.delete(f"/sandboxes/{sandbox_id}")
 
 
-async def test_it_keeps_workspaces_out_of_the_data_directory(localsandbox: LocalSandbox) -> None:
-    assert not localsandbox.workspaces_dir.resolve().is_relative_to(settings.DATA_DIR)
+@pytest.mark.parametrize("xdg", [True, False])
+def test_it_keeps_workspaces_out_of_the_data_directory(tmp_path: Path, xdg: bool) -> None:
+    # As `manage.py serve` starts it: no --workspaces-dir, Django's settings for the default.
+    env = {"HOME": str(tmp_path / "home"), "PORTHOLE_DATA_DIR": str(tmp_path / "data")}
+    if xdg:
+        env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    expected = tmp_path / ("state" if xdg else "home/.local/state") / "porthole" / "workspaces"
+    server = start_localsandbox(None, env=env)
+    try:
+        assert server.workspaces_dir == expected.resolve()
+        assert not server.workspaces_dir.is_relative_to(tmp_path / "data")
+        assert not server.workspaces_dir.is_relative_to(settings.DATA_DIR)
+    finally:
+        stop_localsandbox(server)
+    # Django's setting and the server's own default are one definition.
+    assert default_workspaces_dir() == settings.LOCALSANDBOX_WORKSPACES_DIR
 
 
 # -- where bubblewrap cannot run -----------------------------------------------------------
@@ -402,6 +408,16 @@ async def test_it_takes_templates_from_the_operators_file(tmp_path: Path) -> Non
             assert re.search(r"Max processes\s+30\s+30", result["stdout"])
             assert re.search(rf"Max data size\s+{128 * 1024 * 1024}\s", result["stdout"])
             assert "eth" not in result["stdout"] and "lo:" in result["stdout"]
+            # The template's own process limit holds (no `ulimit` of the shell's): a fork bomb
+            # stops at it, and the sandbox carries on.
+            bomb = await run(
+                api,
+                sandbox_id,
+                "i=0; while [ $i -lt 60 ]; do sleep 30 & i=$((i+1)); done; echo all",
+            )
+            assert bomb["exitCode"] != 0 and "fork" in bomb["stderr"].lower(), bomb
+            assert "all" not in bomb["stdout"]
+            assert (await run(api, sandbox_id, "echo fine"))["stdout"] == "fine\n"
             # The built-in ones are still there.
             base = await new_sandbox(api, templateID="base")
             limits = (await run(api, base, "cat /proc/self/limits"))["stdout"]
