@@ -12,6 +12,7 @@ from django.http.request import split_domain_port, validate_host
 from django.urls import path, re_path
 from django.utils.http import is_same_domain
 
+from dashboard import proxies
 from dashboard.agents import consumers
 
 # Channels routes ASGI applications with Django's path(); the stubs expect views there.
@@ -47,9 +48,11 @@ def _headers(scope: dict[str, Any]) -> dict[str, str]:
 
 
 def _scheme(scope: dict[str, Any], headers: dict[str, str]) -> str:
-    """The page's scheme, as Django's `request.is_secure()` would see it for this socket."""
+    """The page's scheme, as Django's `request.is_secure()` would see it for this socket: the
+    proxy's header counts only from a trusted proxy, the rule HTTP follows (`proxies`)."""
     proxy = getattr(settings, "SECURE_PROXY_SSL_HEADER", None)
-    if proxy:
+    client = scope.get("client") or ("", 0)
+    if proxy and proxies.is_in(str(client[0]), proxies.trusted_proxies()):
         name, secure_value = proxy
         name = name.removeprefix("HTTP_").replace("_", "-").lower()
         if name in headers:

@@ -3,6 +3,8 @@ inputs that used to end in a 500 or a socket closed with 1011 and a traceback.""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator, WebsocketCommunicator
@@ -79,24 +81,44 @@ async def test_it_accepts_a_socket_from_a_trusted_origin(alice, settings):
             await socket.disconnect()
 
 
-async def test_it_takes_the_scheme_from_a_trusted_proxy(alice, settings):
+def _from_peer(peer: str) -> Any:
+    """The application as reached from `peer` (the address Daphne puts in the scope)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        return await application({**scope, "client": (peer, 40000)}, receive, send)
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("peer", "trusted", "accepted"),
+    [
+        ("10.0.0.5", ["10.0.0.0/24"], {"https": True, "http": False}),
+        # Anyone else's X-Forwarded-Proto means nothing, as on HTTP (dashboard.proxies).
+        ("192.0.2.9", ["10.0.0.0/24"], {"https": False, "http": True}),
+        ("10.0.0.5", [], {"https": False, "http": True}),
+    ],
+)
+async def test_it_takes_the_scheme_only_from_a_trusted_proxy(
+    alice, settings, peer, trusted, accepted
+):
     settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.PORTHOLE_TRUSTED_PROXIES = trusted
     settings.ALLOWED_HOSTS = ["porthole.example.org"]
     session = await _session()
     cookie = await database_sync_to_async(cookie_for)(alice)
-    for origin, accepted in (
-        ("https://porthole.example.org", True),
-        ("http://porthole.example.org", False),
-    ):
+    for scheme, expected in accepted.items():
         headers = [
-            (b"origin", origin.encode()),
+            (b"origin", f"{scheme}://porthole.example.org".encode()),
             (b"host", b"porthole.example.org"),
             (b"x-forwarded-proto", b"https"),
             (b"cookie", cookie),
         ]
-        socket = WebsocketCommunicator(application, f"/ws/sessions/{session.id}/", headers=headers)
+        socket = WebsocketCommunicator(
+            _from_peer(peer), f"/ws/sessions/{session.id}/", headers=headers
+        )
         connected, _ = await socket.connect()
-        assert connected == accepted, origin
+        assert connected == expected, scheme
         if connected:
             await socket.disconnect()
 
