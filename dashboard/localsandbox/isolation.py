@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -132,7 +133,7 @@ def load_templates(path: Path) -> dict[str, Template]:
     if not isinstance(raw, dict):
         raise TemplateError(f"{path}: expected an object of templates by name")
     templates = dict(TEMPLATES)
-    limit_names = set(Limits.__dataclass_fields__)
+    limit_names = {f.name for f in fields(Limits)}
     for name, settings in raw.items():
         if not isinstance(settings, dict) or not set(settings) <= limit_names | {"network"}:
             known = ", ".join(sorted(limit_names | {"network"}))
@@ -176,8 +177,6 @@ def new_confinement(
     sandbox_dir: Path, template: Template, *, as_root: bool, readonly: tuple[Path, ...] = ()
 ) -> Confinement:
     """Make the sandbox's directories, owned by its user when there is one."""
-    import secrets
-
     workspace, tmp = sandbox_dir / "workspace", sandbox_dir / "tmp"
     sandbox_dir.mkdir(parents=True, exist_ok=False)
     sandbox_dir.chmod(0o711)

@@ -64,20 +64,29 @@ def start_time(pid: int) -> int | None:
     return entry.start_time if entry else None
 
 
-def session_processes(leader: int) -> set[int]:
-    """The leader's session and group members and all their live descendants."""
-    children: defaultdict[int, list[int]] = defaultdict(list)
-    found: set[int] = set()
-    for entry in process_table():
-        children[entry.ppid].append(entry.pid)
-        if leader in (entry.session, entry.pgrp):
-            found.add(entry.pid)
-    pending = [*found, leader]
+def _walk(children: dict[int, list[int]], roots: set[int], found: set[int]) -> set[int]:
+    """`found` plus every descendant of `roots` in the parent-to-children map."""
+    pending = list(roots)
     while pending:
         for child in children.get(pending.pop(), ()):
             if child not in found:
                 found.add(child)
                 pending.append(child)
+    return found
+
+
+def _children_map(table: list[ProcessEntry]) -> dict[int, list[int]]:
+    children: defaultdict[int, list[int]] = defaultdict(list)
+    for entry in table:
+        children[entry.ppid].append(entry.pid)
+    return children
+
+
+def session_processes(leader: int) -> set[int]:
+    """The leader's session and group members and all their live descendants."""
+    table = process_table()
+    members = {e.pid for e in table if leader in (e.session, e.pgrp)}
+    found = _walk(_children_map(table), members | {leader}, set(members))
     found.discard(os.getpid())  # never ourselves, whatever the table says
     return found
 
@@ -102,17 +111,8 @@ def signal_session(leader: int, signum: int, leader_start_time: int | None) -> N
 
 def descendants(root: int) -> tuple[set[int], set[int]]:
     """(the direct children of `root`, all its descendants), from one read of /proc."""
-    children: defaultdict[int, list[int]] = defaultdict(list)
-    for entry in process_table():
-        children[entry.ppid].append(entry.pid)
-    found: set[int] = set()
-    pending = [root]
-    while pending:
-        for child in children.get(pending.pop(), ()):
-            if child not in found:
-                found.add(child)
-                pending.append(child)
-    return set(children.get(root, ())), found
+    children = _children_map(process_table())
+    return set(children.get(root, ())), _walk(children, {root}, set())
 
 
 def signal_container(monitor: int, signum: int, monitor_start_time: int | None) -> None:
