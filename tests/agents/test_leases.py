@@ -3,6 +3,7 @@ sessions back at once (with a real `manage.py bridges` process killed by SIGKILL
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -278,3 +279,60 @@ def test_it_has_a_lease_api_with_a_simple_shape() -> None:
     lease = Lease("id", "owner", 3)
     assert (lease.session_id, lease.owner, lease.epoch) == ("id", "owner", 3)
     assert leases.LEASE_SECONDS <= 15 and leases.RENEW_SECONDS < leases.LEASE_SECONDS / 2
+
+
+async def test_it_lets_a_stale_owner_send_nothing_to_the_agent(oc) -> None:
+    """The fence is checked before every upstream send: once another worker claimed the
+    session, a configure reaching the old bridge is not written to the agent's stdin."""
+    from dashboard.agents.bridge import Bridge
+    from dashboard.agents.stdin import send_stdin
+
+    client = OpenComputer(oc.api_url, oc.api_key)
+    sandbox = await client.create_sandbox()
+    agent = await client.start_agent(sandbox.sandbox_id, prompt="hello")
+
+    @database_sync_to_async
+    def make() -> tuple[AgentSession, Lease]:
+        sb = Sandbox.objects.create(upstream_id=sandbox.sandbox_id)
+        session = AgentSession.objects.create(sandbox=sb, upstream_id=agent.session_id)
+        (lease,) = leases.claim("old-owner")
+        return session, lease
+
+    session, old = await make()
+    stale = asyncio.create_task(Bridge(str(session.id), "old-owner", lease=old).run())
+
+    async def idle() -> bool:
+        fresh = await AgentSession.objects.aget(id=session.id)
+        return fresh.status == AgentSession.Status.IDLE
+
+    await wait_for(idle)
+
+    @database_sync_to_async
+    def take_over() -> Lease:
+        _expire(session)
+        (lease,) = leases.claim("new-owner")
+        return lease
+
+    new = await take_over()
+    assert new.epoch == old.epoch + 1  # type: ignore[operator]
+    problem = await send_stdin(session.id, {"type": "configure", "model": "from-a-stale-owner"})
+    assert problem is not None  # nobody acknowledged: the old bridge refused, and stopped
+    await asyncio.wait_for(stale, 30)
+    await client.send_prompt(sandbox.sandbox_id, agent.session_id, "still there?")
+
+    async def answered() -> bool:
+        return await _stored_all(session, "still there?")
+
+    # Record what the agent says next with the new owner's bridge: no `configured` line.
+    fresh = asyncio.create_task(Bridge(str(session.id), "new-owner", lease=new).run())
+    await wait_for(answered, 30)
+    assert not await _stored_all(session, "from-a-stale-owner")
+    fresh.cancel()
+    await asyncio.gather(fresh, return_exceptions=True)
+    await client.kill_sandbox(sandbox.sandbox_id)
+    await client.aclose()
+
+
+@database_sync_to_async
+def _stored_all(session: AgentSession, text: str) -> bool:
+    return Event.objects.filter(session=session, raw__contains=text).exists()
