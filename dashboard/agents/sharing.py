@@ -34,27 +34,29 @@ class ShareLinkForm(forms.Form):
 
 def share_panel_context(user: Any, session: AgentSession) -> dict[str, Any]:
     links = list(session.share_links.select_related("created_by").order_by("-created_at"))
-    for link in links:
-        link.can_revoke = access.can_revoke(user, link)  # type: ignore[attr-defined]  # for the template
-    return {"share_links": links, "share_form": ShareLinkForm()}
+    revocable = {link.pk for link in links if access.can_revoke(user, link)}
+    return {"share_links": links, "revocable": revocable, "share_form": ShareLinkForm()}
 
 
-def hold_new_link(request: HttpRequest, session: AgentSession, url: str) -> None:
-    """Keep a new link's URL on the server until the session page shows it, once.
+def hold_new_link(request: HttpRequest, session: AgentSession, token: str) -> None:
+    """Keep a new link's token on the server until the session page shows it, once.
 
     Not in a flash message: the messages cookie is signed, not encrypted, so anyone who
-    sees the cookie (a proxy's log, a shared machine) would read the token.
+    sees the cookie (a proxy's log, a shared machine) would read the token. Only the token
+    and its session are kept (the URL is rebuilt when shown), in the server-side session,
+    for one request: the page the browser is redirected to takes it out, and any session
+    page this browser opens next drops it, shown or not.
     """
-    request.session[NEW_LINK_KEY] = {"session": str(session.id), "url": url}
+    request.session[NEW_LINK_KEY] = {"session": str(session.id), "token": token}
 
 
 def take_new_link(request: HttpRequest, session: AgentSession) -> dict[str, Any]:
     """The new link made for this session by this browser, if any: shown once."""
-    held = request.session.get(NEW_LINK_KEY)
+    held = request.session.pop(NEW_LINK_KEY, None)
     if not isinstance(held, dict) or held.get("session") != str(session.id):
         return {}
-    del request.session[NEW_LINK_KEY]
-    return {"new_link_url": held.get("url", "")}
+    token = str(held.get("token", ""))
+    return {"new_link_url": request.build_absolute_uri(f"/share/{token}/")} if token else {}
 
 
 def revoke(links: list[ShareLink], by: Any, *, reason: str = "") -> None:

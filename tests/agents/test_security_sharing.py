@@ -249,6 +249,25 @@ def test_it_shows_a_link_made_without_htmx_once_and_keeps_it_out_of_cookies(oc, 
     assert token not in client.get(response.url).content.decode()
 
 
+def test_it_keeps_a_new_links_token_on_the_server_for_one_page_only(oc, alice):
+    from django.contrib.sessions.models import Session
+
+    session = _session(alice)
+    other = AgentSession.objects.create(sandbox=session.sandbox, upstream_id="ses-other")
+    client = _signed_in(alice)
+    response = client.post(reverse("share_create", args=[session.id]), {"expiry": "7d"})
+    assert response.status_code == 302
+
+    def stored() -> str:
+        return "".join(str(s.get_decoded()) for s in Session.objects.all())
+
+    assert "/share/" not in stored(), "the token alone is kept, not a ready-made URL"
+    # The browser goes elsewhere instead of following the redirect: the token is dropped.
+    assert client.get(other.get_absolute_url()).status_code == 200
+    assert "porthole_new_share_link" not in stored()
+    assert "shown only once" not in client.get(response.url).content.decode()
+
+
 # -- sockets close whoever takes the right away ----------------------------------------------------
 
 

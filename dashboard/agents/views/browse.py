@@ -81,4 +81,4 @@ def session_detail(request: HttpRequest, session_id: str) -> HttpResponse:
 def older_events(request: HttpRequest, session_id: str) -> HttpResponse:
     """The page of events before `before`, for "load older" (prepended above the timeline)."""
     session, _ = access.session_for_user(request.user, session_id)
-    return older(request, session, None)
+    return older(request, session)

@@ -48,10 +48,10 @@ def share_create(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
         label=link.label,
         expires_at=link.expires_at.isoformat() if link.expires_at else None,
     )
-    url = request.build_absolute_uri(f"/share/{token}/")
     if not request.htmx:
-        sharing.hold_new_link(request, session, url)
+        sharing.hold_new_link(request, session, token)
         return redirect(session)
+    url = request.build_absolute_uri(f"/share/{token}/")
     return _panel(request, session, new_link_url=url, new_link=link)
 
 
@@ -69,12 +69,11 @@ def share_revoke(request: HtmxHttpRequest, link_id: int) -> HttpResponse:
 @require_GET
 def share_page(request: HttpRequest, token: str) -> HttpResponse:
     link, session, rights = access.session_for_link(token)
-    link.token = token  # type: ignore[attr-defined]  # for this request only, never stored
     ShareLink.objects.filter(pk=link.pk).update(
         last_used_at=timezone.now(), use_count=F("use_count") + 1
     )
     access.remember_share(request, link)
-    context = session_context(request, session, rights, share=link)
+    context = session_context(request, session, rights, share_token=token)
     response = render(request, "agents/session.html", context)
     response["Referrer-Policy"] = "no-referrer"  # the token is in this page's URL
     response["Cache-Control"] = "private, no-store"
@@ -83,6 +82,5 @@ def share_page(request: HttpRequest, token: str) -> HttpResponse:
 
 @require_GET
 def share_older(request: HttpRequest, token: str) -> HttpResponse:
-    link, session, _ = access.session_for_link(token)
-    link.token = token  # type: ignore[attr-defined]
-    return older(request, session, link)
+    _, session, _ = access.session_for_link(token)
+    return older(request, session, token)
