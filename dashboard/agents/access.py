@@ -254,8 +254,16 @@ def link_is_live(link: ShareLink) -> bool:
     return link.is_active and link.created_by is not None and can_share(link.created_by)
 
 
+TOKEN_MAX_LENGTH = 200  # ours are 43 characters; anything much longer is not worth hashing
+
+
+def plausible_token(token: str) -> bool:
+    """Whether `token` could be a share link's at all (checked before any hashing or query)."""
+    return 0 < len(token) <= TOKEN_MAX_LENGTH
+
+
 def active_link(token: str) -> ShareLink | None:
-    if not token or len(token) > 200:
+    if not plausible_token(token):
         return None
     link = (
         ShareLink.objects.select_related(

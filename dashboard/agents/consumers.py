@@ -39,7 +39,7 @@ _viewable_session = database_sync_to_async(access.viewable_session)
 
 @database_sync_to_async
 def _link_id(token: str) -> int | None:
-    if not token or len(token) > 200:
+    if not access.plausible_token(token):
         return None
     return (
         ShareLink.objects.filter(token_hash=access.hash_token(token))

