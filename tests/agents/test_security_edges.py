@@ -175,6 +175,7 @@ async def test_it_refuses_an_unknown_socket_path_cleanly(alice, path):
     socket = await communicator(path, alice)
     connected, code = await socket.connect()  # raised "No route found" before
     assert not connected
+    assert code == 1000, "a plain refusal (WebsocketDenier), not 1011 for a server error"
 
 
 async def _http(path: bytes) -> int:
