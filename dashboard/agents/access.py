@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group, Permission
+from django.contrib.auth.models import AnonymousUser, Group, Permission, User
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.http import Http404, HttpRequest
@@ -39,6 +40,8 @@ ROLE_PERMISSIONS = {
     ],
 }
 SHARE_SESSION_KEY = "porthole_share_links"
+# Who a request or a socket is: signed in or not. Creators, actors and role holders are Users.
+Person = User | AnonymousUser
 EXPIRIES = {
     "1h": ("1 hour", timedelta(hours=1)),
     "1d": ("1 day", timedelta(days=1)),
@@ -50,25 +53,25 @@ EXPIRIES = {
 # -- permissions ---------------------------------------------------------------------------------
 
 
-def can_view(user: Any) -> bool:
+def can_view(user: Person) -> bool:
     return bool(
         user.is_authenticated and user.is_active and user.has_perm("agents.view_agentsession")
     )
 
 
-def can_steer(user: Any) -> bool:
+def can_steer(user: Person) -> bool:
     return bool(user.is_authenticated and user.has_perm("agents.steer_agentsession"))
 
 
-def can_share(user: Any) -> bool:
+def can_share(user: Person) -> bool:
     return bool(user.is_authenticated and user.has_perm("agents.share_agentsession"))
 
 
-def can_manage_people(user: Any) -> bool:
+def can_manage_people(user: Person) -> bool:
     return bool(user.is_authenticated and user.has_perm("agents.manage_people"))
 
 
-def can_kill_sandbox(user: Any, sandbox: Sandbox | None) -> bool:
+def can_kill_sandbox(user: Person, sandbox: Sandbox | None) -> bool:
     if not can_steer(user):
         return False
     if user.has_perm("agents.kill_any_sandbox"):
@@ -76,14 +79,14 @@ def can_kill_sandbox(user: Any, sandbox: Sandbox | None) -> bool:
     return sandbox is not None and sandbox.created_by_id == user.pk
 
 
-def can_revoke(user: Any, link: ShareLink) -> bool:
+def can_revoke(user: Person, link: ShareLink) -> bool:
     if not can_share(user):
         return False
     return bool(link.created_by_id == user.pk or user.has_perm("agents.revoke_any_sharelink"))
 
 
-def require(check: Callable[[Any], bool], message: str) -> Callable[[Any], None]:
-    def enforce(user: Any) -> None:
+def require(check: Callable[[Person], bool], message: str) -> Callable[[Person], None]:
+    def enforce(user: Person) -> None:
         if not check(user):
             raise PermissionDenied(message)
 
@@ -124,7 +127,7 @@ class SessionRights:
 READ_ONLY = SessionRights()
 
 
-def session_for_user(user: Any, session_id: UUID | str) -> tuple[AgentSession, SessionRights]:
+def session_for_user(user: Person, session_id: UUID | str) -> tuple[AgentSession, SessionRights]:
     """The session and what `user` may do with it.
 
     PermissionDenied without the viewer role; Http404 when there is no such session.
@@ -146,10 +149,11 @@ def session_for_user(user: Any, session_id: UUID | str) -> tuple[AgentSession, S
 
 
 def viewable_session(
-    user: Any, session_id: UUID | str
+    user: object, session_id: UUID | str
 ) -> tuple[AgentSession, SessionRights] | None:
-    """`session_for_user` for sockets, which refuse rather than raise: None if not allowed."""
-    if user is None:
+    """`session_for_user` for sockets, which refuse rather than raise: None if not allowed.
+    `user` is the socket's scope user (lazy, or missing without the auth middleware)."""
+    if not isinstance(user, User | AnonymousUser):
         return None
     try:
         return session_for_user(user, session_id)
@@ -165,7 +169,7 @@ def session_for_link(token: str) -> tuple[ShareLink, AgentSession, SessionRights
     return link, link.session, READ_ONLY
 
 
-def link_for_user(user: Any, link_id: int) -> tuple[ShareLink, bool]:
+def link_for_user(user: Person, link_id: int) -> tuple[ShareLink, bool]:
     """The share link and whether `user` may revoke it. Http404 when there is none."""
     link = ShareLink.objects.select_related("session").filter(pk=link_id).first()
     if link is None:
@@ -178,7 +182,7 @@ def may_see_session(request: HttpRequest, session_id: UUID | str) -> bool:
     return can_view(request.user) or shares_session(request, session_id)
 
 
-def sandbox_for_user(user: Any, upstream_id: str) -> tuple[Sandbox | None, bool]:
+def sandbox_for_user(user: Person, upstream_id: str) -> tuple[Sandbox | None, bool]:
     """The sandbox Porthole knows by this upstream id (None if it never recorded it), and
     whether `user` may kill it. PermissionDenied without the operator role."""
     require_steer(user)
@@ -189,7 +193,7 @@ def sandbox_for_user(user: Any, upstream_id: str) -> tuple[Sandbox | None, bool]
 # -- roles ---------------------------------------------------------------------------------------
 
 
-def role_of(user: Any) -> str:
+def role_of(user: User) -> str:
     if user.is_superuser:
         return "admin"
     names = {g.name for g in user.groups.all()}
@@ -211,7 +215,7 @@ def role_group(role: str) -> Group:
     return group
 
 
-def set_role(user: Any, role: str) -> None:
+def set_role(user: User, role: str) -> None:
     if role and role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
     with transaction.atomic():
@@ -233,7 +237,7 @@ def hash_token(token: str) -> str:
 
 
 def create_share_link(
-    session: AgentSession, user: Any, *, label: str, expiry: str
+    session: AgentSession, user: User, *, label: str, expiry: str
 ) -> tuple[ShareLink, str]:
     """A new link and its token; the token is shown once and never stored."""
     token = secrets.token_urlsafe(32)
@@ -302,16 +306,16 @@ def needs_setup() -> bool:
 # -- audit ---------------------------------------------------------------------------------------
 
 
-def audit(actor: Any, action: str, target: object = "", **details: Any) -> None:
+def audit(actor: Person | None, action: str, target: object = "", **details: Any) -> None:
     AuditEntry.objects.create(
-        actor=actor if getattr(actor, "is_authenticated", False) else None,
+        actor=actor if isinstance(actor, User) else None,
         action=action,
         target=str(target)[:200],
         details=details,
     )
 
 
-def setup_token(data_dir: Any) -> str:
+def setup_token(data_dir: str | os.PathLike[str]) -> str:
     """The one-time token that opens /setup/ from elsewhere than this machine."""
     from pathlib import Path
 
@@ -325,7 +329,7 @@ def setup_token(data_dir: Any) -> str:
     return token
 
 
-def forget_setup_token(data_dir: Any) -> None:
+def forget_setup_token(data_dir: str | os.PathLike[str]) -> None:
     from pathlib import Path
 
     (Path(data_dir) / "setup-token").unlink(missing_ok=True)

@@ -25,8 +25,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, User
 from django.contrib.sessions.models import Session
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_save, pre_delete
@@ -39,7 +38,6 @@ from dashboard.agents.recording import user_group
 
 log = logging.getLogger(__name__)
 
-User = get_user_model()
 # Saving only these fields cannot change what anyone may do (a sign-in saves last_login).
 _HARMLESS_FIELDS = {"last_login", "password", "email", "first_name", "last_name"}
 _DB_SESSION_ENGINES = {
@@ -62,7 +60,7 @@ def rights_changed(user_ids: Iterable[Any]) -> None:
             end_links_of(user)
 
 
-def sign_out_everywhere(user: Any) -> None:
+def sign_out_everywhere(user: User) -> None:
     """Delete the person's Django sessions (their sockets close in `rights_changed`)."""
     if settings.SESSION_ENGINE in _DB_SESSION_ENGINES:
         key = str(user.pk)
@@ -84,7 +82,7 @@ def sign_out_everywhere(user: Any) -> None:
         )
 
 
-def end_links_of(user: Any) -> None:
+def end_links_of(user: User) -> None:
     """The person may no longer share: the links they made die, and their sockets close."""
     links = list(ShareLink.objects.filter(created_by=user, revoked_at__isnull=True))
     sharing.revoke(links, None, reason="its creator may no longer share")

@@ -6,16 +6,18 @@ module imports no view.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django import forms
+from django.contrib.auth.models import User
 from django.http import HttpRequest
 from django.utils import timezone
 
 from dashboard.agents import access
-from dashboard.agents.access import EXPIRIES
+from dashboard.agents.access import EXPIRIES, Person
 from dashboard.agents.models import AgentSession, ShareLink
 
 NEW_LINK_KEY = "porthole_new_share_link"
@@ -32,7 +34,7 @@ class ShareLinkForm(forms.Form):
     )
 
 
-def share_panel_context(user: Any, session: AgentSession) -> dict[str, Any]:
+def share_panel_context(user: Person, session: AgentSession) -> dict[str, Any]:
     links = list(session.share_links.select_related("created_by").order_by("-created_at"))
     revocable = {link.pk for link in links if access.can_revoke(user, link)}
     return {"share_links": links, "revocable": revocable, "share_form": ShareLinkForm()}
@@ -59,13 +61,13 @@ def take_new_link(request: HttpRequest, session: AgentSession) -> dict[str, Any]
     return {"new_link_url": request.build_absolute_uri(f"/share/{token}/")} if token else {}
 
 
-def revoke(links: list[ShareLink], by: Any, *, reason: str = "") -> None:
+def revoke(links: list[ShareLink], by: Person | None, *, reason: str = "") -> None:
     """Revoke these links (those not revoked yet), audit it, and close their sockets."""
     live = [link for link in links if link.revoked_at is None]
     if not live:
         return
     ShareLink.objects.filter(pk__in=[link.pk for link in live], revoked_at__isnull=True).update(
-        revoked_at=timezone.now(), revoked_by=by if getattr(by, "pk", None) else None
+        revoked_at=timezone.now(), revoked_by=by if isinstance(by, User) else None
     )
     for link in live:
         details = {"link": link.pk, **({"reason": reason} if reason else {})}
@@ -73,7 +75,7 @@ def revoke(links: list[ShareLink], by: Any, *, reason: str = "") -> None:
     close_sockets(link.pk for link in live)
 
 
-def close_sockets(link_ids: Any) -> None:
+def close_sockets(link_ids: Iterable[int]) -> None:
     """Every socket opened through these links closes now, whichever worker holds it."""
     layer = get_channel_layer()
     if layer is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.db.models import F
 from django.http import HttpRequest, HttpResponse
@@ -29,19 +30,22 @@ def _panel(request: HttpRequest, session: AgentSession, **extra: Any) -> HttpRes
 
 @require_POST
 def share_create(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
-    access.require_share(request.user)
-    session, _ = access.session_for_user(request.user, session_id)
+    user = request.user
+    access.require_share(user)
+    if not isinstance(user, User):  # signed in: require_share says so; for the type checker
+        raise PermissionDenied("Sign in to share.")
+    session, _ = access.session_for_user(user, session_id)
     form = ShareLinkForm(request.POST)
     if not form.is_valid():
         return _panel(request, session, share_error="Choose how long the link lasts.")
     link, token = access.create_share_link(
         session,
-        request.user,
+        user,
         label=form.cleaned_data["label"],
         expiry=form.cleaned_data["expiry"],
     )
     access.audit(
-        request.user,
+        user,
         "share.create",
         session.id,
         link=link.pk,
