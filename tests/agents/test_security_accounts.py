@@ -54,6 +54,8 @@ async def test_it_signs_a_deactivated_person_out_everywhere(oc, bob, dave, how):
     assert await database_sync_to_async(_sessions_of)(bob) == 2
 
     def deactivate() -> None:
+        # The People page sends nothing to sockets itself: both branches go through the
+        # model hooks (dashboard.agents.revocation), as Django admin and a shell do.
         if how == "people":
             response = _signed_in(dave).post(
                 reverse("person_update", args=[bob.pk]), {"role": "viewer"}

@@ -311,3 +311,13 @@ async def test_it_closes_link_sockets_when_the_creators_group_is_deleted(oc, ali
 
     assert await _closed(watcher) == 4403
     assert (await ShareLink.objects.aget(pk=link.pk)).revoked_at is not None
+
+
+async def test_it_closes_the_sockets_of_an_operator_made_a_viewer(oc, alice, dave):
+    """The page was authorised to steer: it closes, and a reload shows what a viewer sees."""
+    session = await database_sync_to_async(_session)()
+    page = await communicator(f"/ws/sessions/{session.id}/", alice)
+    assert (await page.connect())[0]
+    await page.send_json_to({"last_seq": 0})
+    await database_sync_to_async(_change)(dave, alice, role="viewer", active=True)
+    assert await _closed(page) == 4403
