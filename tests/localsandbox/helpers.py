@@ -111,7 +111,8 @@ class Stream:
     def exit_code(self) -> int | None:
         for frame in self.frames:
             if frame[0] == EXIT:
-                return struct.unpack(">i", frame[1:5])[0]
+                code: int = struct.unpack(">i", frame[1:5])[0]
+                return code
         return None
 
     def output(self, stream: int = STDOUT, *, start: int = 0, end: int | None = None) -> bytes:
@@ -137,13 +138,17 @@ async def start_exec(
         f"/sandboxes/{sandbox_id}/exec", json={"cmd": "sh", "args": ["-c", script], **body}
     )
     assert response.status_code == 201, response.text
-    return response.json()
+    info: dict[str, Any] = response.json()
+    return info
 
 
-async def session_info(client: httpx.AsyncClient, sandbox_id: str, session_id: str) -> dict:
+async def session_info(
+    client: httpx.AsyncClient, sandbox_id: str, session_id: str
+) -> dict[str, Any]:
     response = await client.get(f"/sandboxes/{sandbox_id}/exec")
     assert response.status_code == 200, response.text
-    return next(s for s in response.json() if s["sessionID"] == session_id)
+    sessions: list[dict[str, Any]] = response.json()
+    return next(s for s in sessions if s["sessionID"] == session_id)
 
 
 async def wait_session_exited(

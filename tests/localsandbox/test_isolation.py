@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ async def new_sandbox(api: httpx.AsyncClient, **body: Any) -> str:
 
 
 @pytest.fixture
-def canary() -> str:
+def canary() -> Iterator[str]:
     """A file of Porthole's data directory with contents no sandbox may ever print."""
     secret = "canary-" + secrets.token_hex(16)
     path = settings.DATA_DIR / "canary.txt"
