@@ -181,7 +181,11 @@ class Hub:
         if feed is None:
             feed = self.feeds[session_id] = Feed(self.layer, session_id)
         feed.viewers[viewer] = None
-        await feed.ready()
+        try:
+            await feed.ready()
+        except BaseException:  # the layer refused (or the socket went): do not keep it
+            await self.leave(session_id, viewer)
+            raise
         return feed
 
     async def leave(self, session_id: str, viewer: Viewer) -> None:
