@@ -245,7 +245,17 @@ def align(
         assemblers.setdefault(stream, JSONLineAssembler())
     items = [(stream, key(stream, line)) for stream, line in lines]
     loose = {index: stream for stream, index in first.items()}
-    k = _overlap(list(log.items), items, loose)
+    history = list(log.items)
+    if not complete and _contained(history, items, loose):
+        # Cut short before it reached the end of what was read. Checked first: with
+        # repeated lines it may also look like an overlap, and storing old lines again
+        # is worse than waiting for the next replay, which brings anything new again.
+        carried: dict[str, JSONLineAssembler] = {}
+        for stream, pending in log.pending.items():
+            carried[stream] = JSONLineAssembler()
+            carried[stream].feed(pending)
+        return Aligned(new=[], assemblers=carried)
+    k = _overlap(history, items, loose)
 
     # A stream's first line past the overlap, or its partial line, continues what we read.
     joins: dict[str, bytes] = {}
@@ -262,13 +272,6 @@ def align(
         joins[stream], overlapping = _join(pending, tail)
         joined_any = joined_any or overlapping >= MIN_EVIDENCE
 
-    if not complete and k == 0 and _contained(list(log.items), items, loose):
-        # Cut short before it reached what was read: nothing new; carry on as before.
-        carried: dict[str, JSONLineAssembler] = {}
-        for stream, pending in log.pending.items():
-            carried[stream] = JSONLineAssembler()
-            carried[stream].feed(pending)
-        return Aligned(new=[], assemblers=carried)
     if k > 0 or joined_any or not lines:
         new = lines[k:]
         for stream, whole in joins.items():
