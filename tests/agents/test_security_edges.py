@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import ApplicationCommunicator, WebsocketCommunicator
 from django.contrib.auth.models import User
@@ -14,6 +15,7 @@ from django.urls import reverse
 
 from dashboard.agents import access
 from dashboard.agents.models import AgentSession, Sandbox
+from dashboard.agents.workspace import run_in_sandbox
 from dashboard.asgi import application
 from tests.agents.helpers import communicator, cookie_for
 
@@ -215,3 +217,59 @@ async def test_it_answers_a_path_out_of_static_with_a_clean_4xx(db, path):
 
 async def test_it_still_serves_static_files(db):
     assert await _http(b"/static/porthole/app.css") == 200
+
+
+# -- a viewer's look at a diff runs nothing the sandbox configured ---------------------------------
+
+EVIL = """#!/bin/sh
+touch "$(dirname "$0")/ran-$(basename "$0")"
+if [ $# -eq 0 ]; then cat; elif [ $# -eq 1 ]; then cat "$1"; fi
+exit 0
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="workspace.py (helper 'reading') still runs `git diff` with the sandbox's own "
+    "config and attributes: a clean filter, diff.external and core.fsmonitor all run",
+)
+def test_it_runs_no_git_config_commands_when_a_viewer_reads_a_diff(oc, bob):
+    """The sandbox is hostile: its repository's config and attributes name commands that git
+    runs while diffing. A viewer's GET of the Changes panel must not run them."""
+    from tests.agents.test_reading_workspace import live_sandbox, session_in, write
+    from tests.agents.test_rendering import add_event
+
+    sandbox_id = live_sandbox(oc)
+    code, cwd_bytes = async_to_sync(run_in_sandbox)(sandbox_id, "pwd", [])
+    cwd = cwd_bytes.decode().strip()
+    hooks = {
+        "fsmonitor": "core.fsmonitor",
+        "external": "diff.external",
+        "textconv": "diff.evil.textconv",
+        "clean": "filter.evil.clean",
+    }
+    script = " && ".join(
+        [
+            f"cd {cwd}",
+            "git init -q .",
+            "printf 'a\\n' > notes.py",
+            "git add notes.py",
+            "printf 'b\\n' > notes.py",
+            "printf '*.py diff=evil filter=evil\\n' > .gitattributes",
+            *(f"printf '%s' '{EVIL}' > {cwd}/{name} && chmod +x {cwd}/{name}" for name in hooks),
+            *(f"git config {key} {cwd}/{name}" for name, key in hooks.items()),
+        ]
+    )
+    code, output = async_to_sync(run_in_sandbox)(sandbox_id, "sh", ["-c", script])
+    assert code == 0, output
+    session = session_in(sandbox_id)
+    add_event(session, "agent", write("t1", "Write", {"file_path": f"{cwd}/notes.py"}))
+
+    client = Client()
+    client.force_login(bob)  # a viewer
+    url = reverse("workspace_file", args=[session.id])
+    response = client.get(url, {"path": f"{cwd}/notes.py", "view": "diff"})
+    assert response.status_code == 200
+
+    code, ran = async_to_sync(run_in_sandbox)(sandbox_id, "sh", ["-c", f"ls {cwd}"])
+    assert not [name for name in ran.decode().split() if name.startswith("ran-")], ran
