@@ -9,6 +9,7 @@ Absent services skip this test with the reason, except under `CI=true`, where it
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,29 +62,27 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(tmp_path: Path) -> No
     )
     # A failing child says why in its last lines; the full report is kept beside them.
     report = tmp_path / "team-mode.log"
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "tests"]
+    args.append("--ignore=tests/team/test_team_mode.py")
     with report.open("w") as out:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "-rfEs",
-                "tests",
-                "--ignore=tests/team/test_team_mode.py",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=CHILD_TIMEOUT,
+        child = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
         )
+        try:
+            returncode = child.wait(timeout=CHILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # Ctrl-C: pytest tears its fixtures down (workers, servers) and prints what failed.
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            returncode = -1
     lines = report.read_text().splitlines()
     tail = "\n".join(lines[-60:])
-    assert result.returncode == 0, f"the suite failed on PostgreSQL + Redis ({report}):\n{tail}"
+    assert returncode != -1, f"the suite on PostgreSQL + Redis ran out of time ({report}):\n{tail}"
+    assert returncode == 0, f"the suite failed on PostgreSQL + Redis ({report}):\n{tail}"
     summary = lines[-1] if lines else ""
     assert " passed" in summary, tail
     # Skips in the child are the ones the SQLite run has too (e.g. no Chromium outside CI);
