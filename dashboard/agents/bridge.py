@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 15.0
 RECORD_SLICE = 100  # events per transaction and per message to viewers
+FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried at once
 
 StreamOpener = Callable[[str, str], Awaitable[ExecStream]]
 
@@ -142,6 +143,7 @@ class Bridge:
         self._log = ReadLog()
         self._assemblers: dict[str, JSONLineAssembler] = {}
         self._sent: dict[str, str | None] = {}  # stdin requests answered, by id
+        self._frames = 0  # frames the current connection delivered
 
     async def run(self) -> None:
         """Record until the session exits, is lost, or another worker takes the lease.
@@ -201,7 +203,7 @@ class Bridge:
             self._queue.put_nowait(events)
 
     async def _read(self, sandbox_id: str, session_id: str) -> None:
-        attempt = 0
+        attempt = fruitless = 0
         while True:
             if attempt:
                 await asyncio.sleep(backoff_delay(attempt - 1))
@@ -216,12 +218,17 @@ class Bridge:
             self.connections += 1
             if self.connections > 1:
                 self._hand_over([_note("reconnected", attempts=attempt + 1)])
-            live, exited = await self._follow(stream)
+            progress, exited = await self._follow(stream)
             if exited:
                 break
-            # Reconnect at once after a connection that went live; back off after one that
-            # broke before its replay ended.
-            attempt = 0 if live else attempt + 1
+            # Reconnect at once after a connection that brought something (the upstream is
+            # there: waiting only lets the ring evict more), and after a few that were cut
+            # inside a replay of what was read already; back off after the rest.
+            fruitless = 0 if progress else fruitless + 1
+            delivered = self._frames > 0
+            attempt = (
+                0 if progress or (delivered and fruitless <= FRUITLESS_AT_ONCE) else attempt + 1
+            )
             log.info("bridge %s: upstream closed; reconnecting", self.session_id)
         self.ended = True
         self._queue.put_nowait(None)
@@ -252,6 +259,7 @@ class Bridge:
         """Read one connection to its end: (whether it made progress: went live or brought
         new lines; whether the process exited)."""
         self._stream = stream
+        self._frames = 0
         replay: list[tuple[str, bytes]] = []
         live = False
         try:
@@ -261,6 +269,8 @@ class Bridge:
                 except OpenComputerError as exc:
                     log.info("bridge %s: upstream error: %s", self.session_id, exc)
                     frame = None
+                if frame is not None:
+                    self._frames += 1
                 if frame is None:
                     if not live and replay:
                         # Cut short: what did arrive is a contiguous piece of output.
