@@ -58,6 +58,7 @@ class Command(BaseCommand):
 
         from dashboard.agents.supervisor import BridgeSupervisor, worker_id
         from dashboard.asgi import application
+        from dashboard.awareness.dispatcher import run_forever as run_webhooks
 
         child = None
         if not settings.OPENCOMPUTER_API_URL:
@@ -80,6 +81,9 @@ class Command(BaseCommand):
         def start_supervisor() -> None:
             if supervisor is not None:
                 twisted_loop.create_task(supervisor.run(), name="bridge-supervisor")
+                # One machine, one command: webhooks go out from here too (several workers
+                # may each run a dispatcher; deliveries stay at most once per event).
+                twisted_loop.create_task(run_webhooks(), name="webhooks")
 
         reactor.callWhenRunning(start_supervisor)
         host, port = options["host"], options["port"]
@@ -110,7 +114,6 @@ class Command(BaseCommand):
 
     def _start_localsandbox(self, port: int, agent: str) -> subprocess.Popen[str]:
         key = secrets.token_urlsafe(24)
-        data_dir = Path(settings.DATA_DIR) / "localsandbox"
         command = [
             sys.executable,
             str(Path(settings.BASE_DIR) / "manage.py"),
@@ -119,10 +122,6 @@ class Command(BaseCommand):
             "127.0.0.1",
             "--port",
             str(port),
-            "--api-key",
-            key,
-            "--data-dir",
-            str(data_dir),
             "--agent",
             agent,
         ]
