@@ -226,7 +226,10 @@ def append_events(
         if lease is not None:
             fence(lease)
         session = (
-            AgentSession.objects.select_for_update().select_related("sandbox").get(id=session_id)
+            # of=self: locking the sandbox row too deadlocks two sessions of one sandbox.
+            AgentSession.objects.select_for_update(of=("self",))
+            .select_related("sandbox")
+            .get(id=session_id)
         )
         before = _state(session)
         rows = []
