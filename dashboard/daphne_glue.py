@@ -46,12 +46,12 @@ async def reject_websocket(send: Send, status: int, reason: str) -> None:
     protocol = _daphne_protocol(send)
     handshake = getattr(protocol, "handshake_deferred", None)
     server = getattr(protocol, "server", None)
-    if handshake is not None and server is not None:
+    if protocol is not None and handshake is not None and server is not None:
         from autobahn.websocket.types import ConnectionDeny
 
         # What Daphne's own serverReject() does, with our status instead of 403.
         del protocol.handshake_deferred
-        handshake.errback(ConnectionDeny(code=status, reason=reason[:200]))
+        handshake.errback(ConnectionDeny(code=status, reason=reason[:200]))  # type: ignore[no-untyped-call]
         server.protocol_disconnected(protocol)
         return
     await send({"type": "websocket.close", "code": 1008})

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from channels.exceptions import ChannelFull
-from channels_redis.core import (  # type: ignore[import-untyped]
+from channels_redis.core import (
     RedisChannelLayer as StockRedisChannelLayer,
 )
 from redis.asyncio import BlockingConnectionPool

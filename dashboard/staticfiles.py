@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from whitenoise.storage import (  # type: ignore[import-untyped]
+from whitenoise.storage import (
     CompressedManifestStaticFilesStorage,
 )
 

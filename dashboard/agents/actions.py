@@ -12,13 +12,13 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils import timezone
 
 from dashboard.agents import leases, upstream
 from dashboard.agents.masking import mask_text
-from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.models import AgentSession, Event, Sandbox, SessionId
 from dashboard.agents.recording import SESSIONS_GROUP, NewEvent, publish, record
 from dashboard.agents.stdin import send_stdin
 from dashboard.agents.supervisor import wake_supervisors
@@ -51,7 +51,7 @@ class NotDelivered(Exception):
     """A control line no bridge took to the agent; the timeline says so too."""
 
 
-async def note(session_id: object, data: dict[str, Any], actor: Any = None) -> None:
+async def note(session_id: SessionId, data: dict[str, Any], actor: Any = None) -> None:
     """Record a dashboard action in the timeline and announce it."""
     actor_id = getattr(actor, "pk", None)
     event = NewEvent.ours(Event.Source.DASHBOARD, data, actor_id=actor_id)
@@ -59,12 +59,12 @@ async def note(session_id: object, data: dict[str, Any], actor: Any = None) -> N
     await publish(messages)
 
 
-async def _failed(session_id: object, action: str, exc: OpenComputerError) -> None:
+async def _failed(session_id: SessionId, action: str, exc: OpenComputerError) -> None:
     await note(session_id, {"type": "action_failed", "action": action, "message": _shown(exc)})
 
 
 async def _new_sandbox(
-    user: AbstractBaseUser, template: str, idle_timeout: int, envs: dict[str, str]
+    user: User, template: str, idle_timeout: int, envs: dict[str, str]
 ) -> Sandbox:
     info = await upstream.client().create_sandbox(
         template=template or "base",

@@ -37,7 +37,7 @@ from django.db import connections
 from dashboard.agents import leases, upstream
 from dashboard.agents.alignment import HISTORY_BYTES, Aligned, ReadLog, align
 from dashboard.agents.leases import Lease, LeaseLost
-from dashboard.agents.models import AgentSession, Event
+from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.recording import Message, NewEvent, bridge_group, publish, record
 from dashboard.agents.rendering import ToolIndex
 from dashboard.agents.stdin import acknowledge
@@ -77,17 +77,17 @@ def stored_form(source: str, line: Line) -> str:
 
 
 @database_sync_to_async
-def _load_session(session_id: object) -> AgentSession:
+def _load_session(session_id: SessionId) -> AgentSession:
     return AgentSession.objects.select_related("sandbox").get(id=session_id)
 
 
 @database_sync_to_async
-def _stored_log(session_id: object) -> ReadLog:
+def _stored_log(session_id: SessionId) -> ReadLog:
     """What earlier bridges stored, as a read log: the last lines, reaching past the ring."""
     items: list[tuple[str, str]] = []
     size = 0
     rows = (
-        Event.objects.filter(session_id=session_id)
+        Event.objects.filter(session__pk=session_id)
         .exclude(source=Event.Source.DASHBOARD)
         .order_by("-seq")
         .values_list("source", "type", "raw")
@@ -114,7 +114,7 @@ def _record(events: list[NewEvent], tools: ToolIndex, lease: Lease) -> list[Mess
 
 
 @database_sync_to_async
-def _tool_index(session_id: object) -> ToolIndex:
+def _tool_index(session_id: SessionId) -> ToolIndex:
     session = AgentSession.objects.get(id=session_id)
     return ToolIndex.for_session(session, [])
 

@@ -34,7 +34,7 @@ from django.db import connection, transaction
 from django.db.models import DateTimeField, Expression, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
-from dashboard.agents.models import AgentSession, BridgeWorker
+from dashboard.agents.models import AgentSession, BridgeWorker, SessionId
 
 LEASE_SECONDS = 10.0
 RENEW_SECONDS = 3.0
@@ -145,12 +145,12 @@ def current(session_id: str, owner: str) -> Lease | None:
     return None if epoch is None else Lease(session_id, owner, epoch)
 
 
-def held(session_id: object) -> bool:
+def held(session_id: SessionId) -> bool:
     """Whether some worker holds the session's lease now (by the database's clock)."""
     return AgentSession.objects.filter(id=session_id, bridge_lease_until__gt=Now()).exists()
 
 
-def unbridged(session_id: object) -> bool:
+def unbridged(session_id: SessionId) -> bool:
     """A live session no lease has covered for `UNBRIDGED_WARNING_SECONDS`: nothing records
     it (no `bridges` process, or every one of them is stuck)."""
     grace = Now() - timedelta(seconds=UNBRIDGED_WARNING_SECONDS)

@@ -26,6 +26,10 @@ MARKDOWN_LEAD = re.compile(r"^(?:#{1,6}\s+|>\s*|[-*+]\s+|\d+[.)]\s+)+")
 MARKDOWN_EMPHASIS = re.compile(r"(\*\*|\*|`)(.+?)\1")  # not _: snake_case is common
 
 
+# What code passes around for a session: its primary key, or that key as text.
+SessionId = uuid.UUID | str
+
+
 class Sandbox(models.Model):
     class Status(models.TextChoices):
         RUNNING = "running", "Running"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from axes.models import AccessAttempt  # type: ignore[import-untyped]
+from axes.models import AccessAttempt
 from django import forms
 from django.conf import settings
 from django.contrib import messages
@@ -77,7 +77,7 @@ def correct_password_of_someone_who_did_not_fail(
 class SetupForm(UserCreationForm):  # type: ignore[type-arg]
     email = forms.EmailField(required=False)
 
-    class Meta(UserCreationForm.Meta):  # type: ignore[name-defined,misc]
+    class Meta(UserCreationForm.Meta):
         model = User
         fields = ("username", "email")
 
@@ -113,17 +113,15 @@ def setup(request: HttpRequest) -> HttpResponse:
 class NewPersonForm(UserCreationForm):  # type: ignore[type-arg]
     role = forms.ChoiceField(choices=[(r, r.title()) for r in access.ROLES], initial="viewer")
 
-    class Meta(UserCreationForm.Meta):  # type: ignore[name-defined,misc]
+    class Meta(UserCreationForm.Meta):
         model = User
         fields = ("username", "email")
 
 
 def _people_context(request: HttpRequest, form: NewPersonForm | None = None) -> dict[str, Any]:
-    people = list(User.objects.prefetch_related("groups").order_by("username"))
-    for person in people:
-        person.role = access.role_of(person)
+    people = User.objects.prefetch_related("groups").order_by("username")
     return {
-        "people": people,
+        "people": [(person, access.role_of(person)) for person in people],
         "roles": access.ROLES,
         "form": form or NewPersonForm(),
         "audit": AuditEntry.objects.select_related("actor")[:50],

@@ -26,7 +26,7 @@ from django.utils import timezone
 from dashboard.agents.forms import controls_context
 from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, fence
 from dashboard.agents.masking import mask_line
-from dashboard.agents.models import AgentSession, Event
+from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import ToolIndex, render_event_oob
 from dashboard.search.index import index_events
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 SESSIONS_GROUP = "sessions"
 
 
-def session_group(session_id: object) -> str:
+def session_group(session_id: SessionId) -> str:
     return f"session.{session_id}"
 
 
@@ -44,7 +44,7 @@ def user_group(user_id: object) -> str:
     return f"user.{user_id}"
 
 
-def bridge_group(session_id: object) -> str:
+def bridge_group(session_id: SessionId) -> str:
     return f"bridge.{session_id}"
 
 
@@ -206,7 +206,7 @@ def _state(session: AgentSession) -> tuple[object, ...]:
 
 
 def append_events(
-    session_id: object,
+    session_id: SessionId,
     new_events: Sequence[NewEvent],
     *,
     lease: Lease | None = None,
@@ -295,7 +295,7 @@ def quarantined(event: NewEvent, reason: str) -> NewEvent:
 
 
 def _append_isolating(
-    session_id: object, new_events: Sequence[NewEvent], lease: Lease | None
+    session_id: SessionId, new_events: Sequence[NewEvent], lease: Lease | None
 ) -> Appended:
     """Append a batch; if its content makes the write fail, store the lines one by one and
     keep each one that still fails as a quarantined raw event. Never a crash loop."""
@@ -335,7 +335,7 @@ def _rendered(event: Event, tools: ToolIndex) -> str | None:
 
 
 def record(
-    session_id: object,
+    session_id: SessionId,
     new_events: Sequence[NewEvent],
     *,
     tools: ToolIndex | None = None,
@@ -382,7 +382,7 @@ async def publish(messages: Iterable[Message]) -> None:
 
 
 def record_and_publish(
-    session_id: object, new_events: Sequence[NewEvent], **kwargs: Any
+    session_id: SessionId, new_events: Sequence[NewEvent], **kwargs: Any
 ) -> Appended:
     """For synchronous callers (views): store, render and announce in one call."""
     appended, messages = record(session_id, new_events, **kwargs)

@@ -16,6 +16,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from dashboard.agents.models import SessionId
 from dashboard.agents.recording import bridge_group
 
 ACK_TIMEOUT = 5.0  # how long a person's configure waits for a bridge to take it
@@ -32,7 +33,7 @@ async def acknowledge(reply: object, problem: str | None) -> None:
 
 
 async def send_stdin(
-    session_id: object, line: dict[str, Any], *, wait: float = ACK_TIMEOUT
+    session_id: SessionId, line: dict[str, Any], *, wait: float = ACK_TIMEOUT
 ) -> str | None:
     """Ask the bridge holding a session to write a line to the agent's stdin; None once it
     acknowledged, else why not (no bridge answered in `wait` seconds, or it could not send).

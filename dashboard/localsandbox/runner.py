@@ -208,8 +208,8 @@ def serve(options: ServerOptions, out: TextIO | None = None) -> int:
     validate(options)
     out = out or sys.stdout
     # Importing daphne.server installs Twisted's asyncio reactor; it must come first.
-    from daphne.endpoints import build_endpoint_description_strings  # type: ignore[import-untyped]
-    from daphne.server import Server  # type: ignore[import-untyped]
+    from daphne.endpoints import build_endpoint_description_strings
+    from daphne.server import Server
     from twisted.internet import defer, reactor
 
     from .server import LocalSandboxApp
