@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-# TODO(recording): inc(n) after each committed batch in recording.append_events.
+# Counted by recording.record after each committed batch.
 EVENTS_RECORDED = Counter(
     "porthole_events_recorded", "Events this process recorded (committed to the database)"
 )
@@ -25,7 +25,7 @@ RECORDING_LAG = Histogram(
     "Time from reading a frame upstream to committing its events",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-# TODO(bridge): inc() on every upstream reconnect (where the `reconnected` event is recorded).
+# Counted by the bridge where it records `reconnected`.
 UPSTREAM_RECONNECTS = Counter(
     "porthole_upstream_reconnects", "Upstream exec sockets this process reconnected"
 )
@@ -37,6 +37,6 @@ LAYER_DROPS = Counter(
     "Channel-layer messages dropped or failed in this process",
     ["reason"],
 )
-# TODO(supervisor): inc() on every lease this process claims / loses to another worker.
+# Counted by the supervisor (claims) and the bridge (fenced out by another worker).
 LEASES_CLAIMED = Counter("porthole_leases_claimed", "Bridge leases this process claimed")
 LEASES_LOST = Counter("porthole_leases_lost", "Bridge leases this process lost (fenced out)")

@@ -34,6 +34,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connections
 
+from dashboard import metrics
 from dashboard.agents import leases, upstream
 from dashboard.agents.alignment import HISTORY_BYTES, Aligned, ReadLog, align
 from dashboard.agents.leases import Lease, LeaseLost
@@ -41,6 +42,7 @@ from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.recording import Message, NewEvent, bridge_group, publish, record
 from dashboard.agents.rendering import ToolIndex
 from dashboard.agents.stdin import acknowledge
+from dashboard.logs import bind_session
 from dashboard.opencomputer import (
     ExecStream,
     Exit,
@@ -151,6 +153,7 @@ class Bridge:
         The bridge's database and rendering work runs on a thread of its own: on asgiref's
         one shared thread it would queue every consumer's database hop behind it.
         """
+        bind_session(self.session_id)  # every line this bridge logs names its session
         async with ThreadSensitiveContext():
             try:
                 await self._run()
@@ -186,6 +189,7 @@ class Bridge:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         except LeaseLost:
+            metrics.LEASES_LOST.inc()
             log.info("bridge %s: lease taken over by another worker; stopping", self.session_id)
         finally:
             for task in (reader, recorder, control):
@@ -217,6 +221,7 @@ class Bridge:
                 continue
             self.connections += 1
             if self.connections > 1:
+                metrics.UPSTREAM_RECONNECTS.inc()
                 self._hand_over([_note("reconnected", attempts=attempt + 1)])
             progress, exited = await self._follow(stream)
             if exited:

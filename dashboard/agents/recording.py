@@ -23,6 +23,7 @@ from django.db import DataError, IntegrityError, transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
 
+from dashboard import metrics
 from dashboard.agents.forms import controls_context
 from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, fence
 from dashboard.agents.masking import mask_line
@@ -349,6 +350,7 @@ def record(
         return append_events(session_id, [], lease=lease), []
     appended = _append_isolating(session_id, new_events, lease)
     index_events(appended.events)  # full-text search (dashboard.search); never raises
+    metrics.EVENTS_RECORDED.inc(len(appended.events))
     tools = tools if tools is not None else ToolIndex()
     items = []
     for event in appended.events:

@@ -25,6 +25,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from dashboard import metrics
 from dashboard.agents import leases
 from dashboard.agents.bridge import Bridge, backoff_delay
 from dashboard.agents.leases import Lease
@@ -80,6 +81,7 @@ class BridgeSupervisor:
         except Exception:
             log.exception("bridge supervisor: cannot claim sessions")
             return []
+        metrics.LEASES_CLAIMED.inc(len(claimed))
         for lease in claimed:
             bridge = Bridge(lease.session_id, self.owner, lease=lease)
             self.bridges[lease.session_id] = asyncio.create_task(
