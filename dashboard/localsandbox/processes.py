@@ -11,6 +11,9 @@ Exit is watched through a pidfd rather than through the pipes: a background gran
 inherited stdout must not keep the session "running" after its own process has exited.
 When the process exits, whatever it wrote is already in the pipes; that is drained at once,
 then the exit is published.
+
+Why a little over 400 lines: spawning, signalling and watching the exit share one session's
+pidfd, pipes and process tree, and read best together.
 """
 
 from __future__ import annotations

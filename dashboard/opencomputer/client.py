@@ -5,6 +5,9 @@ It speaks what the official ``opencomputer-sdk`` 1.x speaks on the wire: base UR
 bodies with only the keys that are set, and ``x-oc-sdk-version`` on sandbox creation (the
 cloud routes an un-pinned organisation's creates by that version). Exec streams use the
 TypeScript SDK's habit: ``<api as ws(s)>/sandboxes/{id}/exec/{sid}?api_key=<key>``.
+
+Why one module of over 400 lines: every call shares the request envelope, the error
+mapping and the key redaction; split by resource, each part would repeat them.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ the real OpenComputer wrapper forwards). Around them the wrapper adds `ready`, `
 One CLI process serves consecutive prompts, so they continue one Claude session. A `configure`
 that changes anything restarts the CLI before the next prompt with `--resume <session id>`, so
 the conversation carries on under the new settings. docs/claude-wrapper.md has the details.
+
+Why over 400 lines: the CLI's process lifecycle (start, resume, restart on configure) and
+the protocol it speaks are one state machine; split, each half would reach into the other.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ that arrive during a turn are queued; an interrupt stops only the current turn. 
 EOF the agent finishes the current and queued turns and exits 0. `configured` echoes the
 effective configuration like the Claude wrapper does (MCP env values masked, `resume` = the
 current session id).
+
+Why over 400 lines: it is the whole demo agent in one file (script language, turns,
+commands, interrupts), run inside each sandbox; its parts are only used together.
 """
 
 from __future__ import annotations
