@@ -1,7 +1,8 @@
 """The Changes panel: files the agent wrote or edited, from the recorded tool calls, and, on
-demand while the sandbox lives, a file's current content or its `git diff`, fetched by
-running a command in the sandbox through the exec API (an exec session, read through its
-WebSocket until it exits).
+demand while the sandbox lives, a file's current content or its diff against git's index,
+fetched by running a command in the sandbox through the exec API (an exec session, read
+through its WebSocket until it exits). The diff is made here from the two copies, never by
+`git diff`, which runs commands the sandbox's repository names (filters, diff.external...).
 
 Only paths the session's own calls wrote can be fetched (a viewer cannot read arbitrary
 files of the sandbox through this), each passed as one argv element (no shell), the output
@@ -11,6 +12,8 @@ capped. When the sandbox is gone the list stays, marked stale, and nothing is fe
 from __future__ import annotations
 
 import asyncio
+import difflib
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,28 +135,79 @@ class Fetched:
     error: str = ""
 
 
+# Only a regular file is read: `head` on a FIFO or a device the agent left at that path would
+# block (or stream) until the fetch times out. The path is an argument, never shell text.
+_READ_REGULAR = 'test -f "$1" && exec head -c "$2" -- "$1"'
+
+
+async def _read_file(sandbox_id: str, path: str) -> tuple[int | None, bytes]:
+    return await run_in_sandbox(
+        sandbox_id, "sh", ["-c", _READ_REGULAR, "sh", path, str(MAX_OUTPUT + 1)]
+    )
+
+
+async def _read_index(sandbox_id: str, path: str) -> tuple[int | None, bytes]:
+    """The file's copy in git's index, read with `cat-file` (no --filters): unlike `git diff`,
+    it runs none of the commands the sandbox's repository names in its config or attributes
+    (clean/textconv filters, diff.external, core.fsmonitor), which a viewer must not trigger."""
+    directory, name = posixpath.split(path)
+    return await run_in_sandbox(
+        sandbox_id,
+        "git",
+        ["-c", "core.fsmonitor=false", "-C", directory or ".", "cat-file", "blob", f":./{name}"],
+    )
+
+
+def _decoded(data: bytes) -> str:
+    return clean_text(data[:MAX_OUTPUT].decode("utf-8", "replace"))
+
+
+def _diff_lines(text: str) -> list[str]:
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n\\ No newline at end of file\n"
+    return lines
+
+
+def unified_diff(path: str, staged: bytes, current: bytes) -> str:
+    """`git diff`'s view of one file (its index copy against the work tree), made here."""
+    if b"\0" in staged[:8000] or b"\0" in current[:8000]:
+        return "" if staged == current else f"Binary files a/{path} and b/{path} differ\n"
+    return "".join(
+        difflib.unified_diff(
+            _diff_lines(_decoded(staged)),
+            _diff_lines(_decoded(current)),
+            f"a/{path.lstrip('/')}",
+            f"b/{path.lstrip('/')}",
+        )
+    )
+
+
 async def _fetch(session: AgentSession, path: str, view: str) -> Fetched:
     fetched = Fetched(path, view)
-    if view == "diff":
-        cwd = await sync_to_async(_cwd)(session)
-        cmd, args = "git", ["--no-pager", "diff", "--no-color", "--", path]
-    else:
-        cwd, cmd, args = "", "head", ["-c", str(MAX_OUTPUT + 1), "--", path]
+    sandbox_id = session.sandbox.upstream_id
+    if view == "diff" and not path.startswith("/"):
+        path = posixpath.join(await sync_to_async(_cwd)(session) or "/", path)
     try:
-        code, output = await run_in_sandbox(session.sandbox.upstream_id, cmd, args, cwd=cwd)
+        code, output = await _read_file(sandbox_id, path)
+        if view == "diff":
+            index_code, staged = await _read_index(sandbox_id, path)
     except (OpenComputerError, OSError, TimeoutError) as exc:
         message = upstream.shown(exc) if isinstance(exc, OpenComputerError) else str(exc)
         fetched.error = f"Could not reach the sandbox: {message or type(exc).__name__}"
         return fetched
-    if code not in (0, None) and not output:
-        fetched.error = (
-            "Not a git repository there, or git is missing."
-            if view == "diff"
-            else "The file is not there any more (or cannot be read)."
-        )
+    if view == "diff" and index_code != 0:
+        fetched.error = "Not in a git repository's index there (or git is missing)."
+        return fetched
+    if code != 0:
+        fetched.error = "The file is not there any more (or is not a regular file)."
         return fetched
     fetched.truncated = len(output) > MAX_OUTPUT
-    text = clean_text(output[:MAX_OUTPUT].decode("utf-8", "replace"))
+    if view == "diff":
+        fetched.truncated = fetched.truncated or len(staged) > MAX_OUTPUT
+        text = unified_diff(fetched.path, staged, output)
+    else:
+        text = _decoded(output)
     if view == "diff" and not text.strip():
         fetched.text = "(no uncommitted changes to this file)"
         return fetched

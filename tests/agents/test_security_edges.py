@@ -228,16 +228,11 @@ exit 0
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workspace.py (helper 'reading') still runs `git diff` with the sandbox's own "
-    "config and attributes: a clean filter, diff.external and core.fsmonitor all run",
-)
 def test_it_runs_no_git_config_commands_when_a_viewer_reads_a_diff(oc, bob):
     """The sandbox is hostile: its repository's config and attributes name commands that git
     runs while diffing. A viewer's GET of the Changes panel must not run them."""
     from tests.agents.test_reading_workspace import live_sandbox, session_in, write
-    from tests.agents.test_rendering import add_event
+    from tests.agents.test_rendering import add_event, assert_safe
 
     sandbox_id = live_sandbox(oc)
     code, cwd_bytes = async_to_sync(run_in_sandbox)(sandbox_id, "pwd", [])
@@ -270,6 +265,31 @@ def test_it_runs_no_git_config_commands_when_a_viewer_reads_a_diff(oc, bob):
     url = reverse("workspace_file", args=[session.id])
     response = client.get(url, {"path": f"{cwd}/notes.py", "view": "diff"})
     assert response.status_code == 200
+    shown = "".join(assert_safe(response.content.decode()).text)
+    assert "-a\n+b" in shown, "still the diff of the index copy against the file"
 
     code, ran = async_to_sync(run_in_sandbox)(sandbox_id, "sh", ["-c", f"ls {cwd}"])
     assert not [name for name in ran.decode().split() if name.startswith("ran-")], ran
+
+
+@pytest.mark.timeout(30)
+def test_it_reads_no_fifo_left_at_a_changed_path(oc: Any, bob: User) -> None:
+    """`head` on a FIFO blocks until the fetch times out: the panel answers at once instead."""
+    from tests.agents.test_reading_workspace import live_sandbox, session_in, write
+    from tests.agents.test_rendering import add_event
+
+    sandbox_id = live_sandbox(oc)
+    code, cwd_bytes = async_to_sync(run_in_sandbox)(sandbox_id, "pwd", [])
+    path = cwd_bytes.decode().strip() + "/pipe.py"
+    code, output = async_to_sync(run_in_sandbox)(sandbox_id, "mkfifo", [path])
+    assert code == 0, output
+    session = session_in(sandbox_id)
+    add_event(session, "agent", write("t1", "Write", {"file_path": path}))
+
+    client = Client()
+    client.force_login(bob)
+    url = reverse("workspace_file", args=[session.id])
+    for view in ("content", "diff"):
+        response = client.get(url, {"path": path, "view": view})
+        assert response.status_code == 200
+        assert "Could not reach" not in response.content.decode(), view
