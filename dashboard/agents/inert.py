@@ -3,7 +3,7 @@
 Inside code blocks (as CommonMark sees them) text stays as written: every renderer shows
 it verbatim. Outside them `&` and `<` become entities (no tag, comment, autolink or entity
 trick survives), a link whose target has a scheme other than http(s)/mailto loses its `(`,
-every link reference definition its `[`, and a fence left open is closed.
+every link reference definition the `]` that ends its label, and a fence left open is closed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from dashboard.agents.rendering import clean_text, one_line
 # Link schemes a renderer may turn into a working link or image.
 SAFE_SCHEMES = frozenset({"http", "https", "mailto"})
 _LINK_TARGET = re.compile(r"\]\(([^)]{0,200})")
-_REFERENCE = re.compile(r"^( {0,3})\[(?=[^\]\n]*\]:)", re.MULTILINE)
+# The end of a link reference definition's label: a `]` that no backslash escapes, followed
+# at once by `:`. Escaping that `]` unmakes every definition, wherever its `[` is (its label
+# may span lines, and it may sit in a block quote or a list item).
+_REFERENCE = re.compile(r"(?<!\\)((?:\\\\)*)\]:")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):")
 _PARSER = MarkdownIt("commonmark")
 
@@ -35,13 +38,14 @@ def _inert(text: str) -> str:
     `&` and `<` become entities: no tag, comment, autolink or entity trick survives (code
     spans too: an HTML tag takes precedence over a code span in CommonMark, so a span is no
     shelter). A link whose target has a scheme other than http(s)/mailto loses its `(`, and
-    every link reference definition its `[`, so neither is a link any more.
+    every link reference definition the `]` that ends its label, so neither is a link any
+    more.
     """
     text = text.replace("&", "&amp;").replace("<", "&lt;")
     text = _LINK_TARGET.sub(
         lambda m: "]\\(" + m.group(1) if _unsafe_target(m.group(1)) else m.group(0), text
     )
-    return _REFERENCE.sub(r"\1\\[", text)
+    return _REFERENCE.sub(r"\1\\]:", text)
 
 
 def _closes(line: str, markup: str) -> bool:

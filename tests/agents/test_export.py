@@ -252,6 +252,43 @@ HOSTILE_TEXT = "\n".join(
         "an unclosed fence",
     ]
 )
+# Link reference definitions whose label spans lines (CommonMark allows it), in containers
+# too: each would make the reference below it a working `javascript:` link.
+HOSTILE_REFERENCES = "\n".join(
+    [
+        "[foo",
+        "bar]: javascript:alert(18)",
+        "",
+        "[foo bar]",
+        "",
+        "  [b",
+        "]: javascript:alert(19)",
+        "",
+        "[b]",
+        "",
+        "> [quo",
+        "> ted]: javascript:alert(20)",
+        "",
+        "[quo ted]",
+        "",
+        "- [li",
+        "  st]: javascript:alert(21)",
+        "",
+        "[li st]",
+        "",
+        "[nl]:",
+        "javascript:alert(22)",
+        "",
+        "[nl]",
+        "",
+        "[esc\\\\]: javascript:alert(23)",
+        "",
+        "[esc\\\\]",
+        "",
+        "[x",
+        "",
+    ]
+)
 
 
 def _hostile_session() -> AgentSession:
@@ -260,6 +297,7 @@ def _hostile_session() -> AgentSession:
     )
     user = User.objects.create_user("mallory")
     add_event(session, "dashboard", {"type": "prompt", "text": HOSTILE_TEXT}, actor=user)
+    add_event(session, "dashboard", {"type": "prompt", "text": HOSTILE_REFERENCES}, actor=user)
     add_event(session, "agent", {"type": "system", "subtype": "init", "model": "<svg onload=x>"})
     add_event(
         session,
