@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import uuid
+from contextlib import nullcontext
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -28,6 +29,7 @@ from dashboard.agents.fanout import Feed, hub_for
 from dashboard.agents.models import AgentSession, Event, ShareLink
 from dashboard.agents.recording import SESSIONS_GROUP, user_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
+from dashboard.agents.rendering.porthole import for_link_holders
 from dashboard.agents.sharing import share_group
 from dashboard.agents.viewers import Batch, Cursor, Item, StateFrames
 
@@ -61,7 +63,8 @@ def _shared_session(token: str) -> tuple[str, int, float | None] | None:
 
 
 @database_sync_to_async
-def _render_missing(session_id: str, after: int, limit: int) -> list[Item]:
+def _render_missing(session_id: str, after: int, limit: int, *, shared: bool) -> list[Item]:
+    """Events past `after` from the database, for a team member or (`shared`) a link holder."""
     session = AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
     if session is None:  # deleted while someone watched: nothing more to send
         return []
@@ -72,9 +75,10 @@ def _render_missing(session_id: str, after: int, limit: int) -> list[Item]:
     )
     tools = ToolIndex.for_session(session, events)
     rendered = []
-    for event in events:
-        event.session = session
-        rendered.append((event.seq, render_event_oob(event, tools)))
+    with for_link_holders() if shared else nullcontext():
+        for event in events:
+            event.session = session
+            rendered.append((event.seq, render_event_oob(event, tools)))
     return rendered
 
 
@@ -194,7 +198,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             if query is not None:
                 after, limit = query
                 try:
-                    items = await _render_missing(self.session_id, after, limit)
+                    items = await _render_missing(
+                        self.session_id, after, limit, shared=self.link_id is not None
+                    )
                 except BaseException:
                     self.cursor.abandon()
                     raise

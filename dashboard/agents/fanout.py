@@ -40,8 +40,27 @@ def _current_state(session_id: str) -> dict[str, str] | None:
     return None if session is None else render_state(session)
 
 
+def _for_link_holders(batch: Batch, shared: list[Any] | None) -> Batch:
+    """The batch as share-link holders get it: Porthole's own events in their rendering that
+    names nobody (`recording.record`), the agent's events the very same strings. It stops
+    before an event whose such rendering failed: the holder then catches up from the
+    database, which renders it again, never with the member's version."""
+    if not shared:
+        return batch
+    overrides = {int(seq): html for seq, html in shared}
+    items = []
+    for seq, html in batch.items:
+        if seq in overrides:
+            html = overrides[seq]
+            if html is None:
+                break
+        items.append((seq, html))
+    return Batch(tuple(items))
+
+
 class Viewer(Protocol):
     channel_name: str
+    link_id: int | None  # a share link's holder (who learns no teammate's name) when set
 
     async def live_events(self, batch: Batch) -> None: ...
 
@@ -113,9 +132,10 @@ class Feed:
         kind = message.get("type")
         if kind == "session.events" and message.get("items"):
             batch = Batch.of(message["items"])
+            shared = _for_link_holders(batch, message.get("shared"))
             self.batches += 1
             for viewer in list(self.viewers):
-                await self._hand(viewer.live_events, batch)
+                await self._hand(viewer.live_events, batch if viewer.link_id is None else shared)
         elif kind == "session.state":
             frames = StateFrames(message)
             self._latest_state = frames

@@ -29,6 +29,7 @@ from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, fence
 from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import ToolIndex, render_event_oob
+from dashboard.agents.rendering.porthole import for_link_holders, link_holder_variant
 from dashboard.search.index import index_events
 
 log = logging.getLogger(__name__)
@@ -353,16 +354,23 @@ def record(
     metrics.EVENTS_RECORDED.inc(len(appended.events))
     tools = tools if tools is not None else ToolIndex()
     items = []
+    shared: list[tuple[int, str | None]] = []  # link holders' own rendering, where it differs
     for event in appended.events:
         event.session = appended.session
         tools.observe(event)
         html = _rendered(event, tools)
         if html is not None:
             items.append((event.seq, html))
+            if link_holder_variant(event):
+                with for_link_holders():
+                    shared.append((event.seq, _rendered(event, tools)))
     messages: list[Message] = []
     group = session_group(appended.session.id)
     if items:
-        messages.append((group, {"type": "session.events", "items": items}))
+        announce: dict[str, Any] = {"type": "session.events", "items": items}
+        if shared:
+            announce["shared"] = shared
+        messages.append((group, announce))
     if appended.state_changed:
         state = render_state(appended.session)
         messages.append((group, {"type": "session.state", **state}))

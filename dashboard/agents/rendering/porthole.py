@@ -4,6 +4,9 @@ the bridge's observations (gaps, exits, lost and regained connections)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from django.core.exceptions import ObjectDoesNotExist
@@ -13,10 +16,32 @@ from dashboard.agents.rendering.agent import _notice, _pairs
 from dashboard.agents.rendering.base import DISPLAY_CAP, _number, _str, clean_text, clip, one_line
 from dashboard.agents.rendering.items import EventItem, _generic, _item
 
+# Set while rendering for share-link holders, who learn no teammate's name (they see the
+# words "a teammate" instead). Only Porthole's own events name anyone, so only they need the
+# second rendering (`link_holder_variant`); the agent's events are the same for everyone.
+_for_link_holders: ContextVar[bool] = ContextVar("for_link_holders", default=False)
+
+
+@contextmanager
+def for_link_holders() -> Iterator[None]:
+    """Render, within this block, as a share-link holder may see it."""
+    token = _for_link_holders.set(True)
+    try:
+        yield
+    finally:
+        _for_link_holders.reset(token)
+
+
+def link_holder_variant(event: Event) -> bool:
+    """Whether `event` looks different to a share-link holder (it names the person)."""
+    return event.source == Event.Source.DASHBOARD and event.actor_id is not None
+
 
 def _actor_name(event: Event) -> str:
     if event.actor_id is None:
         return "someone"
+    if _for_link_holders.get():
+        return "a teammate"
     try:
         actor = event.actor
     except ObjectDoesNotExist:  # deleted between the event's load and now

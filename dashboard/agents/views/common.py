@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from django.db.models import QuerySet
@@ -14,6 +15,7 @@ from dashboard.agents.access import SessionRights
 from dashboard.agents.forms import controls_context
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering import ToolIndex, render_event
+from dashboard.agents.rendering.porthole import for_link_holders
 from dashboard.agents.sharing import share_panel_context, take_new_link
 
 PAGE_EVENTS = 200
@@ -34,6 +36,11 @@ def _page_of_events(
     return page, ToolIndex.for_session(session, page)
 
 
+def _audience(share_token: str) -> AbstractContextManager[None]:
+    """How to render the timeline: a share link's holder learns no teammate's name."""
+    return for_link_holders() if share_token else nullcontext()
+
+
 def session_context(
     request: HttpRequest,
     session: AgentSession,
@@ -44,13 +51,14 @@ def session_context(
     """The session page, for a team member or (read-only, nothing else) a share link holder,
     who opened it with `share_token` (used for this request's links only, never stored)."""
     events, tools = _page_of_events(session, Event.objects.filter(session=session))
+    with _audience(share_token):
+        timeline_html = [render_event(e, tools) for e in events if e.source != Event.Source.STDERR]
+        stderr_html = [render_event(e, tools) for e in events if e.source == Event.Source.STDERR]
     context = {
         "session": session,
         "sandbox": session.sandbox,
-        "timeline_html": [
-            render_event(e, tools) for e in events if e.source != Event.Source.STDERR
-        ],
-        "stderr_html": [render_event(e, tools) for e in events if e.source == Event.Source.STDERR],
+        "timeline_html": timeline_html,
+        "stderr_html": stderr_html,
         "first_seq": events[0].seq if events else 0,
         "last_seq": events[-1].seq if events else 0,
         "has_older": bool(events) and events[0].seq > 1,
@@ -85,9 +93,11 @@ def older(request: HttpRequest, session: AgentSession, share_token: str = "") ->
         session,
         Event.objects.filter(session=session, seq__lt=before).exclude(source=Event.Source.STDERR),
     )
+    with _audience(share_token):
+        older_html = [render_event(e, tools) for e in events]
     context = {
         "session": session,
-        "older_html": [render_event(e, tools) for e in events],
+        "older_html": older_html,
         "first_seq": events[0].seq if events else 0,
         "has_older": bool(events) and events[0].seq > 1,
         "older_url": _older_url(session, share_token),
