@@ -9,8 +9,10 @@ length, and the first bytes leave after the first chunk.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -54,13 +56,17 @@ async def _chunked(
             return
 
 
-async def stream_jsonl(session: AgentSession, chunk: int = EXPORT_CHUNK) -> AsyncIterator[str]:
+async def stream_jsonl(
+    session: AgentSession, chunk: int = EXPORT_CHUNK
+) -> AsyncGenerator[str, None]:
     """The JSONL export, `chunk` events per database query."""
     async for text in _chunked(lambda after, limit: _jsonl_chunk(session, after, limit), chunk):
         yield text
 
 
-async def stream_markdown(session: AgentSession, chunk: int = EXPORT_CHUNK) -> AsyncIterator[str]:
+async def stream_markdown(
+    session: AgentSession, chunk: int = EXPORT_CHUNK
+) -> AsyncGenerator[str, None]:
     """The Markdown export, `chunk` events per database query; the header comes first."""
     transcript = Transcript(session)
     yield transcript.header()
@@ -98,14 +104,32 @@ class ExportSlots:
 SLOTS = ExportSlots(MAX_EXPORTS_PER_USER)
 
 
-class _Download(StreamingHttpResponse):
-    """A streamed download that gives its slot back when the server is done with it: at
-    the end, on an error, and when the browser goes away mid-download (Django closes the
-    response in every case, even one never iterated)."""
+async def _releasing(
+    content: AsyncGenerator[str, None], release: Callable[[], None]
+) -> AsyncIterator[str]:
+    try:
+        async with aclosing(content):
+            async for text in content:
+                yield text
+    finally:
+        release()
 
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kw: Any):
-        super().__init__(content, **kw)
+
+class _Download(StreamingHttpResponse):
+    """A streamed download that gives its slot back when the server is done with it.
+
+    Django closes the response when the download ends, fails in the view, or the browser
+    says it left; but when sending fails (a server whose client vanished) or the request's
+    task is cancelled, it skips close(). So the slot also comes back when the content's
+    iterator is closed or finalised (the server's `aclosing`, or the event loop), and, for a
+    response never iterated nor closed, when the response itself is collected."""
+
+    def __init__(
+        self, content: AsyncGenerator[str, None], release: Callable[[], None], **kw: Any
+    ) -> None:
+        super().__init__(_releasing(content, release), **kw)
         self._release = release
+        weakref.finalize(self, release)
 
     def close(self) -> None:
         try:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import re
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 from html.parser import HTMLParser
+from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
@@ -26,6 +29,8 @@ from dashboard.agents.export import (
     session_markdown,
 )
 from dashboard.agents.models import AgentSession, Event
+from dashboard.asgi import application
+from tests.agents.helpers import cookie_for, wait_for
 from tests.agents.test_rendering import add_event, load_transcript, make_session
 
 
@@ -477,7 +482,11 @@ def test_it_limits_concurrent_downloads_per_person(alice: User, bob: User) -> No
 
 
 @pytest.mark.django_db(transaction=True)  # the download reads in a thread of its own
-def test_it_answers_429_to_a_third_download_at_once(client: Client, alice: User) -> None:
+def test_it_answers_429_to_a_third_download_at_once(
+    client: Client, alice: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Slots of its own: a response another test left unclosed must not decide this one.
+    monkeypatch.setattr(downloads, "SLOTS", downloads.ExportSlots(downloads.MAX_EXPORTS_PER_USER))
     session = make_session()
     add_event(session, "agent", {"type": "ready"})
     client.force_login(alice)
@@ -493,3 +502,58 @@ def test_it_answers_429_to_a_third_download_at_once(client: Client, alice: User)
     for response in (second, third):
         b"".join(response)
     assert downloads.SLOTS.running == {}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_gives_the_slot_back_when_the_server_fails_mid_download(alice: User) -> None:
+    """Django closes the response only when the download ends or the browser says it left;
+    when sending fails (a server whose client vanished) or the task is cancelled, it skips
+    close(), and the slot must come back all the same."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(downloads, "SLOTS", downloads.ExportSlots(downloads.MAX_EXPORTS_PER_USER))
+    try:
+        session = await database_sync_to_async(make_session)()
+        for _ in range(3):
+            await database_sync_to_async(add_event)(session, "agent", {"type": "ready"})
+        cookie = await database_sync_to_async(cookie_for)(alice)
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": reverse("export_jsonl", args=[session.id]),
+            "query_string": b"",
+            "headers": [(b"host", b"localhost"), (b"cookie", cookie)],
+            "client": ("127.0.0.1", 50000),
+            "server": ("localhost", 80),
+        }
+        requested = False
+        started = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.Event().wait()  # the client never says it left
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                assert downloads.SLOTS.running, "the download holds a slot while it runs"
+                started.set()
+                raise OSError("the client went away")
+
+        asgi: Any = application  # (a bare ASGI call: no typed scope needed here)
+        with pytest.raises(OSError, match="went away"):
+            await asgi(scope, receive, send)
+        assert started.is_set()
+
+        async def released() -> bool:
+            gc.collect()
+            return not downloads.SLOTS.running
+
+        await wait_for(released, timeout=10)
+    finally:
+        monkeypatch.undo()
