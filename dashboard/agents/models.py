@@ -175,13 +175,6 @@ class AgentSession(models.Model):
             )
         return True
 
-    @property
-    def needs_attention(self) -> bool:
-        """Finished badly: a non-zero exit, a kill, or a lost upstream."""
-        if self.status == self.Status.EXITED:
-            return self.exit_code not in (0, None)
-        return self.status in (self.Status.KILLED, self.Status.LOST)
-
     @staticmethod
     def title_from_prompt(prompt: str) -> str:
         """The first line, without the markdown that would show as symbols in a title."""
