@@ -41,11 +41,12 @@ def start_localsandbox(
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    python: str = sys.executable,
 ) -> LocalSandbox:
     """`workspaces_dir` None: the server's own default, as `manage.py serve` leaves it."""
     key = api_key if api_key is not None else secrets.token_hex(16)
     args = [
-        sys.executable,
+        python,
         str(ROOT / "manage.py"),
         "localsandbox",
         "--host",

@@ -187,7 +187,9 @@ def new_confinement(
         for path in (workspace, tmp):
             os.chown(path, uid, uid)
     workspace.chmod(0o700)
-    tmp.chmod(0o700)
+    # Traversable, not listable: the jail starts as a capability-less root, which must pass
+    # through /tmp to an interpreter that lives under the host's /tmp (a checkout there).
+    tmp.chmod(0o711)
     return Confinement(workspace=workspace, tmp=tmp, template=template, uid=uid, readonly=readonly)
 
 
@@ -280,11 +282,16 @@ def bwrap_args(
             args += ["--ro-bind", str(entry.resolve()), str(entry)]
     seen: set[Path] = {Path("/usr"), Path("/etc")}
     python = python_paths()
+    # What lives under the host's /tmp (a checkout or virtualenv there, a CLI) is bound after
+    # the sandbox's own /tmp, which would hide it otherwise.
+    under_tmp = [path for path in python if path.is_relative_to("/tmp")]
     for path in python:
-        args += _ro_path_args(path, seen)
+        if path not in under_tmp:
+            args += _ro_path_args(path, seen)
     args += ["--bind", str(confinement.workspace), WORKSPACE]
     args += ["--bind", str(confinement.tmp), "/tmp"]
-    # After /tmp, so that a CLI that lives under the host's /tmp is not hidden by it.
+    for path in under_tmp:
+        args += _ro_path_args(path, seen)
     bound = [Path("/usr"), *python]
     for path in confinement.readonly:
         if not any(path.is_relative_to(root) for root in bound):

@@ -345,6 +345,25 @@ async def test_it_refuses_a_flag_that_is_not_a_boolean(tmp_path: Path) -> None:
         start_localsandbox(tmp_path / "ws", env={"LOCALSANDBOX_UNSAFE_NO_ISOLATION": "maybe"})
 
 
+async def test_it_runs_from_a_checkout_under_the_hosts_tmp(tmp_path: Path) -> None:
+    """CI and many operators check out under /tmp: the sandbox's own /tmp must not hide the
+    interpreter and the wrappers' code that live there."""
+    assert tmp_path.is_relative_to("/tmp"), "pytest's temporary directory is not under /tmp"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    server = start_localsandbox(
+        tmp_path / "ws", python=str(venv / "bin" / "python"), env={"PYTHONPATH": site}
+    )
+    try:
+        async with api_client(server) as api:
+            sandbox_id = await new_sandbox(api)
+            result = await run(api, sandbox_id, "echo inside; id -u")
+            assert result["stdout"].split()[0] == "inside", result
+    finally:
+        stop_localsandbox(server)
+
+
 def test_it_uses_no_user_namespace_as_root_and_one_otherwise() -> None:
     from dashboard.localsandbox import isolation
 
