@@ -9,10 +9,12 @@ Absent services skip this test with the reason, except under `CI=true`, where it
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -62,8 +64,48 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(tmp_path: Path) -> No
     )
     # A failing child says why in its last lines; the full report is kept beside them.
     report = tmp_path / "team-mode.log"
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", "tests"]
-    args.append("--ignore=tests/team/test_team_mode.py")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
+    returncode, lines = _child(
+        [*args, "tests", "--ignore=tests/team/test_team_mode.py"], env, report
+    )
+    assert returncode != -1, _said("ran out of time", report, lines)
+    failed = _failed_ids(lines)
+    if returncode != 0 and 0 < len(failed) <= MAX_RETRIED:
+        # Tests that fail only after others on a shared PostgreSQL + Redis (order or load),
+        # run once more on their own: they must pass there, and they are named as flaky.
+        again = tmp_path / "team-mode-retry.log"
+        env["PORTHOLE_DATA_DIR"] = str(tmp_path / "retry")
+        returncode, retry_lines = _child([*args, *failed], env, again)
+        assert returncode == 0, _said("failed, and again on their own", again, retry_lines)
+        warnings.warn(
+            "passed on PostgreSQL + Redis only when run again on their own (flaky there): "
+            + ", ".join(failed),
+            stacklevel=1,
+        )
+        lines = retry_lines
+    assert returncode == 0, _said("failed", report, lines)
+    summary = lines[-1] if lines else ""
+    assert " passed" in summary, "\n".join(lines[-60:])
+    # Skips in the child are the ones the SQLite run has too (e.g. no Chromium outside CI);
+    # nothing may skip for want of PostgreSQL or Redis there.
+    assert "needs DATABASE_URL" not in "\n".join(lines[-60:])
+
+
+MAX_RETRIED = 20
+FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+?(?:\[[^\]]*\])?)(?: - |$)")
+
+
+def _failed_ids(lines: list[str]) -> list[str]:
+    ids = [m.group(1) for line in lines if (m := FAILED_LINE.match(line))]
+    return list(dict.fromkeys(ids))
+
+
+def _said(what: str, report: Path, lines: list[str]) -> str:
+    tail = "\n".join(lines[-60:])
+    return f"the suite on PostgreSQL + Redis {what} ({report}):\n{tail}"
+
+
+def _child(args: list[str], env: dict[str, str], report: Path) -> tuple[int, list[str]]:
     with report.open("w") as out:
         child = subprocess.Popen(
             args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
@@ -79,12 +121,4 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(tmp_path: Path) -> No
                 child.kill()
                 child.wait()
             returncode = -1
-    lines = report.read_text().splitlines()
-    tail = "\n".join(lines[-60:])
-    assert returncode != -1, f"the suite on PostgreSQL + Redis ran out of time ({report}):\n{tail}"
-    assert returncode == 0, f"the suite failed on PostgreSQL + Redis ({report}):\n{tail}"
-    summary = lines[-1] if lines else ""
-    assert " passed" in summary, tail
-    # Skips in the child are the ones the SQLite run has too (e.g. no Chromium outside CI);
-    # nothing may skip for want of PostgreSQL or Redis there.
-    assert "needs DATABASE_URL" not in tail, tail
+    return returncode, report.read_text().splitlines()
