@@ -91,7 +91,7 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(tmp_path: Path) -> No
     assert "needs DATABASE_URL" not in "\n".join(lines[-60:])
 
 
-MAX_RETRIED = 20
+MAX_RETRIED = 40
 FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+?(?:\[[^\]]*\])?)(?: - |$)")
 
 
