@@ -49,18 +49,31 @@
   // A result (or a subagent's event) arrives for a call whose card lies before the loaded
   // page: its out-of-band target is missing, and htmx would drop it (with a console error).
   // Give every missing target a place at the end of the timeline first, so nothing that
-  // arrives live is ever invisible.
+  // arrives live is ever invisible. A target that the same message brings (a catch-up that
+  // holds both a call's card and its result) is not missing: the server sends what holds a
+  // target before what swaps into it, so it exists by the time htmx gets there.
   var SPAN_TARGET = /^(toolstatus-|toolduration-|fold-\d+-count$)/;
+
+  function heldTargets(parsed) {
+    var ids = {};
+    parsed.body.querySelectorAll("[id]").forEach(function (element) {
+      if (!element.hasAttribute("hx-swap-oob")) { ids[element.id] = true; }
+    });
+    return ids;
+  }
 
   document.addEventListener("htmx:wsBeforeMessage", function (evt) {
     var timeline = document.getElementById("timeline");
     if (evt.target.id !== "session-root" || !timeline || typeof evt.detail.message !== "string") { return; }
     var parsed = new DOMParser().parseFromString(evt.detail.message, "text/html"); // inert
+    var brought = null;
     parsed.body.querySelectorAll("[hx-swap-oob]").forEach(function (element) {
       var spec = element.getAttribute("hx-swap-oob") || "";
       var at = spec.indexOf(":#");
       var id = at >= 0 ? spec.slice(at + 2) : element.id;
       if (!id || document.getElementById(id)) { return; }
+      brought = brought || heldTargets(parsed);
+      if (brought[id]) { return; }
       var holder = document.createElement(SPAN_TARGET.test(id) ? "span" : "div");
       holder.id = id;
       if (holder.tagName === "SPAN") { holder.hidden = true; } else { holder.className = "orphan"; }

@@ -8,6 +8,7 @@ close frame with a chosen code, at a frame boundary, then the end of the connect
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -175,3 +176,45 @@ def test_it_keeps_a_flood_flowing_past_the_window_by_acknowledging(browsing: Bro
     every = sorted(timeline + seqs(page, "#stderr-log"))
     assert every == list(range(every[0], every[-1] + 1)), "a gap in what the page shows"
     assert len(timeline) > 2_500
+
+
+def test_it_draws_a_call_and_its_result_once_when_one_catch_up_brings_both(
+    browsing: Browsing,
+) -> None:
+    """The page's socket opens only after the agent ran a tool, so the catch-up frame holds
+    the call's card (its result drawn in) and the result's own swaps into that card. The
+    card is created by that same frame: nothing may be drawn twice or out of place."""
+    witness = browsing.new_page()
+    start_session(witness, "sleep 2\n$ echo caught-up\nAll done")
+    path = session_path(witness)
+
+    # Until the agent is done, every socket the page opens is closed at once (the page
+    # retries); then the next one goes through to the server.
+    done = False
+    opened: list[bool] = []
+
+    def route(socket: Any) -> None:
+        opened.append(done)
+        if done:
+            socket.connect_to_server()
+        else:
+            socket.close(code=1000)
+
+    viewer = browsing.new_page()
+    viewer.route_web_socket(re.compile(r"/ws/sessions/"), route)
+    viewer.goto(path)
+    expect(viewer.locator("#timeline .blk-tool")).to_have_count(0)  # rendered before the call
+    expect(badge(witness)).to_have_text("Idle")
+    done = True
+
+    expect(agent_text(viewer, "All done")).to_be_visible()
+    expect(badge(viewer)).to_have_text("Idle")
+    card = viewer.locator("#timeline .blk-tool").filter(has_text="echo caught-up")
+    expect(card.locator(".toolstatus")).to_have_text("done ✓")
+    expect(card.locator(".blk-result pre")).to_have_text("caught-up")
+    expect(viewer.locator("#timeline .blk-result")).to_have_count(1)
+    expect(viewer.locator("#timeline .orphan")).to_have_count(0)
+    ids = viewer.locator("#timeline [id]").evaluate_all("els => els.map(e => e.id)")
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    assert seqs(viewer) == seqs(witness)
+    assert opened[0] is False and opened[-1] is True, opened
