@@ -154,6 +154,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL")
+# Keys of this installation in a Redis shared with others (channel layer and cache). Empty:
+# channels-redis's own "asgi" and no cache prefix, as before the setting existed.
+REDIS_PREFIX = env_str("REDIS_PREFIX")
 if REDIS_URL:
     # channels-redis with a read timeout longer than its blocking pop and a pool that waits
     # rather than failing at its limit (redis-py 8 broke both; see dashboard/redis_layer.py).
@@ -171,6 +174,7 @@ if REDIS_URL:
                 ],
                 "capacity": 1000,
                 "expiry": 30,
+                "prefix": REDIS_PREFIX or "asgi",
             },
         }
     }
@@ -182,7 +186,11 @@ else:
 # The cache holds sign-in failure counts: shared by every worker when Redis is there.
 if REDIS_URL:
     CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": REDIS_PREFIX,
+        }
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

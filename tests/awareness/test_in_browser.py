@@ -13,6 +13,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,7 @@ import pytest
 from tests.e2e import conftest as e2e
 from tests.e2e.conftest import ROOT, Porthole, require_browser
 
-# The end-to-end fixtures, taken into this module (a Porthole of its own, see above).
-porthole = e2e.porthole
+# The end-to-end fixtures, taken into this module with a Porthole of its own (see above).
 _porthole_alive = e2e._porthole_alive
 browser = e2e.browser
 signed_in_state = e2e.signed_in_state
@@ -33,6 +33,14 @@ require_browser()
 from playwright.sync_api import Page, expect  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def porthole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Porthole]:
+    """This module's own server, stopped once its tests are done."""
+    with e2e.run_porthole(tmp_path_factory.mktemp("porthole-awareness"), "awareness") as server:
+        yield server
+
 
 # The committed screenshots change only when asked (PORTHOLE_UPDATE_SCREENSHOTS=1); every run
 # leaves its own in test-artifacts/.
@@ -138,7 +146,7 @@ def test_it_draws_the_usage_charts_and_takes_screenshots(
     porthole: Porthole, open_context: Any
 ) -> None:
     e2e._manage(
-        e2e._server_env(porthole.data_dir),
+        porthole.env,
         "shell",
         "-c",
         "from tests.awareness.seed import seed; seed()",

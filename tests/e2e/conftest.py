@@ -78,6 +78,7 @@ class Porthole:
     url: str  # no trailing slash
     data_dir: Path
     process: subprocess.Popen[str]
+    env: dict[str, str]  # the server's environment: for `manage.py` commands against it
     log: list[str] = field(default_factory=list)
 
     def output(self) -> str:
@@ -157,30 +158,51 @@ def _stop(process: subprocess.Popen[str]) -> None:
         process.wait(timeout=5)
 
 
-def _team_database() -> str | None:
-    """On PostgreSQL + Redis (the team-mode child run): a fresh database for the server."""
+@contextlib.contextmanager
+def _team_services(name: str) -> Iterator[dict[str, str]]:
+    """On PostgreSQL + Redis (the team-mode child run): a database of the server's own, made
+    afresh and dropped afterwards, and a Redis key prefix of its own. Two servers of one run
+    never share either: another server's bridges would take this one's sessions (and fail to
+    find their sandboxes, which its own embedded server holds)."""
     url = os.environ.get("DATABASE_URL", "")
     if not url.startswith(("postgres://", "postgresql://")) or not os.environ.get("REDIS_URL"):
-        return None
+        yield {}
+        return
     import psycopg
 
     parts = urlsplit(url)
-    name = f"{parts.path.lstrip('/') or 'porthole'}_e2e"
-    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return urlunsplit(parts._replace(path=f"/{name}"))
+    database = f"{parts.path.lstrip('/') or 'porthole'}_{name}"
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{database}"')
+    try:
+        yield {
+            "DATABASE_URL": urlunsplit(parts._replace(path=f"/{database}")),
+            "REDIS_URL": os.environ["REDIS_URL"],
+            "REDIS_PREFIX": f"{database}-{secrets.token_hex(4)}",
+        }
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
 def porthole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Porthole]:
     """`manage.py serve` with the embedded sandbox server and the demo agent, DEBUG off;
     on PostgreSQL and Redis too when this run is (tests/team/test_team_mode.py)."""
-    data_dir = tmp_path_factory.mktemp("porthole-e2e")
-    env = _server_env(data_dir)
-    team_database = _team_database()
-    if team_database is not None:
-        env.update(DATABASE_URL=team_database, REDIS_URL=os.environ["REDIS_URL"])
+    with run_porthole(tmp_path_factory.mktemp("porthole-e2e"), "e2e") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def run_porthole(data_dir: Path, name: str) -> Iterator[Porthole]:
+    """A Porthole server of its own (data directory, database, Redis prefix), stopped after."""
+    with _team_services(name) as services:
+        yield from _serve(data_dir, dict(_server_env(data_dir), **services), f"server-{name}.log")
+
+
+def _serve(data_dir: Path, env: dict[str, str], log_name: str) -> Iterator[Porthole]:
     _manage(env, "migrate", "--noinput")
     _manage(
         dict(env, DJANGO_SUPERUSER_PASSWORD=ADMIN_PASSWORD),
@@ -217,7 +239,7 @@ def porthole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Porthole]:
         text=True,
         start_new_session=True,
     )
-    server = Porthole(url="", data_dir=data_dir, process=process)
+    server = Porthole(url="", data_dir=data_dir, process=process, env=env)
     announced = threading.Event()
 
     def pump() -> None:
@@ -244,10 +266,12 @@ def porthole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Porthole]:
     except BaseException as exc:
         _stop(process)
         raise RuntimeError(f"Porthole did not start: {exc}\n{server.output()}") from exc
-    yield server
-    _stop(process)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "server.log").write_text(server.output())
+    try:
+        yield server
+    finally:
+        _stop(process)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / log_name).write_text(server.output())
 
 
 @pytest.fixture(autouse=True)

@@ -18,11 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.e2e.conftest import ROOT, Browsing, Porthole, _server_env, require_browser
+from tests.e2e.conftest import ROOT, Browsing, Porthole, require_browser
 
 require_browser()
 
@@ -80,20 +79,10 @@ print(session.id)
 """
 
 
-def _database_url() -> dict[str, str]:
-    """The e2e server's database in the team-mode run (see conftest's _team_database)."""
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")) or not os.environ.get("REDIS_URL"):
-        return {}
-    parts = urlsplit(url)
-    name = f"{parts.path.lstrip('/') or 'porthole'}_e2e"
-    return {"DATABASE_URL": urlunsplit(parts._replace(path=f"/{name}"))}
-
-
 def load(porthole: Porthole, transcript: Path, title: str) -> str:
     """Store a transcript (JSON lines of {source, raw, actor?, t?}) as an exited session in
     the running server's database; its page's path."""
-    env = dict(_server_env(porthole.data_dir), **_database_url(), PYTHONPATH=str(ROOT))
+    env = dict(porthole.env, PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [sys.executable, "-c", LOADER, str(transcript), title],
         cwd=ROOT,

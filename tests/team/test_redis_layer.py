@@ -190,3 +190,30 @@ def test_it_waits_on_an_idle_channel_longer_than_the_blocking_pop_and_counts_dro
         assert drops() == before + 1
 
     asyncio.run(scenario())
+
+
+def test_it_keeps_installations_that_share_a_redis_apart_by_prefix() -> None:
+    """REDIS_PREFIX: a group message of one installation never reaches another's members."""
+    if "redis" not in settings.CHANNEL_LAYERS["default"]["BACKEND"].lower():
+        pytest.skip("needs REDIS_URL (the team-mode child run sets it)")
+    from dashboard.redis_layer import RedisChannelLayer, host_options
+
+    def layer(prefix: str) -> RedisChannelLayer:
+        return RedisChannelLayer(hosts=[host_options(redis_url())], prefix=prefix, expiry=30)
+
+    async def scenario() -> None:
+        ours, theirs = layer("porthole-ours"), layer("porthole-theirs")
+        mine, other = await ours.new_channel(), await theirs.new_channel()
+        await ours.group_add("session-x", mine)
+        await theirs.group_add("session-x", other)
+        await theirs.group_send("session-x", {"type": "session.events", "from": "theirs"})
+        assert (await asyncio.wait_for(theirs.receive(other), 5))["from"] == "theirs"
+        await ours.group_send("session-x", {"type": "session.events", "from": "ours"})
+        assert (await asyncio.wait_for(ours.receive(mine), 5))["from"] == "ours"
+        with pytest.raises(TimeoutError):  # nothing of ours reached them
+            await asyncio.wait_for(theirs.receive(other), 1)
+        for each in (ours, theirs):
+            await each.flush()
+            await each.close_pools()
+
+    asyncio.run(scenario())

@@ -93,12 +93,8 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(tmp_path: Path) -> No
 
 MAX_RETRIED = 40
 # Known to fail on PostgreSQL + Redis at the end of this round (see the closing note of
-# issue 9): the browser tests (sessions never reach Idle there after the rest of the suite,
-# and again on their own), the usage page's seed, and the frozen-owner fault test (events
-# lost: 2,164 of 2,415). They run on SQLite; here they wait for the fix.
+# issue 9): the frozen-owner fault test (events lost: 2,164 of 2,415). It runs here once fixed.
 NOT_YET_ON_POSTGRES = [
-    "--ignore=tests/e2e",
-    "--deselect=tests/awareness/test_in_browser.py",
     "--deselect=tests/team/test_faults.py::"
     "test_it_keeps_supervising_everything_while_an_owner_is_frozen_in_a_transaction",
 ]
