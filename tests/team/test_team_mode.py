@@ -66,7 +66,7 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(tmp_path: Path) -> No
     report = tmp_path / "team-mode.log"
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
     returncode, lines = _child(
-        [*args, "tests", "--ignore=tests/team/test_team_mode.py", *NOT_YET_ON_POSTGRES], env, report
+        [*args, "tests", "--ignore=tests/team/test_team_mode.py"], env, report
     )
     assert returncode != -1, _said("ran out of time", report, lines)
     failed = _failed_ids(lines)
@@ -92,12 +92,6 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(tmp_path: Path) -> No
 
 
 MAX_RETRIED = 40
-# Known to fail on PostgreSQL + Redis at the end of this round (see the closing note of
-# issue 9): the frozen-owner fault test (events lost: 2,164 of 2,415). It runs here once fixed.
-NOT_YET_ON_POSTGRES = [
-    "--deselect=tests/team/test_faults.py::"
-    "test_it_keeps_supervising_everything_while_an_owner_is_frozen_in_a_transaction",
-]
 FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+?(?:\[[^\]]*\])?)(?: - |$)")
 
 
