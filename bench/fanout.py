@@ -1,21 +1,32 @@
 """Porthole's viewer side at scale: the fan-out matrix, idle viewers, a streamed export.
 
     .venv/bin/python bench/fanout.py [--viewers 1,10,100,300] [--repeat 3] [--events 400]
-                                     [--pace 0.005] [--idle 300] [--export-events 100000]
+                                     [--pace 0.005] [--idle 100,500] [--export-events 100000]
+                                     [--team] [--publisher server|separate]
 
-Every phase runs in a fresh child process (one phase's heap does not hide the next one's),
-on a throwaway SQLite database and the in-memory channel layer, as `manage.py serve` does:
+Porthole runs as it is deployed: the real ASGI application under Daphne, with
+`manage.py serve`'s Daphne options, in a process of its own (`bench/fanout_server.py`),
+fresh for each measurement. Its viewers are real WebSocket clients over loopback in another
+process (`bench/viewers_client.py`), so parsing frames and acknowledging cost that process,
+not the server's. By default the database is a throwaway SQLite file and the layer the
+in-memory one, as `manage.py serve` runs; `--team` takes `DATABASE_URL` and `REDIS_URL` from
+the environment (PostgreSQL, Redis).
 
 - sdk: the official SDK consumes a paced flood (one text every `--pace` seconds) straight
   from the embedded sandbox server: the reference, measured in the same run.
 - fanout V: a publisher plays the bridge at the same pace — `recording.record` (store and
-  render once) then `publish` — while V viewers read through the real ASGI application
-  (origin check, cookie session, routing, consumer) and acknowledge like the page does.
-  Latency is from the start of `record` to the arrival at a viewer; every viewer must get
-  every seq exactly once and in order (checked). CPU time and peak RSS of the process.
-- idle: `--idle` viewers connect, say hello and sit: CPU to connect them, RSS per viewer.
+  render once) then `publish` — in the server's process (as `manage.py serve` runs bridges)
+  or, with `--publisher separate`, in a third (a `manage.py bridges` process beside a web
+  worker; needs `--team`). V viewers read and acknowledge like the page does. Latency is
+  from the start of `record` to the arrival at a viewer, pooled over viewers; every viewer
+  must get every seq exactly once and in order (checked). CPU time of the server process
+  (including the publisher when it runs there), of the publisher, of the viewers' process;
+  the server's peak RSS growth.
+- idle: after one warm-up viewer, `--idle` viewers (each count in turn) open at once, say
+  hello and sit: wall time until every one has its watcher list, the server's CPU for it,
+  the server's RSS growth per viewer (after a garbage collection), and closing them all.
 - export: a session of `--export-events` events downloaded as JSONL through the ASGI
-  application: time to first byte, total time, peak RSS growth.
+  application in a child process (0 skips it): time to first byte, total time, peak RSS.
 
 The machine's load average is printed before and after. Nothing is asserted: this measures.
 Results go to bench/results/fanout-<timestamp>.json. See docs/benchmarks.md.
@@ -28,12 +39,12 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,12 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, PeakRSS, percentiles, rss, write_json  # noqa: E402
+from bench.common import RESULTS, PeakRSS, write_json  # noqa: E402
 
-DATA_SEQ = re.compile(r'data-seq="(\d+)"')
-ACK_EVERY = 250  # as static/porthole/app.js
-ACK_AFTER = 1.0
-ACKS = os.environ.get("BENCH_NO_ACKS") != "1"  # a page from before acknowledgements existed
+MARK = "@@bench "  # as bench/fanout_server.py and bench/viewers_client.py answer
 CHILD_TIMEOUT = 900
 
 
@@ -103,153 +111,226 @@ def _new_session() -> str:
     return str(session.id)
 
 
-def _text_event(n: int, size: int) -> Any:
-    from dashboard.agents.recording import NewEvent
+class Node:
+    """A child speaking the bench's line protocol (`fanout_server.py`, `viewers_client.py`)."""
 
-    data = {
-        "type": "assistant",
-        "message": {"role": "assistant", "content": [{"type": "text", "text": "x" * size}]},
-        "parent_tool_use_id": None,
-        "n": n,
-    }
-    return NewEvent.from_line("agent", json.dumps(data), data)
+    def __init__(self, script: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("a") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / script), *args],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        self.pid = self.process.pid
+
+    def read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(MARK):
+                answer: dict[str, Any] = json.loads(line[len(MARK) :])
+                if "error" in answer:
+                    raise RuntimeError(f"{self.process.args}: {answer['error']}\n{self.tail()}")
+                return answer
+        raise RuntimeError(f"{self.process.args} ended ({self.process.wait()})\n{self.tail()}")
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+
+    def ask(self, **command: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
-class Viewer:
-    """A browser tab: hello, read, acknowledge like the page; notes arrivals and order."""
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of another process (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, path: str, cookie: bytes) -> None:
-        from channels.testing import WebsocketCommunicator
 
-        from dashboard.asgi import application
+def proc_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
-        self.socket = WebsocketCommunicator(
-            application,
-            path,
-            headers=[
-                (b"origin", b"http://localhost"),
-                (b"cookie", cookie),
-                (b"host", b"localhost"),
-            ],
+
+class RSSWatch:
+    """Peak RSS of another process over a section, sampled every 20 ms from a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start_rss = self.peak = proc_rss(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, proc_rss(self.pid))
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        end = proc_rss(self.pid)
+        return {
+            "start_mb": self.start_rss / 2**20,
+            "peak_delta_mb": (max(self.peak, end) - self.start_rss) / 2**20,
+            "end_delta_mb": (end - self.start_rss) / 2**20,
+        }
+
+
+class Stage:
+    """A Porthole server (Daphne, the real ASGI application) and, if asked, a publisher of
+    its own, in processes of their own; the viewers are another process's real sockets."""
+
+    def __init__(self, args: argparse.Namespace, scratch: str) -> None:
+        self.env = child_env(args)
+        self.log = Path(scratch) / "server.log"
+        self.server = Node("fanout_server.py", ["--data-dir", scratch], self.env, self.log)
+        self.nodes = [self.server]
+        ready = self.server.read()
+        self.port, self.cookie = ready["port"], ready["cookie"]
+        self.publisher = self.server
+        if args.publisher == "separate":
+            self.publisher = Node(
+                "fanout_server.py",
+                ["--data-dir", scratch, "--role", "publisher"],
+                self.env,
+                Path(scratch) / "publisher.log",
+            )
+            self.nodes.append(self.publisher)
+            self.publisher.read()
+
+    def viewers(self, session_id: str, count: int) -> Node:
+        url = f"ws://127.0.0.1:{self.port}/ws/sessions/{session_id}/"
+        node = Node(
+            "viewers_client.py",
+            ["--url", url, "--cookie", self.cookie, "--viewers", str(count)],
+            self.env,
+            self.log.with_name("viewers.log"),
         )
-        self.arrived: dict[int, float] = {}
-        self.last = 0
-        self.in_order = True
-        self.acked = 0
-        self.acked_at = time.monotonic()
-        self.task: asyncio.Task[None] | None = None
+        self.nodes.append(node)
+        return node
 
-    async def open(self) -> None:
-        connected, code = await self.socket.connect(timeout=60)
-        if not connected:
-            raise RuntimeError(f"refused ({code})")
-        await self.socket.send_json_to({"last_seq": 0})
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
 
-    def read(self) -> None:
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        while True:
-            message = await self.socket.receive_output(timeout=3600)
-            now = time.time()
-            if message["type"] != "websocket.send":
-                return
-            for seq in map(int, DATA_SEQ.findall(message.get("text") or "")):
-                if seq != self.last + 1:
-                    self.in_order = False
-                self.last = seq
-                self.arrived.setdefault(seq, now)
-            if ACKS and (
-                self.last - self.acked >= ACK_EVERY
-                or (self.last > self.acked and time.monotonic() - self.acked_at >= ACK_AFTER)
-            ):
-                self.acked, self.acked_at = self.last, time.monotonic()
-                await self.socket.send_json_to({"ack": self.last})
-
-    async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        with contextlib.suppress(BaseException):  # measuring, not testing the close
-            await self.socket.disconnect(timeout=10)
+    def complaints(self) -> dict[str, int]:
+        """What Daphne and Porthole logged: sockets Daphne gave up on, warnings, errors."""
+        text = self.log.read_text(errors="replace")
+        return {
+            "killed_by_daphne": text.count("took too long to shut down and was killed"),
+            "daphne_warnings": text.count(" WARNING daphne"),
+            "errors": text.count(" ERROR "),
+        }
 
 
-async def fanout(viewers: int, events: int, pace: float, size: int) -> dict[str, Any]:
-    from dashboard.agents.recording import publish, record
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ, LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"))
+    if not args.team:
+        for name in ("REDIS_URL", "DATABASE_URL"):
+            env.pop(name, None)
+    return env
 
-    cookie = await _db(_viewer_cookie)()
-    session_id = await _db(_new_session)()
-    tabs = [Viewer(f"/ws/sessions/{session_id}/", cookie) for _ in range(viewers)]
-    connect_cpu = _cpu()
-    for tab in tabs:
-        await tab.open()
-    for tab in tabs:
-        tab.read()
-    connect_cpu = _cpu() - connect_cpu
-    await asyncio.sleep(1.0)  # let the hellos' catch-ups and presence settle
-    started: dict[int, float] = {}
-    memory = PeakRSS()
-    memory.start()
-    cpu0, wall0 = _cpu(), time.perf_counter()
-    for n in range(events):
-        t0 = time.time()
-        appended, messages = await _db(record)(session_id, [_text_event(n, size)])
-        started[appended.events[0].seq] = t0
-        await publish(messages)
-        delay = pace - (time.time() - t0)
-        if delay > 0:
-            await asyncio.sleep(delay)
-    published_s = time.perf_counter() - wall0
-    last = max(started)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and any(tab.last < last for tab in tabs):
-        await asyncio.sleep(0.01)
-    wall = time.perf_counter() - wall0
-    cpu = _cpu() - cpu0
-    mem = memory.stop()
-    latencies = [
-        tab.arrived[seq] - t0 for tab in tabs for seq, t0 in started.items() if seq in tab.arrived
-    ]
-    complete = all(set(started) <= set(tab.arrived) for tab in tabs)
-    for tab in tabs:
-        await tab.close()
+
+def fanout(args: argparse.Namespace, viewers: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="porthole-fanout-") as scratch:
+        stage = Stage(args, scratch)
+        try:
+            session_id = stage.server.ask(cmd="session")["session"]
+            crowd = stage.viewers(session_id, viewers)
+            opened = crowd.ask(cmd="open")
+            time.sleep(1.0)  # presence settles
+            memory = RSSWatch(stage.server.pid)
+            cpu0 = proc_cpu(stage.server.pid)
+            client0 = crowd.ask(cmd="stats")["cpu_s"]
+            published = stage.publisher.ask(
+                cmd="publish",
+                session=session_id,
+                events=args.events,
+                pace=args.pace,
+                bytes=args.bytes,
+            )
+            got = crowd.ask(cmd="expect", started=published["started"], timeout=120)
+            server_cpu = proc_cpu(stage.server.pid) - cpu0
+            client_cpu = crowd.ask(cmd="stats")["cpu_s"] - client0
+            mem = memory.stop()
+            crowd.ask(cmd="close")
+        finally:
+            stage.stop()
+            complaints = stage.complaints()
     return {
         "viewers": viewers,
-        "events": events,
-        "rate_per_s": events / published_s,
-        "latency": percentiles(latencies),
-        "complete": complete,
-        "in_order": all(tab.in_order for tab in tabs),
-        "cpu_s": cpu,
-        "wall_s": wall,
-        "connect_cpu_s": connect_cpu,
+        "events": args.events,
+        "server_log": complaints,
+        "rate_per_s": published["rate_per_s"],
+        "latency": got["latency"],
+        "complete": got["complete"],
+        "in_order": got["in_order"],
+        "failed": got["failed"] + opened["failed"],
+        "failures": got["failures"] + opened["failures"],
+        "server_cpu_s": server_cpu,
+        "publisher_cpu_s": published["cpu_s"],
+        "publisher_separate": stage.publisher is not stage.server,
+        "client_cpu_s": client_cpu,
+        "connect_wall_s": opened["settled_wall_s"],
         "memory": mem,
     }
 
 
-async def idle(viewers: int) -> dict[str, Any]:
-    import gc
-
-    cookie = await _db(_viewer_cookie)()
-    session_id = await _db(_new_session)()
-    tabs = [Viewer(f"/ws/sessions/{session_id}/", cookie) for _ in range(viewers)]
-    gc.collect()
-    before, cpu0, wall0 = rss(), _cpu(), time.perf_counter()
-    for tab in tabs:
-        await tab.open()
-    for tab in tabs:
-        tab.read()
-    connect_wall = time.perf_counter() - wall0
-    await asyncio.sleep(3.0)  # presence settles (coalesced or not)
-    cpu = _cpu() - cpu0
-    gc.collect()
-    after = rss()
-    for tab in tabs:
-        await tab.close()
+def idle(args: argparse.Namespace, viewers: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="porthole-fanout-") as scratch:
+        stage = Stage(args, scratch)
+        try:
+            session_id = stage.server.ask(cmd="session")["session"]
+            # One viewer first: what the first socket loads (code, templates) is not per viewer.
+            stage.viewers(session_id, 1).ask(cmd="open")
+            time.sleep(1.5)
+            before = stage.server.ask(cmd="stats")
+            cpu0 = proc_cpu(stage.server.pid)
+            crowd = stage.viewers(session_id, viewers)
+            opened = crowd.ask(cmd="open")
+            time.sleep(3.0)  # presence settles (coalesced or not)
+            after = stage.server.ask(cmd="stats")
+            connect_cpu = proc_cpu(stage.server.pid) - cpu0
+            cpu1 = proc_cpu(stage.server.pid)
+            closed = crowd.ask(cmd="close")
+            time.sleep(1.0)
+            close_cpu = proc_cpu(stage.server.pid) - cpu1
+        finally:
+            stage.stop()
+            complaints = stage.complaints()
     return {
+        "server_log": complaints,
         "viewers": viewers,
-        "connect_cpu_s": cpu,
-        "connect_wall_s": connect_wall,
-        "rss_per_viewer_kib": (after - before) / viewers / 1024,
+        "connect_cpu_s": connect_cpu,
+        "connect_wall_s": opened["settled_wall_s"],
+        "open_wall_s": opened["open_wall_s"],
+        "failed": opened["failed"],
+        "failures": opened["failures"],
+        "close_wall_s": closed["close_wall_s"],
+        "close_cpu_s": close_cpu,
+        "rss_per_viewer_kib": (after["rss"] - before["rss"]) / viewers / 1024,
     }
 
 
@@ -368,12 +449,7 @@ def run_phase(args: argparse.Namespace) -> None:
         result = asyncio.run(sdk(args.api_url, args.api_key, args.events, args.pace, args.bytes))
     else:
         setup(args.data_dir)
-        if args.phase == "fanout":
-            result = asyncio.run(fanout(args.viewers_n, args.events, args.pace, args.bytes))
-        elif args.phase == "idle":
-            result = asyncio.run(idle(args.viewers_n))
-        else:
-            result = asyncio.run(export(args.events, args.bytes))
+        result = asyncio.run(export(args.events, args.bytes))
     write_json(args.out, result)
 
 
@@ -388,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=400)
     parser.add_argument("--pace", type=float, default=0.005)
     parser.add_argument("--bytes", type=int, default=200)
-    parser.add_argument("--idle", type=int, default=300)
+    parser.add_argument("--idle", default="100,500", help="idle viewer counts (empty: none)")
+    parser.add_argument("--team", action="store_true", help="DATABASE_URL and REDIS_URL")
+    parser.add_argument("--publisher", choices=["server", "separate"], default="server")
     parser.add_argument("--export-events", type=int, default=100_000)
     parser.add_argument("--label", default="")
     parser.add_argument(
@@ -397,7 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         "private /tmp, so a checkout under /tmp cannot run their agents)",
     )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
-    parser.add_argument("--viewers-n", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--api-url", help=argparse.SUPPRESS)
     parser.add_argument("--api-key", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -412,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     from tests.conftest import start_localsandbox, stop_localsandbox
 
     matrix = [int(v) for v in args.viewers.split(",") if v]
+    idle_counts = [int(v) for v in args.idle.split(",") if v]
+    if args.publisher == "separate" and not args.team:
+        parser.error("--publisher separate needs --team (the in-memory layer is per process)")
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     results: dict[str, Any] = {"config": vars(args) | {"data_dir": None, "out": None}}
@@ -433,9 +513,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"repetition {index + 1}/{args.repeat}", flush=True)
                 record("sdk", child(args, "sdk", api_url=server.api_url, api_key=server.api_key))
                 for viewers in matrix:
-                    record(f"fanout-{viewers}", child(args, "fanout", viewers_n=viewers))
-                record("idle", child(args, "idle", viewers_n=args.idle))
-                record("export", child(args, "export", events=args.export_events))
+                    record(f"fanout-{viewers}", fanout(args, viewers))
+                for viewers in idle_counts:
+                    record(f"idle-{viewers}", idle(args, viewers))
+                if args.export_events:
+                    record("export", child(args, "export", events=args.export_events))
         finally:
             stop_localsandbox(server)
     load_after = os.getloadavg()
@@ -457,29 +539,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmedians of {args.repeat} runs; {args.events} events, one every {args.pace:g} s")
     print(f"SDK direct: p50 {med('sdk', 'latency', 'p50_ms'):.1f} ms, p99 {sdk_p99:.1f} ms")
     print(
-        "| viewers | p50 ms | p99 ms | p99 / 1 viewer | p99 / SDK | CPU s | peak RSS MiB "
-        "| all once, in order |"
+        "| viewers | events/s | p50 ms | p99 ms | p99 / 1 viewer | p99 / SDK | server CPU "
+        "ms/event | viewers' CPU ms/event | server peak RSS MiB | all once, in order |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|:---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
     for viewers in matrix:
         name = f"fanout-{viewers}"
         p99 = med(name, "latency", "p99_ms")
-        ok = all(r["complete"] and r["in_order"] for r in runs[name])
+        ok = all(r["complete"] and r["in_order"] and not r["failed"] for r in runs[name])
         print(
-            f"| {viewers} | {med(name, 'latency', 'p50_ms'):.1f} | {p99:.1f} | {p99 / one:.1f}× "
-            f"| {p99 / sdk_p99:.1f}× | {med(name, 'cpu_s'):.2f} "
+            f"| {viewers} | {med(name, 'rate_per_s'):.0f} | {med(name, 'latency', 'p50_ms'):.1f} "
+            f"| {p99:.1f} | {p99 / one:.1f}× | {p99 / sdk_p99:.1f}× "
+            f"| {med(name, 'server_cpu_s') / args.events * 1000:.2f} "
+            f"| {med(name, 'client_cpu_s') / args.events * 1000:.2f} "
             f"| {med(name, 'memory', 'peak_delta_mb'):.1f} | {'yes' if ok else 'NO'} |"
         )
-    print(
-        f"\nidle: {args.idle} viewers connect in {med('idle', 'connect_wall_s'):.1f} s "
-        f"({med('idle', 'connect_cpu_s'):.1f} s CPU), {med('idle', 'rss_per_viewer_kib'):.0f} "
-        "KiB RSS each"
-    )
-    print(
-        f"export: {args.export_events:,} events as JSONL, first byte after "
-        f"{med('export', 'ttfb_s') * 1000:.0f} ms, done in {med('export', 'wall_s'):.1f} s, "
-        f"peak RSS +{med('export', 'memory', 'peak_delta_mb'):.0f} MiB"
-    )
+    if args.publisher == "separate":
+        publisher = [med(f"fanout-{v}", "publisher_cpu_s") / args.events * 1000 for v in matrix]
+        print(
+            "publisher (a process apart) CPU ms/event: " + ", ".join(f"{c:.2f}" for c in publisher)
+        )
+    for viewers in idle_counts:
+        name = f"idle-{viewers}"
+        failed = max((r["failed"] for r in runs[name]), default=0)
+        print(
+            f"idle: {viewers} viewers open at once, all with their watcher list after "
+            f"{med(name, 'connect_wall_s'):.1f} s ({med(name, 'connect_cpu_s'):.2f} s server "
+            f"CPU), {med(name, 'rss_per_viewer_kib'):.1f} KiB server RSS each, closed in "
+            f"{med(name, 'close_wall_s'):.1f} s ({med(name, 'close_cpu_s'):.2f} s CPU)"
+            + (f"; up to {failed} failed" if failed else "")
+        )
+    for name, cells in runs.items():
+        for index, run in enumerate(cells):
+            if any(run.get("server_log", {}).values()):
+                print(f"server log of {name} #{index + 1}: {run['server_log']}")
+    if args.export_events:
+        print(
+            f"export: {args.export_events:,} events as JSONL, first byte after "
+            f"{med('export', 'ttfb_s') * 1000:.0f} ms, done in {med('export', 'wall_s'):.1f} s, "
+            f"peak RSS +{med('export', 'memory', 'peak_delta_mb'):.0f} MiB"
+        )
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     print(f"results: {out}")
     return 0

@@ -29,6 +29,11 @@ from django.core.management.base import BaseCommand, CommandError
 LISTENING = re.compile(r"listening on (http://\S+)")
 
 
+def daphne_options() -> dict[str, Any]:
+    """Daphne's settings for Porthole's web worker (also what `bench/fanout.py` serves with)."""
+    return {"websocket_timeout": 86400, "application_close_timeout": 10}
+
+
 class Command(BaseCommand):
     help = "Run Porthole (and, unless OPENCOMPUTER_API_URL is set, the embedded sandbox server)."
 
@@ -98,8 +103,7 @@ class Command(BaseCommand):
                 application=application,
                 endpoints=[endpoint],
                 signal_handlers=True,
-                websocket_timeout=86400,
-                application_close_timeout=10,
+                **daphne_options(),
             ).run()
         finally:
             if supervisor is not None and not twisted_loop.is_closed():

@@ -1,0 +1,223 @@
+"""The server side of `bench/fanout.py`: Porthole under Daphne, and a publisher playing the bridge.
+
+    .venv/bin/python bench/fanout_server.py --data-dir DIR [--role server|publisher]
+
+Role `server` serves the real ASGI application (`dashboard.asgi.application`) with Daphne on
+a loopback port, with `manage.py serve`'s Daphne options, in this process; the viewers are
+real WebSocket clients in another process (`bench/viewers_client.py`). Role `publisher`
+runs only the publisher, for a bridges process apart from the web worker (PostgreSQL and
+Redis; with the in-memory layer the publisher must share the server's process).
+
+The process takes JSON commands on stdin, one per line, and answers each with one JSON
+line on stdout (after `MARK`) (after a first line saying it is ready: port, pid, a viewer's cookie):
+
+- `{"cmd": "session"}`: a new session → `{"session": id}`.
+- `{"cmd": "publish", "session", "events", "pace", "bytes"}`: plays the bridge, one
+  `recording.record` (store, render once) and `publish` per event every `pace` seconds →
+  `{"started": {seq: time.time() at the start of record}, "cpu_s", "memory", "rate_per_s"}`.
+- `{"cmd": "stats"}`: after a garbage collection → `{"rss", "cpu_s"}` of this process.
+- `{"cmd": "quit"}`.
+
+The database and channel layer are what the environment says (`DATABASE_URL`, `REDIS_URL`),
+else a SQLite file in DIR and the in-memory layer, as `manage.py serve` runs by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import PeakRSS, rss  # noqa: E402
+
+MARK = "@@bench "  # answers start with it: anything else on stdout is a library's
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def setup(data_dir: Path) -> None:
+    os.environ["DJANGO_SETTINGS_MODULE"] = "dashboard.settings"
+    os.environ["PORTHOLE_DATA_DIR"] = str(data_dir)
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    import django
+
+    django.setup()
+
+
+def migrate() -> None:
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def viewer_cookie() -> str:
+    from django.conf import settings
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    from dashboard.agents.access import set_role
+
+    user, _ = User.objects.get_or_create(username="bench-viewer")
+    set_role(user, "viewer")
+    client = Client()
+    client.force_login(user)
+    name = settings.SESSION_COOKIE_NAME
+    return f"{name}={client.cookies[name].value}"
+
+
+def new_session() -> str:
+    import uuid
+
+    from dashboard.agents.models import AgentSession, Sandbox
+
+    sandbox = Sandbox.objects.create(upstream_id=f"sb-bench-{uuid.uuid4().hex[:8]}")
+    session = AgentSession.objects.create(sandbox=sandbox, upstream_id="bench", title="bench")
+    return str(session.id)
+
+
+def text_event(n: int, size: int) -> Any:
+    from dashboard.agents.recording import NewEvent
+
+    data = {
+        "type": "assistant",
+        "message": {"role": "assistant", "content": [{"type": "text", "text": "x" * size}]},
+        "parent_tool_use_id": None,
+        "n": n,
+    }
+    return NewEvent.from_line("agent", json.dumps(data), data)
+
+
+async def publish_flood(session_id: str, events: int, pace: float, size: int) -> dict[str, Any]:
+    """Plays the bridge at a steady pace; times are taken where the bridge's would be."""
+    from channels.db import database_sync_to_async
+
+    from dashboard.agents.recording import publish, record
+
+    started: dict[int, float] = {}
+    memory = PeakRSS()
+    memory.start()
+    cpu0, wall0 = _cpu(), time.perf_counter()
+    for n in range(events):
+        t0 = time.time()
+        appended, messages = await database_sync_to_async(record)(session_id, [text_event(n, size)])
+        started[appended.events[0].seq] = t0
+        await publish(messages)
+        delay = pace - (time.time() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+    wall = time.perf_counter() - wall0
+    return {
+        "started": started,
+        "cpu_s": _cpu() - cpu0,
+        "memory": memory.stop(),
+        "rate_per_s": events / wall,
+    }
+
+
+async def handle(command: dict[str, Any]) -> dict[str, Any]:
+    from channels.db import database_sync_to_async
+
+    kind = command["cmd"]
+    if kind == "session":
+        return {"session": await database_sync_to_async(new_session)()}
+    if kind == "publish":
+        return await publish_flood(
+            command["session"], command["events"], command["pace"], command["bytes"]
+        )
+    if kind == "stats":
+        gc.collect()
+        return {"rss": rss(), "cpu_s": _cpu()}
+    raise ValueError(f"unknown command {kind!r}")
+
+
+def answer(result: dict[str, Any]) -> None:
+    sys.stdout.write(MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def serve_commands(loop: asyncio.AbstractEventLoop, stop: Any) -> None:
+    """Reads commands on a thread of its own and runs each on the server's event loop."""
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "quit":
+            break
+        try:
+            result = asyncio.run_coroutine_threadsafe(handle(command), loop).result()
+        except Exception as error:  # noqa: BLE001 - reported to the driver, which stops
+            result = {"error": repr(error)}
+        answer(result)
+    loop.call_soon_threadsafe(stop)
+
+
+def run_server() -> None:
+    # Import order matters to Twisted: daphne.server installs the asyncio reactor.
+    from daphne.server import Server, twisted_loop
+    from twisted.internet import reactor
+
+    from dashboard.agents.management.commands.serve import daphne_options
+    from dashboard.asgi import application
+
+    server = Server(
+        application=application,
+        endpoints=["tcp:port=0:interface=127.0.0.1"],
+        signal_handlers=False,
+        **daphne_options(),
+    )
+    cookie = viewer_cookie()
+
+    def ready() -> None:
+        if not server.listening_addresses:
+            reactor.callLater(0.02, ready)
+            return
+        port = server.listening_addresses[0][1]
+        answer({"port": port, "pid": os.getpid(), "cookie": cookie})
+        threading.Thread(
+            target=serve_commands, args=(twisted_loop, reactor.stop), daemon=True
+        ).start()
+
+    reactor.callWhenRunning(ready)
+    server.run()
+
+
+def run_publisher() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        answer({"pid": os.getpid()})
+        thread = threading.Thread(target=serve_commands, args=(loop, done.set), daemon=True)
+        thread.start()
+        await done.wait()
+
+    asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--role", choices=["server", "publisher"], default="server")
+    args = parser.parse_args()
+    setup(args.data_dir)
+    if args.role == "server":
+        migrate()
+        run_server()
+    else:
+        run_publisher()
+
+
+if __name__ == "__main__":
+    main()
