@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from channels.layers import channel_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (http://\S+)")
@@ -80,6 +82,9 @@ def start_localsandbox(
         stderr=subprocess.STDOUT,
         text=True,
         env=proc_env,
+        # As from a terminal, whatever started this test run: a run started in the background
+        # by a non-interactive shell ignores SIGINT, and its children would inherit that.
+        preexec_fn=_default_sigint,
     )
     log: list[str] = []
     found = threading.Event()
@@ -114,6 +119,10 @@ def stop_localsandbox(server: LocalSandbox) -> None:
         server.process.wait(timeout=5)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def localsandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSandbox]:
     """One embedded sandbox server (demo agent, API key required) for the whole run."""
@@ -125,6 +134,17 @@ def localsandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSand
         pytest.fail(f"the embedded sandbox server cannot isolate sandboxes here:\n{said}")
     yield server
     stop_localsandbox(server)
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layer() -> Iterator[None]:
+    """A channel layer of its own for every test. Each async test runs on an event loop of its
+    own, and channels-redis makes its receive locks on the first loop that uses the layer: a
+    lock still held when a test's loop ended (a receive cancelled with it) would fail every
+    later receive in the process ("bound to a different event loop"). One process with one
+    loop, as a worker is, never meets this."""
+    yield
+    channel_layers.backends.clear()
 
 
 @pytest.fixture(autouse=True)
