@@ -12,8 +12,9 @@ Commands on stdin, one JSON line each, answered by one JSON line (after `MARK`) 
 
 - `{"cmd": "open"}`: open every viewer at once, each saying hello; answers once every
   socket is open and has its watcher list (the end of its catch-up): wall times, failures.
-- `{"cmd": "expect", "started": {seq: t0}, "timeout": s}`: wait until every viewer holds
-  the last seq → latencies (arrival − t0, pooled over viewers), complete, in order.
+- `{"cmd": "expect", "started": {seq: t0}, "recording": {seq: t1}, "timeout": s}`: wait
+  until every viewer holds the last seq → latencies (arrival − t0, and arrival − t1, pooled
+  over viewers), complete, in order.
 - `{"cmd": "close"}`: close every viewer at once → wall time, failures.
 - `{"cmd": "stats"}`: this process's CPU time.
 """
@@ -153,8 +154,11 @@ class Crowd:
             "failed": sum(1 for tab in self.tabs if tab.error),
         }
 
-    async def expect(self, started: dict[str, float], timeout: float) -> dict[str, Any]:
+    async def expect(
+        self, started: dict[str, float], recording: dict[str, float], timeout: float
+    ) -> dict[str, Any]:
         begun = {int(seq): t0 for seq, t0 in started.items()}
+        stored = {int(seq): t0 for seq, t0 in recording.items()}
         last = max(begun)
         deadline = time.monotonic() + timeout
         for tab in self.tabs:
@@ -167,19 +171,30 @@ class Crowd:
                     await asyncio.wait_for(tab.progress.wait(), remaining)
                 except TimeoutError:
                     break
-        latencies = [
-            tab.arrived[seq] - t0
-            for tab in self.tabs
-            for seq, t0 in begun.items()
-            if seq in tab.arrived
-        ]
         return {
-            "latency": percentiles(latencies),
+            "latency": percentiles(self._latencies(begun)),
+            "latency_from_record": percentiles(self._latencies(stored)),
             "complete": all(set(begun) <= set(tab.arrived) for tab in self.tabs),
             "in_order": all(tab.in_order and not tab.duplicates for tab in self.tabs),
             "failed": sum(1 for tab in self.tabs if tab.error),
             "failures": [tab.error for tab in self.tabs if tab.error][:5],
         }
+
+    def _latencies(self, since: dict[int, float]) -> list[float]:
+        return [
+            tab.arrived[seq] - t0
+            for tab in self.tabs
+            for seq, t0 in since.items()
+            if seq in tab.arrived
+        ]
+
+    def _latencies(self, since: dict[int, float]) -> list[float]:
+        return [
+            tab.arrived[seq] - t0
+            for tab in self.tabs
+            for seq, t0 in since.items()
+            if seq in tab.arrived
+        ]
 
     async def close(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -201,7 +216,9 @@ async def main(args: argparse.Namespace) -> None:
         if kind == "open":
             result = await crowd.open()
         elif kind == "expect":
-            result = await crowd.expect(command["started"], command.get("timeout", 120))
+            result = await crowd.expect(
+                command["started"], command.get("recording", {}), command.get("timeout", 120)
+            )
         elif kind == "close":
             result = await crowd.close()
         else:
