@@ -216,11 +216,11 @@ def _stored(session: AgentSession, **filters: object) -> int:
 async def test_it_resumes_at_once_after_sigkill_and_restart_losing_nothing(oc) -> None:
     """Issue 7: after SIGKILL and an immediate restart, the new process could not claim its
     own sessions until their leases lapsed, and output past the ring was lost."""
-    # About 1.5 MB in all (more than the ring), at ~30 KB/s: the 1 MiB ring covers a restart
+    # About 1.5 MB in all (more than the ring), at ~60 KB/s: the 1 MiB ring covers a restart
     # plus the recorder's backlog at the kill (read, not yet stored: it dies with the
-    # process) of half a minute, even on a loaded machine.
+    # process) of a quarter of a minute, even on a loaded machine (resuming takes ~1.3 s).
     pieces, each = 30, 150
-    script = "\n".join([f"flood {each} 200\nsleep 1.5"] * pieces + ["exit 0"])
+    script = "\n".join([f"flood {each} 200\nsleep 0.75"] * pieces + ["exit 0"])
     client = OpenComputer(oc.api_url, oc.api_key)
     sandbox = await client.create_sandbox()
     agent = await client.start_agent(sandbox.sandbox_id, prompt=None)
