@@ -11,12 +11,14 @@ idempotent: the locked requirements are installed again only when the lock file 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -156,15 +158,29 @@ LINTERS = (
 
 
 def test(args: list[str]) -> int:
-    """Lint and type-check (unless pytest arguments narrow the run), then the whole suite."""
+    """Lint and type-check (unless pytest arguments narrow the run), then the whole suite.
+
+    The linters run beside pytest rather than before it (their output kept in files and
+    shown after it), which keeps the whole run shorter.
+    """
     py = ensure_venv("dev.lock")
     ensure_debian_packages(TEST_PACKAGES)
-    failed = 0
-    if not args:
-        for linter in LINTERS:
-            say(" ".join(linter))
-            failed |= subprocess.call([str(py), "-m", *linter], cwd=ROOT) != 0
-    result = subprocess.call([str(py), "-m", "pytest", *args], cwd=ROOT)
+    with contextlib.ExitStack() as files:
+        linters = []
+        for linter in LINTERS if not args else ():
+            out = files.enter_context(tempfile.TemporaryFile("w+"))
+            process = subprocess.Popen(
+                [str(py), "-m", *linter], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
+            linters.append((linter, process, out))
+        result = subprocess.call([str(py), "-m", "pytest", *args], cwd=ROOT)
+        failed = 0
+        for linter, process, out in linters:
+            code = process.wait()
+            out.seek(0)
+            say(f"{' '.join(linter)}: {'ok' if code == 0 else f'failed ({code})'}")
+            print(out.read(), end="", flush=True)
+            failed |= code != 0
     return result or int(failed)
 
 

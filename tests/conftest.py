@@ -154,5 +154,18 @@ def fast_password_hashing(settings):  # type: ignore[no-untyped-def]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Browser tests last: the slowest, and the ones whose failures say least about why."""
-    items.sort(key=lambda item: "e2e" in item.path.parts)
+    """Browser tests last: the slowest, and the ones whose failures say least about why. The
+    team-mode run after them: it only waits for its child, which runs beside all the rest."""
+    items.sort(key=lambda item: (item.path.name == "test_team_mode.py", "e2e" in item.path.parts))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    from tests.team import test_team_mode
+
+    test_team_mode.start_early(session)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.team import test_team_mode
+
+    test_team_mode.stop_early(session)

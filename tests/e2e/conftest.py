@@ -116,6 +116,9 @@ def _server_env(data_dir: Path) -> dict[str, str]:
     env.update(
         DEBUG="false",
         PORTHOLE_DATA_DIR=str(data_dir),
+        # Beside the data directory (never in it), not in the user's default place, which
+        # the servers of a run beside this one (the team-mode child) would share.
+        LOCALSANDBOX_WORKSPACES_DIR=str(data_dir.parent / f"{data_dir.name}-workspaces"),
         DJANGO_SETTINGS_MODULE="dashboard.settings",
         PYTHONUNBUFFERED="1",
     )

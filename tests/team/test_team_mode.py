@@ -4,6 +4,13 @@ The database engine and the channel layer are chosen when settings load, so the 
 again in a child pytest with `DATABASE_URL` and `REDIS_URL` set. The child also runs the
 real-process tests of tests/team/ (workers, nginx, faults), which need those services.
 Absent services skip this test with the reason, except under `CI=true`, where it fails.
+
+The child starts as soon as collection ends (tests/team/conftest.py), so it runs beside the
+SQLite run rather than after it: much of either run is waiting on sandbox processes,
+browsers and sockets, and run one after the other they took longer than the suite's budget.
+This test, collected among the last, waits for it. Tests that touch neither the database nor
+the channel layer (the OpenComputer client's, most of the embedded sandbox server's) are not
+run again there: their outcome cannot depend on either.
 """
 
 from __future__ import annotations
@@ -14,8 +21,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import pytest
@@ -25,9 +36,74 @@ POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 # The child's own budget (the suite on a quiet 2-core machine takes far less; see
 # docs/deploy.md for measurements). PORTHOLE_TEAM_TIMEOUT raises it on a busy machine.
-CHILD_TIMEOUT = int(os.environ.get("PORTHOLE_TEAM_TIMEOUT", str(25 * 60)))
+CHILD_TIMEOUT = int(os.environ.get("PORTHOLE_TEAM_TIMEOUT", str(30 * 60)))
+# Tests that fail in the child only after others (order or load on the shared machine) are
+# run once more on their own, up to this many: they must pass there, and are named as flaky.
+MAX_RETRIED = 40
+# Independent of the database and the channel layer: the same outcome as in the SQLite run.
+SAME_EITHER_WAY = [
+    "--ignore=tests/opencomputer",
+    *(
+        f"--ignore={path.relative_to(ROOT)}"
+        for path in sorted((ROOT / "tests" / "localsandbox").glob("test_*.py"))
+        if path.name not in {"test_isolation.py", "test_start_page.py"}
+    ),
+]
+TEST_NAME = "test_it_passes_the_whole_suite_on_postgresql_and_redis"
+FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+?(?:\[[^\]]*\])?)(?: - |$)")
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
 
-pytestmark = [pytest.mark.team, pytest.mark.timeout(CHILD_TIMEOUT + 60)]
+pytestmark = [pytest.mark.team, pytest.mark.timeout(2 * CHILD_TIMEOUT + 120)]
+
+
+@dataclass
+class Child:
+    """A child pytest writing its report to a file."""
+
+    process: subprocess.Popen[str]
+    report: Path
+    out: IO[str]
+    started: float
+
+    @classmethod
+    def start(cls, args: list[str], env: dict[str, str], report: Path) -> Child:
+        out = report.open("w")
+        process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            # Ctrl-C must reach it (see `stop`), however this run was started.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        return cls(process, report, out, time.monotonic())
+
+    def wait(self) -> tuple[int, list[str]]:
+        """Its exit status (-1: out of time, then stopped) and its report's lines."""
+        remaining = CHILD_TIMEOUT - (time.monotonic() - self.started)
+        try:
+            returncode = self.process.wait(timeout=max(remaining, 1))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            returncode = -1
+        self.out.close()
+        return returncode, self.report.read_text().splitlines()
+
+    def stop(self) -> None:
+        """Ctrl-C: pytest tears its fixtures down (workers, servers) and prints what failed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.out.close()
+
+
+EARLY = pytest.StashKey[Child]()
 
 
 def _reachable(url: str, default_port: int) -> tuple[bool, str]:
@@ -40,6 +116,41 @@ def _reachable(url: str, default_port: int) -> tuple[bool, str]:
         return False, f"{host}:{port}"
 
 
+def _child_env(data_dir: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        DATABASE_URL=POSTGRES_URL,
+        REDIS_URL=REDIS_URL,
+        PORTHOLE_DATA_DIR=str(data_dir),
+        PORTHOLE_TEAM_CHILD="1",
+    )
+
+
+def _start(data_dir: Path) -> Child:
+    args = [*PYTEST, "tests", "--ignore=tests/team/test_team_mode.py", *SAME_EITHER_WAY]
+    return Child.start(args, _child_env(data_dir), data_dir / "team-mode.log")
+
+
+def start_early(session: pytest.Session) -> None:
+    """Start the child now if this run holds the test and the services answer (else the
+    test says why when its turn comes)."""
+    if os.environ.get("PORTHOLE_TEAM_CHILD") or not any(
+        item.name == TEST_NAME for item in session.items
+    ):
+        return
+    if not (_reachable(POSTGRES_URL, 5432)[0] and _reachable(REDIS_URL, 6379)[0]):
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="porthole-team-"))
+    session.config.stash[EARLY] = _start(data_dir)
+
+
+def stop_early(session: pytest.Session) -> None:
+    """The run ended without waiting for the child (interrupted, -x): do not leave it."""
+    child = session.config.stash.get(EARLY, None)
+    if child is not None:
+        child.stop()
+
+
 def _require(name: str, url: str, default_port: int) -> None:
     ok, where = _reachable(url, default_port)
     if ok:
@@ -50,49 +161,37 @@ def _require(name: str, url: str, default_port: int) -> None:
     pytest.skip(message)
 
 
-def test_it_passes_the_whole_suite_on_postgresql_and_redis(tmp_path: Path) -> None:
+def test_it_passes_the_whole_suite_on_postgresql_and_redis(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     if os.environ.get("PORTHOLE_TEAM_CHILD"):
         pytest.skip("this is the team-mode child run already")
     _require("Postgres", POSTGRES_URL, 5432)
     _require("Redis", REDIS_URL, 6379)
-    env = dict(
-        os.environ,
-        DATABASE_URL=POSTGRES_URL,
-        REDIS_URL=REDIS_URL,
-        PORTHOLE_DATA_DIR=str(tmp_path),
-        PORTHOLE_TEAM_CHILD="1",
-    )
-    # A failing child says why in its last lines; the full report is kept beside them.
-    report = tmp_path / "team-mode.log"
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
-    returncode, lines = _child(
-        [*args, "tests", "--ignore=tests/team/test_team_mode.py"], env, report
-    )
-    assert returncode != -1, _said("ran out of time", report, lines)
+    child = request.config.stash.get(EARLY, None) or _start(tmp_path)
+    returncode, lines = child.wait()
+    assert returncode != -1, _said("ran out of time", child.report, lines)
     failed = _failed_ids(lines)
     if returncode != 0 and 0 < len(failed) <= MAX_RETRIED:
         # Tests that fail only after others on a shared PostgreSQL + Redis (order or load),
         # run once more on their own: they must pass there, and they are named as flaky.
-        again = tmp_path / "team-mode-retry.log"
-        env["PORTHOLE_DATA_DIR"] = str(tmp_path / "retry")
-        returncode, retry_lines = _child([*args, *failed], env, again)
-        assert returncode == 0, _said("failed, and again on their own", again, retry_lines)
+        retry_dir = tmp_path / "retry"
+        retry_dir.mkdir()
+        again = Child.start([*PYTEST, *failed], _child_env(retry_dir), retry_dir / "retry.log")
+        returncode, retry_lines = again.wait()
+        assert returncode == 0, _said("failed, and again on their own", again.report, retry_lines)
         warnings.warn(
             "passed on PostgreSQL + Redis only when run again on their own (flaky there): "
             + ", ".join(failed),
             stacklevel=1,
         )
         lines = retry_lines
-    assert returncode == 0, _said("failed", report, lines)
+    assert returncode == 0, _said("failed", child.report, lines)
     summary = lines[-1] if lines else ""
     assert " passed" in summary, "\n".join(lines[-60:])
     # Skips in the child are the ones the SQLite run has too (e.g. no Chromium outside CI);
     # nothing may skip for want of PostgreSQL or Redis there.
     assert "needs DATABASE_URL" not in "\n".join(lines[-60:])
-
-
-MAX_RETRIED = 40
-FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+?(?:\[[^\]]*\])?)(?: - |$)")
 
 
 def _failed_ids(lines: list[str]) -> list[str]:
@@ -103,22 +202,3 @@ def _failed_ids(lines: list[str]) -> list[str]:
 def _said(what: str, report: Path, lines: list[str]) -> str:
     tail = "\n".join(lines[-60:])
     return f"the suite on PostgreSQL + Redis {what} ({report}):\n{tail}"
-
-
-def _child(args: list[str], env: dict[str, str], report: Path) -> tuple[int, list[str]]:
-    with report.open("w") as out:
-        child = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
-        )
-        try:
-            returncode = child.wait(timeout=CHILD_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            # Ctrl-C: pytest tears its fixtures down (workers, servers) and prints what failed.
-            child.send_signal(signal.SIGINT)
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            returncode = -1
-    return returncode, report.read_text().splitlines()
