@@ -19,6 +19,7 @@ import uuid
 from contextlib import nullcontext
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import render_to_string
@@ -98,7 +99,21 @@ def _seq(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-class SessionConsumer(AsyncWebsocketConsumer):
+class AsyncOnlyConsumer(AsyncWebsocketConsumer):
+    """A consumer whose handlers reach the database only through `database_sync_to_async`,
+    which closes stale connections around each call itself. Channels' own `dispatch` adds a
+    `close_old_connections` hop to its one shared database thread before every message: with
+    hundreds of viewers acknowledging, that queued hundreds of hops a second in front of
+    every real query (the catch-ups, presence)."""
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+
+class SessionConsumer(AsyncOnlyConsumer):
     """A team member's session page."""
 
     can_steer = False
@@ -129,7 +144,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         self.feed = await hub_for(self.channel_layer).join(session_id, self)
         await self.accept()
         await _join_user_group(self)
-        await self.feed.presence.arrive(self.channel_name, self.scope.get("user"), self.link_id)
+        self.feed.presence.arrive(self.channel_name, self.scope.get("user"), self.link_id)
 
     async def disconnect(self, code: int) -> None:
         feed, self.feed = self.feed, None
@@ -137,9 +152,9 @@ class SessionConsumer(AsyncWebsocketConsumer):
             return
         if self.catching_up is not None:
             self.catching_up.cancel()
+        feed.presence.leave(self.channel_name)  # before the feed may stop (it writes it then)
         await hub_for(self.channel_layer).leave(self.session_id, self)
         await _leave_user_group(self)
-        await feed.presence.leave(self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
@@ -149,7 +164,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
         if not isinstance(message, dict) or self.feed is None:
             return  # steering is plain POSTs: only the hello and acknowledgements come here
         if "last_seq" in message and not self.cursor.greeted:
-            self.cursor.hello(_seq(message["last_seq"]) or 0)
+            self.cursor.hello(_seq(message["last_seq"]) or 0, self.feed.latest)
         elif (acked := _seq(message.get("ack"))) is not None:
             self.cursor.ack(acked)
         self._catch_up_soon()
@@ -279,7 +294,7 @@ def _current_rows(ids: frozenset[str]) -> str:
     )
 
 
-class SessionListConsumer(AsyncWebsocketConsumer):
+class SessionListConsumer(AsyncOnlyConsumer):
     """Status changes for the session list: each message replaces one row out of band.
 
     The page says which rows it shows (`{"rows": [ids]}`, again after every filter or page

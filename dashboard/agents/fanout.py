@@ -35,6 +35,13 @@ REJOIN_EVERY = 3600.0
 
 
 @database_sync_to_async
+def _latest_seq(session_id: str) -> int | None:
+    next_seq = AgentSession.objects.filter(id=session_id).values_list("next_seq", flat=True)
+    found = next_seq.first()
+    return None if found is None else found - 1
+
+
+@database_sync_to_async
 def _current_state(session_id: str) -> dict[str, str] | None:
     session = AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
     return None if session is None else render_state(session)
@@ -56,6 +63,19 @@ def _for_link_holders(batch: Batch, shared: list[Any] | None) -> Batch:
                 break
         items.append((seq, html))
     return Batch(tuple(items))
+
+
+def _joinable(batch: Batch, shared: Batch, following: Batch) -> bool:
+    """Whether `following` may join the pending frame: it continues it with no gap, and the
+    link holders' version was not cut short (joining then would hide a gap from them)."""
+    return batch.continued_by(following) and len(shared.items) == len(batch.items)
+
+
+def _join(batch: Batch, shared: Batch, more: Batch, more_shared: Batch) -> tuple[Batch, Batch]:
+    joined = batch.joined(more)
+    if shared is batch and more_shared is more:  # nothing differs for link holders
+        return joined, joined
+    return joined, shared.joined(more_shared)
 
 
 class Viewer(Protocol):
@@ -80,8 +100,11 @@ class Feed:
         self.group = session_group(session_id)
         self.viewers: dict[Viewer, None] = {}  # an ordered set
         self.presence = Presence(session_id, self._announce)
-        self.batches = 0  # frames built, for the tests: one per message, whatever the viewers
+        self.batches = 0  # frames built (tests): at most one per message, whatever the viewers
+        self.latest: int | None = None  # the session's last seq, once known
         self.channel = ""
+        self._inbox: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
         self._latest_watchers: dict[str, str] | None = None
         self._latest_state: StateFrames | None = None
         self._state_version = 0
@@ -93,7 +116,18 @@ class Feed:
     async def _start(self) -> None:
         self.channel = await self.layer.new_channel()
         await self.layer.group_add(self.group, self.channel)
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._keep())]
+        self._tasks = [
+            asyncio.create_task(self._read()),
+            asyncio.create_task(self._deliver()),
+            asyncio.create_task(self._keep()),
+        ]
+        try:  # after subscribing: anything later comes through the layer
+            latest = await _latest_seq(self.session_id)
+        except Exception:  # then every page's hello asks the database, as it may
+            log.exception("could not read the last seq of session %s", self.session_id)
+            return
+        if latest is not None:
+            self.latest = max(latest, self.latest or 0)
 
     async def ready(self) -> None:
         """Returns once messages sent to the session reach this feed."""
@@ -126,17 +160,51 @@ class Feed:
                 for viewer in list(self.viewers):
                     await self._hand(viewer.missed)
                 continue
-            await self.dispatch(message)
+            self._inbox.append(message)
+            self._wake.set()
 
-    async def dispatch(self, message: dict[str, Any]) -> None:
+    async def _deliver(self) -> None:
+        """Hands out what the reader queued: everything since the last hand-out at once."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._inbox:
+                messages, self._inbox = self._inbox, []
+                try:
+                    await self.dispatch(*messages)
+                except Exception:  # a malformed message must not end the feed
+                    log.exception("feed of session %s could not hand out", self.session_id)
+
+    async def dispatch(self, *messages: dict[str, Any]) -> None:
+        """Hands messages to the viewers in order, consecutive event batches as one frame."""
+        pending: tuple[Batch, Batch] | None = None  # (for members, for link holders)
+        for message in messages:
+            if message.get("type") == "session.events" and message.get("items"):
+                batch = Batch.of(message["items"])
+                shared = _for_link_holders(batch, message.get("shared"))
+                if pending is not None and _joinable(*pending, batch):
+                    pending = _join(*pending, batch, shared)
+                    continue
+                if pending is not None:
+                    await self._hand_events(*pending)
+                pending = (batch, shared)
+                continue
+            if pending is not None:
+                await self._hand_events(*pending)
+                pending = None
+            await self._dispatch_one(message)
+        if pending is not None:
+            await self._hand_events(*pending)
+
+    async def _hand_events(self, batch: Batch, shared: Batch) -> None:
+        self.batches += 1
+        self.latest = max(batch.last, self.latest or 0)
+        for viewer in list(self.viewers):
+            await self._hand(viewer.live_events, batch if viewer.link_id is None else shared)
+
+    async def _dispatch_one(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == "session.events" and message.get("items"):
-            batch = Batch.of(message["items"])
-            shared = _for_link_holders(batch, message.get("shared"))
-            self.batches += 1
-            for viewer in list(self.viewers):
-                await self._hand(viewer.live_events, batch if viewer.link_id is None else shared)
-        elif kind == "session.state":
+        if kind == "session.state":
             frames = StateFrames(message)
             self._latest_state = frames
             self._state_version += 1
@@ -216,6 +284,8 @@ class Hub:
         if not feed.viewers:
             del self.feeds[session_id]
             await feed.stop()
+            # The last socket went: write its departure now, not at the next tick.
+            await feed.presence.flush()
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Hub]] = (

@@ -1,11 +1,12 @@
 """Who is watching a session now, announced at most once a second.
 
-Each open session socket is a `Watcher` row (written when it opens, deleted when it closes,
-refreshed together with the other sockets of its worker, and counted while fresh). Opening
-or closing a socket only marks the list out of date; the worker then renders the list once
-and sends it to the session's group, at most once per `INTERVAL` (`Coalescer`). Five
-hundred viewers arriving at once cost five hundred row writes and a handful of renders,
-instead of five hundred renders each sent to up to five hundred viewers.
+Each open session socket is a `Watcher` row (written after it opens, deleted after it
+closes, refreshed together with the other sockets of its worker, and counted while fresh).
+Opening or closing a socket only notes the change and marks the list out of date; the worker
+then writes every noted change in one query, renders the list once and sends it to the
+session's group, at most once per `INTERVAL` (`Coalescer`). Five hundred viewers arriving at
+once cost a handful of queries and renders, instead of five hundred row writes and five
+hundred renders each sent to up to five hundred viewers.
 """
 
 from __future__ import annotations
@@ -85,22 +86,30 @@ def render_watchers(session_id: str) -> dict[str, str]:
     }
 
 
-@database_sync_to_async
-def _arrive(channel: str, session_id: str, user: Any, link_id: int | None) -> None:
-    Watcher.objects.update_or_create(
-        channel_name=channel,
-        defaults={
-            "session_id": UUID(session_id),
-            "seen_at": timezone.now(),
-            "user": user if user is not None and user.is_authenticated else None,
-            "share_link_id": link_id,
-        },
-    )
+Arrival = tuple[int | None, int | None]  # (user id, share link id)
 
 
 @database_sync_to_async
-def _leave(channel: str) -> None:
-    Watcher.objects.filter(channel_name=channel).delete()
+def _write(session_id: str, arriving: dict[str, Arrival], leaving: set[str]) -> None:
+    if leaving:
+        Watcher.objects.filter(channel_name__in=leaving).delete()
+    if arriving:
+        now = timezone.now()
+        Watcher.objects.bulk_create(
+            [
+                Watcher(
+                    channel_name=channel,
+                    session_id=UUID(session_id),
+                    seen_at=now,
+                    user_id=user_id,
+                    share_link_id=link_id,
+                )
+                for channel, (user_id, link_id) in arriving.items()
+            ],
+            update_conflicts=True,
+            unique_fields=["channel_name"],
+            update_fields=["session", "seen_at", "user", "share_link"],
+        )
 
 
 @database_sync_to_async
@@ -115,17 +124,41 @@ class Presence:
         self.session_id = session_id
         self._announce = announce
         self.updates = Coalescer(INTERVAL, self._send)
+        self.writes = 0  # queries that wrote arrivals and departures, for the tests
+        self._arriving: dict[str, Arrival] = {}
+        self._leaving: set[str] = set()
 
     async def _send(self) -> None:
+        await self.flush()
         await self._announce(await database_sync_to_async(render_watchers)(self.session_id))
 
-    async def arrive(self, channel: str, user: Any, link_id: int | None) -> None:
-        await _arrive(channel, self.session_id, user, link_id)
+    def arrive(self, channel: str, user: Any, link_id: int | None) -> None:
+        user_id = user.pk if user is not None and user.is_authenticated else None
+        self._leaving.discard(channel)
+        self._arriving[channel] = (user_id, link_id)
         self.updates.poke()
 
-    async def leave(self, channel: str) -> None:
-        await _leave(channel)
+    def leave(self, channel: str) -> None:
+        if self._arriving.pop(channel, None) is None:  # else it was never written
+            self._leaving.add(channel)
         self.updates.poke()
+
+    async def flush(self) -> None:
+        """Write the arrivals and departures noted since the last flush, in one query."""
+        arriving, leaving = self._arriving, self._leaving
+        if not arriving and not leaving:
+            return
+        self._arriving, self._leaving = {}, set()
+        self.writes += 1
+        try:
+            await _write(self.session_id, arriving, leaving)
+        except BaseException:
+            # Noted again for the next flush, unless the socket left meanwhile.
+            for channel, arrival in arriving.items():
+                if channel not in self._leaving:
+                    self._arriving.setdefault(channel, arrival)
+            self._leaving |= leaving
+            raise
 
     async def refresh(self, channels: Iterable[str]) -> None:
         """Keep this worker's sockets counted: one query for all of them."""
@@ -134,4 +167,5 @@ class Presence:
             await _refresh(names)
 
     async def current(self) -> dict[str, str]:
+        await self.flush()
         return await database_sync_to_async(render_watchers)(self.session_id)

@@ -42,6 +42,13 @@ class Batch:
         """From a channel message's items (lists once they crossed Redis)."""
         return cls(tuple((int(item[0]), str(item[1])) for item in items))
 
+    def continued_by(self, other: Batch) -> bool:
+        """Whether `other` starts right after this batch, so the two may be one frame."""
+        return bool(self.items and other.items) and other.first == self.last + 1
+
+    def joined(self, other: Batch) -> Batch:
+        return Batch(self.items + other.items)
+
     @property
     def first(self) -> int:
         return self.items[0][0]
@@ -61,9 +68,9 @@ class Batch:
         return "".join(html for s, html in self.items if s > seq)
 
 
-@dataclass
+@dataclass(slots=True)
 class Cursor:
-    """One viewer's position in its session's stream."""
+    """One viewer's position in its session's stream (one per open socket: kept small)."""
 
     window: int = WINDOW
     chunk: int = CHUNK
@@ -86,12 +93,15 @@ class Cursor:
     def behind(self) -> bool:
         return self.held is None or self.stale or self.fetching
 
-    def hello(self, last_seq: int) -> None:
-        """The page holds everything up to `last_seq`: catch it up from there."""
+    def hello(self, last_seq: int, latest: int | None = None) -> None:
+        """The page holds everything up to `last_seq`: catch it up from there. `latest` is
+        the last seq its worker knows to exist (read after subscribing, then from the live
+        stream): a page that holds it needs no query, only the state fragments."""
         if self.held is not None:
             return  # said once per socket
         self.held = self.acked = max(last_seq, 0)
-        self.stale = self.state_stale = True
+        self.stale = latest is None or self.held < latest
+        self.state_stale = True
 
     def ack(self, seq: int) -> None:
         if self.held is not None:

@@ -1,0 +1,227 @@
+"""What keeps a worker's fan-out cheap: joined frames, no needless queries or thread hops,
+presence written in bulk, small per-viewer state. Mechanisms only; speed is in bench/."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import channels.consumer
+import pytest
+from channels.db import database_sync_to_async
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+
+from dashboard.agents import consumers
+from dashboard.agents.fanout import Feed, hub_for
+from dashboard.agents.models import AgentSession, Sandbox, Watcher
+from dashboard.agents.presence import Presence
+from dashboard.agents.recording import NewEvent, publish, record
+from dashboard.agents.viewers import Batch, Cursor, StateFrames
+from tests.agents.helpers import communicator, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(30)]
+
+SEQ = re.compile(r'id="event-(\d+)"')
+
+
+@database_sync_to_async
+def _session() -> AgentSession:
+    sandbox = Sandbox.objects.create(upstream_id="sb-fanout")
+    return AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-fanout", title="f")
+
+
+def _text(n: int) -> NewEvent:
+    data = {
+        "type": "assistant",
+        "message": {"role": "assistant", "content": [{"type": "text", "text": f"line {n}"}]},
+        "parent_tool_use_id": None,
+    }
+    return NewEvent.from_line("agent", json.dumps(data), data)
+
+
+async def _record(session: AgentSession, *numbers: int) -> None:
+    _, messages = await database_sync_to_async(record)(session.id, [_text(n) for n in numbers])
+    await publish(messages)
+
+
+class Tab:
+    """A viewer as the feed sees one: what it was handed, frame by frame."""
+
+    def __init__(self, name: str, link_id: int | None = None) -> None:
+        self.channel_name = name
+        self.link_id = link_id
+        self.frames: list[Batch] = []
+        self.states: list[StateFrames] = []
+
+    async def live_events(self, batch: Batch) -> None:
+        self.frames.append(batch)
+
+    async def live_state(self, frames: StateFrames) -> None:
+        self.states.append(frames)
+
+    async def live_presence(self, watchers: dict[str, str]) -> None:
+        return None
+
+    async def missed(self) -> None:
+        return None
+
+
+def _events(first: int, last: int, shared: list[Any] | None = None) -> dict[str, Any]:
+    items = [(seq, f"<{seq}>") for seq in range(first, last + 1)]
+    return {"type": "session.events", "items": items, "shared": shared}
+
+
+def _seqs(batch: Batch) -> list[int]:
+    return [seq for seq, _ in batch.items]
+
+
+async def _feed(session: AgentSession, *tabs: Tab) -> Feed:
+    feed = Feed(InMemoryChannelLayer(), str(session.id))
+    for tab in tabs:
+        feed.viewers[tab] = None
+    await feed.ready()
+    return feed
+
+
+async def test_it_hands_out_queued_consecutive_batches_as_one_frame(db):
+    session = await _session()
+    member, holder = Tab("a"), Tab("b", link_id=1)
+    feed = await _feed(session, member, holder)
+    state = {"type": "session.state", "status": "S", "status_shared": "s", "controls": "C"}
+    await feed.dispatch(_events(1, 2), _events(3, 3), _events(4, 5), state, _events(6, 6))
+    # Three messages, one frame (and one string for everyone); the state keeps its place.
+    assert [_seqs(frame) for frame in member.frames] == [[1, 2, 3, 4, 5], [6]]
+    assert member.frames[0] is holder.frames[0]
+    assert feed.batches == 2 and len(member.states) == 1
+    await feed.stop()
+
+
+async def test_it_does_not_join_batches_across_a_gap(db):
+    session = await _session()
+    member = Tab("a")
+    feed = await _feed(session, member)
+    await feed.dispatch(_events(1, 2), _events(4, 5))  # 3 was lost: the cursor must see it
+    assert [_seqs(frame) for frame in member.frames] == [[1, 2], [4, 5]]
+    await feed.stop()
+
+
+async def test_it_does_not_join_after_a_link_holders_batch_was_cut_short(db):
+    session = await _session()
+    member, holder = Tab("a"), Tab("b", link_id=1)
+    feed = await _feed(session, member, holder)
+    # Event 2's rendering for link holders failed (None): they stop before it, and must
+    # not be handed 3 as if it followed 1.
+    await feed.dispatch(_events(1, 2, shared=[(2, None)]), _events(3, 3))
+    assert [_seqs(frame) for frame in member.frames] == [[1, 2], [3]]
+    assert [_seqs(frame) for frame in holder.frames] == [[1], [3]]
+    await feed.stop()
+
+
+async def test_it_knows_the_last_seq_from_the_database_and_the_stream(db):
+    session = await _session()
+    await _record(session, 1, 2, 3)
+    feed = await _feed(session, Tab("a"))
+    assert feed.latest == 3
+    await feed.dispatch(_events(4, 6))
+    assert feed.latest == 6
+    await feed.stop()
+
+
+async def test_it_asks_the_database_only_for_a_page_that_lacks_something(alice, monkeypatch):
+    queries: list[int] = []
+    real = consumers._render_missing
+
+    async def counted(session_id: str, after: int, limit: int, *, shared: bool) -> Any:
+        queries.append(after)
+        return await real(session_id, after, limit, shared=shared)
+
+    monkeypatch.setattr(consumers, "_render_missing", counted)
+    session = await _session()
+    await _record(session, 1, 2)
+    level, behind = (
+        await communicator(f"/ws/sessions/{session.id}/", alice),
+        await communicator(f"/ws/sessions/{session.id}/", alice),
+    )
+    for viewer, last_seq in ((level, 2), (behind, 1)):
+        assert (await viewer.connect())[0]
+        await viewer.send_json_to({"last_seq": last_seq})
+        while 'id="watchers"' not in await viewer.receive_from(timeout=5):
+            pass
+    assert queries == [1]  # only the page that held 1 of 2
+    await _record(session, 3)
+    for viewer in (level, behind):
+        html = await viewer.receive_from(timeout=5)
+        while not SEQ.findall(html):
+            html = await viewer.receive_from(timeout=5)
+        assert SEQ.findall(html) == ["3"]
+        await viewer.disconnect()
+
+
+async def test_it_takes_no_thread_hop_per_acknowledgement(alice, monkeypatch):
+    hops = 0
+    real = channels.consumer.aclose_old_connections
+
+    async def counted() -> None:
+        nonlocal hops
+        hops += 1
+        await real()
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+    session = await _session()
+    viewer = await communicator(f"/ws/sessions/{session.id}/", alice)
+    assert (await viewer.connect())[0]
+    await viewer.send_json_to({"last_seq": 0})
+    for _ in range(20):
+        await viewer.send_json_to({"ack": 0})
+    while 'id="watchers"' not in await viewer.receive_from(timeout=5):
+        pass
+    await viewer.disconnect()
+    assert hops == 0
+
+
+async def test_it_writes_a_crowd_of_arrivals_and_departures_in_one_query(alice):
+    session = await _session()
+    announced: list[dict[str, str]] = []
+
+    async def announce(watchers: dict[str, str]) -> None:
+        announced.append(watchers)
+
+    presence = Presence(str(session.id), announce)
+    presence.updates.interval = 3600.0  # the test flushes by hand
+    presence.updates.cancel()
+    for n in range(50):
+        presence.arrive(f"socket-{n}", alice, None)
+    presence.leave("socket-0")  # gone before it was ever written: never written
+    await presence.flush()
+    count = database_sync_to_async(lambda: Watcher.objects.filter(session=session).count())
+    assert presence.writes == 1 and await count() == 49
+    for n in range(1, 50):
+        presence.leave(f"socket-{n}")
+    await presence.flush()
+    assert presence.writes == 2 and await count() == 0
+    await presence.flush()  # nothing noted: no query
+    assert presence.writes == 2
+
+
+async def test_it_writes_the_last_viewers_departure_when_its_feed_stops(alice):
+    session = await _session()
+    viewer = await communicator(f"/ws/sessions/{session.id}/", alice)
+    assert (await viewer.connect())[0]
+    await viewer.send_json_to({"last_seq": 0})
+    watchers = database_sync_to_async(lambda: Watcher.objects.filter(session=session).count())
+    await wait_for(lambda: _equals(watchers(), 1))
+    await viewer.disconnect()
+    assert str(session.id) not in hub_for(get_channel_layer()).feeds
+    assert await watchers() == 0  # at once, not at the next coalesced update
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
+
+
+def test_it_keeps_a_viewers_bookkeeping_without_an_instance_dictionary() -> None:
+    cursor = Cursor()
+    assert not hasattr(cursor, "__dict__")  # slots: a few hundred bytes per open socket
+    cursor.hello(0, latest=0)
+    assert cursor.fetch() is None and cursor.refresh_state()  # level: only the state
