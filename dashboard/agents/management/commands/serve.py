@@ -30,8 +30,20 @@ LISTENING = re.compile(r"listening on (http://\S+)")
 
 
 def daphne_options() -> dict[str, Any]:
-    """Daphne's settings for Porthole's web worker (also what `bench/fanout.py` serves with)."""
-    return {"websocket_timeout": 86400, "application_close_timeout": 10}
+    """Daphne's settings for Porthole's web worker (also what `bench/fanout.py` serves with).
+
+    A burst of hundreds of sockets (a deploy, a network blip, a link posted in a busy chat)
+    queues every handshake behind the database hops of the ones before it: with Daphne's
+    own 5 s handshake timeout, a burst of 300 on two cores lost a quarter of its sockets
+    (`bench/fanout.py`). 60 s to accept and to clean up is what docs/deploy.md gives plain
+    `daphne` (`--websocket_connect_timeout 60` sets both the handshake and connect timeouts).
+    """
+    return {
+        "websocket_timeout": 86400,
+        "websocket_handshake_timeout": 60,
+        "websocket_connect_timeout": 60,
+        "application_close_timeout": 60,
+    }
 
 
 class Command(BaseCommand):
