@@ -15,8 +15,9 @@ A session is marked lost only when the upstream says it is gone (the sandbox, or
 session in a sandbox that still exists); while it may be alive the reader keeps trying.
 
 Leases are in leases.py, supervision in supervisor.py, alignment in alignment.py, stdin
-requests in stdin.py. What stays here (a little over 400 lines) is the three tasks of one
-bridge, which share one connection's state and belong together.
+requests in stdin.py. What stays here (under 500 lines) is the three tasks of one bridge,
+which share one upstream connection's state and one database connection, and belong
+together.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import contextlib
 import json
 import logging
 import random
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asgiref.sync import ThreadSensitiveContext
-from channels.db import database_sync_to_async
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 from dashboard import metrics
 from dashboard.agents import leases, upstream
@@ -75,15 +78,57 @@ def stored_form(source: str, line: Line) -> str:
     return NewEvent.from_line(source, line.text, line.data).raw
 
 
+# -- the bridge's database connection ------------------------------------------------------
+
+# A connection idle this long is checked before it is used again (the server, a proxy or a
+# restart may have dropped it meanwhile); one in use back to back is trusted.
+IDLE_CHECK_SECONDS = 10.0
+_last_used: weakref.WeakKeyDictionary[BaseDatabaseWrapper, float] = weakref.WeakKeyDictionary()
+
+
+def _usable_connections() -> None:
+    """Close only the connections that cannot be used any more.
+
+    Channels' `database_sync_to_async` closes every connection before and after each call
+    unless CONN_MAX_AGE says otherwise: a bridge then opened a connection per batch (about
+    300 for a flood of 20,000 events on PostgreSQL, each with its own setup). A bridge's
+    calls all run on its own thread, so it keeps one connection for its whole life and
+    closes it when it stops (`Bridge.run`); a connection left broken by an error, or found
+    dead after sitting idle, is dropped here and the next query opens a new one.
+    """
+    now = time.monotonic()
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is None:
+            continue
+        idle = now - _last_used.get(connection, now)
+        suspect = connection.errors_occurred or idle > IDLE_CHECK_SECONDS
+        autocommit = connection.settings_dict["AUTOCOMMIT"]
+        if connection.get_autocommit() != autocommit or (suspect and not connection.is_usable()):
+            connection.close()
+        else:
+            connection.errors_occurred = False
+        _last_used[connection] = now
+
+
+def on_bridge_thread[**P, T](fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
+    """`fn` on the calling bridge's own thread (see `Bridge.run`), on a kept connection."""
+
+    def keeping_connection(*args: P.args, **kwargs: P.kwargs) -> T:
+        _usable_connections()
+        return fn(*args, **kwargs)
+
+    return sync_to_async(keeping_connection, thread_sensitive=True)
+
+
 # -- database helpers (small, each one thread hop) ---------------------------------------
 
 
-@database_sync_to_async
+@on_bridge_thread
 def _load_session(session_id: SessionId) -> AgentSession:
     return AgentSession.objects.select_related("sandbox").get(id=session_id)
 
 
-@database_sync_to_async
+@on_bridge_thread
 def _stored_log(session_id: SessionId) -> ReadLog:
     """What earlier bridges stored, as a read log: the last lines, reaching past the ring."""
     items: list[tuple[str, str]] = []
@@ -109,13 +154,13 @@ def _stored_log(session_id: SessionId) -> ReadLog:
     return ReadLog.of(items)
 
 
-@database_sync_to_async
+@on_bridge_thread
 def _record(events: list[NewEvent], tools: ToolIndex, lease: Lease) -> list[Message]:
     _, messages = record(lease.session_id, events, tools=tools, lease=lease)
     return messages
 
 
-@database_sync_to_async
+@on_bridge_thread
 def _tool_index(session_id: SessionId) -> ToolIndex:
     session = AgentSession.objects.get(id=session_id)
     return ToolIndex.for_session(session, [])
@@ -159,11 +204,11 @@ class Bridge:
                 await self._run()
             finally:
                 self.finished.set()
-                await database_sync_to_async(connections.close_all)()
+                await on_bridge_thread(connections.close_all)()
 
     async def _run(self) -> None:
         if self.lease is None:
-            self.lease = await database_sync_to_async(leases.current)(self.session_id, self.owner)
+            self.lease = await on_bridge_thread(leases.current)(self.session_id, self.owner)
             if self.lease is None:
                 log.info("bridge %s: no lease held by %s", self.session_id, self.owner)
                 return
@@ -387,7 +432,7 @@ class Bridge:
         try:
             while True:
                 if loop.time() >= renew_at:
-                    if not await database_sync_to_async(leases.renew)(self.lease):
+                    if not await on_bridge_thread(leases.renew)(self.lease):
                         raise LeaseLost(self.session_id)
                     renew_at = loop.time() + leases.RENEW_SECONDS
                 wait = max(0.0, renew_at - loop.time())
@@ -414,7 +459,7 @@ class Bridge:
         if request_id and request_id in self._sent:
             await acknowledge(message.get("reply"), self._sent[request_id])
             return
-        if not await database_sync_to_async(leases.renew)(self.lease):
+        if not await on_bridge_thread(leases.renew)(self.lease):
             raise LeaseLost(self.session_id)  # the fence: a stale owner sends nothing
         problem = None
         if self._stream is None:
