@@ -8,6 +8,7 @@ urlpatterns = [
     path("sessions/new/", start.new_session, name="new_session"),
     path("sessions/<uuid:session_id>/", browse.session_detail, name="session"),
     path("sessions/<uuid:session_id>/older/", browse.older_events, name="older_events"),
+    path("sessions/<uuid:session_id>/newer/", browse.newer_events, name="newer_events"),
     path("sessions/<uuid:session_id>/prompt/", steer.session_prompt, name="session_prompt"),
     path(
         "sessions/<uuid:session_id>/interrupt/", steer.session_interrupt, name="session_interrupt"
@@ -26,6 +27,7 @@ urlpatterns = [
     path("share-links/<int:link_id>/revoke/", share.share_revoke, name="share_revoke"),
     path("share/<str:token>/", share.share_page, name="share"),
     path("share/<str:token>/older/", share.share_older, name="share_older"),
+    path("share/<str:token>/newer/", share.share_newer, name="share_newer"),
     path("setup/", people.setup, name="setup"),
     path("people/", people.people, name="people"),
     path("people/<int:user_id>/", people.person_update, name="person_update"),

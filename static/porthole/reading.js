@@ -1,10 +1,10 @@
-// Reading a session: "follow live", and jumping to an event (outline, search results, links
-// between cards) even when it is folded, nested in a card, or not loaded yet. Loaded with
-// the CSP nonce after app.js; no inline script anywhere.
+// Reading a session: "follow live"; jumping to an event (outline, search results, links
+// between cards) even when it is folded, nested in a card, or not loaded (one request: the
+// page opened at it); and a page opened at an event further back than the live tail, which
+// counts live events instead of appending them, and goes live once "load newer" reaches the
+// tail. Loaded with the CSP nonce after app.js; no inline script anywhere.
 (function () {
   "use strict";
-
-  var MAX_OLDER_LOADS = 200; // "Load older" clicks while looking for an event
 
   function follow() { return document.getElementById("follow-live"); }
 
@@ -65,6 +65,7 @@
   document.addEventListener("htmx:wsBeforeMessage", function (evt) {
     var timeline = document.getElementById("timeline");
     if (evt.target.id !== "session-root" || !timeline || typeof evt.detail.message !== "string") { return; }
+    if (windowBack()) { return; } // nothing of the events is swapped there (below)
     var parsed = new DOMParser().parseFromString(evt.detail.message, "text/html"); // inert
     var brought = null;
     parsed.body.querySelectorAll("[hx-swap-oob]").forEach(function (element) {
@@ -83,7 +84,8 @@
 
   // -- jumping to an event -------------------------------------------------------------------
   // An event's element is #event-N. A result drawn in its call's card leaves a hidden mark
-  // (#event-N, data-at = the card); an event not loaded yet is found by loading older pages.
+  // (#event-N, data-at = the card). An event not on the page is one request away: the page
+  // opened at it (?at=N), however long the session.
   function locate(seq) {
     var element = document.getElementById("event-" + seq);
     if (element && element.classList.contains("seq-mark") && element.dataset.at) {
@@ -104,24 +106,18 @@
     element.classList.add("is-target");
   }
 
-  var pending = null; // {seq, loads}
-
-  function jump(seq) {
-    var element = locate(seq);
-    if (element) { pending = null; reveal(element); return; }
-    var older = document.querySelector("#older-slot button");
-    if (!older) { pending = null; return; }
-    var first = parseInt((older.getAttribute("hx-get") || "").split("before=")[1], 10);
-    if (first && seq >= first) { pending = null; return; } // not stored (or not shown here)
-    pending = { seq: seq, loads: pending && pending.seq === seq ? pending.loads + 1 : 1 };
-    if (pending.loads > MAX_OLDER_LOADS) { pending = null; return; }
-    older.click();
+  function openedAt() {
+    return new URLSearchParams(window.location.search).get("at");
   }
 
-  // A page of older events arrives with a new #older-slot (its swap is outerHTML).
-  document.addEventListener("htmx:load", function (evt) {
-    if (pending && evt.target.id === "older-slot") { jump(pending.seq); }
-  });
+  // `replacing`: on arrival, so that "back" does not return to a page that jumps again.
+  function jump(seq, replacing) {
+    var element = locate(seq);
+    if (element) { reveal(element); return; }
+    if (openedAt() === String(seq)) { return; } // opened there already: not stored, or not shown
+    var there = window.location.pathname + "?at=" + seq + "#event-" + seq;
+    if (replacing) { window.location.replace(there); } else { window.location.assign(there); }
+  }
 
   function seqOf(hash) {
     var match = /^#event-(\d+)$/.exec(hash || "");
@@ -139,7 +135,124 @@
   });
 
   document.addEventListener("DOMContentLoaded", function () {
+    var root = document.getElementById("session-root");
+    if (!root) { return; }
     var seq = seqOf(window.location.hash);
-    if (seq !== null && document.getElementById("session-root")) { jump(seq); }
+    if (seq === null && root.dataset.target) { seq = parseInt(root.dataset.target, 10); }
+    if (seq !== null && !isNaN(seq)) { jump(seq, true); }
+  });
+
+  // -- a window away from the live tail ---------------------------------------------------------
+  // A page opened at an event further back (data-window="back") holds seqs up to
+  // data-through, while its socket's hello said it holds everything up to the tail: live
+  // events are not appended below the window, out of place, but counted ("N newer events").
+  // Only what lies outside the event lists (the header, controls, watchers, the outline)
+  // is swapped. "Load newer" appends the next events; once a page of them reaches the tail
+  // and the socket has brought nothing past it, the window is live: events append again.
+  var SEQS = /data-seq="(\d+)"/g;
+  var heldBySocket = 0; // the newest seq the socket brought (or the hello claimed)
+
+  function root() { return document.getElementById("session-root"); }
+
+  function windowBack() {
+    var element = root();
+    return !!element && element.dataset.window === "back";
+  }
+
+  function through() { return parseInt(root().dataset.through || "0", 10) || 0; }
+
+  function newestIn(text) {
+    var newest = 0, match;
+    SEQS.lastIndex = 0;
+    while ((match = SEQS.exec(text)) !== null) { newest = Math.max(newest, parseInt(match[1], 10) || 0); }
+    return newest;
+  }
+
+  function showNewerCount() {
+    var count = document.getElementById("newer-count");
+    if (!count) { return; }
+    var n = Math.max(heldBySocket - through(), 0);
+    count.dataset.count = String(n);
+    count.textContent = n + (n === 1 ? " newer event" : " newer events");
+  }
+
+  function targetOf(element) {
+    var spec = element.getAttribute("hx-swap-oob") || "true";
+    var at = spec.indexOf(":#");
+    var id = at >= 0 ? spec.slice(at + 2) : element.id;
+    return id ? document.getElementById(id) : null;
+  }
+
+  function outsideEvents(element) {
+    var target = targetOf(element);
+    return !!target && !target.closest("#timeline, .older-events, #stderr-log");
+  }
+
+  function goLive() {
+    var element = root();
+    element.dataset.window = "live";
+    element.dataset.lastSeq = String(through());
+    ["newer-slot", "newer-notice"].forEach(function (id) {
+      var gone = document.getElementById(id);
+      if (gone) { gone.remove(); }
+    });
+  }
+
+  // When the window reaches the tail: live, if the socket brought nothing past it; else
+  // load what it brought (counted, not shown) first.
+  function settle() {
+    var slot = document.getElementById("newer-slot");
+    if (!windowBack() || !slot || !slot.hasAttribute("data-at-tail")) { return; }
+    if (heldBySocket === through()) { goLive(); return; }
+    var more = slot.querySelector("button");
+    if (heldBySocket > through() && more && !more.classList.contains("htmx-request")) {
+      more.click();
+    }
+    // heldBySocket < through: the socket has yet to bring what the page loaded; wait for it.
+  }
+
+  if (window.htmx) {
+    window.htmx.defineExtension("porthole-window", {
+      transformResponse: function (text, xhr) {
+        if (xhr || !windowBack() || typeof text !== "string") { return text; }
+        heldBySocket = Math.max(heldBySocket, newestIn(text));
+        var parsed = new DOMParser().parseFromString(text, "text/html"); // inert
+        var kept = [];
+        Array.prototype.forEach.call(parsed.body.children, function (element) {
+          if (outsideEvents(element)) { kept.push(element.outerHTML); }
+        });
+        // Still said, for app.js's acknowledgements: the consumer sends a reader who does
+        // not acknowledge nothing more, header and controls included.
+        kept.push('<span id="held-seq" hidden hx-swap-oob="true" data-seq="' + heldBySocket + '"></span>');
+        window.setTimeout(function () { showNewerCount(); settle(); }, 0);
+        return kept.join("");
+      }
+    });
+  }
+
+  document.addEventListener("htmx:wsAfterMessage", function (evt) {
+    if (evt.target.id !== "session-root" || !windowBack()) { return; }
+    var jumpLatest = document.getElementById("jump-latest");
+    if (jumpLatest) { jumpLatest.hidden = true; } // the newer-events link says it instead
+  });
+
+  // A page of newer events arrived (appended to #timeline) with a new #newer-slot.
+  document.addEventListener("htmx:load", function (evt) {
+    if (evt.target.id !== "newer-slot" || !windowBack()) { return; }
+    root().dataset.through = evt.target.dataset.through || root().dataset.through;
+    showNewerCount();
+    settle();
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var element = root();
+    if (element) { heldBySocket = parseInt(element.dataset.lastSeq || "0", 10) || 0; }
+  });
+
+  // "Follow live" in a window further back means: go to the latest events.
+  document.addEventListener("change", function (evt) {
+    if (evt.target.id === "follow-live" && evt.target.checked && windowBack()) {
+      window.location.assign(root().dataset.latest || window.location.pathname);
+    }
   });
 })();

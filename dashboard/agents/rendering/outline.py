@@ -1,13 +1,21 @@
 """The session page's outline: each prompt, each turn's result, each error and each gap, to
-jump to. Built from the stored events' columns (type, subtype) and, for the few kinds that
-need their text, from small raw lines only: a hostile agent's megabyte error line costs the
-outline nothing."""
+jump to; and where the session's first error is. Built from the stored events' columns
+(type, subtype) and, for the few kinds that need their text, from small raw lines only: a
+hostile agent's megabyte error line costs the outline nothing.
+
+Neither answer may cost a scan of a long session on every page load (the columns they need
+carry no index), and recorded events never change and only ever come after the last one:
+so each is kept in the cache with the seq it was computed through, and a request reads
+only the events recorded since.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from django.core.cache import cache
 from django.db.models import Q
 
 from dashboard.agents.models import AgentSession, Event
@@ -15,12 +23,19 @@ from dashboard.agents.rendering.base import _number, _str, one_line
 
 MAX_ENTRIES = 400  # the most recent ones
 PARSE_MAX = 20_000  # raw lines longer than this are labelled without being parsed
+CACHE_SECONDS = 24 * 3600
+# A tool result line is parsed to confirm an error up to this size; past it, the marker the
+# database found is believed (it cannot be inside a string: quotes there are escaped).
+TOOL_PARSE_MAX = 1_000_000
+TOOL_CANDIDATES = 50  # tool-result lines read per query while looking for the first error
 
 _WANTED = (
-    Q(source=Event.Source.DASHBOARD, type="prompt")
+    Q(source=Event.Source.DASHBOARD, type__in=("prompt", "action_failed"))
     | Q(source=Event.Source.AGENT, type__in=("result", "error"))
     | Q(source=Event.Source.BRIDGE, type__in=("gap", "lost", "exit"))
 )
+# How a failed tool result's line reads, as the Python and TypeScript SDKs write JSON.
+_TOOL_ERROR = Q(raw__contains='"is_error": true') | Q(raw__contains='"is_error":true')
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,9 @@ def entry_for(event: Event) -> OutlineEntry | None:
     label = ""
     if source == Event.Source.DASHBOARD and kind == "prompt":
         entry_kind, label = "prompt", one_line(_str(_data(event), "text"), 80) or "prompt"
+    elif source == Event.Source.DASHBOARD and kind == "action_failed":
+        action = one_line(_str(_data(event), "action"), 30) or "action"
+        entry_kind, label = "error", f"{action} failed"
     elif source == Event.Source.AGENT and kind == "result":
         failed = subtype.startswith("error") or _data(event).get("is_error") is True
         entry_kind = "error" if failed else "result"
@@ -63,7 +81,78 @@ def entry_for(event: Event) -> OutlineEntry | None:
     return OutlineEntry(event.seq, entry_kind, label, event.created_at)
 
 
+def last_seq(session_id: Any) -> int:
+    """The session's newest seq (0 before any event), from the (session, seq) index alone."""
+    newest = (
+        Event.objects.filter(session_id=session_id)
+        .order_by("-seq")
+        .values_list("seq", flat=True)
+        .first()
+    )
+    return newest or 0
+
+
 def outline(session: AgentSession) -> list[OutlineEntry]:
-    events = list(Event.objects.filter(_WANTED, session=session).order_by("-seq")[:MAX_ENTRIES])
-    entries = [entry_for(event) for event in reversed(events)]
-    return [entry for entry in entries if entry is not None]
+    """The outline's entries, oldest first (the most recent MAX_ENTRIES)."""
+    key = f"porthole:outline:v2:{session.pk}"
+    through, entries = cache.get(key) or (0, ())
+    tail = last_seq(session.pk)  # first: what is recorded meanwhile is read next time
+    if tail > through:
+        events = Event.objects.filter(_WANTED, session=session, seq__gt=through, seq__lte=tail)
+        recent = list(events.order_by("-seq")[:MAX_ENTRIES])
+        found = [e for e in map(entry_for, reversed(recent)) if e is not None]
+        entries = (*entries, *found)[-MAX_ENTRIES:]
+        cache.set(key, (tail, entries), CACHE_SECONDS)
+    return list(entries)
+
+
+def _failed_tool_result(event: Event) -> bool:
+    if len(event.raw) > TOOL_PARSE_MAX:
+        return True
+    message = (event.data or {}).get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(block, dict) and "tool_use_id" in block and block.get("is_error") is True
+        for block in content
+    )
+
+
+def _first_error_between(session_id: Any, after: int, through: int) -> int | None:
+    """The seq of the first error in (after, through]: a failed result, an agent error, a
+    lost connection, a non-zero exit, an action that failed, or a failed tool call."""
+    wanted = Event.objects.filter(_WANTED, session_id=session_id, seq__gt=after, seq__lte=through)
+    found: int | None = None
+    for event in wanted.order_by("seq").iterator(chunk_size=100):
+        entry = entry_for(event)
+        if entry is not None and entry.kind == "error":
+            found = event.seq
+            break
+    # A failed tool call before that: the database picks the lines, Python confirms them.
+    ceiling = found - 1 if found is not None else through
+    tool_results = Event.objects.filter(
+        _TOOL_ERROR, session_id=session_id, source=Event.Source.AGENT, type="user"
+    )
+    while after < ceiling:
+        candidates = list(
+            tool_results.filter(seq__gt=after, seq__lte=ceiling).order_by("seq")[:TOOL_CANDIDATES]
+        )
+        for event in candidates:
+            if _failed_tool_result(event):
+                return event.seq
+        if len(candidates) < TOOL_CANDIDATES:
+            break
+        after = candidates[-1].seq
+    return found
+
+
+def first_error(session: AgentSession) -> int | None:
+    """The seq of the session's first error, or None when it has had none so far."""
+    key = f"porthole:first-error:v1:{session.pk}"
+    through, found = cache.get(key) or (0, None)
+    if found is not None:
+        return int(found)
+    tail = last_seq(session.pk)
+    if tail > through:
+        found = _first_error_between(session.pk, through, tail)
+        cache.set(key, (tail, found), CACHE_SECONDS)
+    return found

@@ -1,4 +1,5 @@
-"""Browsing: the session list, a session's page, and its older events."""
+"""Browsing: the session list, a session's page (at its latest events or at any one), and
+its older and newer events."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from django.views.decorators.http import require_GET
 from dashboard.agents import access
 from dashboard.agents.access import viewer_required
 from dashboard.agents.models import AgentSession
-from dashboard.agents.views.common import HtmxHttpRequest, older, session_context
+from dashboard.agents.views.common import HtmxHttpRequest, newer, older, session_context
 from dashboard.awareness.attention import needing_attention
 
 SESSIONS_PER_PAGE = 25
@@ -82,3 +83,11 @@ def older_events(request: HttpRequest, session_id: str) -> HttpResponse:
     """The page of events before `before`, for "load older" (prepended above the timeline)."""
     session, _ = access.session_for_user(request.user, session_id)
     return older(request, session)
+
+
+@require_GET
+@viewer_required
+def newer_events(request: HttpRequest, session_id: str) -> HttpResponse:
+    """The page of events after `after`, for "load newer" (appended to the timeline)."""
+    session, _ = access.session_for_user(request.user, session_id)
+    return newer(request, session)

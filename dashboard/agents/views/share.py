@@ -1,4 +1,5 @@
-"""Sharing: create and revoke read-only links, and the page (and older events) a link opens."""
+"""Sharing: create and revoke read-only links, and the page (and older and newer events) a
+link opens."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 from dashboard.agents import access, sharing
 from dashboard.agents.models import AgentSession, ShareLink
 from dashboard.agents.sharing import ShareLinkForm, share_panel_context
-from dashboard.agents.views.common import HtmxHttpRequest, older, session_context
+from dashboard.agents.views.common import HtmxHttpRequest, newer, older, session_context
 
 
 def _panel(request: HttpRequest, session: AgentSession, **extra: Any) -> HttpResponse:
@@ -88,3 +89,9 @@ def share_page(request: HttpRequest, token: str) -> HttpResponse:
 def share_older(request: HttpRequest, token: str) -> HttpResponse:
     _, session, _ = access.session_for_link(token)
     return older(request, session, token)
+
+
+@require_GET
+def share_newer(request: HttpRequest, token: str) -> HttpResponse:
+    _, session, _ = access.session_for_link(token)
+    return newer(request, session, token)
