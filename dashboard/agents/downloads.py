@@ -17,12 +17,14 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.shortcuts import render
 
 from dashboard.agents.export import Transcript, session_jsonl
 from dashboard.agents.models import AgentSession, Event
 
 EXPORT_CHUNK = 500
 MAX_EXPORTS_PER_USER = 2
+RETRY_AFTER = 10  # seconds: a download of a long session takes a few
 
 
 def _events_after(session_id: Any, after: int, limit: int) -> list[Event]:
@@ -138,6 +140,24 @@ class _Download(StreamingHttpResponse):
             self._release()
 
 
+def _refused(request: HttpRequest, session: AgentSession) -> HttpResponse:
+    """429: too many at once. A browser that followed the download link gets a page that
+    says so (the link has no `download` attribute, so that it is shown); anything else, a
+    line of text."""
+    message = (
+        f"You already have {SLOTS.per_user} downloads running. Wait for one of them to "
+        "finish, then try again."
+    )
+    if "text/html" in request.headers.get("Accept", ""):
+        context = {"message": message, "session": session, "retry_after": RETRY_AFTER}
+        response = render(request, "agents/session.html#downloads-busy", context, status=429)
+    else:
+        response = HttpResponse(message + "\n", content_type="text/plain; charset=utf-8")
+        response.status_code = 429
+    response["Retry-After"] = str(RETRY_AFTER)
+    return response
+
+
 def download(
     request: HttpRequest, session: AgentSession, kind: str, filename: str
 ) -> HttpResponseBase:
@@ -145,14 +165,7 @@ def download(
     already runs as many as allowed."""
     release = SLOTS.take(request.user.pk if request.user.is_authenticated else None)
     if release is None:
-        response = HttpResponse(
-            f"You already have {SLOTS.per_user} downloads running. Wait for one of them to "
-            "finish, then try again.\n",
-            status=429,
-            content_type="text/plain; charset=utf-8",
-        )
-        response["Retry-After"] = "10"
-        return response
+        return _refused(request, session)
     if kind == "jsonl":
         content, mime = stream_jsonl(session), "application/x-ndjson; charset=utf-8"
     else:

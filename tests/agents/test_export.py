@@ -557,3 +557,116 @@ async def test_it_gives_the_slot_back_when_the_server_fails_mid_download(alice: 
         await wait_for(released, timeout=10)
     finally:
         monkeypatch.undo()
+
+
+class _Download:
+    """One GET through the ASGI application, as a server would drive it, whose client
+    reads the first piece of the body and then stops reading until `go_on` is set: a
+    download held open, mid-stream, for as long as the test wants."""
+
+    def __init__(self, path: str, cookie: bytes, accept: bytes = b"*/*") -> None:
+        self.path, self.cookie, self.accept = path, cookie, accept
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+        self.reading = asyncio.Event()  # the first piece of the body arrived
+        self.go_on = asyncio.Event()
+        self.task: asyncio.Task[None] = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": self.path,
+            "query_string": b"",
+            "headers": [
+                (b"host", b"localhost"),
+                (b"cookie", self.cookie),
+                (b"accept", self.accept),
+            ],
+            "client": ("127.0.0.1", 50000),
+            "server": ("localhost", 80),
+        }
+        asked = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.Event().wait()  # the client stays
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                self.headers = {k.lower(): v for k, v in message.get("headers", [])}
+            elif message["type"] == "http.response.body":
+                self.body += message.get("body", b"")
+                if not self.reading.is_set():
+                    self.reading.set()
+                    await self.go_on.wait()
+
+        asgi: Any = application
+        await asgi(scope, receive, send)
+
+    async def finished(self) -> bytes:
+        self.go_on.set()
+        await asyncio.wait_for(self.task, 30)
+        return bytes(self.body)
+
+
+@pytest.mark.django_db(transaction=True)  # the downloads read in threads of their own
+async def test_it_streams_two_downloads_at_once_per_person_and_refuses_a_third(
+    alice: User, bob: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the ASGI application, concurrently: two of Alice's downloads held open
+    mid-stream, a third refused with a 429 that says why and when to retry (a page, for a
+    browser), Bob's not held up; once one of hers ends, she may start another."""
+    monkeypatch.setattr(downloads, "SLOTS", downloads.ExportSlots(downloads.MAX_EXPORTS_PER_USER))
+    session = await database_sync_to_async(make_session)()
+    await database_sync_to_async(_many_events)(session, 1_200)  # three chunks of 500
+    alices = await database_sync_to_async(cookie_for)(alice)
+    bobs = await database_sync_to_async(cookie_for)(bob)
+    jsonl = reverse("export_jsonl", args=[session.id])
+    markdown = reverse("export_markdown", args=[session.id])
+
+    first, second = _Download(jsonl, alices), _Download(markdown, alices)
+    await asyncio.wait_for(asyncio.gather(first.reading.wait(), second.reading.wait()), 30)
+    assert first.status == second.status == 200
+    # Streaming: the first bytes are out, the end is not read yet.
+    assert first.body.startswith(b'{"seq": 1,') and b'"seq": 1200,' not in first.body
+    assert downloads.SLOTS.running == {alice.pk: 2}
+
+    refused = _Download(jsonl, alices)
+    assert b"downloads running" in await refused.finished()
+    assert refused.status == 429 and refused.headers[b"retry-after"] == b"10"
+    assert refused.headers[b"content-type"].startswith(b"text/plain")
+    page = _Download(markdown, alices, accept=b"text/html,application/xhtml+xml,*/*;q=0.8")
+    html = (await page.finished()).decode()
+    assert page.status == 429 and page.headers[b"retry-after"] == b"10"
+    assert "Too many downloads at once" in html and "You already have 2 downloads" in html
+    assert f'href="{session.get_absolute_url()}"' in html
+
+    other = _Download(jsonl, bobs)
+    assert other.status in (0, 200)
+    assert len((await other.finished()).splitlines()) == 1_200
+
+    lines = (await first.finished()).splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == list(range(1, 1_201))
+
+    async def one_slot_free() -> bool:
+        return downloads.SLOTS.running.get(alice.pk) == 1
+
+    await wait_for(one_slot_free, timeout=10)
+    again = _Download(jsonl, alices)
+    assert len((await again.finished()).splitlines()) == 1_200 and again.status == 200
+    assert (await second.finished()).decode().count("**Assistant:**") == 1_200
+
+    async def all_free() -> bool:
+        return not downloads.SLOTS.running
+
+    await wait_for(all_free, timeout=10)
