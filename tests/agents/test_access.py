@@ -8,7 +8,6 @@ from datetime import timedelta
 import pytest
 from axes.utils import reset as axes_reset
 from channels.db import database_sync_to_async
-from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
@@ -17,7 +16,7 @@ from django.utils import timezone
 from dashboard.agents import access
 from dashboard.agents.models import AgentSession, AuditEntry, Event, Sandbox, ShareLink
 from dashboard.asgi import application
-from tests.agents.helpers import communicator, session_cookie
+from tests.agents.helpers import Socket, communicator, session_cookie
 
 PRINCIPALS = [
     "anonymous",
@@ -255,7 +254,7 @@ async def test_it_closes_open_link_sockets_when_the_link_is_revoked(oc, alice):
     link, token = await database_sync_to_async(access.create_share_link)(
         session, alice, label="", expiry="1d"
     )
-    watcher = WebsocketCommunicator(
+    watcher = Socket(
         application,
         f"/ws/share/{token}/",
         headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")],
@@ -287,7 +286,7 @@ async def test_it_closes_a_link_socket_when_the_link_expires(oc, alice):
     await database_sync_to_async(ShareLink.objects.filter(pk=link.pk).update)(
         expires_at=timezone.now() + timedelta(seconds=0.5)
     )
-    watcher = WebsocketCommunicator(
+    watcher = Socket(
         application,
         f"/ws/share/{token}/",
         headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")],
@@ -328,7 +327,7 @@ async def test_it_says_who_is_watching(oc, alice, bob):
         client = Client()
         await database_sync_to_async(client.force_login)(user)
         viewers.append(
-            WebsocketCommunicator(
+            Socket(
                 application,
                 f"/ws/sessions/{session.id}/",
                 headers=[
@@ -339,7 +338,7 @@ async def test_it_says_who_is_watching(oc, alice, bob):
             )
         )
     viewers.append(
-        WebsocketCommunicator(
+        Socket(
             application,
             f"/ws/share/{token}/",
             headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")],

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
-from channels.testing import ApplicationCommunicator, WebsocketCommunicator
+from channels.testing import ApplicationCommunicator
 from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
@@ -17,7 +17,7 @@ from dashboard.agents import access
 from dashboard.agents.models import AgentSession, Sandbox
 from dashboard.agents.workspace import run_in_sandbox
 from dashboard.asgi import application
-from tests.agents.helpers import communicator, cookie_for
+from tests.agents.helpers import Socket, communicator, cookie_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -31,10 +31,10 @@ def _session() -> AgentSession:
     return AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-edges", title="edges")
 
 
-async def _socket(path: str, user: User, *, origin: str, host: str) -> WebsocketCommunicator:
+async def _socket(path: str, user: User, *, origin: str, host: str) -> Socket:
     cookie = await database_sync_to_async(cookie_for)(user)
     headers = [(b"origin", origin.encode()), (b"host", host.encode()), (b"cookie", cookie)]
-    return WebsocketCommunicator(application, path, headers=headers)
+    return Socket(application, path, headers=headers)
 
 
 # -- the origin --------------------------------------------------------------------------------
@@ -116,9 +116,7 @@ async def test_it_takes_the_scheme_only_from_a_trusted_proxy(
             (b"x-forwarded-proto", b"https"),
             (b"cookie", cookie),
         ]
-        socket = WebsocketCommunicator(
-            _from_peer(peer), f"/ws/sessions/{session.id}/", headers=headers
-        )
+        socket = Socket(_from_peer(peer), f"/ws/sessions/{session.id}/", headers=headers)
         connected, _ = await socket.connect()
         assert connected == expected, scheme
         if connected:
