@@ -96,7 +96,8 @@ class Hit:
 
     @property
     def url(self) -> str:
-        return reverse("session", args=[self.session.id]) + f"#event-{self.seq}"
+        # Opened at the hit's window (one request however long the session), then scrolled to.
+        return reverse("session", args=[self.session.id]) + f"?at={self.seq}#event-{self.seq}"
 
 
 def terms(query: str) -> list[str]:

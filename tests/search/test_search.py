@@ -107,7 +107,7 @@ def test_it_links_each_hit_to_its_event_in_the_session(alice: User) -> None:
     response = client.get(reverse("search"), {"q": "flamingo"})
     assert response.status_code == 200
     links = [e.attrs["href"] for e in parse(response.content.decode()).find("a", "hit-link")]
-    assert links == [reverse("session", args=[session.id]) + f"#event-{hit.seq}"]
+    assert links == [reverse("session", args=[session.id]) + f"?at={hit.seq}#event-{hit.seq}"]
     # The htmx request gets only the results.
     partial = client.get(reverse("search"), {"q": "flamingo"}, headers={"HX-Request": "true"})
     assert partial.content.decode().lstrip().startswith('<section id="search-results"')
