@@ -284,8 +284,10 @@ class Hub:
         if not feed.viewers:
             del self.feeds[session_id]
             await feed.stop()
-            # The last socket went: write its departure now, not at the next tick.
-            await feed.presence.flush()
+            try:  # the last socket went: write its departure now, not at the next tick
+                await feed.presence.flush()
+            except Exception:  # noted again for the next update; stale rows expire anyway
+                log.exception("could not write the departures of session %s", session_id)
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Hub]] = (
