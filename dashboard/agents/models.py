@@ -206,6 +206,11 @@ class Event(models.Model):
         related_name="+",
     )
     created_at = models.DateTimeField(default=timezone.now)
+    # The event's own element as the recorder rendered it, kept when a page would draw it
+    # exactly the same way (no tool call or result to pair, no fold, no subagent, nobody
+    # named): page loads and catch-ups use it instead of rendering the event again. Empty
+    # for the rest, and for events recorded before it existed.
+    html = models.TextField(null=True, blank=True)
 
     class Meta:
         ordering = ["session", "seq"]

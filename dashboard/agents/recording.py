@@ -19,7 +19,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.db.models import Field
 from django.template.loader import render_to_string
 from django.utils import timezone
@@ -29,7 +29,7 @@ from dashboard.agents.forms import controls_context
 from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, fence
 from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event, SessionId
-from dashboard.agents.rendering import ToolIndex, render_event_oob
+from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
 from dashboard.agents.rendering.porthole import for_link_holders, link_holder_variant
 from dashboard.search.index import index_events
 
@@ -358,13 +358,32 @@ def _append_isolating(
     return Appended(session=appended.session, events=rows, state_changed=True)
 
 
-def _rendered(event: Event, tools: ToolIndex) -> str | None:
+def _rendered(event: Event, tools: ToolIndex) -> LiveFragment | None:
     try:
-        return render_event_oob(event, tools)
+        return render_event_live(event, tools)
     except Exception:
         # Stored already; viewers get it from the database on their next load.
         log.exception("session %s: event %s could not be rendered", event.session.pk, event.seq)
         return None
+
+
+def _keep_articles(session: AgentSession, articles: list[tuple[int, str]]) -> None:
+    """Store each event's element with it, for page loads and catch-ups (`Event.html`).
+    A cache: the events are stored already, so a failure here costs only a later render."""
+    if not articles:
+        return
+    quote = connection.ops.quote_name
+    sql = "UPDATE {} SET {} = %s WHERE {} = %s AND {} = %s".format(
+        quote(Event._meta.db_table), quote("html"), quote("session_id"), quote("seq")
+    )
+    field = Event._meta.get_field("session")
+    assert isinstance(field, Field)
+    session_value = field.get_db_prep_save(session.pk, connection)
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.executemany(sql, [(html, session_value, seq) for seq, html in articles])
+    except CONTENT_ERRORS + (DatabaseError,):
+        log.warning("session %s: rendered events not kept", session.pk, exc_info=True)
 
 
 def record(
@@ -386,15 +405,20 @@ def record(
     tools = tools if tools is not None else ToolIndex()
     items = []
     shared: list[tuple[int, str | None]] = []  # link holders' own rendering, where it differs
+    articles: list[tuple[int, str]] = []
     for event in appended.events:
         event.session = appended.session
         tools.observe(event)
-        html = _rendered(event, tools)
-        if html is not None:
-            items.append((event.seq, html))
+        fragment = _rendered(event, tools)
+        if fragment is not None:
+            items.append((event.seq, fragment.oob))
+            if fragment.article is not None:
+                articles.append((event.seq, fragment.article))
             if link_holder_variant(event):
                 with for_link_holders():
-                    shared.append((event.seq, _rendered(event, tools)))
+                    theirs = _rendered(event, tools)
+                    shared.append((event.seq, theirs.oob if theirs is not None else None))
+    _keep_articles(appended.session, articles)
     messages: list[Message] = []
     group = session_group(appended.session.id)
     if items:

@@ -7,6 +7,9 @@ event a second time."""
 from __future__ import annotations
 
 import asyncio
+import html
+import json
+import random
 from datetime import timedelta
 from typing import Any
 
@@ -15,11 +18,17 @@ from asgiref.sync import ThreadSensitiveContext
 from channels.db import database_sync_to_async
 from django.db import connection, connections
 from django.db.backends.signals import connection_created
-from django.utils import timezone
+from django.template.loader import render_to_string
+from django.utils import formats, timezone
 
 from dashboard.agents import bridge
 from dashboard.agents.bridge import Bridge, on_bridge_thread
+from dashboard.agents.markdown import render_markdown
 from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.recording import NewEvent, record
+from dashboard.agents.rendering import ToolIndex, render, render_event, render_event_oob
+from dashboard.agents.rendering.agent import plain_paragraphs
+from dashboard.agents.rendering.items import TextBlock, _stamp
 from dashboard.opencomputer import OpenComputer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
@@ -84,3 +93,164 @@ async def test_it_replaces_a_kept_connection_that_died_while_idle(monkeypatch):
         await on_bridge_thread(drop_underneath)()
         assert await count() == 0
         await on_bridge_thread(connections.close_all)()
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def _session() -> AgentSession:
+    sandbox = Sandbox.objects.create(upstream_id="sb-throughput")
+    return AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-throughput")
+
+
+def _agent(data: dict[str, Any]) -> NewEvent:
+    return NewEvent.from_line(Event.Source.AGENT, json.dumps(data), data)
+
+
+def _text(text: str, **extra: Any) -> NewEvent:
+    message = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+    return _agent({"type": "assistant", "message": message, **extra})
+
+
+def test_it_formats_a_batchs_time_once(monkeypatch):
+    calls: list[str] = []
+    date_format, time_format = formats.date_format, formats.time_format
+
+    def counted(real: Any) -> Any:
+        def call(value: Any, format: str) -> str:
+            calls.append(format)
+            return str(real(value, format))
+
+        return call
+
+    monkeypatch.setattr(formats, "date_format", counted(date_format))
+    monkeypatch.setattr(formats, "time_format", counted(time_format))
+    _stamp.cache_clear()
+    appended, messages = record(_session().id, [_text(f"line {n}") for n in range(50)])
+    assert len(messages[0][1]["items"]) == 50
+    assert sorted(calls) == ["H:i:s", "Y-m-d H:i:s T", "c"], calls
+    shown = timezone.localtime(appended.events[0].created_at).strftime("%H:%M:%S")
+    assert all(f">{shown}</time>" in oob for _, oob in messages[0][1]["items"])
+
+
+PLAIN_POOL = list("abcXYZéß ") * 6 + list("1 .,;:?'\"/()%@$=+-#\n\n")
+HOSTILE_POOL = list("aZé1 .,;:?'\"/()%@$=+-#\n\n\u00a0\t\u2014*_`[]<>&!~|\\") + [
+    "1. ",
+    "- ",
+    "> ",
+    "    ",
+    "  \n",
+    "===",
+    "---",
+    "http://x.y ",
+]
+
+
+def test_it_renders_plain_text_as_markdown_would_without_the_parser():
+    rng = random.Random(11)
+    fast = 0
+    for attempt in range(6000):
+        pool = PLAIN_POOL if attempt % 2 else HOSTILE_POOL
+        text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 60)))
+        paragraphs = plain_paragraphs(text)
+        if paragraphs is None:
+            continue
+        fast += 1
+        ours = render_to_string(
+            "agents/timeline.html#block-text", {"block": TextBlock(html="", paragraphs=paragraphs)}
+        )
+        theirs = render_to_string(
+            "agents/timeline.html#block-text", {"block": TextBlock(html=render_markdown(text))}
+        )
+        # The same document: the template escapes quotes that markdown-it leaves as they are.
+        assert html.unescape(ours) == html.unescape(theirs.replace("&nbsp;", "\u00a0")), text
+    assert fast > 1000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "**bold**",
+        "1. first",
+        "- item",
+        "    code",
+        "a  \nb",
+        "a <b>",
+        "see `x`",
+        "# Title",
+        "x\n===",
+    ],
+)
+def test_it_leaves_anything_markdown_would_shape_to_the_parser(text):
+    assert plain_paragraphs(text) is None
+
+
+def _recorded_mix(alice: Any) -> AgentSession:
+    session = _session()
+    call = {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a\nb"}
+    events = [
+        _agent({"type": "ready"}),
+        _text("Plain words to begin with"),
+        _text("Some **markdown** and `code`"),
+        _agent({"type": "assistant", "message": {"content": [call]}}),
+        _agent({"type": "user", "message": {"content": [result]}}),
+        _agent({"type": "stream_event", "event": {"type": "ping"}}),
+        _agent({"type": "stream_event", "event": {"type": "ping"}}),
+        _text("Inside a task", parent_tool_use_id="toolu_1"),
+        NewEvent.from_line(Event.Source.STDERR, "a log line", None),
+        NewEvent.ours(Event.Source.DASHBOARD, {"type": "prompt", "text": "go"}, actor_id=alice.pk),
+        _agent({"type": "result", "subtype": "success", "result": "done", "num_turns": 1}),
+        _agent({"type": "turn_complete", "claude_session_id": "c1"}),
+    ]
+    record(session.id, events)
+    return session
+
+
+def _page(session: AgentSession, events: list[Event]) -> list[str]:
+    for event in events:
+        event.session = session
+    tools = ToolIndex.for_session(session, events)
+    return [render_event(event, tools) for event in events]
+
+
+def test_it_keeps_the_element_of_events_that_stand_alone(alice):
+    session = _recorded_mix(alice)
+    kept = dict(Event.objects.filter(session=session).values_list("seq", "html"))
+    standing = {seq for seq, html in kept.items() if html}
+    # ready, the two texts, stderr, result, turn_complete: drawn the same on any page.
+    assert standing == {1, 2, 3, 9, 11, 12}, kept
+    assert kept[2] is not None and 'id="event-2"' in kept[2] and "Plain words" in kept[2]
+
+
+def test_it_serves_a_page_from_kept_elements_as_it_would_render_them(alice, monkeypatch):
+    session = _recorded_mix(alice)
+    events = list(Event.objects.filter(session=session).select_related("actor").order_by("seq"))
+    fresh = _page(session, [_without_html(event) for event in events])
+    described: list[int] = []
+    real = render.describe
+
+    def counted(event: Event, tools: ToolIndex) -> Any:
+        described.append(event.seq)
+        return real(event, tools)
+
+    monkeypatch.setattr(render, "describe", counted)
+    assert _page(session, events) == fresh
+    assert not {1, 2, 3, 9, 11, 12} & set(described), described
+
+
+def test_it_catches_a_viewer_up_with_kept_elements_as_they_were_sent(alice):
+    session = _session()
+    sent = dict(record(session.id, [_text(f"text {n}") for n in range(5)])[1][0][1]["items"])
+    events = list(Event.objects.filter(session=session).order_by("seq"))
+    assert all(event.html for event in events)
+    tools = ToolIndex.for_session(session, events)
+    for event in events:
+        event.session = session
+        assert render_event_oob(event, tools) == sent[event.seq]
+
+
+def _without_html(event: Event) -> Event:
+    copy = Event.objects.select_related("actor").get(pk=event.pk)
+    copy.html = None
+    return copy

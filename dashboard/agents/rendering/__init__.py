@@ -10,8 +10,8 @@
 - `highlight`: Pygments highlighting and unified diffs.
 - `porthole`: Porthole's events (dashboard actions, bridge observations).
 - `outline`: the session page's jump list.
-- `render`: `describe` and the entry points `render_event`, `render_event_oob`,
-  `render_timeline`.
+- `render`: `describe` and the entry points `render_event`, `render_event_oob` (and
+  `render_event_live`, which also gives the element kept with the event), `render_timeline`.
 
 Nothing from an event is marked safe except markdown that went through
 `render_markdown`'s sanitiser (DESIGN §4.3) and code highlighted by Pygments (which escapes
@@ -33,9 +33,11 @@ from dashboard.agents.rendering.base import (
 )
 from dashboard.agents.rendering.items import EventItem
 from dashboard.agents.rendering.render import (
+    LiveFragment,
     RenderedTimeline,
     describe,
     render_event,
+    render_event_live,
     render_event_oob,
     render_timeline,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "TOOL_CAP",
     "Clipped",
     "EventItem",
+    "LiveFragment",
     "RenderedTimeline",
     "ToolIndex",
     "ToolRef",
@@ -60,6 +63,7 @@ __all__ = [
     "one_line",
     "pretty_json",
     "render_event",
+    "render_event_live",
     "render_event_oob",
     "render_timeline",
 ]

@@ -3,6 +3,7 @@ forwarded as they are, and the wrapper's own lines)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,8 +64,29 @@ def _markdown(clipped: Clipped) -> SafeString | None:
     return render_markdown(clipped.text)
 
 
+# Text that markdown would only cut into paragraphs: no character that starts inline syntax
+# or an entity, no whitespace but spaces and newlines, no line indented or ending in a space
+# (code blocks, hard breaks), and every line starting with a letter (so none opens a list,
+# heading, quote, table, rule or setext underline). Plain prose, as in many replies, is.
+_NOT_PLAIN = re.compile(r"[\\`*_\[\]!<>&~|\x00-\x09\x0b-\x1f\x7f]|[^\S \n]|^ | $", re.MULTILINE)
+_LINE_START = re.compile(r"^(?![^\W\d_])[^\n]", re.MULTILINE)
+_PARAGRAPH_BREAK = re.compile(r"\n{2,}")
+
+
+def plain_paragraphs(text: str) -> list[str] | None:
+    """The paragraphs `text` is made of when markdown would give it no other structure,
+    else None. The template then writes them escaped, with none of markdown-it's and the
+    sanitiser's work (most of what rendering an agent's message cost)."""
+    if not text.strip("\n") or _NOT_PLAIN.search(text) or _LINE_START.search(text):
+        return None
+    return _PARAGRAPH_BREAK.split(text.strip("\n"))
+
+
 def _text_block(text: str) -> TextBlock:
     clipped = clip(text, DISPLAY_CAP)
+    paragraphs = plain_paragraphs(clipped.text)
+    if paragraphs is not None:
+        return TextBlock(mark_safe(""), clipped.truncated, clipped.total, paragraphs=paragraphs)
     html = _markdown(clipped)
     if html is None:
         return TextBlock(mark_safe(""), clipped.truncated, clipped.total, plain=clipped)

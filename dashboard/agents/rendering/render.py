@@ -25,7 +25,7 @@ from dashboard.agents.rendering.items import (
     _item,
 )
 from dashboard.agents.rendering.outline import entry_for
-from dashboard.agents.rendering.porthole import _bridge, _dashboard
+from dashboard.agents.rendering.porthole import _bridge, _dashboard, _for_link_holders
 from dashboard.agents.rendering.tools import ToolIndex, is_noise, parent_of
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ def render_event(event: Event, tools: ToolIndex) -> str:
             "members": [mark_safe(_inline(member, tools)) for member in members],  # noqa: S308
         }
         return render_to_string("agents/timeline.html#fold", context)
+    if event.html and event.seq not in tools.paired:
+        return event.html  # rendered once, when it was recorded (`stands_alone`)
     return _inline(event, tools)
 
 
@@ -130,15 +132,76 @@ def _fill_card(block: ToolUseBlock, tools: ToolIndex) -> None:
     ]
 
 
+@dataclass
+class LiveFragment:
+    oob: str  # what viewers are sent (`render_event_oob`)
+    # The event's own element when a page would draw it exactly so (`stands_alone`): kept
+    # with the event (`Event.html`), so that no page load renders it again.
+    article: str | None
+
+
 def render_event_oob(event: Event, tools: ToolIndex) -> str:
     """One event as htmx out-of-band swaps for the ws extension: the element appended to
     #timeline (or #stderr-log, or the card of the Task whose subagent it comes from, or the
     fold of noise it continues), each result swapped into its call's card by id, and the
     status marker of every call it answers."""
+    return render_event_live(event, tools).oob
+
+
+def stands_alone(event: Event, item: EventItem, context: dict[str, Any]) -> bool:
+    """Whether `event`'s element is the same in any page that shows it as in this live
+    render: drawn at top level (no subagent's Task around it, not folded as noise, no result
+    swapped into a call's card), holding no tool call (its card's result and status change),
+    naming nobody (link holders see "a teammate", and names change), and not a session's
+    start (resumed or not depends on what else a render sees)."""
+    return (
+        context["container"] in (TIMELINE_TARGET, STDERR_TARGET)
+        and context["article"]
+        and not context["fold"]
+        and not context["results"]
+        and not item.statuses
+        and not parent_of(event)
+        and item.kind != "init"
+        and not any(isinstance(b, ToolUseBlock | ToolResultBlock) for b in item.blocks)
+        and event.actor_id is None
+    )
+
+
+def _stored_oob(event: Event, tools: ToolIndex, article: str) -> LiveFragment:
+    """The live form of an event whose element was stored when it was recorded."""
+    tools.fold = None  # it stands alone: any run of noise before it is over
+    item = _item(event, "stored", "")
+    context: dict[str, Any] = {
+        "item": item,
+        "container": STDERR_TARGET if item.source == Event.Source.STDERR else TIMELINE_TARGET,
+        "article": True,
+        "article_html": mark_safe(article),  # noqa: S308 - rendered from the templates
+        "results": [],
+        "fold": None,
+        "mark": False,
+        "outline": None if item.source == Event.Source.STDERR else entry_for(event),
+    }
+    return LiveFragment(_html("event-oob", context, event, item), article)
+
+
+def render_event_live(event: Event, tools: ToolIndex) -> LiveFragment:
+    """`render_event_oob`, and the event's element on its own when it `stands_alone`. The
+    element is rendered once and the swaps are built around it; an event loaded with its
+    stored element (a catch-up) is not rendered again at all."""
+    if event.html:
+        return _stored_oob(event, tools, event.html)
     item = describe(event, tools)
     if item.source == Event.Source.STDERR:
-        context: dict[str, Any] = {"item": item, "container": STDERR_TARGET, "article": True}
-        return _html("event-oob", context, event, item)
+        context: dict[str, Any] = {
+            "item": item,
+            "container": STDERR_TARGET,
+            "article": True,
+            "results": [],
+            "fold": None,
+            "outline": None,
+            "mark": False,
+        }
+        return _with_article(event, item, context)
     container = TIMELINE_TARGET
     parent = parent_of(event)
     task = tools.resolve(event, parent) if parent else None
@@ -180,7 +243,16 @@ def render_event_oob(event: Event, tools: ToolIndex) -> str:
         "not_article": not article,
         "outline": entry_for(event),
     }
-    return _html("event-oob", context, event, item)
+    return _with_article(event, item, context)
+
+
+def _with_article(event: Event, item: EventItem, context: dict[str, Any]) -> LiveFragment:
+    if not stands_alone(event, item, context) or _for_link_holders.get():
+        context["article_html"] = None
+        return LiveFragment(_html("event-oob", context, event, item), None)
+    article = _html("event", {"item": item}, event, item)
+    context["article_html"] = mark_safe(article)  # noqa: S308 - rendered from the templates
+    return LiveFragment(_html("event-oob", context, event, item), article)
 
 
 @dataclass
