@@ -454,6 +454,7 @@ async def run(
         opened.append(time.time())
 
     connection_created.connect(count_connection, weak=False)
+    sessions_before = await _db(_server_sessions)()
     profiles = Profiles() if profile_dir is not None else None
     memory = PeakRSS()
     bridge = _timed_bridge(str(session.id), max_batch)
@@ -484,6 +485,7 @@ async def run(
         with contextlib.suppress(Exception):
             await client.kill_sandbox(info.sandbox_id)
 
+    sessions_after = await _db(_server_sessions)()
     stored = await _db(_stored)(session.id)
     emitted = stored["emitted"]
     flood = sorted(emitted)
@@ -530,6 +532,13 @@ async def run(
         "memory": mem,
         "connections": bridge.connections,
         "db_connections_opened": connections_opened,
+        # Seen by PostgreSQL itself, viewers' and the bench's own included (less the one
+        # that asks): None on SQLite.
+        "db_server_sessions": (
+            sessions_after - sessions_before - 1
+            if sessions_after is not None and sessions_before is not None
+            else None
+        ),
     }
     if idle:
         result["stalled"] = piles
@@ -553,6 +562,22 @@ async def _run_in_own_thread(bridge: Any) -> None:
             await bridge.run()
         finally:
             await _db(connections.close_all)()
+
+
+def _server_sessions() -> int | None:
+    """On PostgreSQL, how many connections the server has seen to this database (its own
+    count, whoever opened them); None elsewhere. Backends report their counters within a
+    second or so of going idle, hence the pause before reading."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return None
+    time.sleep(1.5)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+        row = cursor.fetchone()
+    return int(row[0]) if row else None
 
 
 def _stored_last_seq(session_id: object) -> int:

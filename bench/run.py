@@ -234,6 +234,11 @@ def summarise(
         "to_viewer_p50_ms": median(porthole, "published_to_viewer", "p50_ms"),
         "to_viewer_p95_ms": median(porthole, "published_to_viewer", "p95_ms"),
         "db_connections_opened": median(porthole, "db_connections_opened"),
+        "db_server_sessions": (
+            median(porthole, "db_server_sessions")
+            if all(run.get("db_server_sessions") is not None for run in porthole)
+            else None
+        ),
         "transactions": median(porthole, "transactions"),
         "largest_transaction": median(porthole, "largest_transaction"),
     }
@@ -330,8 +335,25 @@ def table(config: dict[str, Any], summary: dict[str, dict[str, float]]) -> str:
                 "",
             ),
             _row("  database connections opened", "", f"{p['db_connections_opened']:.0f}", ""),
+            *(
+                [_row("  ... as PostgreSQL counts them", "", f"{server:.0f}", "")]
+                if (server := p.get("db_server_sessions")) is not None
+                else []
+            ),
         ]
     )
+
+
+def runs_table(baseline: list[dict[str, Any]], porthole: list[dict[str, Any]]) -> str:
+    """Every repeat, not only the medians: stored events/s beside the SDK's in the same
+    repeat, and whether the whole flood was stored."""
+    lines = ["Each run (SDK events/s, Porthole stored events/s, ratio, flood events stored):"]
+    for number, (base, ours) in enumerate(zip(baseline, porthole, strict=True), 1):
+        lines.append(
+            f"  run {number}: {base['events_per_s']:,.0f}  {ours['events_per_s']:,.0f}  "
+            f"{ours['events_per_s'] / base['events_per_s']:.3f}  {ours['flood_events']:,}"
+        )
+    return "\n".join(lines)
 
 
 def paced_table(paced: dict[str, list[dict[str, Any]]]) -> str:
@@ -503,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(baseline_runs, porthole_runs)
     print()
     print(table(config, summary))
+    print()
+    print(runs_table(baseline_runs, porthole_runs))
     if paced:
         print()
         print(f"Paced: {args.paced} events, one every {args.pace * 1000:g} ms:")
