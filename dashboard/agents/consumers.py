@@ -22,11 +22,12 @@ from typing import Any
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.template.loader import render_to_string
 from django.utils import timezone
 
 from dashboard.agents import access, viewers
-from dashboard.agents.fanout import Feed, hub_for
+from dashboard.agents.fanout import Feed, Hub, hub_for
 from dashboard.agents.models import AgentSession, Event, ShareLink
 from dashboard.agents.recording import SESSIONS_GROUP, user_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
@@ -114,11 +115,32 @@ class AsyncOnlyConsumer(AsyncWebsocketConsumer):
 
 
 class SessionConsumer(AsyncOnlyConsumer):
-    """A team member's session page."""
+    """A team member's session page.
 
+    It has no channel of its own (an alias no layer is configured under: Channels then
+    gives a consumer none), so a socket costs the layer nothing to open, keep or close:
+    live messages come through this worker's feed of the session, revocations through its
+    relays of the person's and the link's groups (`fanout.Hub`).
+    """
+
+    channel_layer_alias = "porthole.session-sockets-have-no-channel"
     can_steer = False
     link_id: int | None = None
     feed: Feed | None = None
+    followed: tuple[str, ...] = ()
+
+    @staticmethod
+    def hub() -> Hub:
+        return hub_for(get_channel_layer())
+
+    async def follow(self, group: str) -> None:
+        """Messages sent to `group` reach this socket's handlers once this returns."""
+        await self.hub().follow(group, self)
+        self.followed += (group,)
+
+    async def unfollow(self, group: str) -> None:
+        self.followed = tuple(name for name in self.followed if name != group)
+        await self.hub().unfollow(group, self)
 
     async def authorise(self) -> str | None:
         """The session this socket may watch, or None to refuse it."""
@@ -131,6 +153,11 @@ class SessionConsumer(AsyncOnlyConsumer):
         return session_id
 
     async def connect(self) -> None:
+        self.channel_name = f"viewer.{uuid.uuid4().hex}"  # its name among the watchers
+        user = self.scope.get("user")
+        if user is not None and getattr(user, "pk", None) is not None:
+            # Before the check: a revocation between the two still reaches this socket.
+            await self.follow(user_group(user.pk))
         session_id = await self.authorise()
         if session_id is None:
             await self.close(code=4403)
@@ -141,20 +168,20 @@ class SessionConsumer(AsyncOnlyConsumer):
         self.catching_up: asyncio.Task[None] | None = None
         # Subscribed before the page's hello, so that nothing falls between its catch-up
         # and the live messages.
-        self.feed = await hub_for(self.channel_layer).join(session_id, self)
+        self.feed = await self.hub().join(session_id, self)
         await self.accept()
-        await _join_user_group(self)
         self.feed.presence.arrive(self.channel_name, self.scope.get("user"), self.link_id)
 
     async def disconnect(self, code: int) -> None:
+        for group in self.followed:
+            await self.unfollow(group)
         feed, self.feed = self.feed, None
         if feed is None:
             return
         if self.catching_up is not None:
             self.catching_up.cancel()
         feed.presence.leave(self.channel_name)  # before the feed may stop (it writes it then)
-        await hub_for(self.channel_layer).leave(self.session_id, self)
-        await _leave_user_group(self)
+        await self.hub().leave(self.session_id, self)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
@@ -249,10 +276,10 @@ class ShareSessionConsumer(SessionConsumer):
         if link_id is None:
             return None
         self.link_id = link_id
-        await self.channel_layer.group_add(share_group(link_id), self.channel_name)
+        await self.follow(share_group(link_id))
         shared = await _shared_session(token)
         if shared is None:
-            await self.channel_layer.group_discard(share_group(link_id), self.channel_name)
+            await self.unfollow(share_group(link_id))
             self.link_id = None
             return None
         session_id, _, remaining = shared
@@ -269,8 +296,6 @@ class ShareSessionConsumer(SessionConsumer):
     async def disconnect(self, code: int) -> None:
         if getattr(self, "expiry", None) is not None:
             self.expiry.cancel()
-        if self.link_id is not None:
-            await self.channel_layer.group_discard(share_group(self.link_id), self.channel_name)
         await super().disconnect(code)
 
 

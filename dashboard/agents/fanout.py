@@ -21,6 +21,7 @@ import logging
 import weakref
 from typing import Any, Protocol
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 
 from dashboard.agents.models import AgentSession
@@ -257,12 +258,93 @@ class Feed:
                 await self.layer.group_add(self.group, self.channel)
 
 
+class Relay:
+    """This worker's member of one group addressed to people's sockets (a person's
+    `user.<id>`, a link's `share.<id>`), shared by its local sockets in that group: each
+    message is handed to each of them as Channels would dispatch it (`user.revoked` to
+    `user_revoked`)."""
+
+    def __init__(self, layer: Any, group: str) -> None:
+        self.layer = layer
+        self.group = group
+        self.members: dict[Any, None] = {}  # an ordered set of consumers
+        self.channel = ""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started: asyncio.Task[None] = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
+        self.channel = await self.layer.new_channel()
+        await self.layer.group_add(self.group, self.channel)
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._keep())]
+
+    async def ready(self) -> None:
+        await asyncio.shield(self._started)
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.shield(self._started)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            if self.channel:
+                await self.layer.group_discard(self.group, self.channel)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+                name = get_handler_name(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("relay of %s could not read; retrying", self.group)
+                await asyncio.sleep(1)
+                with contextlib.suppress(Exception):
+                    await self.layer.group_add(self.group, self.channel)
+                continue
+            for member in list(self.members):
+                handler = getattr(member, name, None)
+                if handler is None:
+                    continue
+                try:
+                    await handler(message)
+                except Exception:
+                    log.exception("a socket of %s failed to take a message", self.group)
+
+    async def _keep(self) -> None:
+        while True:  # channels-redis forgets group members after a day
+            await asyncio.sleep(REJOIN_EVERY)
+            await self.layer.group_add(self.group, self.channel)
+
+
 class Hub:
-    """The feeds of one worker process (one per channel layer and event loop)."""
+    """The feeds and relays of one worker process (one per channel layer and event loop)."""
 
     def __init__(self, layer: Any) -> None:
         self.layer = layer
         self.feeds: dict[str, Feed] = {}
+        self.relays: dict[str, Relay] = {}
+
+    async def follow(self, group: str, member: Any) -> None:
+        """Returns once messages sent to `group` reach `member` (through this worker's relay)."""
+        relay = self.relays.get(group)
+        if relay is None:
+            relay = self.relays[group] = Relay(self.layer, group)
+        relay.members[member] = None
+        try:
+            await relay.ready()
+        except BaseException:
+            await self.unfollow(group, member)
+            raise
+
+    async def unfollow(self, group: str, member: Any) -> None:
+        relay = self.relays.get(group)
+        if relay is None:
+            return
+        relay.members.pop(member, None)
+        if not relay.members:
+            del self.relays[group]
+            await relay.stop()
 
     async def join(self, session_id: str, viewer: Viewer) -> Feed:
         feed = self.feeds.get(session_id)

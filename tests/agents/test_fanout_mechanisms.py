@@ -16,7 +16,7 @@ from dashboard.agents import consumers
 from dashboard.agents.fanout import Feed, hub_for
 from dashboard.agents.models import AgentSession, Sandbox, Watcher
 from dashboard.agents.presence import Presence
-from dashboard.agents.recording import NewEvent, publish, record
+from dashboard.agents.recording import NewEvent, publish, record, session_group, user_group
 from dashboard.agents.viewers import Batch, Cursor, StateFrames
 from tests.agents.helpers import communicator, wait_for
 
@@ -225,3 +225,59 @@ def test_it_keeps_a_viewers_bookkeeping_without_an_instance_dictionary() -> None
     assert not hasattr(cursor, "__dict__")  # slots: a few hundred bytes per open socket
     cursor.hello(0, latest=0)
     assert cursor.fetch() is None and cursor.refresh_state()  # level: only the state
+
+
+@pytest.fixture
+def members(monkeypatch):  # type: ignore[no-untyped-def]
+    """The channel layer's group members, as this process added and discarded them."""
+    layer = get_channel_layer()
+    assert layer is not None
+    groups: dict[str, set[str]] = {}
+    add, discard = layer.group_add, layer.group_discard
+
+    async def group_add(group: str, channel: str) -> None:
+        groups.setdefault(group, set()).add(channel)
+        await add(group, channel)
+
+    async def group_discard(group: str, channel: str) -> None:
+        groups.get(group, set()).discard(channel)
+        await discard(group, channel)
+
+    monkeypatch.setattr(layer, "group_add", group_add)
+    monkeypatch.setattr(layer, "group_discard", group_discard)
+    return groups
+
+
+async def test_it_relays_a_revocation_to_a_persons_sockets_through_one_member(alice, members):
+    session = await _session()
+    layer = get_channel_layer()
+    new_channels = 0
+    real_new_channel = layer.new_channel
+
+    async def counted_new_channel(prefix: str = "specific") -> str:
+        nonlocal new_channels
+        new_channels += 1
+        return await real_new_channel(prefix)
+
+    layer.new_channel = counted_new_channel  # type: ignore[method-assign]
+    try:
+        tabs = [await communicator(f"/ws/sessions/{session.id}/", alice) for _ in range(3)]
+        for tab in tabs:
+            assert (await tab.connect())[0]
+            await tab.send_json_to({"last_seq": 0})
+        # One member of the person's group and one of the session's for this worker, and
+        # no channel per socket: two channels in all, whatever the number of tabs.
+        assert len(members[user_group(alice.pk)]) == 1
+        assert len(members[session_group(session.id)]) == 1
+        assert new_channels == 2
+        await layer.group_send(user_group(alice.pk), {"type": "user.revoked"})
+        for tab in tabs:
+            output = await tab.receive_output(timeout=5)
+            while output["type"] != "websocket.close":
+                output = await tab.receive_output(timeout=5)
+            assert output["code"] == 4403
+            await tab.disconnect()  # what the browser answers
+    finally:
+        del layer.new_channel
+    assert members[user_group(alice.pk)] == set()
+    assert not hub_for(layer).relays
