@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -407,6 +408,11 @@ def record(
     shared: list[tuple[int, str | None]] = []  # link holders' own rendering, where it differs
     articles: list[tuple[int, str]] = []
     for event in appended.events:
+        # Hand the GIL over between events: this thread would otherwise keep it for the
+        # interpreter's whole switch interval (5 ms) while the bridge's reader, on the event
+        # loop, waits with the upstream socket unread, and the server drops the live output
+        # of a subscriber that reads too slowly (DESIGN §2; invariant 5).
+        time.sleep(0)
         event.session = appended.session
         tools.observe(event)
         fragment = _rendered(event, tools)

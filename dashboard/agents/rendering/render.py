@@ -181,7 +181,7 @@ def _stored_oob(event: Event, tools: ToolIndex, article: str) -> LiveFragment:
         "mark": False,
         "outline": None if item.source == Event.Source.STDERR else entry_for(event),
     }
-    return LiveFragment(_html("event-oob", context, event, item), article)
+    return LiveFragment(_html("event-oob-article", context, event, item), article)
 
 
 def render_event_live(event: Event, tools: ToolIndex) -> LiveFragment:
@@ -252,7 +252,7 @@ def _with_article(event: Event, item: EventItem, context: dict[str, Any]) -> Liv
         return LiveFragment(_html("event-oob", context, event, item), None)
     article = _html("event", {"item": item}, event, item)
     context["article_html"] = mark_safe(article)  # noqa: S308 - rendered from the templates
-    return LiveFragment(_html("event-oob", context, event, item), article)
+    return LiveFragment(_html("event-oob-article", context, event, item), article)
 
 
 @dataclass
