@@ -26,6 +26,8 @@ the environment (PostgreSQL, Redis).
   must get every seq exactly once and in order (checked). CPU time of the server process
   (including the publisher when it runs there), of the publisher, of the viewers' process;
   the server's peak RSS growth.
+  With `--prerecorded` the events are recorded first and only their publication is paced
+  and timed: the viewer side alone (layer, feeds, consumers, Daphne), without recording.
 - idle: after one warm-up viewer, `--idle` viewers (each count in turn) open at once, say
   hello and sit: wall time until every one has its watcher list, the server's CPU for it,
   the server's RSS growth per viewer (after a garbage collection), and closing them all.
@@ -274,7 +276,9 @@ def fanout(args: argparse.Namespace, viewers: int) -> dict[str, Any]:
                 events=args.events,
                 pace=args.pace,
                 bytes=args.bytes,
+                prerecorded=args.prerecorded,
             )
+            published_cpu = proc_cpu(stage.server.pid)
             got = crowd.ask(
                 cmd="expect",
                 started=published["started"],
@@ -282,6 +286,8 @@ def fanout(args: argparse.Namespace, viewers: int) -> dict[str, Any]:
                 timeout=120,
             )
             server_cpu = proc_cpu(stage.server.pid) - cpu0
+            if args.prerecorded:  # not the untimed recording: the publishing, then the drain
+                server_cpu = published["cpu_s"] + proc_cpu(stage.server.pid) - published_cpu
             client_cpu = crowd.ask(cmd="stats")["cpu_s"] - client0
             mem = memory.stop()
             crowd.ask(cmd="close")
@@ -479,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", default="100,500", help="idle viewer counts (empty: none)")
     parser.add_argument("--team", action="store_true", help="DATABASE_URL and REDIS_URL")
     parser.add_argument("--publisher", choices=["server", "separate"], default="server")
+    parser.add_argument(
+        "--prerecorded",
+        action="store_true",
+        help="record the events first, then only publish them at the pace: the viewer side "
+        "alone, latency from each publication",
+    )
     parser.add_argument("--export-events", type=int, default=100_000)
     parser.add_argument("--label", default="")
     parser.add_argument(

@@ -16,6 +16,8 @@ line on stdout (after `MARK`) (after a first line saying it is ready: port, pid,
   `recording.record` (store, render once) and `publish` per event every `pace` seconds →
   `{"started": {seq: when read}, "recording": {seq: when its record call began}, "cpu_s",
   "memory", "rate_per_s", "slices", "largest_slice"}` (see `publish_flood`).
+- `{"cmd": "publish", ..., "prerecorded": true}`: the same events recorded first, then only
+  published at the pace (`replay_flood`): the viewer side alone.
 - `{"cmd": "stats"}`: after a garbage collection → `{"rss", "cpu_s"}` of this process.
 - `{"cmd": "quit"}`.
 
@@ -154,6 +156,46 @@ async def publish_flood(session_id: str, events: int, pace: float, size: int) ->
     }
 
 
+async def replay_flood(session_id: str, events: int, pace: float, size: int) -> dict[str, Any]:
+    """The viewer side alone: the events are recorded (stored, rendered) first, untimed and
+    unpublished, then their messages are published one every `pace` seconds, as the bridge
+    would have. Latency is from each publication; what is measured is the layer, the
+    feeds, the consumers and Daphne."""
+    from asgiref.sync import ThreadSensitiveContext
+    from channels.db import database_sync_to_async
+
+    from dashboard.agents.recording import publish, record
+
+    prepared = []
+    async with ThreadSensitiveContext():
+        for n in range(events):
+            appended, messages = await database_sync_to_async(record)(
+                session_id, [text_event(n, size)]
+            )
+            prepared.append((appended.events[0].seq, list(messages)))
+    started: dict[int, float] = {}
+    memory = PeakRSS()
+    memory.start()
+    cpu0, wall0 = _cpu(), time.perf_counter()
+    begin = time.time()
+    for n, (seq, messages) in enumerate(prepared):
+        delay = begin + n * pace - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        started[seq] = time.time()
+        await publish(messages)
+    wall = time.perf_counter() - wall0
+    return {
+        "started": started,
+        "recording": started,
+        "cpu_s": _cpu() - cpu0,
+        "memory": memory.stop(),
+        "rate_per_s": events / wall,
+        "slices": events,
+        "largest_slice": 1,
+    }
+
+
 async def handle(command: dict[str, Any]) -> dict[str, Any]:
     from channels.db import database_sync_to_async
 
@@ -161,9 +203,8 @@ async def handle(command: dict[str, Any]) -> dict[str, Any]:
     if kind == "session":
         return {"session": await database_sync_to_async(new_session)()}
     if kind == "publish":
-        return await publish_flood(
-            command["session"], command["events"], command["pace"], command["bytes"]
-        )
+        flood = replay_flood if command.get("prerecorded") else publish_flood
+        return await flood(command["session"], command["events"], command["pace"], command["bytes"])
     if kind == "stats":
         gc.collect()
         return {"rss": rss(), "cpu_s": _cpu()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from typing import Any, Protocol
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # channels-redis forgets group members after a day; a long-lived feed joins again hourly.
 REJOIN_EVERY = 3600.0
+# A hand-out that took longer (seconds) is followed by a pause as long (`Feed._deliver`).
+PAUSE_AFTER = 0.002
+_pause = asyncio.sleep
 
 
 @database_sync_to_async
@@ -103,6 +107,7 @@ class Feed:
         self.presence = Presence(session_id, self._announce)
         self.batches = 0  # frames built (tests): at most one per message, whatever the viewers
         self.latest: int | None = None  # the session's last seq, once known
+        self.pauses = 0  # pauses after long hand-outs, for the tests
         self.channel = ""
         self._inbox: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
@@ -165,16 +170,26 @@ class Feed:
             self._wake.set()
 
     async def _deliver(self) -> None:
-        """Hands out what the reader queued: everything since the last hand-out at once."""
+        """Hands out what the reader queued: everything since the last hand-out at once.
+
+        A hand-out that took long (hundreds of viewers) is followed by a pause as long, in
+        which the worker does other work and messages gather for the next one: a feed uses
+        at most about half of its worker's time, and the more viewers, the more events per
+        frame. A hand-out to a few viewers is far below `PAUSE_AFTER`: no pause."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._inbox:
                 messages, self._inbox = self._inbox, []
+                began = time.perf_counter()
                 try:
                     await self.dispatch(*messages)
                 except Exception:  # a malformed message must not end the feed
                     log.exception("feed of session %s could not hand out", self.session_id)
+                spent = time.perf_counter() - began
+                if spent > PAUSE_AFTER:
+                    self.pauses += 1
+                    await _pause(spent)
 
     async def dispatch(self, *messages: dict[str, Any]) -> None:
         """Hands messages to the viewers in order, consecutive event batches as one frame."""

@@ -3,6 +3,7 @@ presence written in bulk, small per-viewer state. Mechanisms only; speed is in b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
-from dashboard.agents import consumers
+from dashboard.agents import consumers, fanout
 from dashboard.agents.fanout import Feed, hub_for
 from dashboard.agents.models import AgentSession, Sandbox, Watcher
 from dashboard.agents.presence import Presence
@@ -281,3 +282,31 @@ async def test_it_relays_a_revocation_to_a_persons_sockets_through_one_member(al
         del layer.new_channel
     assert members[user_group(alice.pk)] == set()
     assert not hub_for(layer).relays
+
+
+async def test_it_pauses_after_a_long_hand_out_and_joins_what_came_meanwhile(db, monkeypatch):
+    session = await _session()
+    member = Tab("a")
+    layer = InMemoryChannelLayer()
+    feed = Feed(layer, str(session.id))
+    feed.viewers[member] = None
+    await feed.ready()
+    monkeypatch.setattr(fanout, "PAUSE_AFTER", 0.0)  # every hand-out counts as a long one
+
+    async def pause(seconds: float) -> None:
+        if len(member.frames) == 1:  # three more messages arrive during the first pause
+            for seq in (2, 3, 4):
+                await layer.send(feed.channel, _events(seq, seq))
+        for _ in range(5):  # the reader takes them in
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(fanout, "_pause", pause)
+    await layer.send(feed.channel, _events(1, 1))
+    await wait_for(lambda: _equals(_async(len(member.frames)), 2))
+    assert [_seqs(frame) for frame in member.frames] == [[1], [2, 3, 4]]
+    assert feed.pauses == 2
+    await feed.stop()
+
+
+async def _async(value: Any) -> Any:
+    return value
