@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pytest
 
@@ -116,10 +116,20 @@ def _reachable(url: str, default_port: int) -> tuple[bool, str]:
         return False, f"{host}:{port}"
 
 
+def _without_waiting_for_disk(url: str) -> str:
+    """The test database's commits do not wait for PostgreSQL to flush its log to disk
+    (`synchronous_commit=off`): a fifth off the run, and no test here is about surviving a
+    crash of PostgreSQL itself. Worker processes started by tests commit as configured."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("options", "-c synchronous_commit=off")
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+
+
 def _child_env(data_dir: Path) -> dict[str, str]:
     return dict(
         os.environ,
-        DATABASE_URL=POSTGRES_URL,
+        DATABASE_URL=_without_waiting_for_disk(POSTGRES_URL),
         REDIS_URL=REDIS_URL,
         PORTHOLE_DATA_DIR=str(data_dir),
         PORTHOLE_TEAM_CHILD="1",
