@@ -52,7 +52,7 @@ def test_it_outlines_prompts_results_errors_and_gaps_in_order(alice: User) -> No
     page = parse(html)
     (listing,) = [e for e in page.elements if e.attrs.get("id") == "outline-list"]
     links = [e.attrs["href"] for e in page.find("a") if e.attrs.get("data-jump")]
-    assert links == [f"#event-{e.seq}" for e in entries]
+    assert links == [f"?at={e.seq}#event-{e.seq}" for e in entries]
     assert listing.tag == "ol"
 
 
@@ -65,7 +65,7 @@ def test_it_grows_the_outline_live() -> None:
         e for e in parse(html).elements if e.attrs.get("hx-swap-oob") == "beforeend:#outline-list"
     ]
     assert len(swaps) == 1
-    assert f'href="#event-{result.seq}"' in html
+    assert f'href="?at={result.seq}#event-{result.seq}"' in html
     text = add_event(session, "agent", {"type": "assistant", "message": {"content": "hi"}})
     assert "outline-list" not in render_event_oob(text, tools)
 

@@ -19,6 +19,8 @@ from channels.db import database_sync_to_async
 from django.db import connection, connections
 from django.db.backends.signals import connection_created
 from django.template.loader import render_to_string
+from django.test import Client
+from django.urls import reverse
 from django.utils import formats, timezone
 
 from dashboard.agents import bridge
@@ -237,6 +239,17 @@ def test_it_serves_a_page_from_kept_elements_as_it_would_render_them(alice, monk
     monkeypatch.setattr(render, "describe", counted)
     assert _page(session, events) == fresh
     assert not {1, 2, 3, 9, 11, 12} & set(described), described
+
+
+def test_it_draws_kept_elements_as_html_on_the_page_not_as_text(alice):
+    """Read back from the database a kept element is a plain string: the page's template
+    must not escape it (it did: the timeline showed the markup as text)."""
+    session = _recorded_mix(alice)
+    client = Client()
+    client.force_login(alice)
+    page = client.get(reverse("session", args=[session.id])).content.decode()
+    assert '<article id="event-2"' in page and "Plain words" in page
+    assert "&lt;article" not in page and "&lt;div" not in page
 
 
 def test_it_catches_a_viewer_up_with_kept_elements_as_they_were_sent(alice):

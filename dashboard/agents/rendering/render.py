@@ -99,7 +99,9 @@ def render_event(event: Event, tools: ToolIndex) -> str:
         }
         return render_to_string("agents/timeline.html#fold", context)
     if event.html and event.seq not in tools.paired:
-        return event.html  # rendered once, when it was recorded (`stands_alone`)
+        # Rendered once from the templates when it was recorded (`stands_alone`); read back
+        # from the database it is a plain string again, which a template would escape.
+        return mark_safe(event.html)  # noqa: S308
     return _inline(event, tools)
 
 
