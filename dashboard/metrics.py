@@ -29,6 +29,12 @@ RECORDING_LAG = Histogram(
 UPSTREAM_RECONNECTS = Counter(
     "porthole_upstream_reconnects", "Upstream exec sockets this process reconnected"
 )
+# Counted by the bridge when it drops its upstream socket on purpose because its reader fell
+# behind (also counted in UPSTREAM_RECONNECTS): the server would otherwise drop live output.
+UPSTREAM_LAG_RECONNECTS = Counter(
+    "porthole_upstream_lag_reconnects",
+    "Upstream exec sockets this process reconnected because its reader fell behind",
+)
 # Counted by dashboard.redis_layer for direct sends (ChannelFull, Redis errors). TODO(consumers,
 # recording.publish): labels(reason).inc() where a group send or a transient error is caught;
 # or a message is dropped: reason "full" (ChannelFull), "error" (a transient layer error).

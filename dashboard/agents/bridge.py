@@ -64,6 +64,15 @@ BACKOFF_BASE = 0.25
 BACKOFF_CAP = 15.0
 RECORD_SLICE = 100  # events per transaction and per message to viewers
 FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried at once
+# How far the reader may fall behind (bytes the server sent that wait unread in the socket)
+# before it drops the connection and reconnects: the server drops live output, silently, for
+# a client whose socket is full and whose 256 chunks of its own buffer are too; a reconnect
+# replays the ring instead, which the alignment lines up (or records a gap). A quarter of
+# the receive buffer comes before a full socket whatever the kernel's overhead per byte; the
+# cap keeps what a reconnect discards well inside the 1 MiB ring.
+LAG_LIMIT_BYTES = 256 * 1024
+LAG_LIMIT_SHARE = 4  # of the socket's receive buffer
+LAG_CHECK_FROM = 4 * 1024  # below this, no need to ask the buffer size
 
 StreamOpener = Callable[[str, str], Awaitable[ExecStream]]
 
@@ -191,6 +200,8 @@ class Bridge:
         self._assemblers: dict[str, JSONLineAssembler] = {}
         self._sent: dict[str, str | None] = {}  # stdin requests answered, by id
         self._frames = 0  # frames the current connection delivered
+        self._lagged = False  # the current connection was dropped because reading fell behind
+        self.lag_reconnects = 0
 
     async def run(self) -> None:
         """Record until the session exits, is lost, or another worker takes the lease.
@@ -267,7 +278,9 @@ class Bridge:
             self.connections += 1
             if self.connections > 1:
                 metrics.UPSTREAM_RECONNECTS.inc()
-                self._hand_over([_note("reconnected", attempts=attempt + 1)])
+                reason = "lagging" if self._lagged else "lost"
+                self._hand_over([_note("reconnected", attempts=attempt + 1, reason=reason)])
+            self._lagged = False
             progress, exited = await self._follow(stream)
             if exited:
                 break
@@ -279,7 +292,8 @@ class Bridge:
             attempt = (
                 0 if progress or (delivered and fruitless <= FRUITLESS_AT_ONCE) else attempt + 1
             )
-            log.info("bridge %s: upstream closed; reconnecting", self.session_id)
+            if not self._lagged:
+                log.info("bridge %s: upstream closed; reconnecting", self.session_id)
         self.ended = True
         self._queue.put_nowait(None)
 
@@ -343,10 +357,42 @@ class Bridge:
                 elif isinstance(frame, Exit):
                     self._exit(frame.code)
                     return True, True
+                if self._behind(stream):
+                    stream.abort()  # a close handshake would wait behind the whole backlog
+                    return True, False
         finally:
             self._stream = None
             self._log.pending = {s: a.peek() for s, a in self._assemblers.items()}
             await stream.close()
+
+    def _behind(self, stream: ExecStream) -> bool:
+        """Whether live reading has fallen so far behind that the server may soon drop output
+        for this connection (nothing on the wire would say so): then the caller drops the
+        connection instead, and the next one's replay is lined up with what was read.
+
+        Asked after every live frame, before the next is taken: output the server dropped
+        lies behind a full socket, so the reader sees the backlog before it reads past a hole.
+        """
+        unread = stream.unread_bytes()
+        if unread is None or unread < LAG_CHECK_FROM:
+            return False
+        buffer = stream.receive_buffer_bytes()
+        limit = (
+            LAG_LIMIT_BYTES if buffer is None else min(LAG_LIMIT_BYTES, buffer // LAG_LIMIT_SHARE)
+        )
+        if unread < limit:
+            return False
+        self._lagged = True
+        self.lag_reconnects += 1
+        metrics.UPSTREAM_LAG_RECONNECTS.inc()
+        log.warning(
+            "bridge %s: reading fell behind (%d bytes unread upstream, limit %d); reconnecting"
+            " so the sandbox replays its scrollback rather than dropping live output",
+            self.session_id,
+            unread,
+            limit,
+        )
+        return True
 
     async def _align(self, replay: list[tuple[str, bytes]], *, complete: bool) -> bool:
         """Line a replay up with what was read (in a thread: it is linear, but up to a MiB)

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import struct
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
+
+if sys.platform != "win32":  # FIONREAD, for `unread_bytes`
+    import fcntl
+    import termios
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -125,6 +132,38 @@ class ExecStream:
         """The underlying ``websockets`` connection."""
         return self._ws
 
+    def unread_bytes(self) -> int | None:
+        """Bytes the server sent that wait unread in this socket's kernel receive queue, or
+        ``None`` where that cannot be known (not Linux, no socket, already closed).
+
+        A reader that falls behind sees this grow before the server's own buffer for it
+        overflows: the OpenComputer server then drops live output for this client, saying
+        nothing on the wire. Cheap (one system call): fit to ask after every frame.
+        """
+        if not sys.platform.startswith("linux"):
+            return None
+        sock = self._ws.transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            fd = sock.fileno()
+            if fd < 0:
+                return None
+            answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return None
+        return int(struct.unpack("i", answer)[0])
+
+    def receive_buffer_bytes(self) -> int | None:
+        """The kernel's receive buffer size for this socket (``SO_RCVBUF``), or ``None``."""
+        sock = self._ws.transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        except OSError:
+            return None
+
     def __aiter__(self) -> Self:
         return self
 
@@ -199,6 +238,14 @@ class ExecStream:
         self.ended = True
         with contextlib.suppress(OSError, WebSocketException):
             await self._ws.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without the closing handshake or reading what is
+        still queued (``close`` waits for the server's close frame, which comes after all
+        of that). For a reader that has fallen behind and will reconnect: the process keeps
+        running and the replay brings back what was discarded, while the ring holds it."""
+        self.ended = True
+        self._ws.transport.abort()
 
     async def __aenter__(self) -> Self:
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -171,4 +172,91 @@ async def test_it_reconnects_at_once_however_far_recording_is_behind(oc, monkeyp
     assert_whole_flood(found[:first], first)
     assert_whole_flood(found[first:], count)
     assert await _count(session, source=Event.Source.BRIDGE, type="gap") == 0
+    await client.aclose()
+
+
+@database_sync_to_async
+def holes_without_gaps(session: AgentSession, count: int) -> tuple[list[str], int, int]:
+    """Walk the stored timeline of one flood of `count`: every jump in its numbering (and a
+    missing end) must come after a `gap` event recorded since the last flood text, and no
+    text may come twice or out of order. (silent holes, texts stored, gaps recorded)"""
+    problems: list[str] = []
+    previous, stored, gaps, gap_since = 0, 0, 0, False
+    rows = Event.objects.filter(session=session).order_by("seq").values_list("type", "raw")
+    for kind, raw in rows:
+        if kind == "gap":
+            gaps += 1
+            gap_since = True
+            continue
+        if kind != "assistant":
+            continue
+        for block in json.loads(raw)["message"]["content"]:
+            text = block.get("text", "")
+            if not text.startswith("flood "):
+                continue
+            index = int(text.split()[1].split("/")[0])
+            stored += 1
+            if index <= previous:
+                problems.append(f"{index} after {previous}: stored twice or out of order")
+            elif index != previous + 1 and not gap_since:
+                problems.append(f"{previous + 1}..{index - 1} missing, no gap recorded")
+            previous, gap_since = index, False
+    if previous != count and not gap_since:
+        problems.append(f"{previous + 1}..{count} missing at the end, no gap recorded")
+    return problems, stored, gaps
+
+
+def small_buffered(oc) -> Callable[[str, str], Awaitable[ExecStream]]:  # type: ignore[no-untyped-def]
+    """Streams whose socket has a small, fixed receive buffer: the kernel would otherwise
+    grow it to megabytes, and the server drop only after the flood had filled all that."""
+    target = urlsplit(oc.api_url)
+
+    async def open_stream(sandbox: str, session: str) -> ExecStream:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (target.hostname, target.port))
+        url = stream_url(oc.api_url, sandbox, session, api_key=oc.api_key)
+        return await connect_stream(url, sock=sock)
+
+    return open_stream
+
+
+async def test_it_never_loses_output_silently_when_its_reader_falls_behind(oc, monkeypatch):
+    """The server drops live chunks, saying nothing, for a client that reads too slowly (its
+    socket full and 256 chunks queued for it). Here the bridge's per-frame work is made slow
+    (as a loaded machine makes it) while the agent floods: before the bridge watched its own
+    backlog, the end of the flood went missing with no gap. Now every flood text is stored
+    once, or a gap says output was lost: never a silent hole."""
+    real = Bridge._lines
+
+    def slow_lines(self: Bridge, source: str, data: bytes) -> None:
+        time.sleep(0.002)  # blocks the event loop, as a busy CPU would
+        real(self, source, data)
+
+    monkeypatch.setattr(Bridge, "_lines", slow_lines)
+    count = 6000
+    # The pause lets a reader that lost output catch up and see the exit, so that only what
+    # the server dropped is missing (not what a closed socket discarded).
+    client, sandbox_id, session_id = await _start(
+        oc, f"sleep 1\nflood {count} 400\nsleep 12\nexit 0"
+    )
+    session = await _new_session(sandbox_id, session_id)
+    bridge = Bridge(str(session.id), OWNER, open_stream=small_buffered(oc))
+
+    await asyncio.wait_for(bridge.run(), 170)
+
+    problems, stored, gaps = await holes_without_gaps(session, count)
+    figures(
+        "slow reader",
+        await flood_indices(session),
+        count,
+        gaps=gaps,
+        lag_reconnects=getattr(bridge, "lag_reconnects", None),
+    )
+    assert problems == []
+    assert await _count(session, source=Event.Source.BRIDGE, type="exit") == 1
+    # It did fall behind: the bridge reconnected for it, and said why.
+    assert bridge.lag_reconnects >= 1
+    assert await _count(session, type="reconnected", raw__contains='"lagging"') >= 1
     await client.aclose()
