@@ -70,8 +70,8 @@ FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried 
 # replays the ring instead, which the alignment lines up (or records a gap). A quarter of
 # the receive buffer comes before a full socket whatever the kernel's overhead per byte; the
 # cap keeps what a reconnect discards well inside the 1 MiB ring.
-LAG_LIMIT_BYTES = 256 * 1024
-LAG_LIMIT_SHARE = 4  # of the socket's receive buffer
+LAG_LIMIT_BYTES = 512 * 1024
+LAG_LIMIT_SHARE = 2  # of the socket's receive buffer
 LAG_CHECK_FROM = 4 * 1024  # below this, no need to ask the buffer size
 
 StreamOpener = Callable[[str, str], Awaitable[ExecStream]]
