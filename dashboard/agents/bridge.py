@@ -67,9 +67,9 @@ FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried 
 # How far the reader may fall behind (bytes the server sent that wait unread in the socket)
 # before it drops the connection and reconnects: the server drops live output, silently, for
 # a client whose socket is full and whose 256 chunks of its own buffer are too; a reconnect
-# replays the ring instead, which the alignment lines up (or records a gap). A quarter of
-# the receive buffer comes before a full socket whatever the kernel's overhead per byte; the
-# cap keeps what a reconnect discards well inside the 1 MiB ring.
+# replays the ring instead, which the alignment lines up (or records a gap). Half of the
+# receive buffer comes before a full socket whatever the kernel's overhead per byte; the cap
+# keeps what a reconnect discards well inside the 1 MiB ring.
 LAG_LIMIT_BYTES = 512 * 1024
 LAG_LIMIT_SHARE = 2  # of the socket's receive buffer
 LAG_CHECK_FROM = 4 * 1024  # below this, no need to ask the buffer size

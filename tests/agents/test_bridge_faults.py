@@ -108,14 +108,25 @@ async def _proxy(oc, kind: type[CuttableProxy] = CuttableProxy, **options: objec
     return await kind(target.hostname or "127.0.0.1", target.port or 80, **options).start()  # type: ignore[arg-type]
 
 
-async def test_it_loses_nothing_when_cut_twenty_times_during_a_flood(oc):
+def cuts_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No reconnects for lag: these tests are about cuts. Through a proxy, whose buffers hide
+    the backlog from the bridge's socket, a lag reconnect on a loaded machine can come after
+    the ring stopped covering it and record a gap; reconnects for lag are tested on their own
+    (below)."""
+    monkeypatch.setattr(Bridge, "_behind", lambda self, stream: False)
+
+
+async def test_it_loses_nothing_when_cut_twenty_times_during_a_flood(oc, monkeypatch):
     """The chaos proxy cuts every upstream connection at a random point (within the replay
     or after it) until it has cut 25 times: 0 lost, 0 duplicated, 0 gaps."""
     pieces, each = 30, 400
     script = "\n".join(["sleep 1"] + [f"flood {each} 400\nsleep 0.3"] * pieces + ["exit 0"])
     client, sandbox_id, session_id = await _start(oc, script)
     session = await _new_session(sandbox_id, session_id)
-    proxy = await _proxy(oc, ChaosProxy, low=256 * 1024, high=2 * 1024 * 1024, limit=25, seed=7)
+    cuts_only(monkeypatch)
+    # A cut every 256 KiB to 1 MiB: 25 of them within the flood and its replays, however the
+    # replays and the flood interleave on a loaded machine.
+    proxy = await _proxy(oc, ChaosProxy, low=256 * 1024, high=1024 * 1024, limit=25, seed=7)
     assert isinstance(proxy, ChaosProxy)
     bridge = Bridge(str(session.id), OWNER, open_stream=through(proxy, oc))
 
@@ -146,6 +157,7 @@ async def test_it_reconnects_at_once_however_far_recording_is_behind(oc, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bridge_module, "_record", database_sync_to_async(slow))
+    cuts_only(monkeypatch)
     # The cut lands during the pause, with thousands of events still queued for recording:
     # waiting for them before reconnecting, the ring (~3000 of these) would overflow.
     first, count = 3000, 8000
