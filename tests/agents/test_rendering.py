@@ -405,6 +405,13 @@ EVENTS: list[tuple[str, str, Any, str, list[str]]] = [
         "lvl-muted",
         ["reconnected after 3 attempts"],
     ),
+    (
+        "reconnected_lagging",
+        "bridge",
+        {"type": "reconnected", "attempts": 1, "reason": "lagging"},
+        "lvl-muted",
+        ["reconnected: reading had fallen behind the sandbox&#x27;s output"],
+    ),
 ]
 
 

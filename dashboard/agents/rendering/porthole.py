@@ -133,5 +133,8 @@ def _bridge(event: Event, data: dict[str, Any]) -> EventItem:
         case "reconnected":
             attempts = _str(data, "attempts")
             label = "reconnected" + (f" after {attempts} attempts" if attempts else "")
+            if _str(data, "reason") == "lagging":
+                # The bridge dropped the connection itself: reading fell behind the sandbox.
+                label = "reconnected: reading had fallen behind the sandbox's output"
             return _notice(event, label, "muted")
     return _generic(event)
