@@ -128,6 +128,11 @@ def test_it_shows_a_session_live_through_nginx_from_a_worker_that_does_not_recor
     fresh = AgentSession.objects.get(id=session.id)
     assert fresh.bridge_owner == "bridges-1"
     assert recorder.process.poll() is None, recorder.problems()
-    access_log = (crew_oc.data_dir / "nginx" / "access.log").read_text()
-    assert f"/ws/sessions/{session.id}/" in access_log
+    # nginx logs a WebSocket once it has closed, a moment after the page did.
+    access_log = crew_oc.data_dir / "nginx" / "access.log"
+    wait_until(
+        lambda: f"/ws/sessions/{session.id}/" in access_log.read_text(),
+        15,
+        "nginx to log the page's WebSocket",
+    )
     assert settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("RedisChannelLayer")
