@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from dashboard.daphne_glue import WriteGate
 
@@ -17,6 +18,8 @@ from .processes import ExecSession
 from .sandboxes import Sandbox
 from .streams import SCROLLBACK_END_FRAME, STDIN, Chunk, Exited, Subscriber, exit_frame
 from .web import Receive, Send
+
+logger = logging.getLogger(__name__)
 
 
 async def serve_attachment(
@@ -36,6 +39,13 @@ async def serve_attachment(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.gather(outbound, inbound, return_exceptions=True)
         session.hub.unsubscribe(subscriber)
+        if subscriber.dropped:
+            # Nothing on the wire tells the client (as with OpenComputer): said here at least.
+            logger.warning(
+                "session %s: dropped %d live chunks for a client that read too slowly",
+                session.session_id,
+                subscriber.dropped,
+            )
         session.attached_clients -= 1
         sandbox.touch()
 
