@@ -9,6 +9,21 @@ whether to send it (`viewers.Cursor`). The channel layer thus carries and copies
 message per worker, not per viewer; a viewer that cannot take a frame skips it and catches
 up from the database.
 
+A hand-out to hundreds of viewers that took long is followed by a pause as long; messages
+that come meanwhile are handed out together, consecutive event batches as one frame, so
+each viewer's socket takes one write for all of them. The more viewers, the fewer frames
+per event; with fewer viewers each message goes out as it comes.
+
+The feed also knows the session's last seq (read once after subscribing, then from the
+live stream): a page whose hello says it holds that needs no catch-up query.
+
+A session page's socket has no channel of its own: what is addressed to a person's or a
+link's sockets (`user.<id>`, `share.<id>`: revocations) reaches them through a `Relay`, one
+member of that group per worker, so opening or closing a viewer costs the layer nothing.
+
+(Over 400 lines: feeds, relays and the hub that keeps both are one lifecycle, a worker's
+subscriptions joined and left with its sockets, and read best together.)
+
 Nothing here awaits a slow viewer: sending a WebSocket frame under Daphne only queues it,
 and a viewer that has to query the database does so in a task of its own.
 """
@@ -34,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # channels-redis forgets group members after a day; a long-lived feed joins again hourly.
 REJOIN_EVERY = 3600.0
-# A hand-out that took longer (seconds) is followed by a pause as long (`Feed._deliver`):
+# A hand-out that took longer (seconds) is followed by a pause as long (`Feed._hand_out`):
 # about 250 viewers on two busy cores. Below it a pause would only add latency (100 viewers:
 # p99 ×2 in bench/fanout.py); above it, without one, a worker falls behind for good (300
 # viewers, events published without recording: 22 events/s instead of 200).
@@ -112,8 +127,8 @@ class Feed:
         self.latest: int | None = None  # the session's last seq, once known
         self.pauses = 0  # pauses after long hand-outs, for the tests
         self.channel = ""
-        self._inbox: list[dict[str, Any]] = []
-        self._wake = asyncio.Event()
+        self._inbox: list[dict[str, Any]] = []  # what came during a pause
+        self._resuming: asyncio.Task[None] | None = None  # the pause, then the inbox
         self._latest_watchers: dict[str, str] | None = None
         self._latest_state: StateFrames | None = None
         self._state_version = 0
@@ -125,11 +140,7 @@ class Feed:
     async def _start(self) -> None:
         self.channel = await self.layer.new_channel()
         await self.layer.group_add(self.group, self.channel)
-        self._tasks = [
-            asyncio.create_task(self._read()),
-            asyncio.create_task(self._deliver()),
-            asyncio.create_task(self._keep()),
-        ]
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._keep())]
         try:  # after subscribing: anything later comes through the layer
             latest = await _latest_seq(self.session_id)
         except Exception:  # then every page's hello asks the database, as it may
@@ -148,6 +159,8 @@ class Feed:
         finally:
             for task in self._tasks:
                 task.cancel()
+            if self._resuming is not None:
+                self._resuming.cancel()
             if self.channel:
                 await self.layer.group_discard(self.group, self.channel)
 
@@ -169,30 +182,44 @@ class Feed:
                 for viewer in list(self.viewers):
                     await self._hand(viewer.missed)
                 continue
-            self._inbox.append(message)
-            self._wake.set()
+            if self._resuming is not None:
+                self._inbox.append(message)  # handed out, in order, when the pause ends
+            else:
+                await self._hand_out([message])
 
-    async def _deliver(self) -> None:
-        """Hands out what the reader queued: everything since the last hand-out at once.
+    async def _hand_out(self, messages: list[dict[str, Any]]) -> None:
+        """Hands messages out at once, in the reader, as they come (a separate task would
+        let the bridge's next recording start first and contend with the hand-out for the
+        GIL: 100 viewers' p99 tripled). A hand-out that took long (hundreds of viewers) is
+        followed by a pause as long (`_resume`), in which the worker does other work and
+        messages gather for one frame: a feed then takes about half of its worker at most,
+        and the more viewers, the more events per frame. Fewer viewers: no pause."""
+        spent = await self._timed_dispatch(messages)
+        if spent > PAUSE_AFTER:
+            self.pauses += 1
+            self._resuming = asyncio.create_task(self._resume(spent))
 
-        A hand-out that took long (hundreds of viewers) is followed by a pause as long, in
-        which the worker does other work and messages gather for the next one: a feed uses
-        at most about half of its worker's time, and the more viewers, the more events per
-        frame. A hand-out to fewer viewers stays below `PAUSE_AFTER`: no pause."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._inbox:
+    async def _resume(self, pause: float) -> None:
+        try:
+            while True:
+                await _pause(pause)
                 messages, self._inbox = self._inbox, []
-                began = time.perf_counter()
-                try:
-                    await self.dispatch(*messages)
-                except Exception:  # a malformed message must not end the feed
-                    log.exception("feed of session %s could not hand out", self.session_id)
-                spent = time.perf_counter() - began
-                if spent > PAUSE_AFTER:
+                if not messages:
+                    return
+                spent = await self._timed_dispatch(messages)
+                pause = spent if spent > PAUSE_AFTER else 0.0
+                if pause:
                     self.pauses += 1
-                    await _pause(spent)
+        finally:
+            self._resuming = None
+
+    async def _timed_dispatch(self, messages: list[dict[str, Any]]) -> float:
+        began = time.perf_counter()
+        try:
+            await self.dispatch(*messages)
+        except Exception:  # a malformed message must not end the feed
+            log.exception("feed of session %s could not hand out", self.session_id)
+        return time.perf_counter() - began
 
     async def dispatch(self, *messages: dict[str, Any]) -> None:
         """Hands messages to the viewers in order, consecutive event batches as one frame."""
