@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.test import Client
+from django.utils import timezone
 
+from dashboard.agents.models import AgentSession, Sandbox
 from dashboard.asgi import application
 
 ORIGIN = b"http://localhost"
@@ -24,6 +27,22 @@ class Socket(WebsocketCommunicator):  # type: ignore[misc]
 
     async def connect(self, timeout: float = HANDSHAKE_TIMEOUT) -> tuple[bool, int | str | None]:
         return await super().connect(timeout)  # type: ignore[no-any-return]
+
+
+@database_sync_to_async
+def held_session(
+    sandbox_id: str, session_id: str, *, owner: str, lease_seconds: float = 600, title: str = ""
+) -> AgentSession:
+    """A session of an upstream sandbox whose bridge lease `owner` holds, as the supervisor
+    hands one to a `Bridge`."""
+    sandbox = Sandbox.objects.create(upstream_id=sandbox_id)
+    return AgentSession.objects.create(
+        sandbox=sandbox,
+        upstream_id=session_id,
+        title=title,
+        bridge_owner=owner,
+        bridge_lease_until=timezone.now() + timedelta(seconds=lease_seconds),
+    )
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:

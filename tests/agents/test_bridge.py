@@ -8,6 +8,7 @@ the ground truth.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -18,7 +19,7 @@ from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from dashboard.agents.bridge import Bridge
-from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import (
     JSONLineAssembler,
@@ -27,7 +28,7 @@ from dashboard.opencomputer import (
     connect_stream,
     stream_url,
 )
-from tests.agents.helpers import wait_for
+from tests.agents.helpers import held_session, wait_for
 from tests.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
@@ -35,16 +36,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
 OWNER = "test-worker"
 
 
-@database_sync_to_async
-def _new_session(sandbox_id: str, session_id: str) -> AgentSession:
-    sandbox = Sandbox.objects.create(upstream_id=sandbox_id)
-    return AgentSession.objects.create(
-        sandbox=sandbox,
-        upstream_id=session_id,
-        title="test",
-        bridge_owner=OWNER,
-        bridge_lease_until=timezone.now() + timedelta(seconds=60),
-    )
+_new_session = functools.partial(held_session, owner=OWNER, lease_seconds=60, title="test")
 
 
 @database_sync_to_async

@@ -8,22 +8,21 @@ ring and the whole output can no longer be replayed to compare with.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from urllib.parse import urlsplit
 
 import pytest
 from channels.db import database_sync_to_async
-from django.utils import timezone
 
 from dashboard.agents import bridge as bridge_module
 from dashboard.agents.bridge import Bridge
-from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.models import AgentSession, Event
 from dashboard.opencomputer import ExecStream, OpenComputer, connect_stream, stream_url
-from tests.agents.helpers import wait_for
+from tests.agents.helpers import held_session, wait_for
 from tests.proxy import ChaosProxy, CuttableProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(200)]
@@ -31,15 +30,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(200)]
 OWNER = "faults-worker"
 
 
-@database_sync_to_async
-def _new_session(sandbox_id: str, session_id: str) -> AgentSession:
-    sandbox = Sandbox.objects.create(upstream_id=sandbox_id)
-    return AgentSession.objects.create(
-        sandbox=sandbox,
-        upstream_id=session_id,
-        bridge_owner=OWNER,
-        bridge_lease_until=timezone.now() + timedelta(seconds=600),
-    )
+_new_session = functools.partial(held_session, owner=OWNER)
 
 
 @database_sync_to_async

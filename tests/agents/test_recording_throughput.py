@@ -7,10 +7,10 @@ event a second time."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import json
 import random
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -32,21 +32,14 @@ from dashboard.agents.rendering import ToolIndex, render, render_event, render_e
 from dashboard.agents.rendering.agent import plain_paragraphs
 from dashboard.agents.rendering.items import TextBlock, _stamp
 from dashboard.opencomputer import OpenComputer
+from tests.agents.helpers import held_session
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
 
 OWNER = "throughput-worker"
 
 
-@database_sync_to_async
-def _new_session(sandbox_id: str, session_id: str) -> AgentSession:
-    sandbox = Sandbox.objects.create(upstream_id=sandbox_id)
-    return AgentSession.objects.create(
-        sandbox=sandbox,
-        upstream_id=session_id,
-        bridge_owner=OWNER,
-        bridge_lease_until=timezone.now() + timedelta(seconds=60),
-    )
+_new_session = functools.partial(held_session, owner=OWNER, lease_seconds=60)
 
 
 @database_sync_to_async
