@@ -19,7 +19,6 @@ import uuid
 from contextlib import nullcontext
 from typing import Any
 
-from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
@@ -100,21 +99,7 @@ def _seq(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-class AsyncOnlyConsumer(AsyncWebsocketConsumer):
-    """A consumer whose handlers reach the database only through `database_sync_to_async`,
-    which closes stale connections around each call itself. Channels' own `dispatch` adds a
-    `close_old_connections` hop to its one shared database thread before every message: with
-    hundreds of viewers acknowledging, that queued hundreds of hops a second in front of
-    every real query (the catch-ups, presence)."""
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
-
-
-class SessionConsumer(AsyncOnlyConsumer):
+class SessionConsumer(AsyncWebsocketConsumer):
     """A team member's session page.
 
     It has no channel of its own (an alias no layer is configured under: Channels then
@@ -319,7 +304,7 @@ def _current_rows(ids: frozenset[str]) -> str:
     )
 
 
-class SessionListConsumer(AsyncOnlyConsumer):
+class SessionListConsumer(AsyncWebsocketConsumer):
     """Status changes for the session list: each message replaces one row out of band.
 
     The page says which rows it shows (`{"rows": [ids]}`, again after every filter or page

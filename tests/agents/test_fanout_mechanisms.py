@@ -8,7 +8,6 @@ import json
 import re
 from typing import Any
 
-import channels.consumer
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
@@ -157,28 +156,6 @@ async def test_it_asks_the_database_only_for_a_page_that_lacks_something(alice, 
             html = await viewer.receive_from(timeout=5)
         assert SEQ.findall(html) == ["3"]
         await viewer.disconnect()
-
-
-async def test_it_takes_no_thread_hop_per_acknowledgement(alice, monkeypatch):
-    hops = 0
-    real = channels.consumer.aclose_old_connections
-
-    async def counted() -> None:
-        nonlocal hops
-        hops += 1
-        await real()
-
-    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
-    session = await _session()
-    viewer = await communicator(f"/ws/sessions/{session.id}/", alice)
-    assert (await viewer.connect())[0]
-    await viewer.send_json_to({"last_seq": 0})
-    for _ in range(20):
-        await viewer.send_json_to({"ack": 0})
-    while 'id="watchers"' not in await viewer.receive_from(timeout=5):
-        pass
-    await viewer.disconnect()
-    assert hops == 0
 
 
 async def test_it_writes_a_crowd_of_arrivals_and_departures_in_one_query(alice):
