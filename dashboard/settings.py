@@ -153,6 +153,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# A bridge whose reader falls this many bytes behind (at most half its socket's receive
+# buffer) drops the upstream connection and reconnects, so that the sandbox replays its
+# scrollback instead of dropping live output unannounced; 0 (the default) turns it off, since
+# a single large output fills the socket too and then gets a "possible gap" it did not need.
+# docs/reliability.md, "A reader that falls behind".
+BRIDGE_LAG_RECONNECT_BYTES = env_int("BRIDGE_LAG_RECONNECT_BYTES", 0, minimum=0)
+
 REDIS_URL = env_str("REDIS_URL")
 # Keys of this installation in a Redis shared with others (channel layer and cache). Empty:
 # channels-redis's own "asgi" and no cache prefix, as before the setting existed.

@@ -34,6 +34,7 @@ from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -70,7 +71,7 @@ FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried 
 # replays the ring instead, which the alignment lines up (or records a gap). Half of the
 # receive buffer comes before a full socket whatever the kernel's overhead per byte; the cap
 # keeps what a reconnect discards well inside the 1 MiB ring.
-LAG_LIMIT_BYTES = 512 * 1024
+# (`settings.BRIDGE_LAG_RECONNECT_BYTES`, off by default: see `_behind`.)
 LAG_LIMIT_SHARE = 2  # of the socket's receive buffer
 LAG_CHECK_FROM = 4 * 1024  # below this, no need to ask the buffer size
 
@@ -373,13 +374,17 @@ class Bridge:
         Asked after every live frame, before the next is taken: output the server dropped
         lies behind a full socket, so the reader sees the backlog before it reads past a hole.
         """
+        # Off unless configured: a burst (one large tool result) fills the socket as much as
+        # a flood does, and a reconnect then can only report a possible gap where nothing was
+        # lost (the server's 256 chunks of large chunks would have carried it).
+        cap = int(settings.BRIDGE_LAG_RECONNECT_BYTES)
+        if cap <= 0:
+            return False
         unread = stream.unread_bytes()
         if unread is None or unread < LAG_CHECK_FROM:
             return False
         buffer = stream.receive_buffer_bytes()
-        limit = (
-            LAG_LIMIT_BYTES if buffer is None else min(LAG_LIMIT_BYTES, buffer // LAG_LIMIT_SHARE)
-        )
+        limit = cap if buffer is None else min(cap, buffer // LAG_LIMIT_SHARE)
         if unread < limit:
             return False
         self._lagged = True

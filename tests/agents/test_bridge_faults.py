@@ -225,7 +225,9 @@ def small_buffered(oc) -> Callable[[str, str], Awaitable[ExecStream]]:  # type: 
     return open_stream
 
 
-async def test_it_never_loses_output_silently_when_its_reader_falls_behind(oc, monkeypatch):
+async def test_it_never_loses_output_silently_when_its_reader_falls_behind(
+    oc, monkeypatch, settings
+):
     """The server drops live chunks, saying nothing, for a client that reads too slowly (its
     socket full and 256 chunks queued for it). Here the bridge's per-frame work is made slow
     (as a loaded machine makes it) while the agent floods: before the bridge watched its own
@@ -238,6 +240,7 @@ async def test_it_never_loses_output_silently_when_its_reader_falls_behind(oc, m
         real(self, source, data)
 
     monkeypatch.setattr(Bridge, "_lines", slow_lines)
+    settings.BRIDGE_LAG_RECONNECT_BYTES = 512 * 1024  # off unless configured
     count = 6000
     # The pause lets a reader that lost output catch up and see the exit, so that only what
     # the server dropped is missing (not what a closed socket discarded).
