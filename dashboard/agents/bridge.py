@@ -201,6 +201,8 @@ class Bridge:
         self._assemblers: dict[str, JSONLineAssembler] = {}
         self._sent: dict[str, str | None] = {}  # stdin requests answered, by id
         self._frames = 0  # frames the current connection delivered
+        # Read once: asked after every live frame (`_behind`); 0 turns it off.
+        self._lag_cap = int(settings.BRIDGE_LAG_RECONNECT_BYTES)
         self._lagged = False  # the current connection was dropped because reading fell behind
         self.lag_reconnects = 0
 
@@ -377,7 +379,7 @@ class Bridge:
         # Off unless configured: a burst (one large tool result) fills the socket as much as
         # a flood does, and a reconnect then can only report a possible gap where nothing was
         # lost (the server's 256 chunks of large chunks would have carried it).
-        cap = int(settings.BRIDGE_LAG_RECONNECT_BYTES)
+        cap = self._lag_cap
         if cap <= 0:
             return False
         unread = stream.unread_bytes()

@@ -114,26 +114,14 @@ class Viewer(Protocol):
     async def missed(self) -> None: ...
 
 
-class Feed:
-    """This worker's subscription to one session, shared by its local viewers."""
+class GroupMember:
+    """This worker's one channel in a channel-layer group, shared by its local sockets:
+    subscribed once (`ready` waits for it), read by `_read`, kept alive by `_keep`."""
 
-    def __init__(self, layer: Any, session_id: str) -> None:
+    def __init__(self, layer: Any, group: str) -> None:
         self.layer = layer
-        self.session_id = session_id
-        self.group = session_group(session_id)
-        self.viewers: dict[Viewer, None] = {}  # an ordered set
-        self.presence = Presence(session_id, self._announce)
-        self.batches = 0  # frames built (tests): at most one per message, whatever the viewers
-        self.latest: int | None = None  # the session's last seq, once known
-        self.pauses = 0  # pauses after long hand-outs, for the tests
+        self.group = group
         self.channel = ""
-        self._inbox: list[dict[str, Any]] = []  # what came during a pause
-        self._resuming: asyncio.Task[None] | None = None  # the pause, then the inbox
-        self._latest_watchers: dict[str, str] | None = None
-        self._latest_state: StateFrames | None = None
-        self._state_version = 0
-        self._rendering = asyncio.Lock()
-        self._deliveries = Coalescer(INTERVAL, self._deliver_watchers)
         self._tasks: list[asyncio.Task[None]] = []
         self._started: asyncio.Task[None] = asyncio.create_task(self._start())
 
@@ -141,16 +129,13 @@ class Feed:
         self.channel = await self.layer.new_channel()
         await self.layer.group_add(self.group, self.channel)
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._keep())]
-        try:  # after subscribing: anything later comes through the layer
-            latest = await _latest_seq(self.session_id)
-        except Exception:  # then every page's hello asks the database, as it may
-            log.exception("could not read the last seq of session %s", self.session_id)
-            return
-        if latest is not None:
-            self.latest = max(latest, self.latest or 0)
+        await self._subscribed()
+
+    async def _subscribed(self) -> None:
+        """What to do once messages sent to the group reach this channel."""
 
     async def ready(self) -> None:
-        """Returns once messages sent to the session reach this feed."""
+        """Returns once messages sent to the group reach this member."""
         await asyncio.shield(self._started)
 
     async def stop(self) -> None:
@@ -159,10 +144,48 @@ class Feed:
         finally:
             for task in self._tasks:
                 task.cancel()
-            if self._resuming is not None:
-                self._resuming.cancel()
             if self.channel:
                 await self.layer.group_discard(self.group, self.channel)
+
+    async def _read(self) -> None:
+        raise NotImplementedError
+
+    async def _keep(self) -> None:
+        raise NotImplementedError
+
+
+class Feed(GroupMember):
+    """This worker's subscription to one session, shared by its local viewers."""
+
+    def __init__(self, layer: Any, session_id: str) -> None:
+        self.session_id = session_id
+        self.viewers: dict[Viewer, None] = {}  # an ordered set
+        self.presence = Presence(session_id, self._announce)
+        self.batches = 0  # frames built (tests): at most one per message, whatever the viewers
+        self.latest: int | None = None  # the session's last seq, once known
+        self.pauses = 0  # pauses after long hand-outs, for the tests
+        self._inbox: list[dict[str, Any]] = []  # what came during a pause
+        self._resuming: asyncio.Task[None] | None = None  # the pause, then the inbox
+        self._latest_watchers: dict[str, str] | None = None
+        self._latest_state: StateFrames | None = None
+        self._state_version = 0
+        self._rendering = asyncio.Lock()
+        self._deliveries = Coalescer(INTERVAL, self._deliver_watchers)
+        super().__init__(layer, session_group(session_id))
+
+    async def _subscribed(self) -> None:
+        try:  # after subscribing: anything later comes through the layer
+            latest = await _latest_seq(self.session_id)
+        except Exception:  # then every page's hello asks the database, as it may
+            log.exception("could not read the last seq of session %s", self.session_id)
+            return
+        if latest is not None:
+            self.latest = max(latest, self.latest or 0)
+
+    async def stop(self) -> None:
+        if self._resuming is not None:
+            self._resuming.cancel()
+        await super().stop()
 
     async def _announce(self, watchers: dict[str, str]) -> None:
         await self.layer.group_send(self.group, {"type": "session.presence", **watchers})
@@ -303,36 +326,15 @@ class Feed:
                 await self.layer.group_add(self.group, self.channel)
 
 
-class Relay:
+class Relay(GroupMember):
     """This worker's member of one group addressed to people's sockets (a person's
     `user.<id>`, a link's `share.<id>`), shared by its local sockets in that group: each
     message is handed to each of them as Channels would dispatch it (`user.revoked` to
     `user_revoked`)."""
 
     def __init__(self, layer: Any, group: str) -> None:
-        self.layer = layer
-        self.group = group
         self.members: dict[Any, None] = {}  # an ordered set of consumers
-        self.channel = ""
-        self._tasks: list[asyncio.Task[None]] = []
-        self._started: asyncio.Task[None] = asyncio.create_task(self._start())
-
-    async def _start(self) -> None:
-        self.channel = await self.layer.new_channel()
-        await self.layer.group_add(self.group, self.channel)
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._keep())]
-
-    async def ready(self) -> None:
-        await asyncio.shield(self._started)
-
-    async def stop(self) -> None:
-        try:
-            await asyncio.shield(self._started)
-        finally:
-            for task in self._tasks:
-                task.cancel()
-            if self.channel:
-                await self.layer.group_discard(self.group, self.channel)
+        super().__init__(layer, group)
 
     async def _read(self) -> None:
         while True:
