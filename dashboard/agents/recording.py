@@ -21,7 +21,6 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
-from django.db.models import Field
 from django.template.loader import render_to_string
 from django.utils import timezone
 
@@ -32,6 +31,7 @@ from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
 from dashboard.agents.rendering.porthole import for_link_holders, link_holder_variant
+from dashboard.agents.sqlwrite import db_value, insert_many
 from dashboard.search.index import index_events
 
 log = logging.getLogger(__name__)
@@ -252,44 +252,35 @@ def append_events(
             )
             apply_to_session(session, new)
         _insert(rows)
+        for row, new in zip(rows, new_events, strict=True):
+            if new.data is not None:
+                row._data = new.data  # spare the indexer and the renderer a second parse
+        # In the same transaction: a batch's search entries cost no commit of their own.
+        index_events(rows)
         session.next_seq += len(rows)
         if rows:
             session.last_event_at = now
         session.save(update_fields=[*STATE_FIELDS, "next_seq", "last_event_at"])
-    for row, new in zip(rows, new_events, strict=True):
-        if new.data is not None:
-            row._data = new.data  # spare the renderer a second parse
     return Appended(session=session, events=rows, state_changed=_state(session) != before)
 
 
 def _insert(rows: Sequence[Event]) -> None:
-    """One INSERT statement run for every row (`executemany`). `bulk_create` builds and
-    compiles a statement with a placeholder per value for every batch, which cost more than
-    the write itself (about 150 µs an event in a flood); this one is the same text each time,
-    and the drivers run it in a loop in C (sqlite3) or pipelined (psycopg). The rows of a
-    batch share their session and time, prepared for the database once. No primary key
-    comes back: nothing downstream needs one."""
+    """The batch's rows in one statement (`insert_many`); they share their session and
+    time, prepared for the database once. No primary key comes back: nothing downstream
+    needs one."""
     if not rows:
         return
-    meta = Event._meta
-    session_field, created_field = meta.get_field("session"), meta.get_field("created_at")
-    assert isinstance(session_field, Field) and isinstance(created_field, Field)
-    session = session_field.get_db_prep_save(rows[0].session_id, connection)
-    created = created_field.get_db_prep_save(rows[0].created_at, connection)
-    # Text and integers go to the driver as they are (their fields' preparation is identity).
+    session = db_value(Event, "session", rows[0].session_id)
+    created = db_value(Event, "created_at", rows[0].created_at)
     columns = ["session", "seq", "source", "type", "subtype", "raw", "actor", "created_at"]
-    quote = connection.ops.quote_name
-    sql = "INSERT INTO {} ({}) VALUES ({})".format(
-        quote(meta.db_table),
-        ", ".join(quote(str(meta.get_field(name).column)) for name in columns),  # type: ignore[union-attr]
-        ", ".join(["%s"] * len(columns)),
+    insert_many(
+        Event,
+        columns,
+        [
+            (session, row.seq, row.source, row.type, row.subtype, row.raw, row.actor_id, created)
+            for row in rows
+        ],
     )
-    params = [
-        (session, row.seq, row.source, row.type, row.subtype, row.raw, row.actor_id, created)
-        for row in rows
-    ]
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, params)
 
 
 def render_state(session: AgentSession) -> dict[str, str]:
@@ -377,11 +368,12 @@ def _keep_articles(session: AgentSession, articles: list[tuple[int, str]]) -> No
     sql = "UPDATE {} SET {} = %s WHERE {} = %s AND {} = %s".format(
         quote(Event._meta.db_table), quote("html"), quote("session_id"), quote("seq")
     )
-    field = Event._meta.get_field("session")
-    assert isinstance(field, Field)
-    session_value = field.get_db_prep_save(session.pk, connection)
+    session_value = db_value(Event, "session", session.pk)
     try:
         with transaction.atomic(), connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                # A cache: lost in a crash it costs a render, so its commit waits for no disk.
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
             cursor.executemany(sql, [(html, session_value, seq) for seq, html in articles])
     except CONTENT_ERRORS + (DatabaseError,):
         log.warning("session %s: rendered events not kept", session.pk, exc_info=True)
@@ -401,7 +393,6 @@ def record(
     if not new_events:
         return append_events(session_id, [], lease=lease), []
     appended = _append_isolating(session_id, new_events, lease)
-    index_events(appended.events)  # full-text search (dashboard.search); never raises
     metrics.EVENTS_RECORDED.inc(len(appended.events))
     tools = tools if tools is not None else ToolIndex()
     items = []

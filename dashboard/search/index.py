@@ -10,16 +10,19 @@ index existed (`manage.py reindex_search`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.db import connection, transaction
 from django.urls import reverse
 
 from dashboard.agents.models import AgentSession, Event
+from dashboard.agents.sqlwrite import db_value, insert_many
 from dashboard.search.extract import extract
 from dashboard.search.models import SearchEntry
 
@@ -34,30 +37,32 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 # -- indexing ------------------------------------------------------------------------------
 
 
-def _entries(events: Iterable[Event]) -> list[SearchEntry]:
-    entries = []
+def _write(events: Iterable[Event]) -> int:
+    """Index `events` (under a savepoint); returns the entries written."""
+
+    @functools.cache
+    def prepared(name: str, value: Any) -> Any:  # a batch shares its session and time
+        return db_value(SearchEntry, name, value)
+
+    rows = []
     for event in events:
         found = extract(event.source, event.type, event.raw, event.data)
         if found is not None:
             kind, text = found
-            entries.append(
-                SearchEntry(
-                    session_id=event.session_id,
-                    seq=event.seq,
-                    kind=kind,
-                    text=text,
-                    created_at=event.created_at,
-                )
-            )
-    return entries
+            session = prepared("session", event.session_id)
+            rows.append((session, event.seq, kind, text, prepared("created_at", event.created_at)))
+    if rows:
+        with transaction.atomic():
+            columns = ["session", "seq", "kind", "text", "created_at"]
+            insert_many(SearchEntry, columns, rows, ignore_conflicts=True)
+    return len(rows)
 
 
 def index_events(events: Sequence[Event]) -> None:
-    """Add freshly recorded events to the index. Never raises."""
+    """Add freshly recorded events to the index; the recorder calls it inside the
+    transaction that stores them. Never raises, and a failure here undoes nothing else."""
     try:
-        entries = _entries(events)
-        if entries:
-            SearchEntry.objects.bulk_create(entries, ignore_conflicts=True)
+        _write(events)
     except Exception:
         log.exception("search: could not index %d events", len(events))
 
@@ -76,9 +81,7 @@ def reindex(sessions: Iterable[AgentSession] | None = None, chunk: int = 500) ->
                 )
                 if not events:
                     break
-                entries = _entries(events)
-                SearchEntry.objects.bulk_create(entries, ignore_conflicts=True)
-                written += len(entries)
+                written += _write(events)
                 last = events[-1].seq
     return written
 

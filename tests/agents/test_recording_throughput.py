@@ -18,7 +18,6 @@ from asgiref.sync import ThreadSensitiveContext
 from channels.db import database_sync_to_async
 from django.db import connection, connections
 from django.db.backends.signals import connection_created
-from django.template.loader import render_to_string
 from django.test import Client
 from django.urls import reverse
 from django.utils import formats, timezone
@@ -31,6 +30,7 @@ from dashboard.agents.recording import NewEvent, record
 from dashboard.agents.rendering import ToolIndex, render, render_event, render_event_oob
 from dashboard.agents.rendering.agent import plain_paragraphs
 from dashboard.agents.rendering.items import TextBlock, _stamp
+from dashboard.agents.rendering.templates import render as render_macro
 from dashboard.opencomputer import OpenComputer
 from tests.agents.helpers import held_session
 
@@ -151,12 +151,9 @@ def test_it_renders_plain_text_as_markdown_would_without_the_parser():
         if paragraphs is None:
             continue
         fast += 1
-        ours = render_to_string(
-            "agents/timeline.html#block-text", {"block": TextBlock(html="", paragraphs=paragraphs)}
-        )
-        theirs = render_to_string(
-            "agents/timeline.html#block-text", {"block": TextBlock(html=render_markdown(text))}
-        )
+        fast_block = TextBlock(html="", paragraphs=paragraphs)
+        ours = render_macro("block_text", block=fast_block, item=None)
+        theirs = render_macro("block_text", block=TextBlock(html=render_markdown(text)), item=None)
         # The same document: the template escapes quotes that markdown-it leaves as they are.
         assert html.unescape(ours) == html.unescape(theirs.replace("&nbsp;", "\u00a0")), text
     assert fast > 1000

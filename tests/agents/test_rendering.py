@@ -410,7 +410,7 @@ EVENTS: list[tuple[str, str, Any, str, list[str]]] = [
         "bridge",
         {"type": "reconnected", "attempts": 1, "reason": "lagging"},
         "lvl-muted",
-        ["reconnected: reading had fallen behind the sandbox&#x27;s output"],
+        ["reconnected: reading had fallen behind the sandbox&#39;s output"],
     ),
 ]
 

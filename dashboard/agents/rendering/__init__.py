@@ -4,7 +4,7 @@
 - `budget`: what one event (and one page render) may cost to render.
 - `tools`: `ToolIndex`, pairing tool calls with their results across events, and the layout
   of a page render (cards, nesting, folds).
-- `items`: the dataclasses the partials in `templates/agents/timeline.html` render.
+- `items`: the dataclasses the macros in `templates/agents/timeline.jinja` render.
 - `agent`: the agent's own messages (assistant/user turns, init, result, system…).
 - `calls`: tool calls and results as the blocks of their cards.
 - `highlight`: Pygments highlighting and unified diffs.

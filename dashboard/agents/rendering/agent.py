@@ -77,9 +77,11 @@ def plain_paragraphs(text: str) -> list[str] | None:
     """The paragraphs `text` is made of when markdown would give it no other structure,
     else None. The template then writes them escaped, with none of markdown-it's and the
     sanitiser's work (most of what rendering an agent's message cost)."""
-    if not text.strip("\n") or _NOT_PLAIN.search(text) or _LINE_START.search(text):
+    # Spaces ending the whole text are no hard break: markdown drops them.
+    text = text.rstrip(" \n")
+    if not text or _NOT_PLAIN.search(text) or _LINE_START.search(text):
         return None
-    return _PARAGRAPH_BREAK.split(text.strip("\n"))
+    return _PARAGRAPH_BREAK.split(text.lstrip("\n"))
 
 
 def _text_block(text: str) -> TextBlock:

@@ -1,5 +1,5 @@
 """What the templates get: plain Python values (text, numbers, lists) that the partials in
-`templates/agents/timeline.html` render with autoescaping."""
+`templates/agents/timeline.jinja` render with autoescaping."""
 
 from __future__ import annotations
 

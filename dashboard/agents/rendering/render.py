@@ -1,5 +1,5 @@
 """The entry point: an `Event` becomes an `EventItem` (`describe`), then HTML from the
-partials in `templates/agents/timeline.html`. Rendering never raises: an event that cannot
+macros in `templates/agents/timeline.jinja`. Rendering never raises: an event that cannot
 be described becomes the generic escaped JSON card, and the failure is logged."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from django.template.loader import render_to_string
 from django.utils.safestring import SafeString, mark_safe
 
 from dashboard.agents.models import AgentSession, Event
@@ -26,6 +25,7 @@ from dashboard.agents.rendering.items import (
 )
 from dashboard.agents.rendering.outline import entry_for
 from dashboard.agents.rendering.porthole import _bridge, _dashboard, _for_link_holders
+from dashboard.agents.rendering.templates import render
 from dashboard.agents.rendering.tools import ToolIndex, is_noise, parent_of
 
 log = logging.getLogger(__name__)
@@ -67,23 +67,24 @@ def _describe_safely(event: Event, tools: ToolIndex) -> EventItem:
 # (`render_event_oob`: out-of-band swaps into whatever already holds the event's place).
 
 
-def _html(partial: str, context: dict[str, Any], event: Event, item: EventItem) -> str:
+def _html(macro: str, context: dict[str, Any], event: Event, item: EventItem) -> str:
     try:
-        return render_to_string(f"agents/timeline.html#{partial}", context)
+        return render(macro, **context)
     except Exception:
         log.exception("could not render event %s of session %s", event.seq, event.session_id)
         fallback = _generic(event, note="This event could not be displayed normally.")
         fallback.statuses = item.statuses
-        context = {**context, "item": fallback, "results": [], "article": True}
-        return render_to_string(f"agents/timeline.html#{partial}", context)
+        context = {**context, "item": fallback}
+        if macro == "event_oob":
+            context.update(results=[], article=True)
+        return render(macro, **context)
 
 
 def _mark(seq: int, holder: str, *, anchor: bool) -> str:
     """A hidden placeholder for an event drawn elsewhere (inside a card or a fold): the
     page's record of which seqs it holds, and where a link to the event should go. It is
     the event's anchor (`#event-N`) only when the event has no element of its own."""
-    context = {"seq": seq, "at": holder, "anchor": anchor}
-    return render_to_string("agents/timeline.html#seq-mark", context)
+    return render("seq_mark", seq=seq, at=holder, anchor=anchor)
 
 
 def render_event(event: Event, tools: ToolIndex) -> str:
@@ -93,11 +94,11 @@ def render_event(event: Event, tools: ToolIndex) -> str:
         return _mark(event.seq, holder, anchor=event.seq in tools.paired)
     members = tools.folds.get(event.seq)
     if members is not None:
-        context = {
-            "fold": {"head": event.seq, "count": len(members)},
-            "members": [mark_safe(_inline(member, tools)) for member in members],  # noqa: S308
-        }
-        return render_to_string("agents/timeline.html#fold", context)
+        return render(
+            "folded",
+            fold={"head": event.seq, "count": len(members)},
+            members=[mark_safe(_inline(member, tools)) for member in members],  # noqa: S308
+        )
     if event.html and event.seq not in tools.paired:
         # Rendered once from the templates when it was recorded (`stands_alone`); read back
         # from the database it is a plain string again, which a template would escape.
@@ -173,17 +174,19 @@ def _stored_oob(event: Event, tools: ToolIndex, article: str) -> LiveFragment:
     """The live form of an event whose element was stored when it was recorded."""
     tools.fold = None  # it stands alone: any run of noise before it is over
     item = _item(event, "stored", "")
-    context: dict[str, Any] = {
-        "item": item,
-        "container": STDERR_TARGET if item.source == Event.Source.STDERR else TIMELINE_TARGET,
-        "article": True,
+    if item.source == Event.Source.STDERR:
+        return LiveFragment(_swap(STDERR_TARGET, article, None, event, item), article)
+    return LiveFragment(_swap(TIMELINE_TARGET, article, entry_for(event), event, item), article)
+
+
+def _swap(container: str, article: str, outline: Any, event: Event, item: EventItem) -> str:
+    """The swap that appends an element rendered already (and its outline entry)."""
+    context = {
+        "container": container,
         "article_html": mark_safe(article),  # noqa: S308 - rendered from the templates
-        "results": [],
-        "fold": None,
-        "mark": False,
-        "outline": None if item.source == Event.Source.STDERR else entry_for(event),
+        "outline": outline,
     }
-    return LiveFragment(_html("event-oob-article", context, event, item), article)
+    return _html("event_oob_article", context, event, item)
 
 
 def render_event_live(event: Event, tools: ToolIndex) -> LiveFragment:
@@ -250,11 +253,10 @@ def render_event_live(event: Event, tools: ToolIndex) -> LiveFragment:
 
 def _with_article(event: Event, item: EventItem, context: dict[str, Any]) -> LiveFragment:
     if not stands_alone(event, item, context) or _for_link_holders.get():
-        context["article_html"] = None
-        return LiveFragment(_html("event-oob", context, event, item), None)
+        return LiveFragment(_html("event_oob", context, event, item), None)
     article = _html("event", {"item": item}, event, item)
-    context["article_html"] = mark_safe(article)  # noqa: S308 - rendered from the templates
-    return LiveFragment(_html("event-oob-article", context, event, item), article)
+    swap = _swap(context["container"], article, context["outline"], event, item)
+    return LiveFragment(swap, article)
 
 
 @dataclass

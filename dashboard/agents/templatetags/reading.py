@@ -3,16 +3,16 @@ module's) needs no change: `{% session_outline session %}`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from django import template
+from django.utils.safestring import SafeString
 
 from dashboard.agents.models import AgentSession
 from dashboard.agents.rendering.outline import outline
+from dashboard.agents.rendering.templates import render
 
 register = template.Library()
 
 
-@register.inclusion_tag("agents/timeline.html#outline")
-def session_outline(session: AgentSession) -> dict[str, Any]:
-    return {"entries": outline(session)}
+@register.simple_tag
+def session_outline(session: AgentSession) -> SafeString:
+    return render("outline_list", entries=outline(session))
