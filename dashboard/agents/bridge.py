@@ -1,8 +1,9 @@
 """The bridge: one per running session, holding its upstream socket.
 
 Three tasks per bridge keep reading independent of recording (DESIGN invariant 5):
-- the reader moves frames from the socket into lines, keeps a `ReadLog` of what it read,
-  and hands batches of events to the recorder through an unbounded queue; when the
+- the reader moves frames from the socket, and a parser task of its connection turns them
+  into lines, keeps a `ReadLog` of what it read, and hands batches of events to the
+  recorder (waiting while the recorder is far behind; see `UNPARSED_BYTES`); when the
   socket goes, it reconnects at once (then capped exponential backoff with full jitter),
   whatever the recorder's backlog, and lines the replay up with what it *read*
   (alignment.py, in a thread);
@@ -74,8 +75,18 @@ FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried 
 # (`settings.BRIDGE_LAG_RECONNECT_BYTES`, off by default: see `_behind`.)
 LAG_LIMIT_SHARE = 2  # of the socket's receive buffer
 LAG_CHECK_FROM = 4 * 1024  # below this, no need to ask the buffer size
+# The reader only moves frames; a parser task on the same loop turns them into events, a
+# few lines at a time, so that a flood waits in this process (where nothing is dropped)
+# rather than in the socket and the server's buffer (where it is, silently). Bounded: past
+# UNPARSED_BYTES read and not yet parsed the connection is dropped like a lagging one (the
+# replay is lined up, or a gap recorded), and parsing waits while EVENTS_AHEAD parsed
+# events wait for the recorder, so what is kept stays raw and small.
+UNPARSED_BYTES = 32 * 1024 * 1024
+EVENTS_AHEAD = 2_000
+PARSE_SLICE = 50  # lines turned into events between two looks at the socket
 
 StreamOpener = Callable[[str, str], Awaitable[ExecStream]]
+Chunk = tuple[str, bytes] | int | None  # read output (source, bytes), an exit code, the end
 
 
 def backoff_delay(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
@@ -197,6 +208,9 @@ class Bridge:
         self.ended = False  # the session exited or was lost: nothing more to record
         self._stream: ExecStream | None = None
         self._queue: asyncio.Queue[list[NewEvent] | None] = asyncio.Queue()  # None: done
+        self._queued = 0  # events in `_queue`
+        self._recorded = asyncio.Event()  # the recorder took events from `_queue`
+        self._unparsed = 0  # bytes read from the socket, not yet parsed
         self._log = ReadLog()
         self._assemblers: dict[str, JSONLineAssembler] = {}
         self._sent: dict[str, str | None] = {}  # stdin requests answered, by id
@@ -263,6 +277,7 @@ class Bridge:
 
     def _hand_over(self, events: list[NewEvent]) -> None:
         if events:
+            self._queued += len(events)
             self._queue.put_nowait(events)
 
     async def _read(self, sandbox_id: str, session_id: str) -> None:
@@ -329,6 +344,9 @@ class Bridge:
         self._frames = 0
         replay: list[tuple[str, bytes]] = []
         live = False
+        chunks: asyncio.Queue[Chunk] = asyncio.Queue()
+        parser = asyncio.create_task(self._parse(chunks), name=f"bridge-parse-{self.session_id}")
+        cancelled = False
         try:
             while True:
                 try:
@@ -353,20 +371,47 @@ class Bridge:
                     if isinstance(frame, ScrollbackEnd | Exit):
                         await self._align(replay, complete=True)
                         live = True
-                if isinstance(frame, Stdout):
-                    self._lines(Event.Source.AGENT, frame.data)
-                elif isinstance(frame, Stderr):
-                    self._lines(Event.Source.STDERR, frame.data)
+                if isinstance(frame, Stdout | Stderr):
+                    source = (
+                        Event.Source.AGENT if isinstance(frame, Stdout) else Event.Source.STDERR
+                    )
+                    self._unparsed += len(frame.data)
+                    chunks.put_nowait((source, frame.data))
                 elif isinstance(frame, Exit):
-                    self._exit(frame.code)
+                    chunks.put_nowait(frame.code)
                     return True, True
                 if self._behind(stream):
                     stream.abort()  # a close handshake would wait behind the whole backlog
                     return True, False
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
+            if cancelled:
+                parser.cancel()
+            else:
+                chunks.put_nowait(None)
+                await parser  # everything read is parsed before anything is lined up
             self._stream = None
             self._log.pending = {s: a.peek() for s, a in self._assemblers.items()}
             await stream.close()
+
+    async def _parse(self, chunks: asyncio.Queue[Chunk]) -> None:
+        """Turn what the reader read into events, in order, a slice at a time (the reader
+        takes the next frame in between), waiting while the recorder is far behind."""
+        while (chunk := await chunks.get()) is not None:
+            if isinstance(chunk, int):
+                self._exit(chunk)
+                continue
+            source, data = chunk
+            self._unparsed -= len(data)
+            lines = self._assemblers.setdefault(source, JSONLineAssembler()).feed(data)
+            for start in range(0, len(lines), PARSE_SLICE):
+                while self._queued > EVENTS_AHEAD:
+                    self._recorded.clear()
+                    await self._recorded.wait()
+                self._hand_over(self._events(source, lines[start : start + PARSE_SLICE]))
+                await asyncio.sleep(0)
 
     def _behind(self, stream: ExecStream) -> bool:
         """Whether live reading has fallen so far behind that the server may soon drop output
@@ -379,6 +424,8 @@ class Bridge:
         # Off unless configured: a burst (one large tool result) fills the socket as much as
         # a flood does, and a reconnect then can only report a possible gap where nothing was
         # lost (the server's 256 chunks of large chunks would have carried it).
+        if self._unparsed > UNPARSED_BYTES:
+            return self._lag("read and not yet parsed", self._unparsed, UNPARSED_BYTES)
         cap = self._lag_cap
         if cap <= 0:
             return False
@@ -389,14 +436,18 @@ class Bridge:
         limit = cap if buffer is None else min(cap, buffer // LAG_LIMIT_SHARE)
         if unread < limit:
             return False
+        return self._lag("unread upstream", unread, limit)
+
+    def _lag(self, what: str, size: int, limit: int) -> bool:
         self._lagged = True
         self.lag_reconnects += 1
         metrics.UPSTREAM_LAG_RECONNECTS.inc()
         log.warning(
-            "bridge %s: reading fell behind (%d bytes unread upstream, limit %d); reconnecting"
+            "bridge %s: reading fell behind (%d bytes %s, limit %d); reconnecting"
             " so the sandbox replays its scrollback rather than dropping live output",
             self.session_id,
-            unread,
+            size,
+            what,
             limit,
         )
         return True
@@ -427,10 +478,6 @@ class Bridge:
         self._assemblers = aligned.assemblers
         self._hand_over(events)
 
-    def _lines(self, source: str, data: bytes) -> None:
-        assembler = self._assemblers.setdefault(source, JSONLineAssembler())
-        self._hand_over(self._events(source, assembler.feed(data)))
-
     def _events(self, source: str, lines: list[Line]) -> list[NewEvent]:
         events = []
         for line in lines:
@@ -459,6 +506,8 @@ class Bridge:
                     done = True
                 else:
                     events += more
+            self._queued -= len(events)
+            self._recorded.set()
             await self._record(events)
             if done:
                 return

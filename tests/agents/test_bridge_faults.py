@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -21,7 +22,8 @@ from channels.db import database_sync_to_async
 from dashboard.agents import bridge as bridge_module
 from dashboard.agents.bridge import Bridge
 from dashboard.agents.models import AgentSession, Event
-from dashboard.opencomputer import ExecStream, OpenComputer, connect_stream, stream_url
+from dashboard.agents.recording import NewEvent
+from dashboard.opencomputer import ExecStream, Line, OpenComputer, connect_stream, stream_url
 from tests.agents.helpers import held_session, wait_for
 from tests.proxy import ChaosProxy, CuttableProxy
 
@@ -233,13 +235,13 @@ async def test_it_never_loses_output_silently_when_its_reader_falls_behind(
     (as a loaded machine makes it) while the agent floods: before the bridge watched its own
     backlog, the end of the flood went missing with no gap. Now every flood text is stored
     once, or a gap says output was lost: never a silent hole."""
-    real = Bridge._lines
+    real = Bridge._events
 
-    def slow_lines(self: Bridge, source: str, data: bytes) -> None:
-        time.sleep(0.002)  # blocks the event loop, as a busy CPU would
-        real(self, source, data)
+    def slow_events(self: Bridge, source: str, lines: list[Line]) -> list[NewEvent]:
+        time.sleep(0.002)  # blocks the event loop (the reader too), as a busy CPU would
+        return real(self, source, lines)
 
-    monkeypatch.setattr(Bridge, "_lines", slow_lines)
+    monkeypatch.setattr(Bridge, "_events", slow_events)
     settings.BRIDGE_LAG_RECONNECT_BYTES = 512 * 1024  # off unless configured
     count = 6000
     # The pause lets a reader that lost output catch up and see the exit, so that only what
@@ -265,4 +267,76 @@ async def test_it_never_loses_output_silently_when_its_reader_falls_behind(
     # It did fall behind: the bridge reconnected for it, and said why.
     assert bridge.lag_reconnects >= 1
     assert await _count(session, type="reconnected", raw__contains='"lagging"') >= 1
+    await client.aclose()
+
+
+def slow_recorder(monkeypatch: pytest.MonkeyPatch, seconds: float, watch: dict[str, Any]) -> None:
+    """Every slice of 100 events takes `seconds` more to record, off the event loop (as a
+    busy database or renderer would); `watch` keeps the most events that waited meanwhile."""
+    real = bridge_module._record
+
+    async def slow(events, tools, lease):  # type: ignore[no-untyped-def]
+        bridge = watch.get("bridge")
+        if bridge is not None:
+            watch["queued"] = max(watch.get("queued", 0), bridge._queued)
+        await asyncio.sleep(seconds)
+        return await real(events, tools, lease)
+
+    monkeypatch.setattr(bridge_module, "_record", slow)
+
+
+async def test_it_keeps_reading_a_flood_faster_than_it_records(oc, monkeypatch):
+    """The reader only moves frames; parsing waits while the recorder is behind. A flood far
+    faster than recording (2.4 MB in a fraction of a second, recorded at ~2,000 events/s)
+    then waits in this process, as raw bytes, instead of in the socket and the server, which
+    would drop it: every text once, in order, no reconnect, and at most a bounded number of
+    parsed events ever waited for the recorder."""
+    watch: dict[str, Any] = {}
+    slow_recorder(monkeypatch, 0.05, watch)
+    count = 6000
+    client, sandbox_id, session_id = await _start(oc, f"sleep 1\nflood {count} 400\nexit 0")
+    session = await _new_session(sandbox_id, session_id)
+    bridge = Bridge(str(session.id), OWNER, open_stream=small_buffered(oc))
+    watch["bridge"] = bridge
+
+    await asyncio.wait_for(bridge.run(), 170)
+
+    assert_whole_flood(await flood_indices(session), count)
+    assert await _count(session, source=Event.Source.BRIDGE, type="gap") == 0
+    assert bridge.connections == 1
+    limit = bridge_module.EVENTS_AHEAD + bridge_module.PARSE_SLICE
+    assert 0 < watch["queued"] <= limit
+    await client.aclose()
+
+
+async def test_it_reconnects_rather_than_keep_more_than_its_backlog_limit(oc, monkeypatch):
+    """What was read and not yet parsed is bounded: past the limit the bridge drops the
+    connection as a lagging one and lines the replay up, so output the sandbox's ring no
+    longer holds shows as a gap, never as a silent hole."""
+    limit = 128 * 1024
+    monkeypatch.setattr(bridge_module, "UNPARSED_BYTES", limit)
+    slow_recorder(monkeypatch, 0.2, {})
+    most = 0
+    real_behind = Bridge._behind
+
+    def behind(self: Bridge, stream: ExecStream) -> bool:
+        nonlocal most
+        most = max(most, self._unparsed)
+        return real_behind(self, stream)
+
+    monkeypatch.setattr(Bridge, "_behind", behind)
+    count = 6000
+    client, sandbox_id, session_id = await _start(oc, f"sleep 1\nflood {count} 400\nexit 0")
+    session = await _new_session(sandbox_id, session_id)
+    bridge = Bridge(str(session.id), OWNER, open_stream=small_buffered(oc))
+
+    await asyncio.wait_for(bridge.run(), 170)
+
+    problems, stored, gaps = await holes_without_gaps(session, count)
+    figures("backlog limit", await flood_indices(session), count, gaps=gaps)
+    assert problems == []
+    assert bridge.lag_reconnects >= 1
+    assert await _count(session, type="reconnected", raw__contains='"lagging"') >= 1
+    assert most <= limit + 256 * 1024  # the limit, and the frame that crossed it
+    assert await _count(session, source=Event.Source.BRIDGE, type="exit") == 1
     await client.aclose()
