@@ -151,6 +151,22 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Tests use a file too: in-memory SQLite shares one cache with table locks that fail at
     # once instead of waiting, and bridges write from threads of their own.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool(
+    "DATABASE_POOL", True
+):
+    # Under ASGI each database call of a view or socket would otherwise open a connection
+    # (Django advises against persistent ones there): psycopg's pool lends them instead.
+    # Bridges hand theirs back after each call (`bridge.on_bridge_thread`).
+    if DATABASES["default"]["CONN_MAX_AGE"]:
+        raise ImproperlyConfigured(
+            "DATABASE_CONN_MAX_AGE and the connection pool exclude each other: "
+            "unset DATABASE_CONN_MAX_AGE, or set DATABASE_POOL=false"
+        )
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 2,
+        "max_size": env_int("DATABASE_POOL_SIZE", 20, minimum=2),
+        "timeout": 30,  # seconds a call waits for a free connection before it fails
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # A bridge whose reader falls this many bytes behind (at most half its socket's receive
