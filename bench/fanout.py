@@ -211,7 +211,8 @@ class Stage:
     def __init__(self, args: argparse.Namespace, scratch: str) -> None:
         self.env = child_env(args)
         self.log = Path(scratch) / "server.log"
-        self.server = Node("fanout_server.py", ["--data-dir", scratch], self.env, self.log)
+        options = ["--data-dir", scratch, "--asgi-server", args.asgi_server]
+        self.server = Node("fanout_server.py", options, self.env, self.log)
         self.nodes = [self.server]
         ready = self.server.read()
         self.port, self.cookie = ready["port"], ready["cookie"]
@@ -493,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--export-events", type=int, default=100_000)
     parser.add_argument("--label", default="")
+    parser.add_argument(
+        "--asgi-server",
+        choices=["daphne", "uvicorn"],
+        default="daphne",
+        help="experiment: serve with uvicorn instead of Daphne (not how Porthole deploys)",
+    )
     parser.add_argument(
         "--server-root",
         help="start the embedded sandbox server from this checkout (its sandboxes get a "

@@ -269,6 +269,37 @@ def run_server() -> None:
     server.run()
 
 
+def run_uvicorn() -> None:
+    """Experiment (`bench/fanout.py --asgi-server uvicorn`): the same application under
+    uvicorn and its `websockets` protocol instead of Daphne, to see what the ASGI server's
+    per-frame cost is. Not how Porthole is deployed."""
+    import socket
+
+    import uvicorn
+
+    from dashboard.asgi import application
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        application, log_level="warning", lifespan="off", ws="websockets", ws_ping_interval=20
+    )
+    server = uvicorn.Server(config)
+    cookie = viewer_cookie()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            server.should_exit = True
+
+        answer({"port": sock.getsockname()[1], "pid": os.getpid(), "cookie": cookie})
+        threading.Thread(target=serve_commands, args=(loop, stop), daemon=True).start()
+        await server.serve(sockets=[sock])
+
+    asyncio.run(main())
+
+
 def run_publisher() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -285,11 +316,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--role", choices=["server", "publisher"], default="server")
+    parser.add_argument("--asgi-server", choices=["daphne", "uvicorn"], default="daphne")
     args = parser.parse_args()
     setup(args.data_dir)
     if args.role == "server":
         migrate()
-        run_server()
+        if args.asgi_server == "uvicorn":
+            run_uvicorn()
+        else:
+            run_server()
     else:
         run_publisher()
 

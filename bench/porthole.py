@@ -532,10 +532,12 @@ async def run(
         "memory": mem,
         "connections": bridge.connections,
         "db_connections_opened": connections_opened,
+        # With PostgreSQL's pool, `connection_created` fires for every connection lent.
+        "db_pooled": _pooled(),
         # Seen by PostgreSQL itself, viewers' and the bench's own included (less the one
-        # that asks): None on SQLite.
+        # that asks, unless the pool lent it): None on SQLite.
         "db_server_sessions": (
-            sessions_after - sessions_before - 1
+            sessions_after - sessions_before - (0 if _pooled() else 1)
             if sessions_after is not None and sessions_before is not None
             else None
         ),
@@ -562,6 +564,12 @@ async def _run_in_own_thread(bridge: Any) -> None:
             await bridge.run()
         finally:
             await _db(connections.close_all)()
+
+
+def _pooled() -> bool:
+    from django.conf import settings
+
+    return bool(settings.DATABASES["default"].get("OPTIONS", {}).get("pool"))
 
 
 def _server_sessions() -> int | None:

@@ -234,6 +234,7 @@ def summarise(
         "to_viewer_p50_ms": median(porthole, "published_to_viewer", "p50_ms"),
         "to_viewer_p95_ms": median(porthole, "published_to_viewer", "p95_ms"),
         "db_connections_opened": median(porthole, "db_connections_opened"),
+        "db_pooled": porthole[0].get("db_pooled", False),
         "db_server_sessions": (
             median(porthole, "db_server_sessions")
             if all(run.get("db_server_sessions") is not None for run in porthole)
@@ -334,7 +335,14 @@ def table(config: dict[str, Any], summary: dict[str, dict[str, float]]) -> str:
                 f"{p['transactions']:.0f} ({p['largest_transaction']:.0f})",
                 "",
             ),
-            _row("  database connections opened", "", f"{p['db_connections_opened']:.0f}", ""),
+            _row(
+                "  database connections lent by the pool"
+                if p.get("db_pooled")
+                else "  database connections opened",
+                "",
+                f"{p['db_connections_opened']:.0f}",
+                "",
+            ),
             *(
                 [_row("  ... as PostgreSQL counts them", "", f"{server:.0f}", "")]
                 if (server := p.get("db_server_sessions")) is not None
