@@ -231,9 +231,7 @@ def append_events(
             fence(lease)
         session = (
             # of=self: locking the sandbox row too deadlocks two sessions of one sandbox.
-            AgentSession.objects.select_for_update(of=("self",))
-            .select_related("sandbox")
-            .get(id=session_id)
+            AgentSession.objects.select_for_update(of=("self",)).get(id=session_id)
         )
         before = _state(session)
         rows = []
