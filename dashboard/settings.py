@@ -8,8 +8,10 @@ channel layer, the embedded sandbox server); `DATABASE_URL`, `REDIS_URL` and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -63,16 +65,24 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 
 def _persistent_secret_key(data_dir: Path) -> str:
-    """A key generated once and kept in the data directory, so `dev.py start` needs no set-up."""
+    """A key generated once and kept in the data directory, so `dev.py start` needs no set-up.
+
+    Written whole under a name of its own, then linked into place: of several processes
+    starting at once on a new data directory (web workers, bridges), one wins and the others
+    read its complete key (creating the file in place let one of them fail, or read it empty).
+    """
     path = data_dir / "secret_key"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(50)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key)
-    return key
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd, draft = tempfile.mkstemp(dir=data_dir, prefix=".secret_key.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(50))
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            os.unlink(draft)
+    return path.read_text().strip()
 
 
 DATA_DIR = Path(env_str("PORTHOLE_DATA_DIR", str(BASE_DIR / "var"))).resolve()
