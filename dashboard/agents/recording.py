@@ -258,8 +258,12 @@ def append_events(
         session.next_seq += len(rows)
         if rows:
             session.last_event_at = now
-        session.save(update_fields=[*STATE_FIELDS, "next_seq", "last_event_at"])
-    return Appended(session=session, events=rows, state_changed=_state(session) != before)
+        after = _state(session)
+        changed = [
+            name for name, old, new in zip(STATE_FIELDS, before, after, strict=True) if old != new
+        ]
+        session.save(update_fields=[*changed, "next_seq", "last_event_at"])
+    return Appended(session=session, events=rows, state_changed=after != before)
 
 
 def _insert(rows: Sequence[Event]) -> None:
