@@ -165,7 +165,7 @@ def process_alive(pid: int) -> bool:
     """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # the latter: gone between open and read
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")
