@@ -424,6 +424,9 @@ class Bridge:
                     self._recorded.clear()
                     await self._recorded.wait()
                 self._hand_over(self._events(source, lines[start : start + PARSE_SLICE]))
+                stream = self._stream
+                if stream is not None and self._lag_cap > 0 and self._behind(stream):
+                    stream.abort()  # the reader sees the end and reconnects (for lag)
                 await asyncio.sleep(0)
 
     def _behind(self, stream: ExecStream) -> bool:
