@@ -228,7 +228,7 @@ class Bridge:
         self._assemblers: dict[str, JSONLineAssembler] = {}
         self._sent: dict[str, str | None] = {}  # stdin requests answered, by id
         self._frames = 0  # frames the current connection delivered
-        # Read once: asked after every live frame (`_behind`); 0 turns it off.
+        # Read once: asked after every live frame and parsed slice (`_behind`); 0: off.
         self._lag_cap = int(settings.BRIDGE_LAG_RECONNECT_BYTES)
         self._lagged = False  # the current connection was dropped because reading fell behind
         self.lag_reconnects = 0
@@ -434,14 +434,16 @@ class Bridge:
         for this connection (nothing on the wire would say so): then the caller drops the
         connection instead, and the next one's replay is lined up with what was read.
 
-        Asked after every live frame, before the next is taken: output the server dropped
-        lies behind a full socket, so the reader sees the backlog before it reads past a hole.
+        Always: past `UNPARSED_BYTES` read and not yet parsed. The socket's backlog is asked
+        after every live frame, before the next is taken, and (the reader drains the socket
+        in bursts while the loop parses) by the parser between its slices: output the server
+        dropped lies behind a full socket, so the backlog shows before a hole is read past.
         """
-        # Off unless configured: a burst (one large tool result) fills the socket as much as
-        # a flood does, and a reconnect then can only report a possible gap where nothing was
-        # lost (the server's 256 chunks of large chunks would have carried it).
         if self._unparsed > UNPARSED_BYTES:
             return self._lag("read and not yet parsed", self._unparsed, UNPARSED_BYTES)
+        # The socket's backlog is off unless configured: a burst (one large tool result)
+        # fills the socket as much as a flood does, and a reconnect then can only report a
+        # possible gap where nothing was lost (the server's 256 large chunks carried it).
         cap = self._lag_cap
         if cap <= 0:
             return False

@@ -1,9 +1,9 @@
 """The timeline's templates (`templates/agents/timeline.jinja`), one macro per partial.
 
 Jinja2 rather than Django's engine for this one file: it draws every event as it is
-recorded, and Django's engine spent about 100 µs an event there (resolving each variable
+recorded, and Django's engine spent about 75 µs an event there (resolving each variable
 through a chain of lookups and exceptions), most of the recording path's cost after the
-database; the compiled macros take about a fifth of that. Autoescaping is on, and values
+database; the compiled macros take about 15. Autoescaping is on, and values
 Django marked safe (`SafeString`, sanitised markdown and Pygments output) pass as they do
 in Django's templates, through `__html__`. The escaping itself is MarkupSafe's, so quotes
 come out as `&#34;`/`&#39;` where Django writes `&quot;`/`&#x27;` (the same to a browser);
