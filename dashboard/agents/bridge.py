@@ -80,7 +80,9 @@ LAG_CHECK_FROM = 4 * 1024  # below this, no need to ask the buffer size
 # rather than in the socket and the server's buffer (where it is, silently). Bounded: past
 # UNPARSED_BYTES read and not yet parsed the connection is dropped like a lagging one (the
 # replay is lined up, or a gap recorded), and parsing waits while EVENTS_AHEAD parsed
-# events wait for the recorder, so what is kept stays raw and small.
+# events wait for the recorder, so what is kept stays raw and small. When a connection
+# ends, what is left is parsed at once (the next replay is lined up with it), so a cut in
+# the middle of a large backlog briefly holds it as events.
 UNPARSED_BYTES = 32 * 1024 * 1024
 EVENTS_AHEAD = 2_000
 PARSE_SLICE = 50  # lines turned into events between two looks at the socket
@@ -224,6 +226,7 @@ class Bridge:
         self._queued = 0  # events in `_queue`
         self._recorded = asyncio.Event()  # the recorder took events from `_queue`
         self._unparsed = 0  # bytes read from the socket, not yet parsed
+        self._connection_ended = False  # parse what is left without waiting for the recorder
         self._log = ReadLog()
         self._assemblers: dict[str, JSONLineAssembler] = {}
         self._sent: dict[str, str | None] = {}  # stdin requests answered, by id
@@ -403,15 +406,22 @@ class Bridge:
             if cancelled:
                 parser.cancel()
             else:
+                # Everything read is parsed before the next replay is lined up with it, and
+                # at once: waiting for the recorder here would hold the reconnect back while
+                # the sandbox's ring moves on (issue 7).
+                self._connection_ended = True
+                self._recorded.set()
                 chunks.put_nowait(None)
-                await parser  # everything read is parsed before anything is lined up
+                await parser
+                self._connection_ended = False
             self._stream = None
             self._log.pending = {s: a.peek() for s, a in self._assemblers.items()}
             await stream.close()
 
     async def _parse(self, chunks: asyncio.Queue[Chunk]) -> None:
         """Turn what the reader read into events, in order, a slice at a time (the reader
-        takes the next frame in between), waiting while the recorder is far behind."""
+        takes the next frame in between), waiting while the recorder is far behind, unless
+        the connection ended."""
         while (chunk := await chunks.get()) is not None:
             if isinstance(chunk, int):
                 self._exit(chunk)
@@ -420,7 +430,7 @@ class Bridge:
             self._unparsed -= len(data)
             lines = self._assemblers.setdefault(source, JSONLineAssembler()).feed(data)
             for start in range(0, len(lines), PARSE_SLICE):
-                while self._queued > EVENTS_AHEAD:
+                while self._queued > EVENTS_AHEAD and not self._connection_ended:
                     self._recorded.clear()
                     await self._recorded.wait()
                 self._hand_over(self._events(source, lines[start : start + PARSE_SLICE]))

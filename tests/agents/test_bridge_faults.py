@@ -141,25 +141,31 @@ async def test_it_loses_nothing_when_cut_twenty_times_during_a_flood(oc, monkeyp
 
 async def test_it_reconnects_at_once_however_far_recording_is_behind(oc, monkeypatch):
     """Issue 7: the bridge reconnected only after its recorder worked through the backlog,
-    and the ring had evicted output meanwhile. Here recording is slowed far below the
-    flood's pace and the socket is cut early: nothing may be lost."""
-    real = bridge_module._record.func  # type: ignore[attr-defined]
+    and the ring had evicted output meanwhile. Here recording is far slower than the flood
+    until the bridge has reconnected, and the socket is cut early: nothing may be lost.
+    (A reconnect that waited for the recorder to come within any bound of the reader, as
+    the parser's parse-ahead limit once made it, comes after the pause and records a gap.)"""
+    real = bridge_module._record
+    bridges: list[Bridge] = []
 
-    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
-        time.sleep(0.2)  # ~500 events a second at most
-        return real(*args, **kwargs)
+    async def slow(events, tools, lease):  # type: ignore[no-untyped-def]
+        if bridges and bridges[0].connections < 2:
+            await asyncio.sleep(0.5)  # ~200 events a second
+        return await real(events, tools, lease)
 
-    monkeypatch.setattr(bridge_module, "_record", database_sync_to_async(slow))
+    monkeypatch.setattr(bridge_module, "_record", slow)
     cuts_only(monkeypatch)
-    # The cut lands during the pause, with thousands of events still queued for recording:
-    # waiting for them before reconnecting, the ring (~3000 of these) would overflow.
+    # The cut lands at the start of the pause, with ~2,900 events still to record: waiting
+    # for ~900 of them (4.5 s) before reconnecting, the ring (~3,000 of these) would have
+    # moved on past the first flood by the time the second connection asks for it.
     first, count = 3000, 8000
     client, sandbox_id, session_id = await _start(
-        oc, f"flood {first} 300\nsleep 4\nflood {count} 300\nexit 0"
+        oc, f"flood {first} 300\nsleep 2\nflood {count} 300\nexit 0"
     )
     session = await _new_session(sandbox_id, session_id)
     proxy = await _proxy(oc)
     bridge = Bridge(str(session.id), OWNER, open_stream=through(proxy, oc))
+    bridges.append(bridge)
     task = asyncio.create_task(bridge.run())
 
     async def some_stored() -> bool:
