@@ -362,7 +362,7 @@ class Bridge:
         live = False
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
         parser = asyncio.create_task(self._parse(chunks), name=f"bridge-parse-{self.session_id}")
-        cancelled = False
+        cancelled = exited = False
         try:
             while True:
                 try:
@@ -395,6 +395,7 @@ class Bridge:
                     chunks.put_nowait((source, frame.data))
                 elif isinstance(frame, Exit):
                     chunks.put_nowait(frame.code)
+                    exited = True
                     return True, True
                 if self._behind(stream):
                     stream.abort()  # a close handshake would wait behind the whole backlog
@@ -408,8 +409,9 @@ class Bridge:
             else:
                 # Everything read is parsed before the next replay is lined up with it, and
                 # at once: waiting for the recorder here would hold the reconnect back while
-                # the sandbox's ring moves on (issue 7).
-                self._connection_ended = True
+                # the sandbox's ring moves on (issue 7). After the exit nothing follows, and
+                # the parse-ahead stays bounded.
+                self._connection_ended = not exited
                 self._recorded.set()
                 chunks.put_nowait(None)
                 await parser
