@@ -170,6 +170,7 @@ class Feed(GroupMember):
         self._latest_state: StateFrames | None = None
         self._state_version = 0
         self._rendering = asyncio.Lock()
+        self._rendering_state = asyncio.Lock()
         self._deliveries = Coalescer(INTERVAL, self._deliver_watchers)
         super().__init__(layer, session_group(session_id))
 
@@ -287,11 +288,14 @@ class Feed(GroupMember):
         """The session's header and controls as they are now, for a page that just caught
         up: the last state message this feed read or, before any, rendered once from the
         database (the feed was subscribed first, so a later change would have come in)."""
-        if self._latest_state is None:
-            version = self._state_version
-            message = await _current_state(self.session_id)
-            if message is not None and version == self._state_version:
-                self._latest_state = StateFrames(message)
+        if self._latest_state is not None:
+            return self._latest_state
+        async with self._rendering_state:  # a crowd catching up at once renders it once
+            if self._latest_state is None:
+                version = self._state_version
+                message = await _current_state(self.session_id)
+                if message is not None and version == self._state_version:
+                    self._latest_state = StateFrames(message)
         return self._latest_state
 
     async def watchers(self) -> dict[str, str]:

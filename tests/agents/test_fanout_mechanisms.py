@@ -287,3 +287,23 @@ async def test_it_pauses_after_a_long_hand_out_and_joins_what_came_meanwhile(db,
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_it_renders_the_state_once_for_a_crowd_that_catches_up_at_once(db, monkeypatch):
+    """Hundreds of pages opening together each ask the feed for the header and controls
+    after catching up: one render from the database for all of them, not one each."""
+    session = await _session()
+    feed = await _feed(session)
+    renders = 0
+    real = fanout._current_state
+
+    async def counted(session_id: str) -> dict[str, str] | None:
+        nonlocal renders
+        renders += 1
+        return await real(session_id)
+
+    monkeypatch.setattr(fanout, "_current_state", counted)
+    states = await asyncio.gather(*(feed.state() for _ in range(20)))
+    assert renders == 1
+    assert states[0] is not None and all(state is states[0] for state in states)
+    await feed.stop()
