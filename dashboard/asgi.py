@@ -15,6 +15,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from dashboard.agents.routing import websocket_application  # noqa: E402
+from dashboard.heap import freeze_startup_heap  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -25,3 +26,7 @@ application = ProtocolTypeRouter(
         "websocket": websocket_application(AuthMiddlewareStack),
     }
 )
+
+# Whatever imports the application (Daphne workers, `manage.py serve`) is a long-lived
+# process that has now loaded what it lives on: keep full collections from walking it.
+freeze_startup_heap()
