@@ -11,10 +11,9 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dashboard.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-from dashboard.agents.routing import websocket_application  # noqa: E402
+from dashboard.agents.routing import SocketUser, websocket_application  # noqa: E402
 from dashboard.heap import freeze_startup_heap  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -23,7 +22,7 @@ application = ProtocolTypeRouter(
         # compressed, cached for a year. It knows every file it serves up front, so a path
         # that climbs out (`/static/%2e%2e/...`) is simply not one of them: Django's 404.
         "http": django_asgi_app,
-        "websocket": websocket_application(AuthMiddlewareStack),
+        "websocket": websocket_application(SocketUser),
     }
 )
 

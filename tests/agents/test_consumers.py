@@ -15,7 +15,7 @@ from dashboard.agents.fanout import hub_for
 from dashboard.agents.models import AgentSession, Sandbox
 from dashboard.agents.recording import NewEvent, publish, record, session_group
 from dashboard.asgi import application
-from tests.agents.helpers import ORIGIN, communicator, wait_for
+from tests.agents.helpers import ORIGIN, communicator, cookie_for, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(30)]
 
@@ -122,6 +122,33 @@ async def test_it_refuses_an_anonymous_viewer(db):
         headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")],
     )
     connected, _ = await viewer.connect()
+    assert not connected
+
+
+@pytest.mark.parametrize("cookie", [b"sessionid=not-a-session", b"sessionid=", b"other=1"])
+async def test_it_refuses_a_socket_whose_cookie_names_no_session(alice, cookie):
+    session = await _session()
+    viewer = await communicator(f"/ws/sessions/{session.id}/", cookie=cookie)
+    connected, _ = await viewer.connect()
+    assert not connected
+
+
+async def test_it_refuses_a_socket_signed_in_before_the_password_changed(alice):
+    """The session remembers a hash of the password it was signed in with: once the
+    password changes, that session opens no socket (as it opens no page)."""
+    session = await _session()
+    cookie = await database_sync_to_async(cookie_for)(alice)
+    before = await communicator(f"/ws/sessions/{session.id}/", cookie=cookie)
+    assert (await before.connect())[0]
+    await before.disconnect()
+
+    def change_password() -> None:
+        alice.set_password("a new long pass phrase 9")
+        alice.save()
+
+    await database_sync_to_async(change_password)()
+    after = await communicator(f"/ws/sessions/{session.id}/", cookie=cookie)
+    connected, _ = await after.connect()
     assert not connected
 
 
