@@ -9,10 +9,11 @@ whether to send it (`viewers.Cursor`). The channel layer thus carries and copies
 message per worker, not per viewer; a viewer that cannot take a frame skips it and catches
 up from the database.
 
-A hand-out to hundreds of viewers that took long is followed by a pause as long; messages
-that come meanwhile are handed out together, consecutive event batches as one frame, so
-each viewer's socket takes one write for all of them. The more viewers, the fewer frames
-per event; with fewer viewers each message goes out as it comes.
+A hand-out to hundreds of viewers that took long, or that took most of the time since the
+previous one began, is followed by a pause as long; messages that come meanwhile are handed
+out together, consecutive event batches as one frame, so each viewer's socket takes one
+write for all of them. The more viewers, the fewer frames per event; with fewer viewers
+each message goes out as it comes.
 
 The feed also knows the session's last seq (read once after subscribing, then from the
 live stream): a page whose hello says it holds that needs no catch-up query.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import weakref
 from typing import Any, Protocol
@@ -50,11 +52,16 @@ log = logging.getLogger(__name__)
 # channels-redis forgets group members after a day; a long-lived feed joins again hourly.
 REJOIN_EVERY = 3600.0
 # A hand-out that took longer (seconds) is followed by a pause as long (`Feed._hand_out`):
-# about 250 viewers on two busy cores. Below it a pause would only add latency (100 viewers:
-# p99 ×2 in bench/fanout.py); above it, without one, a worker falls behind for good (300
-# viewers, events published without recording: 22 events/s instead of 200).
+# about 250 viewers on two busy cores. Without one, a worker falls behind for good (300
+# viewers, events published without recording: 22 events/s instead of 200). Shorter ones
+# are followed by a pause too when they took more than half of the time since the previous
+# one began: hand-outs of 9 ms every 5 ms overload a worker as surely (300 viewers'
+# p99 in `bench/fanout.py --prerecorded` went 110 → 240 ms when each got cheaper and
+# fell under this threshold). Sparse short hand-outs are not followed by one: it would
+# only add latency (100 viewers: p99 ×2).
 PAUSE_AFTER = 0.010
 _pause = asyncio.sleep
+_clock = time.perf_counter
 
 
 @database_sync_to_async
@@ -164,6 +171,7 @@ class Feed(GroupMember):
         self.batches = 0  # frames built (tests): at most one per message, whatever the viewers
         self.latest: int | None = None  # the session's last seq, once known
         self.pauses = 0  # pauses after long hand-outs, for the tests
+        self._last_hand_out = -math.inf  # when the last hand-out began (`_clock`)
         self._inbox: list[dict[str, Any]] = []  # what came during a pause
         self._resuming: asyncio.Task[None] | None = None  # the pause, then the inbox
         self._latest_watchers: dict[str, str] | None = None
@@ -214,12 +222,15 @@ class Feed(GroupMember):
     async def _hand_out(self, messages: list[dict[str, Any]]) -> None:
         """Hands messages out at once, in the reader, as they come (a separate task would
         let the bridge's next recording start first and contend with the hand-out for the
-        GIL: 100 viewers' p99 tripled). A hand-out that took long (hundreds of viewers) is
-        followed by a pause as long (`_resume`), in which the worker does other work and
-        messages gather for one frame: a feed then takes about half of its worker at most,
-        and the more viewers, the more events per frame. Fewer viewers: no pause."""
+        GIL: 100 viewers' p99 tripled). A hand-out that took long (hundreds of viewers), or
+        more than half of the time since the previous one began, is followed by a pause as
+        long (`_resume`), in which the worker does other work and messages gather for one
+        frame: a feed then takes about half of its worker at most, and the more viewers,
+        the more events per frame. Fewer viewers, or messages far apart: no pause."""
+        began = _clock()
+        since, self._last_hand_out = began - self._last_hand_out, began
         spent = await self._timed_dispatch(messages)
-        if spent > PAUSE_AFTER:
+        if spent > PAUSE_AFTER or spent * 2 > since:
             self.pauses += 1
             self._resuming = asyncio.create_task(self._resume(spent))
 
@@ -230,20 +241,19 @@ class Feed(GroupMember):
                 messages, self._inbox = self._inbox, []
                 if not messages:
                     return
-                spent = await self._timed_dispatch(messages)
-                pause = spent if spent > PAUSE_AFTER else 0.0
-                if pause:
-                    self.pauses += 1
+                self._last_hand_out = _clock()
+                pause = await self._timed_dispatch(messages)
+                self.pauses += 1
         finally:
             self._resuming = None
 
     async def _timed_dispatch(self, messages: list[dict[str, Any]]) -> float:
-        began = time.perf_counter()
+        began = _clock()
         try:
             await self.dispatch(*messages)
         except Exception:  # a malformed message must not end the feed
             log.exception("feed of session %s could not hand out", self.session_id)
-        return time.perf_counter() - began
+        return _clock() - began
 
     async def dispatch(self, *messages: dict[str, Any]) -> None:
         """Hands messages to the viewers in order, consecutive event batches as one frame."""

@@ -285,6 +285,47 @@ async def test_it_pauses_after_a_long_hand_out_and_joins_what_came_meanwhile(db,
     await feed.stop()
 
 
+async def test_it_pauses_when_short_hand_outs_take_most_of_its_time(db, monkeypatch):
+    """Hand-outs under PAUSE_AFTER that follow each other closely keep the worker as busy as
+    one long one: the feed then pauses as long as a hand-out took, so that what comes
+    meanwhile goes out as one frame. Sparse messages go out at once."""
+    session = await _session()
+    member = Tab("a")
+    layer = InMemoryChannelLayer()
+    feed = Feed(layer, str(session.id))
+    feed.viewers[member] = None
+    await feed.ready()
+    now = [0.0]
+    monkeypatch.setattr(fanout, "_clock", lambda: now[0])
+    real_dispatch = feed.dispatch
+
+    async def dispatch_taking_6_ms(*messages: dict[str, Any]) -> None:
+        now[0] += 0.006
+        await real_dispatch(*messages)
+
+    feed.dispatch = dispatch_taking_6_ms  # type: ignore[method-assign]
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    monkeypatch.setattr(fanout, "_pause", pause)
+
+    async def handed_out(seq: int) -> None:
+        await layer.send(feed.channel, _events(seq, seq))
+        await wait_for(lambda: _equals(_async(len(member.frames)), seq))
+
+    await handed_out(1)
+    now[0] += 0.100  # the next message comes long after: busy 6 ms of 106
+    await handed_out(2)
+    assert pauses == []
+    now[0] += 0.001  # and the one after it at once: busy 6 ms of 7
+    await handed_out(3)
+    assert pauses == [pytest.approx(0.006)]
+    assert feed.pauses == 1
+    await feed.stop()
+
+
 async def _async(value: Any) -> Any:
     return value
 
