@@ -262,12 +262,9 @@ async def test_it_relays_a_revocation_to_a_persons_sockets_through_one_member(al
 
 
 async def test_it_pauses_after_a_long_hand_out_and_joins_what_came_meanwhile(db, monkeypatch):
-    session = await _session()
     member = Tab("a")
-    layer = InMemoryChannelLayer()
-    feed = Feed(layer, str(session.id))
-    feed.viewers[member] = None
-    await feed.ready()
+    feed = await _feed(await _session(), member)
+    layer = feed.layer
     monkeypatch.setattr(fanout, "PAUSE_AFTER", 0.0)  # every hand-out counts as a long one
 
     async def pause(seconds: float) -> None:
@@ -289,12 +286,9 @@ async def test_it_pauses_when_short_hand_outs_take_most_of_its_time(db, monkeypa
     """Hand-outs under PAUSE_AFTER that follow each other closely keep the worker as busy as
     one long one: the feed then pauses as long as a hand-out took, so that what comes
     meanwhile goes out as one frame. Sparse messages go out at once."""
-    session = await _session()
     member = Tab("a")
-    layer = InMemoryChannelLayer()
-    feed = Feed(layer, str(session.id))
-    feed.viewers[member] = None
-    await feed.ready()
+    feed = await _feed(await _session(), member)
+    layer = feed.layer
     now = [0.0]
     monkeypatch.setattr(fanout, "_clock", lambda: now[0])
     real_dispatch = feed.dispatch
