@@ -62,8 +62,12 @@ def bounded_waits() -> None:
     and never hold ours for long if this worker freezes mid-transaction."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL lock_timeout = '2s'")
-            cursor.execute("SET LOCAL idle_in_transaction_session_timeout = '5s'")
+            # One round trip for both (`set_config(..., true)` is `SET LOCAL`): every
+            # recorded batch starts with it.
+            cursor.execute(
+                "SELECT set_config('lock_timeout', '2s', true),"
+                " set_config('idle_in_transaction_session_timeout', '5s', true)"
+            )
 
 
 def _held(lease: Lease) -> Q:

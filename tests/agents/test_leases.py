@@ -19,6 +19,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.db import connection, connections, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from dashboard.agents import leases
@@ -136,6 +137,24 @@ async def test_it_keeps_supervising_others_while_one_session_is_stuck(locked_row
     claimed = await supervisor.tick()
     assert set(claimed) == {str(s.id) for s in others}
     await supervisor.stop()
+
+
+@pytest.mark.skipif("connection.vendor != 'postgresql'", reason="needs PostgreSQL's timeouts")
+def test_it_bounds_a_transactions_waits_in_one_statement_and_only_for_it() -> None:
+    def settings_now() -> tuple[str, str]:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW lock_timeout")
+            lock = cursor.fetchone()[0]
+            cursor.execute("SHOW idle_in_transaction_session_timeout")
+            return lock, cursor.fetchone()[0]
+
+    outside = settings_now()
+    with transaction.atomic():
+        with CaptureQueriesContext(connection) as queries:
+            leases.bounded_waits()
+        assert len(queries) == 1
+        assert settings_now() == ("2s", "5s")
+    assert settings_now() == outside
 
 
 @pytest.mark.skipif("connection.vendor != 'postgresql'", reason="needs PostgreSQL's timeouts")
