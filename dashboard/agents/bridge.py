@@ -80,9 +80,10 @@ LAG_CHECK_FROM = 4 * 1024  # below this, no need to ask the buffer size
 # rather than in the socket and the server's buffer (where it is, silently). Bounded: past
 # UNPARSED_BYTES read and not yet parsed the connection is dropped like a lagging one (the
 # replay is lined up, or a gap recorded), and parsing waits while EVENTS_AHEAD parsed
-# events wait for the recorder, so what is kept stays raw and small. When a connection
-# ends, what is left is parsed at once (the next replay is lined up with it), so a cut in
-# the middle of a large backlog briefly holds it as events.
+# events wait for the recorder, so what is kept stays raw and small. When a connection is
+# cut (not at the exit), what is left is parsed at once, without waiting for the recorder
+# (the reconnect waits for it: the next replay is lined up with it), so a cut in the
+# middle of a large backlog briefly holds it as events.
 UNPARSED_BYTES = 32 * 1024 * 1024
 EVENTS_AHEAD = 2_000
 PARSE_SLICE = 50  # lines turned into events between two looks at the socket
@@ -423,7 +424,7 @@ class Bridge:
     async def _parse(self, chunks: asyncio.Queue[Chunk]) -> None:
         """Turn what the reader read into events, in order, a slice at a time (the reader
         takes the next frame in between), waiting while the recorder is far behind, unless
-        the connection ended."""
+        the connection was cut."""
         while (chunk := await chunks.get()) is not None:
             if isinstance(chunk, int):
                 self._exit(chunk)
