@@ -18,7 +18,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
-from dashboard.agents.bridge import Bridge
+from dashboard.agents.bridge import BACKOFF_CAP, DELIVERING_BACKOFF_CAP, Bridge, retry_wait
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import (
@@ -326,3 +326,16 @@ async def test_it_writes_configure_lines_from_any_worker_to_the_agent(oc):
     await client.send_prompt(sandbox_id, session_id, "exit 0")
     await asyncio.wait_for(task, 30)
     await client.aclose()
+
+
+def test_it_retries_an_upstream_whose_connections_deliver_within_half_a_second() -> None:
+    """Connections cut inside a replay deliver frames but nothing new: the upstream is there,
+    and a long wait would only let its ring move past what was read (a gap)."""
+    waits = [retry_wait(attempt, delivered=True) for attempt in range(1, 40) for _ in range(20)]
+    assert max(waits) <= DELIVERING_BACKOFF_CAP
+    assert retry_wait(0, delivered=True) == retry_wait(0, delivered=False) == 0.0
+
+
+def test_it_backs_off_further_from_an_upstream_that_delivers_nothing() -> None:
+    waits = [retry_wait(8, delivered=False) for _ in range(200)]
+    assert DELIVERING_BACKOFF_CAP < max(waits) <= BACKOFF_CAP
