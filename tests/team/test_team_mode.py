@@ -192,7 +192,9 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(
         assert returncode == 0, _said("failed, and again on their own", again.report, retry_lines)
         warnings.warn(
             "passed on PostgreSQL + Redis only when run again on their own (flaky there): "
-            + ", ".join(failed),
+            + ", ".join(failed)
+            + "; the first run said:\n"
+            + _why(lines),
             stacklevel=1,
         )
         lines = retry_lines
@@ -207,6 +209,13 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(
 def _failed_ids(lines: list[str]) -> list[str]:
     ids = [m.group(1) for line in lines if (m := FAILED_LINE.match(line))]
     return list(dict.fromkeys(ids))
+
+
+def _why(lines: list[str], most: int = 20) -> str:
+    """A failing run's own words (its `E` and FIGURES lines): the child's log is gone by the
+    end of the run, and a flaky failure is otherwise named without a reason."""
+    said = [line for line in lines if line.startswith(("E ", "FIGURES "))]
+    return "\n".join(said[:most])
 
 
 def _said(what: str, report: Path, lines: list[str]) -> str:
