@@ -420,6 +420,9 @@ class Bridge:
             cancelled = True
             raise
         finally:
+            # The connection is over for everyone: the parser asks it nothing more (no lag
+            # counted twice), stdin is told the bridge is reconnecting.
+            self._stream = None
             if cancelled:
                 parser.cancel()
             else:
@@ -432,7 +435,6 @@ class Bridge:
                 chunks.put_nowait(None)
                 await parser
                 self._connection_ended = False
-            self._stream = None
             self._log.pending = {s: a.peek() for s, a in self._assemblers.items()}
             await stream.close()
 
