@@ -6,10 +6,11 @@ The lease lives on the session row: `bridge_owner`, `bridge_lease_until` and
 - `claim(owner, exclude)` takes every live session whose lease is free, expired, or
   already `owner`'s (a restarted worker with a stable id takes its own back at once). Each
   claim advances the epoch and returns a `Lease(session_id, owner, epoch)`.
-- `fence(lease)` is called inside a write transaction: one `UPDATE ... WHERE id AND owner
-  AND epoch AND lease_until > now` that also extends the lease. It takes the row lock and
-  checks the lease after the lock is taken, so a stale owner (paused, partitioned, slow)
-  writes nothing: `LeaseLost` rolls its transaction back.
+- `locked_session(session_id, lease)` is called inside a write transaction: one
+  `SELECT ... FOR UPDATE` of the session's row `WHERE id AND owner AND epoch AND
+  lease_until > now`. It takes the row lock and checks the lease after the lock is taken,
+  so a stale owner (paused, partitioned, slow) writes nothing: `LeaseLost` rolls its
+  transaction back. The write's own UPDATE of the row extends the lease (`extended`).
 - `renew(lease)` is the same check outside a write: every `RENEW_SECONDS`, and before
   every upstream send (stdin), so a stale owner sends nothing either.
 - `release(lease)` on a clean stop, so another worker can claim at once.
@@ -77,10 +78,23 @@ def _held(lease: Lease) -> Q:
     return condition
 
 
-def fence(lease: Lease) -> None:
-    """Inside a write transaction: lock the row, check the lease, extend it; or raise."""
-    if not AgentSession.objects.filter(_held(lease)).update(bridge_lease_until=_until()):
+def locked_session(session_id: SessionId, lease: Lease | None) -> AgentSession:
+    """Inside a write transaction: the session's row, locked, and (given a lease) only if
+    the lease still holds it, else `LeaseLost`: the fence and the read of the row in one
+    statement. The caller's own UPDATE of the row extends the lease (`extended`)."""
+    # of=self: locking the sandbox row too deadlocks two sessions of one sandbox.
+    rows = AgentSession.objects.select_for_update(of=("self",)).filter(id=session_id)
+    if lease is None:
+        return rows.get()
+    session = rows.filter(_held(lease)).first()
+    if session is None:
         raise LeaseLost(lease.session_id)
+    return session
+
+
+def extended(lease: Lease | None) -> dict[str, Expression]:
+    """The lease's new end, for the UPDATE that follows `locked_session`."""
+    return {"bridge_lease_until": _until()} if lease is not None else {}
 
 
 def renew(lease: Lease) -> bool:

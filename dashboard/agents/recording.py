@@ -9,24 +9,25 @@ the unique `(session, seq)`, is the fence against a stale bridge.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
 
 from dashboard import metrics
 from dashboard.agents.forms import controls_context
-from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, fence
+from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, extended, locked_session
 from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
@@ -185,10 +186,27 @@ def apply_to_session(session: AgentSession, event: NewEvent) -> None:
 
 
 @dataclass
+class Drawn:
+    """One event as rendered while it was stored: what its viewers are sent (None when it
+    could not be rendered), and what share-link holders are sent where that differs."""
+
+    seq: int
+    oob: str | None
+    for_link_holders: str | None = None
+    differs: bool = False
+
+
+# Renders a batch inside the transaction that stores it, once its seqs are known: each
+# element a page would draw the same way goes into the database with its row (`Event.html`).
+Drawer = Callable[[list[Event]], list[Drawn]]
+
+
+@dataclass
 class Appended:
     session: AgentSession
     events: list[Event]
     state_changed: bool
+    drawn: list[Drawn] = field(default_factory=list)
 
 
 STATE_FIELDS = (
@@ -215,24 +233,21 @@ def append_events(
     *,
     lease: Lease | None = None,
     lease_owner: str | None = None,
+    draw: Drawer | None = None,
 ) -> Appended:
     """Store events with the next seqs; apply them to the session.
 
-    A bridge passes its lease: the fence is checked inside this transaction, after the row
-    lock is taken, so a stale bridge writes nothing (`LeaseLost`). `lease_owner` alone (any
-    epoch of that owner) is for tests and benchmarks that play a bridge.
+    A bridge passes its lease: the fence is checked inside this transaction, with the row
+    lock, so a stale bridge writes nothing (`LeaseLost`). `lease_owner` alone (any epoch of
+    that owner) is for tests and benchmarks that play a bridge. `draw` renders the rows
+    before they are inserted (see `record`).
     """
     if lease is None and lease_owner is not None:
         lease = Lease(str(session_id), lease_owner, None)
     now = timezone.now()
     with transaction.atomic():
         bounded_waits()
-        if lease is not None:
-            fence(lease)
-        session = (
-            # of=self: locking the sandbox row too deadlocks two sessions of one sandbox.
-            AgentSession.objects.select_for_update(of=("self",)).get(id=session_id)
-        )
+        session = locked_session(session_id, lease)
         before = _state(session)
         rows = []
         for offset, new in enumerate(new_events):
@@ -249,10 +264,11 @@ def append_events(
                 )
             )
             apply_to_session(session, new)
-        _insert(rows)
         for row, new in zip(rows, new_events, strict=True):
             if new.data is not None:
                 row._data = new.data  # spare the indexer and the renderer a second parse
+        drawn = draw(rows) if draw is not None and rows else []
+        _insert(rows)
         # In the same transaction: a batch's search entries cost no commit of their own.
         index_events(rows)
         session.next_seq += len(rows)
@@ -262,24 +278,35 @@ def append_events(
         changed = [
             name for name, old, new in zip(STATE_FIELDS, before, after, strict=True) if old != new
         ]
-        session.save(update_fields=[*changed, "next_seq", "last_event_at"])
-    return Appended(session=session, events=rows, state_changed=after != before)
+        written = {name: getattr(session, name) for name in [*changed, "next_seq", "last_event_at"]}
+        AgentSession.objects.filter(pk=session.pk).update(**written, **extended(lease))
+    return Appended(session=session, events=rows, state_changed=after != before, drawn=drawn)
 
 
 def _insert(rows: Sequence[Event]) -> None:
-    """The batch's rows in one statement (`insert_many`); they share their session and
-    time, prepared for the database once. No primary key comes back: nothing downstream
-    needs one."""
+    """The batch's rows in one statement (`insert_many`), each with its element where it
+    has one; they share their session and time, prepared for the database once. No primary
+    key comes back: nothing downstream needs one."""
     if not rows:
         return
     session = db_value(Event, "session", rows[0].session_id)
     created = db_value(Event, "created_at", rows[0].created_at)
-    columns = ["session", "seq", "source", "type", "subtype", "raw", "actor", "created_at"]
+    columns = ["session", "seq", "source", "type", "subtype", "raw", "actor", "created_at", "html"]
     insert_many(
         Event,
         columns,
         [
-            (session, row.seq, row.source, row.type, row.subtype, row.raw, row.actor_id, created)
+            (
+                session,
+                row.seq,
+                row.source,
+                row.type,
+                row.subtype,
+                row.raw,
+                row.actor_id,
+                created,
+                row.html,
+            )
             for row in rows
         ],
     )
@@ -323,12 +350,14 @@ def quarantined(event: NewEvent, reason: str) -> NewEvent:
 
 
 def _append_isolating(
-    session_id: SessionId, new_events: Sequence[NewEvent], lease: Lease | None
+    session_id: SessionId, new_events: Sequence[NewEvent], lease: Lease | None, tools: ToolIndex
 ) -> Appended:
-    """Append a batch; if its content makes the write fail, store the lines one by one and
-    keep each one that still fails as a quarantined raw event. Never a crash loop."""
+    """Append a batch, rendered as it is stored; if its content makes the write fail, store
+    the lines one by one and keep each one that still fails as a quarantined raw event.
+    Never a crash loop."""
+    draw = functools.partial(_draw, tools)
     try:
-        return append_events(session_id, new_events, lease=lease)
+        return append_events(session_id, new_events, lease=lease, draw=draw)
     except LeaseLost:
         raise
     except CONTENT_ERRORS as exc:
@@ -337,20 +366,26 @@ def _append_isolating(
         log.warning("session %s: a batch failed to store (%r); isolating it", session_id, exc)
     appended: Appended | None = None
     rows: list[Event] = []
+    drawn: list[Drawn] = []
+    # What was learned from rows that were rolled back is not true: it is learned again
+    # from what is stored (a call older than what is rendered is looked up when needed).
+    tools.forget()
     for event in new_events:
         try:
-            appended = append_events(session_id, [event], lease=lease)
+            appended = append_events(session_id, [event], lease=lease, draw=draw)
         except LeaseLost:
             raise
         except CONTENT_ERRORS as exc:
             log.warning("session %s: quarantining a line: %r", session_id, exc)
             reason = f"{type(exc).__name__}: {exc}"
+            tools.forget()
             appended = append_events(
-                session_id, [quarantined(event, storable(reason))], lease=lease
+                session_id, [quarantined(event, storable(reason))], lease=lease, draw=draw
             )
         rows += appended.events
+        drawn += appended.drawn
     assert appended is not None
-    return Appended(session=appended.session, events=rows, state_changed=True)
+    return Appended(session=appended.session, events=rows, state_changed=True, drawn=drawn)
 
 
 def _rendered(event: Event, tools: ToolIndex) -> LiveFragment | None:
@@ -362,24 +397,34 @@ def _rendered(event: Event, tools: ToolIndex) -> LiveFragment | None:
         return None
 
 
-def _keep_articles(session: AgentSession, articles: list[tuple[int, str]]) -> None:
-    """Store each event's element with it, for page loads and catch-ups (`Event.html`).
-    A cache: the events are stored already, so a failure here costs only a later render."""
-    if not articles:
-        return
-    quote = connection.ops.quote_name
-    sql = "UPDATE {} SET {} = %s WHERE {} = %s AND {} = %s".format(
-        quote(Event._meta.db_table), quote("html"), quote("session_id"), quote("seq")
-    )
-    session_value = db_value(Event, "session", session.pk)
-    try:
-        with transaction.atomic(), connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
-                # A cache: lost in a crash it costs a render, so its commit waits for no disk.
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
-            cursor.executemany(sql, [(html, session_value, seq) for seq, html in articles])
-    except CONTENT_ERRORS + (DatabaseError,):
-        log.warning("session %s: rendered events not kept", session.pk, exc_info=True)
+def _draw(tools: ToolIndex, rows: list[Event]) -> list[Drawn]:
+    """Render each of a batch's rows once (`Drawer`): its element, where a page would draw
+    it exactly so, goes into the database with it (`Event.html`: no page load or catch-up
+    renders it again), and what viewers are sent is returned."""
+    drawn = []
+    handed_over = time.perf_counter()
+    for event in rows:
+        # Hand the GIL over now and then: this thread would otherwise keep it for the
+        # interpreter's whole switch interval (5 ms) while the bridge's reader, on the event
+        # loop, waits with the upstream socket unread (DESIGN §2; invariant 5). Not after
+        # every event: a `sleep(0)` is a system call, ~70 µs on a VM, a third of an event.
+        if time.perf_counter() - handed_over > GIL_HAND_OVER:
+            time.sleep(0)
+            handed_over = time.perf_counter()
+        tools.observe(event)
+        fragment = _rendered(event, tools)
+        if fragment is None:
+            drawn.append(Drawn(event.seq, None))
+            continue
+        event.html = fragment.article
+        entry = Drawn(event.seq, fragment.oob)
+        if link_holder_variant(event):
+            with for_link_holders():
+                theirs = _rendered(event, tools)
+            entry.differs = True
+            entry.for_link_holders = theirs.oob if theirs is not None else None
+        drawn.append(entry)
+    return drawn
 
 
 def record(
@@ -390,38 +435,18 @@ def record(
     lease: Lease | None = None,
     lease_owner: str | None = None,
 ) -> tuple[Appended, list[Message]]:
-    """Append events, render each once, and return the channel messages that announce them."""
+    """Append events, render each once (in the transaction that stores them, so that an
+    element is written with its row), and return the channel messages that announce them."""
     if lease is None and lease_owner is not None:
         lease = Lease(str(session_id), lease_owner, None)
     if not new_events:
         return append_events(session_id, [], lease=lease), []
-    appended = _append_isolating(session_id, new_events, lease)
-    metrics.EVENTS_RECORDED.inc(len(appended.events))
     tools = tools if tools is not None else ToolIndex()
-    items = []
-    shared: list[tuple[int, str | None]] = []  # link holders' own rendering, where it differs
-    articles: list[tuple[int, str]] = []
-    handed_over = time.perf_counter()
-    for event in appended.events:
-        # Hand the GIL over now and then: this thread would otherwise keep it for the
-        # interpreter's whole switch interval (5 ms) while the bridge's reader, on the event
-        # loop, waits with the upstream socket unread (DESIGN §2; invariant 5). Not after
-        # every event: a `sleep(0)` is a system call, ~70 µs on a VM, a third of an event.
-        if time.perf_counter() - handed_over > GIL_HAND_OVER:
-            time.sleep(0)
-            handed_over = time.perf_counter()
-        event.session = appended.session
-        tools.observe(event)
-        fragment = _rendered(event, tools)
-        if fragment is not None:
-            items.append((event.seq, fragment.oob))
-            if fragment.article is not None:
-                articles.append((event.seq, fragment.article))
-            if link_holder_variant(event):
-                with for_link_holders():
-                    theirs = _rendered(event, tools)
-                    shared.append((event.seq, theirs.oob if theirs is not None else None))
-    _keep_articles(appended.session, articles)
+    appended = _append_isolating(session_id, new_events, lease, tools)
+    metrics.EVENTS_RECORDED.inc(len(appended.events))
+    items = [(entry.seq, entry.oob) for entry in appended.drawn if entry.oob is not None]
+    # Link holders' own rendering, where it differs.
+    shared = [(entry.seq, entry.for_link_holders) for entry in appended.drawn if entry.differs]
     messages: list[Message] = []
     group = session_group(appended.session.id)
     if items:

@@ -17,6 +17,7 @@ from django.utils import timezone
 from dashboard.agents.bridge import Bridge
 from dashboard.agents.models import AgentSession, Event, Sandbox
 from dashboard.agents.recording import NewEvent, record
+from dashboard.agents.rendering import ToolIndex
 from dashboard.opencomputer import JSONLineAssembler, OpenComputer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
@@ -130,6 +131,40 @@ def test_it_quarantines_a_line_the_database_still_refuses(monkeypatch) -> None:
     assert rows[1].data is not None
     assert "boom from a test" in rows[1].data["reason"]
     assert "EXPLODE" in rows[1].data["raw"]
+
+
+def test_it_forgets_what_it_learned_from_a_batch_that_was_rolled_back(monkeypatch) -> None:
+    """A batch is rendered inside the transaction that stores it, so the bridge's tool index
+    has seen its calls before the insert fails. A call whose line ends up quarantined was
+    never stored: its result must not be drawn into a card that no page has."""
+    from dashboard.agents import recording
+
+    real = recording._insert
+
+    def refuse_marked(rows: list[Event]) -> None:
+        if any("EXPLODE" in row.raw and row.source == Event.Source.AGENT for row in rows):
+            raise ValueError("refused by a test")
+        real(rows)
+
+    monkeypatch.setattr(recording, "_insert", refuse_marked)
+    session = _session()
+    tools = ToolIndex()
+    call = {"type": "tool_use", "id": "toolu_gone", "name": "Bash", "input": {"command": "ls"}}
+    lines = [
+        '{"type":"n"}',
+        json.dumps({"type": "assistant", "EXPLODE": 1, "message": {"content": [call]}}),
+    ]
+    record(session.id, [_from_line(line) for line in lines], tools=tools, lease_owner=OWNER)
+    kinds = list(
+        Event.objects.filter(session=session).order_by("seq").values_list("type", flat=True)
+    )
+    assert kinds == ["n", "quarantined"]
+    assert tools.get("toolu_gone") is None
+    result = {"type": "tool_result", "tool_use_id": "toolu_gone", "content": "files"}
+    line = json.dumps({"type": "user", "message": {"content": [result]}})
+    _, messages = record(session.id, [_from_line(line)], tools=tools, lease_owner=OWNER)
+    ((seq, oob),) = messages[0][1]["items"]
+    assert "toolcall-toolu_gone" not in oob and "files" in oob
 
 
 async def test_it_keeps_recording_after_poison_printed_inside_the_sandbox(oc) -> None:

@@ -11,6 +11,7 @@ import functools
 import html
 import json
 import random
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,11 +21,13 @@ from django.conf import settings as django_settings
 from django.db import connection, connections
 from django.db.backends.signals import connection_created
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import formats, timezone
 
 from dashboard.agents import bridge
 from dashboard.agents.bridge import Bridge, on_bridge_thread
+from dashboard.agents.leases import LEASE_SECONDS, Lease
 from dashboard.agents.markdown import render_markdown
 from dashboard.agents.models import AgentSession, Event, Sandbox
 from dashboard.agents.recording import NewEvent, record
@@ -248,6 +251,32 @@ def test_it_keeps_the_element_of_events_that_stand_alone(alice):
     # ready, the two texts, stderr, result, turn_complete: drawn the same on any page.
     assert standing == {1, 2, 3, 9, 11, 12}, kept
     assert kept[2] is not None and 'id="event-2"' in kept[2] and "Plain words" in kept[2]
+
+
+def test_it_writes_each_event_once_with_its_element_in_one_transaction(alice):
+    """The batch is rendered inside the transaction that stores it, once its seqs are known,
+    so each element goes in with its row: no second write of the rows (an UPDATE of each
+    one, in a transaction of its own, before), and the lease is checked and extended with
+    the two statements that read and update the session's row anyway."""
+    session = _session()
+    session.bridge_owner, session.bridge_lease_until = OWNER, timezone.now() + timedelta(seconds=2)
+    session.save()
+    lease = Lease(str(session.id), OWNER, None)
+    with CaptureQueriesContext(connection) as queries:
+        appended, _ = record(session.id, [_text(f"text {n}") for n in range(20)], lease=lease)
+    statements = [query["sql"] for query in queries.captured_queries]
+    on_events = [sql for sql in statements if '"agents_event"' in sql]
+    assert len(on_events) == 1 and on_events[0].startswith("20 times: INSERT"), on_events
+    assert sum(sql.startswith("COMMIT") for sql in statements) <= 1, statements
+    on_session = [sql for sql in statements if '"agents_agentsession"' in sql]
+    assert len(on_session) == 2, on_session
+    stored = dict(Event.objects.filter(session=session).values_list("seq", "html"))
+    assert all(
+        stored[event.seq] and f'id="event-{event.seq}"' in stored[event.seq]
+        for event in appended.events
+    )
+    held = AgentSession.objects.get(id=session.id).bridge_lease_until
+    assert held is not None and held > timezone.now() + timedelta(seconds=LEASE_SECONDS - 5)
 
 
 def test_it_serves_a_page_from_kept_elements_as_it_would_render_them(alice, monkeypatch):

@@ -142,15 +142,23 @@ def test_it_forgets_a_deleted_session() -> None:
 
 
 def test_it_never_stops_recording_when_indexing_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index's write fails in the database, inside the transaction that stores the
+    events (on PostgreSQL that aborts the transaction unless the index has its own
+    savepoint): the events are stored all the same, with their elements."""
     from dashboard.search import index
 
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("index down")
+    def refused(*args: Any, **kwargs: Any) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("INSERT INTO search_searchentry (no_such_column) VALUES (1)")
 
-    monkeypatch.setattr(index.SearchEntry.objects, "bulk_create", broken)
+    monkeypatch.setattr(index, "insert_many", refused)
     session = make_session()
     seq = recorded(session, "agent", assistant("still recorded"))
-    assert session.events.filter(seq=seq).exists()
+    event = session.events.get(seq=seq)
+    assert event.html and "still recorded" in event.html
+    assert not SearchEntry.objects.filter(session=session).exists()
+    session.refresh_from_db()
+    assert session.next_seq == seq + 1
 
 
 def test_it_keeps_markers_nuls_and_secrets_out_of_the_index(settings: Any) -> None:

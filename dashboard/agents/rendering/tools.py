@@ -9,9 +9,12 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from django.db import connection, transaction
 
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering.base import _dict, _list, _str, accent, clean_text, dom_id, one_line
@@ -181,6 +184,15 @@ class ToolIndex:
         # Live: the run of noise at the end of the timeline (first seq, count), if any.
         self.fold: tuple[int, int] | None = None
 
+    def forget(self) -> None:
+        """Drop what was learned (a batch rendered and then rolled back taught it): calls
+        are looked up again as results need them, and a run of noise starts a new fold."""
+        self._tools.clear()
+        self.results.clear()
+        self._inits.clear()
+        self._looked_up.clear()  # the count of look-ups still bounds them
+        self.fold = None
+
     # Learning -----------------------------------------------------------------------
 
     def observe(self, event: Event) -> None:
@@ -287,25 +299,34 @@ class ToolIndex:
         """Observe the few stored events whose raw line mentions this id (a cheap text
         filter; observing them checks properly)."""
         try:
-            events = Event.objects.filter(
-                session_id=session_id,
-                source=Event.Source.AGENT,
-                type=kind,
-                raw__contains=json.dumps(tool_use_id),
-            )
-            if seq_lt is not None:
-                events = events.filter(
-                    seq__lt=seq_lt, seq__gte=seq_lt - self.LOOKUP_WINDOW
-                ).order_by("-seq")
-            if seq_gt is not None:
-                events = events.filter(
-                    seq__gt=seq_gt, seq__lte=seq_gt + self.LOOKUP_WINDOW
-                ).order_by("seq")
-            for found in events[:3]:
-                self._observe(found)
+            # The bridge renders inside the transaction that stores a batch, where a failed
+            # query would otherwise undo the batch: a savepoint there.
+            guard = transaction.atomic() if connection.in_atomic_block else nullcontext()
+            with guard:
+                self._observe_matching(session_id, tool_use_id, kind, seq_lt, seq_gt)
         except Exception:
             # E.g. called from async code, or the database is gone: render without pairing.
             log.warning("tool index: look-up of %r failed", tool_use_id[:80], exc_info=True)
+
+    def _observe_matching(
+        self, session_id: Any, tool_use_id: str, kind: str, seq_lt: int | None, seq_gt: int | None
+    ) -> None:
+        events = Event.objects.filter(
+            session_id=session_id,
+            source=Event.Source.AGENT,
+            type=kind,
+            raw__contains=json.dumps(tool_use_id),
+        )
+        if seq_lt is not None:
+            events = events.filter(seq__lt=seq_lt, seq__gte=seq_lt - self.LOOKUP_WINDOW).order_by(
+                "-seq"
+            )
+        if seq_gt is not None:
+            events = events.filter(seq__gt=seq_gt, seq__lte=seq_gt + self.LOOKUP_WINDOW).order_by(
+                "seq"
+            )
+        for found in events[:3]:
+            self._observe(found)
 
     @classmethod
     def for_session(cls, session: AgentSession, events: Iterable[Event]) -> ToolIndex:
