@@ -6,11 +6,11 @@ The lease lives on the session row: `bridge_owner`, `bridge_lease_until` and
 - `claim(owner, exclude)` takes every live session whose lease is free, expired, or
   already `owner`'s (a restarted worker with a stable id takes its own back at once). Each
   claim advances the epoch and returns a `Lease(session_id, owner, epoch)`.
-- `locked_session(session_id, lease)` is called inside a write transaction: one
-  `SELECT ... FOR UPDATE` of the session's row `WHERE id AND owner AND epoch AND
-  lease_until > now`. It takes the row lock and checks the lease after the lock is taken,
-  so a stale owner (paused, partitioned, slow) writes nothing: `LeaseLost` rolls its
-  transaction back. The write's own UPDATE of the row extends the lease (`extended`).
+- Every write to a session (`recording.append_events`) locks its row first
+  (`locked_session`) and ends with `update_held(session_id, lease, ...)`: one `UPDATE ...
+  WHERE id AND owner AND epoch AND lease_until > now` of the fields it changed, that also
+  extends the lease. The lease is checked while the lock is held, so a stale owner
+  (paused, partitioned, slow) writes nothing: `LeaseLost` rolls its transaction back.
 - `renew(lease)` is the same check outside a write: every `RENEW_SECONDS`, and before
   every upstream send (stdin), so a stale owner sends nothing either.
 - `release(lease)` on a clean stop, so another worker can claim at once.
@@ -30,12 +30,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import DateTimeField, Expression, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from dashboard.agents.models import AgentSession, BridgeWorker, SessionId
+from dashboard.agents.sqlwrite import db_value
 
 LEASE_SECONDS = 10.0
 RENEW_SECONDS = 3.0
@@ -78,23 +80,32 @@ def _held(lease: Lease) -> Q:
     return condition
 
 
-def locked_session(session_id: SessionId, lease: Lease | None) -> AgentSession:
-    """Inside a write transaction: the session's row, locked, and (given a lease) only if
-    the lease still holds it, else `LeaseLost`: the fence and the read of the row in one
-    statement. The caller's own UPDATE of the row extends the lease (`extended`)."""
-    # of=self: locking the sandbox row too deadlocks two sessions of one sandbox.
-    rows = AgentSession.objects.select_for_update(of=("self",)).filter(id=session_id)
-    if lease is None:
-        return rows.get()
-    session = rows.filter(_held(lease)).first()
-    if session is None:
+def locked_session(session_id: SessionId) -> AgentSession:
+    """Inside a write transaction: the session's row, locked until the transaction ends (on
+    SQLite the transaction itself holds the database). One plain statement: compiling the
+    ORM's query cost more than running it, on the path of every recorded event."""
+    quote = connection.ops.quote_name
+    sql = "SELECT * FROM {} WHERE {} = %s{}".format(
+        quote(AgentSession._meta.db_table),
+        quote("id"),
+        " FOR UPDATE" if connection.features.has_select_for_update else "",
+    )
+    for session in AgentSession.objects.raw(sql, [db_value(AgentSession, "id", session_id)]):
+        return session
+    raise AgentSession.DoesNotExist(session_id)
+
+
+def update_held(session_id: SessionId, lease: Lease | None, **values: Any) -> None:
+    """Inside the write transaction that locked the row (`locked_session`): write `values` to
+    it and, given a lease, only if the lease still holds the session, extending it; else
+    `LeaseLost`, which rolls the whole write back. The lock was taken first, so a stale
+    owner (paused, partitioned, slow) commits nothing."""
+    rows = AgentSession.objects.filter(id=session_id)
+    if lease is not None:
+        rows = rows.filter(_held(lease))
+        values["bridge_lease_until"] = _until()
+    if not rows.update(**values) and lease is not None:
         raise LeaseLost(lease.session_id)
-    return session
-
-
-def extended(lease: Lease | None) -> dict[str, Expression]:
-    """The lease's new end, for the UPDATE that follows `locked_session`."""
-    return {"bridge_lease_until": _until()} if lease is not None else {}
 
 
 def renew(lease: Lease) -> bool:

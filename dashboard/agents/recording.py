@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from dashboard import metrics
 from dashboard.agents.forms import controls_context
-from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, extended, locked_session
+from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, locked_session, update_held
 from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
@@ -237,8 +237,8 @@ def append_events(
 ) -> Appended:
     """Store events with the next seqs; apply them to the session.
 
-    A bridge passes its lease: the fence is checked inside this transaction, with the row
-    lock, so a stale bridge writes nothing (`LeaseLost`). `lease_owner` alone (any epoch of
+    A bridge passes its lease: the fence is checked inside this transaction, while the row
+    lock is held, so a stale bridge writes nothing (`LeaseLost`). `lease_owner` alone (any epoch of
     that owner) is for tests and benchmarks that play a bridge. `draw` renders the rows
     before they are inserted (see `record`).
     """
@@ -247,7 +247,7 @@ def append_events(
     now = timezone.now()
     with transaction.atomic():
         bounded_waits()
-        session = locked_session(session_id, lease)
+        session = locked_session(session_id)
         before = _state(session)
         rows = []
         for offset, new in enumerate(new_events):
@@ -279,7 +279,7 @@ def append_events(
             name for name, old, new in zip(STATE_FIELDS, before, after, strict=True) if old != new
         ]
         written = {name: getattr(session, name) for name in [*changed, "next_seq", "last_event_at"]}
-        AgentSession.objects.filter(pk=session.pk).update(**written, **extended(lease))
+        update_held(session.pk, lease, **written)
     return Appended(session=session, events=rows, state_changed=after != before, drawn=drawn)
 
 

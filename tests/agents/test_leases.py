@@ -170,7 +170,7 @@ def test_it_ends_a_frozen_owners_transaction_and_lets_another_take_over() -> Non
         try:
             with transaction.atomic():
                 leases.bounded_waits()
-                leases.locked_session(session.id, frozen)  # row locked, lease checked
+                leases.locked_session(session.id)  # row locked
                 inside.set()
                 wake.wait(60)  # frozen
                 Event.objects.create(session=session, seq=1, source="agent", raw="stale")
