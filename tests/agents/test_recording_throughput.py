@@ -24,6 +24,8 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import formats, timezone
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dashboard.agents import bridge
 from dashboard.agents.bridge import Bridge, on_bridge_thread
@@ -35,6 +37,7 @@ from dashboard.agents.rendering import ToolIndex, render, render_event, render_e
 from dashboard.agents.rendering.agent import plain_paragraphs
 from dashboard.agents.rendering.items import TextBlock, _stamp
 from dashboard.agents.rendering.templates import render as render_macro
+from dashboard.agents.sqlwrite import COPY_FROM
 from dashboard.opencomputer import OpenComputer
 from tests.agents.helpers import held_session
 
@@ -277,6 +280,24 @@ def test_it_writes_each_event_once_with_its_element_in_one_transaction(alice):
     )
     held = AgentSession.objects.get(id=session.id).bridge_lease_until
     assert held is not None and held > timezone.now() + timedelta(seconds=LEASE_SECONDS - 5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(texts=st.lists(st.text(max_size=120), min_size=1, max_size=2 * COPY_FROM))
+def test_it_stores_any_text_exactly_however_many_rows_a_batch_holds(texts: list[str]) -> None:
+    """Batches under `COPY_FROM` rows go in as INSERTs, larger ones (on PostgreSQL) as one
+    COPY, whose text format escapes tabs, newlines, backslashes and `\\N` itself: either
+    way what is read back is what was stored, byte for byte."""
+    sandbox = Sandbox.objects.create(upstream_id=f"sb-text-{Sandbox.objects.count()}")
+    session = AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-text")
+    events = [NewEvent.from_line(Event.Source.STDERR, text, None) for text in texts]
+    appended, _ = record(session.id, events)
+    stored = list(Event.objects.filter(session=session).order_by("seq").values_list("raw", "html"))
+    assert [raw for raw, _ in stored] == [event.raw for event in events]
+    assert all(
+        html and f'id="event-{event.seq}"' in html
+        for (_, html), event in zip(stored, appended.events, strict=True)
+    )
 
 
 def test_it_serves_a_page_from_kept_elements_as_it_would_render_them(alice, monkeypatch):
