@@ -189,7 +189,9 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(
         retry_dir.mkdir()
         again = Child.start([*PYTEST, *failed], _child_env(retry_dir), retry_dir / "retry.log")
         returncode, retry_lines = again.wait()
-        assert returncode == 0, _said("failed, and again on their own", again.report, retry_lines)
+        assert returncode == 0, _said(
+            f"failed ({', '.join(failed)}), and again on their own", again.report, retry_lines
+        )
         warnings.warn(
             "passed on PostgreSQL + Redis only when run again on their own (flaky there): "
             + ", ".join(failed)
