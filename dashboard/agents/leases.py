@@ -28,12 +28,13 @@ row for seconds, not for as long as TCP keepalive takes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import DateTimeField, Expression, ExpressionWrapper, F, Q
+from django.db.models import DateTimeField, Expression, ExpressionWrapper, F, Q, QuerySet
 from django.db.models.functions import Now
 
 from dashboard.agents.models import AgentSession, BridgeWorker, SessionId
@@ -80,6 +81,14 @@ def _held(lease: Lease) -> Q:
     return condition
 
 
+@functools.lru_cache(maxsize=1024)
+def _held_row(lease: Lease) -> QuerySet[AgentSession]:
+    """The session's row while `lease` holds it (`Now()` is the database's, each time the
+    query runs), built once per lease: a bridge writes through it for every batch, and
+    building the filter cost half as much again as the UPDATE it filters."""
+    return AgentSession.objects.filter(_held(lease))
+
+
 def locked_session(session_id: SessionId) -> AgentSession:
     """Inside a write transaction: the session's row, locked until the transaction ends (on
     SQLite the transaction itself holds the database). One plain statement: compiling the
@@ -102,7 +111,7 @@ def update_held(session_id: SessionId, lease: Lease | None, **values: Any) -> No
     owner (paused, partitioned, slow) commits nothing."""
     rows = AgentSession.objects.filter(id=session_id)
     if lease is not None:
-        rows = rows.filter(_held(lease))
+        rows = _held_row(lease)  # the lease's own session, as every caller passes
         values["bridge_lease_until"] = _until()
     if not rows.update(**values) and lease is not None:
         raise LeaseLost(lease.session_id)
@@ -112,7 +121,7 @@ def renew(lease: Lease) -> bool:
     """Extend the lease if it is still held (by this owner, at this epoch)."""
     with transaction.atomic():
         bounded_waits()
-        return bool(AgentSession.objects.filter(_held(lease)).update(bridge_lease_until=_until()))
+        return bool(_held_row(lease).update(bridge_lease_until=_until()))
 
 
 def release(lease: Lease) -> None:

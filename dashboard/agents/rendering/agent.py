@@ -68,7 +68,11 @@ def _markdown(clipped: Clipped) -> SafeString | None:
 # or an entity, no whitespace but spaces and newlines, no line indented or ending in a space
 # (code blocks, hard breaks), and every line starting with a letter (so none opens a list,
 # heading, quote, table, rule or setext underline). Plain prose, as in many replies, is.
-_NOT_PLAIN = re.compile(r"[\\`*_\[\]!<>&~|\x00-\x09\x0b-\x1f\x7f]|[^\S \n]|^ | $", re.MULTILINE)
+# One character class, which the regex engine scans fast (alternatives with line anchors
+# cost it four times as long); spaces at a line's edges are looked for with `in`. Every
+# whitespace character but the space and the newline lies below U+3001.
+_ODD_SPACES = "".join(c for c in map(chr, range(0x3001)) if c.isspace() and c not in " \n")
+_NOT_PLAIN = re.compile("[" + re.escape("\\`*_[]!<>&~|\x7f" + _ODD_SPACES) + "\x00-\x09\x0b-\x1f]")
 _LINE_START = re.compile(r"^(?![^\W\d_])[^\n]", re.MULTILINE)
 _PARAGRAPH_BREAK = re.compile(r"\n{2,}")
 
@@ -79,7 +83,9 @@ def plain_paragraphs(text: str) -> list[str] | None:
     sanitiser's work (most of what rendering an agent's message cost)."""
     # Spaces ending the whole text are no hard break: markdown drops them.
     text = text.rstrip(" \n")
-    if not text or _NOT_PLAIN.search(text) or _LINE_START.search(text):
+    if not text or _NOT_PLAIN.search(text) or text.startswith(" ") or "\n " in text:
+        return None
+    if " \n" in text or _LINE_START.search(text):
         return None
     return _PARAGRAPH_BREAK.split(text.lstrip("\n"))
 

@@ -208,8 +208,12 @@ class EventItem:
         return " ".join(classes)
 
 
+# Read once: `Event.Source.values` builds the list (and looks the labels up) on each call.
+SOURCES = frozenset(Event.Source.values)
+
+
 def _item(event: Event, kind: str, label: str, **kwargs: Any) -> EventItem:
-    source = event.source if event.source in Event.Source.values else "agent"
+    source = event.source if event.source in SOURCES else "agent"
     return EventItem(
         seq=event.seq,
         session_id=str(event.session_id),
