@@ -7,7 +7,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from django.utils import formats, timezone
@@ -25,6 +25,7 @@ from dashboard.agents.rendering.base import (
     one_line,
 )
 from dashboard.agents.rendering.highlight import DiffRow
+from dashboard.agents.rendering.templates import render
 from dashboard.agents.rendering.tools import TASK_NAMES, ToolRef, ToolStatus
 
 
@@ -121,6 +122,12 @@ class Stamp:
     iso: str
     title: str
     clock: str
+
+    @cached_property
+    def html(self) -> SafeString:
+        """The `<time>` element, rendered once per stamp: a batch's events share one, and
+        calling a macro for it cost each event about as much as the rest of its header."""
+        return render("time_element", stamp=self)
 
 
 NO_STAMP = Stamp("", "", "")
