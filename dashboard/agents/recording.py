@@ -416,7 +416,10 @@ def _draw(tools: ToolIndex, rows: list[Event]) -> list[Drawn]:
         if fragment is None:
             drawn.append(Drawn(event.seq, None))
             continue
-        event.html = fragment.article
+        # Kept only as it is: an element no database takes (a NUL, a lone surrogate: the
+        # renderers clean those, this is the net) would fail the batch's INSERT.
+        if fragment.article is not None and storable(fragment.article) == fragment.article:
+            event.html = fragment.article
         entry = Drawn(event.seq, fragment.oob)
         if link_holder_variant(event):
             with for_link_holders():

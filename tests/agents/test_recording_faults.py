@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
@@ -165,6 +166,28 @@ def test_it_forgets_what_it_learned_from_a_batch_that_was_rolled_back(monkeypatc
     _, messages = record(session.id, [_from_line(line)], tools=tools, lease_owner=OWNER)
     ((seq, oob),) = messages[0][1]["items"]
     assert "toolcall-toolu_gone" not in oob and "files" in oob
+
+
+def test_it_stores_an_event_whose_element_no_database_takes(monkeypatch) -> None:
+    """The element goes in with the row now: one that a database refuses (a NUL on
+    PostgreSQL) must cost only the kept element, never the event (quarantined) or the batch."""
+    from dashboard.agents import recording
+
+    real = recording.render_event_live
+
+    def with_nul(event: Event, tools: ToolIndex) -> Any:
+        fragment = real(event, tools)
+        if fragment.article is not None and "poisoned" in event.raw:
+            fragment.article += "\x00\udfff"
+        return fragment
+
+    monkeypatch.setattr(recording, "render_event_live", with_nul)
+    session = _session()
+    lines = ['{"type":"ready"}', '{"type":"turn_complete","note":"poisoned"}', '{"type":"ready"}']
+    record(session.id, [_from_line(line) for line in lines], lease_owner=OWNER)
+    rows = list(Event.objects.filter(session=session).order_by("seq"))
+    assert [row.type for row in rows] == ["ready", "turn_complete", "ready"]
+    assert rows[1].html is None and rows[0].html and rows[2].html
 
 
 async def test_it_keeps_recording_after_poison_printed_inside_the_sandbox(oc) -> None:
