@@ -215,10 +215,50 @@ def _unit_costs(session_id: object, sandbox_id: str, limit: int = 2000) -> dict[
     for event in few:
         record(single.id, [event], tools=ToolIndex())
     costs["record_one_per_call_us"] = (time.perf_counter() - start) / len(few) * 1e6
+    costs["statements"] = _statements_of_one_event(single.id, few)  # type: ignore[assignment]
     costs["database"] = connection.vendor  # type: ignore[assignment]
     _cleanup(batch.id)
     _cleanup(single.id)
     return costs
+
+
+def _statements_of_one_event(session_id: object, events: list[Any]) -> dict[str, float]:
+    """What a one-event `record` sends to the database: per kind of statement (its verb and
+    table), the milliseconds it takes per record, wall clock, as the caller sees them
+    (round trip, the server's work and the driver's), and the rest of the call."""
+    from django.db import connection
+
+    from dashboard.agents.recording import record
+    from dashboard.agents.rendering import ToolIndex
+
+    spent: dict[str, float] = {}
+
+    def timed(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            spent[_kind(sql)] = spent.get(_kind(sql), 0.0) + time.perf_counter() - began
+
+    tools = ToolIndex()
+    began = time.perf_counter()
+    with connection.execute_wrapper(timed):
+        for event in events:
+            record(session_id, [event], tools=tools)
+    total = time.perf_counter() - began
+    per_record = {kind: seconds / len(events) * 1e3 for kind, seconds in spent.items()}
+    # The commit (and PostgreSQL's BEGIN) is not a statement the wrapper sees.
+    per_record["the rest (Python, commit)"] = total / len(events) * 1e3 - sum(per_record.values())
+    return per_record
+
+
+def _kind(sql: str) -> str:
+    """A statement's verb and table ("INSERT agents_event"), or its first words."""
+    words = sql.split()
+    if words[0] in ("SAVEPOINT", "RELEASE", "ROLLBACK"):
+        return words[0]  # the savepoint's name changes every time
+    table = next((word.strip('"') for word in words[1:6] if word.startswith('"')), "")
+    return f"{words[0]} {table or ' '.join(words[1:2])[:30]}"
 
 
 def _cleanup(session_id: object) -> None:

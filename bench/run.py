@@ -557,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         costs = profile["unit_costs"]
         for name in UNIT_COSTS:
             print(f"  {name:<32} {costs[name]:>10,.0f}")
+        print("\nA one-event record, per statement (milliseconds per record, wall clock):")
+        for kind, ms in costs["statements"].items():
+            print(f"  {kind:<40} {ms:>6.2f}")
         print("\ncProfile of the Porthole phase (all threads), by own time:")
         print(_head(profile["summary"]["tottime"], 25))
         print("\n... by cumulative time:")
