@@ -468,7 +468,12 @@ class Bridge:
         after every live frame, before the next is taken, and (the reader drains the socket
         in bursts while the loop parses) by the parser between its slices: output the server
         dropped lies behind a full socket, so the backlog shows before a hole is read past.
+
+        Once per connection: the reader and the parser both ask, and whichever asks second,
+        before the reader has left the connection being dropped, must not count it again.
         """
+        if self._lagged:
+            return False  # being dropped already
         if self._unparsed > UNPARSED_BYTES:
             return self._lag("read and not yet parsed", self._unparsed, UNPARSED_BYTES)
         # The socket's backlog is off unless configured: a burst (one large tool result)

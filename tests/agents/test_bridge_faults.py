@@ -249,6 +249,33 @@ def small_buffered(oc) -> Callable[[str, str], Awaitable[ExecStream]]:  # type: 
     return open_stream
 
 
+class Backlogged:
+    """A connection whose socket holds more unread than the lag limit: what the reader and
+    the parser both see when a flood outruns the bridge (measured off a real socket in the
+    test below; here it must hold still while both ask)."""
+
+    def unread_bytes(self) -> int:
+        return 64 * 1024
+
+    def receive_buffer_bytes(self) -> int:
+        return 64 * 1024
+
+
+def test_it_counts_a_lagging_connection_once_however_many_ask(settings) -> None:
+    """The reader (after a live frame) and the parser (between slices) both ask whether the
+    connection has fallen behind; the second to ask, before the reader has left it, must
+    not count it again (a CI run counted 9 for 8 reconnects)."""
+    settings.BRIDGE_LAG_RECONNECT_BYTES = 32 * 1024
+    bridge = Bridge("00000000-0000-0000-0000-000000000001", OWNER)
+    stream: Any = Backlogged()
+    assert bridge._behind(stream)
+    assert not bridge._behind(stream)
+    assert bridge.lag_reconnects == 1
+    bridge._lagged = False  # a new connection (`_read` resets it), which falls behind too
+    assert bridge._behind(stream)
+    assert bridge.lag_reconnects == 2
+
+
 async def test_it_never_loses_output_silently_when_its_reader_falls_behind(
     oc, monkeypatch, settings
 ):
