@@ -287,7 +287,10 @@ async def test_it_never_loses_output_silently_when_its_reader_falls_behind(
     real = Bridge._events
 
     def slow_events(self: Bridge, source: str, lines: list[Line]) -> list[NewEvent]:
-        time.sleep(0.002)  # blocks the event loop (the reader too), as a busy CPU would
+        # Blocks the event loop (the reader too), as a busy CPU would: at most 10,000 lines a
+        # second, below what the flood brings even on a loaded machine (at 0.002 s, once in
+        # a CI run the flood came slower than the bridge read it, and nothing fell behind).
+        time.sleep(0.005)
         return real(self, source, lines)
 
     monkeypatch.setattr(Bridge, "_events", slow_events)
