@@ -238,7 +238,8 @@ def _statements_of_one_event(session_id: object, events: list[Any]) -> dict[str,
         try:
             return execute(sql, params, many, context)
         finally:
-            spent[_kind(sql)] = spent.get(_kind(sql), 0.0) + time.perf_counter() - began
+            kind = _kind(sql)
+            spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - began
 
     tools = ToolIndex()
     began = time.perf_counter()

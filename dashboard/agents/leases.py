@@ -109,11 +109,11 @@ def update_held(session_id: SessionId, lease: Lease | None, **values: Any) -> No
     it and, given a lease, only if the lease still holds the session, extending it; else
     `LeaseLost`, which rolls the whole write back. The lock was taken first, so a stale
     owner (paused, partitioned, slow) commits nothing."""
-    rows = AgentSession.objects.filter(id=session_id)
-    if lease is not None:
-        rows = _held_row(lease)  # the lease's own session, as every caller passes
-        values["bridge_lease_until"] = _until()
-    if not rows.update(**values) and lease is not None:
+    if lease is None:
+        AgentSession.objects.filter(id=session_id).update(**values)
+        return
+    # The lease's own session, as every caller passes; its filter is built once.
+    if not _held_row(lease).update(**values, bridge_lease_until=_until()):
         raise LeaseLost(lease.session_id)
 
 
