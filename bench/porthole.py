@@ -213,7 +213,8 @@ def _unit_costs(session_id: object, sandbox_id: str, limit: int = 2000) -> dict[
     costs["store_one_per_transaction_us"] = (time.perf_counter() - start) / len(few) * 1e6
     start = time.perf_counter()
     for event in few:
-        record(single.id, [event], tools=ToolIndex())
+        # As a bridge records: its search index is written later, several batches at once.
+        record(single.id, [event], tools=ToolIndex(), index=False)
     costs["record_one_per_call_us"] = (time.perf_counter() - start) / len(few) * 1e6
     costs["statements"] = _statements_of_one_event(single.id, few)  # type: ignore[assignment]
     costs["database"] = connection.vendor  # type: ignore[assignment]
@@ -245,7 +246,7 @@ def _statements_of_one_event(session_id: object, events: list[Any]) -> dict[str,
     began = time.perf_counter()
     with connection.execute_wrapper(timed):
         for event in events:
-            record(session_id, [event], tools=tools)
+            record(session_id, [event], tools=tools, index=False)  # as a bridge records
     total = time.perf_counter() - began
     per_record = {kind: seconds / len(events) * 1e3 for kind, seconds in spent.items()}
     # The commit (and PostgreSQL's BEGIN) is not a statement the wrapper sees.

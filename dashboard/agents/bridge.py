@@ -59,12 +59,18 @@ from dashboard.opencomputer import (
     Stderr,
     Stdout,
 )
+from dashboard.search.index import index_events, index_tail
 
 log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 15.0
 RECORD_SLICE = 100  # events per transaction and per message to viewers
+# The search index gets a bridge's events when its recorder has nothing queued, or once it
+# holds this many events (or raw characters) back: a flood is indexed in large batches,
+# and no viewer waits for the index (`Bridge._index`).
+INDEX_HELD_EVENTS = 1000
+INDEX_HELD_CHARS = 8 * 2**20
 FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried at once
 # After more of those, waits stay short: the upstream is there and talking, and every
 # second away lets its ring move on (a chaos-proxy run lost 274 texts to 2-4 s waits).
@@ -204,9 +210,15 @@ def _stored_log(session_id: SessionId) -> ReadLog:
 
 
 @on_bridge_thread
-def _record(events: list[NewEvent], tools: ToolIndex, lease: Lease) -> list[Message]:
-    _, messages = record(lease.session_id, events, tools=tools, lease=lease)
-    return messages
+def _record(
+    events: list[NewEvent], tools: ToolIndex, lease: Lease
+) -> tuple[list[Event], list[Message]]:
+    appended, messages = record(lease.session_id, events, tools=tools, lease=lease, index=False)
+    return appended.events, messages
+
+
+_index_events = on_bridge_thread(index_events)
+_index_tail = on_bridge_thread(index_tail)
 
 
 @on_bridge_thread
@@ -248,6 +260,8 @@ class Bridge:
         self._lag_cap = int(settings.BRIDGE_LAG_RECONNECT_BYTES)
         self._lagged = False  # the current connection was dropped because reading fell behind
         self.lag_reconnects = 0
+        self._unindexed: list[Event] = []  # recorded, not yet given to the search index
+        self._unindexed_chars = 0
 
     async def run(self) -> None:
         """Record until the session exits, is lost, or another worker takes the lease.
@@ -549,6 +563,9 @@ class Bridge:
     # -- recording ---------------------------------------------------------------------------
 
     async def _record_loop(self) -> None:
+        # What a bridge before this one recorded but had not yet indexed, if it stopped
+        # abruptly (at most what it holds back: `_index`).
+        await _index_tail(self.session_id, INDEX_HELD_EVENTS + RECORD_SLICE)
         while True:
             item = await self._queue.get()
             done = item is None
@@ -562,6 +579,8 @@ class Bridge:
             self._queued -= len(events)
             self._recorded.set()
             await self._record(events)
+            if done or self._queue.empty() or self._held_back():
+                await self._index()
             if done:
                 return
 
@@ -570,8 +589,24 @@ class Bridge:
         back until the last one is rendered."""
         assert self.lease is not None
         for start in range(0, len(events), RECORD_SLICE):
-            messages = await _record(events[start : start + RECORD_SLICE], self._tools, self.lease)
+            rows, messages = await _record(
+                events[start : start + RECORD_SLICE], self._tools, self.lease
+            )
             await publish(messages)
+            self._unindexed += rows
+            self._unindexed_chars += sum(len(row.raw) for row in rows)
+
+    def _held_back(self) -> bool:
+        return (
+            len(self._unindexed) >= INDEX_HELD_EVENTS or self._unindexed_chars >= INDEX_HELD_CHARS
+        )
+
+    async def _index(self) -> None:
+        """Give the search index what was recorded since the last time, in one transaction
+        of its own. Held back no longer than the recorder is busy (and at most
+        `INDEX_HELD_EVENTS`): after a crash, the next bridge indexes that many again."""
+        rows, self._unindexed, self._unindexed_chars = self._unindexed, [], 0
+        await _index_events(rows)
 
     # -- control -----------------------------------------------------------------------------
 

@@ -269,8 +269,6 @@ def append_events(
                 row._data = new.data  # spare the indexer and the renderer a second parse
         drawn = draw(rows) if draw is not None and rows else []
         _insert(rows)
-        # In the same transaction: a batch's search entries cost no commit of their own.
-        index_events(rows)
         session.next_seq += len(rows)
         if rows:
             session.last_event_at = now
@@ -437,9 +435,16 @@ def record(
     tools: ToolIndex | None = None,
     lease: Lease | None = None,
     lease_owner: str | None = None,
+    index: bool = True,
 ) -> tuple[Appended, list[Message]]:
     """Append events, render each once (in the transaction that stores them, so that an
-    element is written with its row), and return the channel messages that announce them."""
+    element is written with its row), and return the channel messages that announce them.
+
+    The search index gets the events after that transaction, in one of its own
+    (`index_events`), so that a failure there undoes nothing. Callers that announce what
+    they record pass `index=False` and index after publishing, so that no viewer waits for
+    the index: `record_and_publish`, and the bridge, which hands the index several batches
+    at once when its recorder has nothing else to do (`Bridge._index`)."""
     if lease is None and lease_owner is not None:
         lease = Lease(str(session_id), lease_owner, None)
     if not new_events:
@@ -447,6 +452,8 @@ def record(
     tools = tools if tools is not None else ToolIndex()
     appended = _append_isolating(session_id, new_events, lease, tools)
     metrics.EVENTS_RECORDED.inc(len(appended.events))
+    if index:
+        index_events(appended.events)
     items = [(entry.seq, entry.oob) for entry in appended.drawn if entry.oob is not None]
     # Link holders' own rendering, where it differs.
     shared = [(entry.seq, entry.for_link_holders) for entry in appended.drawn if entry.differs]
@@ -480,7 +487,8 @@ async def publish(messages: Iterable[Message]) -> None:
 def record_and_publish(
     session_id: SessionId, new_events: Sequence[NewEvent], **kwargs: Any
 ) -> Appended:
-    """For synchronous callers (views): store, render and announce in one call."""
-    appended, messages = record(session_id, new_events, **kwargs)
+    """For synchronous callers (views): store, render, announce, then index."""
+    appended, messages = record(session_id, new_events, index=False, **kwargs)
     async_to_sync(publish)(messages)
+    index_events(appended.events)
     return appended

@@ -19,9 +19,10 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Max
 from django.urls import reverse
 
-from dashboard.agents.models import AgentSession, Event
+from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.sqlwrite import db_value, insert_many
 from dashboard.search.extract import extract
 from dashboard.search.models import SearchEntry
@@ -59,12 +60,32 @@ def _write(events: Iterable[Event]) -> int:
 
 
 def index_events(events: Sequence[Event]) -> None:
-    """Add freshly recorded events to the index; the recorder calls it inside the
-    transaction that stores them. Never raises, and a failure here undoes nothing else."""
+    """Add freshly recorded events to the index, in a transaction of its own (or under a
+    savepoint inside a caller's). Never raises: a failure here undoes nothing else."""
+    if not events:
+        return
     try:
         _write(events)
     except Exception:
         log.exception("search: could not index %d events", len(events))
+
+
+def index_tail(session_id: SessionId, span: int) -> int:
+    """Index what a bridge that stopped abruptly may have left out: of the session's last
+    `span` events, those after its last entry (a bridge holds at most that many back,
+    `Bridge._index`). Entries that exist already are kept; returns the entries written.
+    Never raises, like `index_events`."""
+    try:
+        entries = SearchEntry.objects.filter(session__id=session_id)
+        last_entry = entries.aggregate(last=Max("seq"))["last"] or 0
+        session = AgentSession.objects.filter(id=session_id)
+        next_seq = session.values_list("next_seq", flat=True).first() or 1
+        after = max(last_entry, next_seq - 1 - span)
+        events = Event.objects.filter(session__id=session_id, seq__gt=after).order_by("seq")
+        return _write(list(events))
+    except Exception:
+        log.exception("search: could not index the tail of session %s", session_id)
+        return 0
 
 
 def reindex(sessions: Iterable[AgentSession] | None = None, chunk: int = 500) -> int:

@@ -39,6 +39,7 @@ from dashboard.agents.rendering.items import TextBlock, _stamp
 from dashboard.agents.rendering.templates import render as render_macro
 from dashboard.agents.sqlwrite import COPY_FROM
 from dashboard.opencomputer import OpenComputer
+from dashboard.search.models import SearchEntry
 from tests.agents.helpers import held_session
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(90)]
@@ -260,14 +261,17 @@ def test_it_writes_each_event_once_with_its_element_in_one_transaction(alice):
     """The batch is rendered inside the transaction that stores it, once its seqs are known,
     so each element goes in with its row: no second write of the rows (an UPDATE of each
     one, in a transaction of its own, before), and the lease is checked and extended with
-    the two statements that read and update the session's row anyway."""
+    the two statements that read and update the session's row anyway. As a bridge records
+    (`index=False`), nothing in it is for the search index."""
     session = _session()
     session.bridge_owner, session.bridge_lease_until = OWNER, timezone.now() + timedelta(seconds=2)
     session.save()
     lease = Lease(str(session.id), OWNER, None)
+    events = [_text(f"text {n}") for n in range(20)]
     with CaptureQueriesContext(connection) as queries:
-        appended, _ = record(session.id, [_text(f"text {n}") for n in range(20)], lease=lease)
+        appended, _ = record(session.id, events, lease=lease, index=False)
     statements = [query["sql"] for query in queries.captured_queries]
+    assert not [sql for sql in statements if "search" in sql or "SAVEPOINT" in sql], statements
     on_events = [sql for sql in statements if '"agents_event"' in sql]
     # One statement: the INSERT run for every row or, on PostgreSQL, one COPY.
     assert len(on_events) == 1, on_events
@@ -282,6 +286,20 @@ def test_it_writes_each_event_once_with_its_element_in_one_transaction(alice):
     )
     held = AgentSession.objects.get(id=session.id).bridge_lease_until
     assert held is not None and held > timezone.now() + timedelta(seconds=LEASE_SECONDS - 5)
+
+
+def test_it_indexes_events_in_a_transaction_after_the_one_that_stores_them() -> None:
+    """What the search index takes (extracting text, its INSERT, on PostgreSQL a GIN entry,
+    and a savepoint) is neither inside the storing transaction, where it held the row lock
+    and could undo the batch, nor, for a bridge, in what a viewer waits for."""
+    session = _session()
+    with CaptureQueriesContext(connection) as queries:
+        appended, _ = record(session.id, [_text("a findable aardvark")])
+    statements = [query["sql"] for query in queries.captured_queries]
+    stored_at = next(i for i, sql in enumerate(statements) if '"agents_event"' in sql)
+    indexed_at = next(i for i, sql in enumerate(statements) if '"search_searchentry"' in sql)
+    assert "COMMIT" in statements[stored_at:indexed_at], statements
+    assert SearchEntry.objects.filter(session=session, seq=appended.events[0].seq).exists()
 
 
 @settings(max_examples=30, deadline=None)

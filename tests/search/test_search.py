@@ -142,9 +142,9 @@ def test_it_forgets_a_deleted_session() -> None:
 
 
 def test_it_never_stops_recording_when_indexing_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The index's write fails in the database, inside the transaction that stores the
-    events (on PostgreSQL that aborts the transaction unless the index has its own
-    savepoint): the events are stored all the same, with their elements."""
+    """The index's write fails in the database (on PostgreSQL that aborts whatever
+    transaction it is in, unless the index has its own savepoint): the events are stored
+    all the same, with their elements, and the session's row moves on."""
     from dashboard.search import index
 
     def refused(*args: Any, **kwargs: Any) -> None:
