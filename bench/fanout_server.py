@@ -13,8 +13,8 @@ line on stdout (after `MARK`) (after a first line saying it is ready: port, pid,
 
 - `{"cmd": "session"}`: a new session → `{"session": id}`.
 - `{"cmd": "publish", "session", "events", "pace", "bytes"}`: plays the bridge, one
-  `recording.record` (store, render once), `publish`, and the search index when nothing
-  more has been read (as the bridge), per event every `pace` seconds →
+  `recording.record` (store, render once), `publish`, and the search index on its own
+  thread (as the bridge), per event every `pace` seconds →
   `{"started": {seq: when read}, "recording": {seq: when its record call began}, "cpu_s",
   "memory", "rate_per_s", "slices", "largest_slice"}` (see `publish_flood`).
 - `{"cmd": "publish", ..., "prerecorded": true}`: the same events recorded first, then only
@@ -122,11 +122,10 @@ async def publish_flood(session_id: str, events: int, pace: float, size: int) ->
     from the moment an event was read (its due time)."""
     from asgiref.sync import ThreadSensitiveContext
 
-    from dashboard.agents.bridge import INDEX_HELD_EVENTS, RECORD_SLICE, on_bridge_thread
+    from dashboard.agents.bridge import RECORD_SLICE, IndexFeed, on_bridge_thread
     from dashboard.agents.recording import publish, record
-    from dashboard.search.index import index_events
 
-    held: list[Any] = []  # recorded, not yet indexed (as the bridge holds them back)
+    index = IndexFeed(session_id)  # as the bridge's: the search index on a thread of its own
     started: dict[int, float] = {}  # when each event was read
     recording: dict[int, float] = {}  # when the record call that stored it began
     slices: list[int] = []
@@ -156,12 +155,9 @@ async def publish_flood(session_id: str, events: int, pace: float, size: int) ->
             slices.append(len(batch))
             recorded += len(batch)
             await publish(messages)
-            held += appended.events
-            read = min(events, int((time.time() - begin) / pace) + 1 if pace else events)
-            if read <= recorded or len(held) >= INDEX_HELD_EVENTS:  # as `Bridge._index`
-                await on_bridge_thread(index_events)(held)
-                held = []
-    wall = time.perf_counter() - wall0
+            await index.hold(appended.events)
+        wall = time.perf_counter() - wall0
+        await index.finish()
     return {
         "started": started,
         "recording": recording,

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -66,11 +68,17 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 15.0
 RECORD_SLICE = 100  # events per transaction and per message to viewers
-# The search index gets a bridge's events when its recorder has nothing queued, or once it
-# holds this many events (or raw characters) back: a flood is indexed in large batches,
-# and no viewer waits for the index (`Bridge._index`).
+# The search index gets a bridge's events on a thread of its own, at most this many
+# seconds after they were recorded, or as soon as this many events (or raw characters) are
+# held back: a paced session is indexed a few batches at a time, a flood in large ones, and
+# the recorder never waits for it (`IndexFeed`). Twice as many held back, and the
+# recorder does wait: the index falling behind must not grow memory without bound.
+INDEX_AFTER = 0.5
 INDEX_HELD_EVENTS = 1000
 INDEX_HELD_CHARS = 8 * 2**20
+# The most a bridge can leave unindexed if it stops abruptly (being written, and held back
+# up to twice the bound, each with a slice more): what the next one looks back over.
+INDEX_TAIL = 4 * INDEX_HELD_EVENTS + 2 * RECORD_SLICE
 FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried at once
 # After more of those, waits stay short: the upstream is there and talking, and every
 # second away lets its ring move on (a chaos-proxy run lost 274 texts to 2-4 s waits).
@@ -161,10 +169,10 @@ def _return_pooled() -> None:
             connection.close()
 
 
-def on_bridge_thread[**P, T](fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
-    """`fn` on the calling bridge's own thread (see `Bridge.run`), on a kept connection
-    (or, with PostgreSQL's pool, one borrowed for the call)."""
+def _keeping_connection[**P, T](fn: Callable[P, T]) -> Callable[P, T]:
+    """`fn` on a kept connection (or, with PostgreSQL's pool, one borrowed for the call)."""
 
+    @functools.wraps(fn)
     def keeping_connection(*args: P.args, **kwargs: P.kwargs) -> T:
         _usable_connections()
         try:
@@ -172,7 +180,22 @@ def on_bridge_thread[**P, T](fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
         finally:
             _return_pooled()
 
-    return sync_to_async(keeping_connection, thread_sensitive=True)
+    return keeping_connection
+
+
+def on_bridge_thread[**P, T](fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
+    """`fn` on the calling bridge's own thread (see `Bridge.run`), on a kept connection
+    (or, with PostgreSQL's pool, one borrowed for the call)."""
+    return sync_to_async(_keeping_connection(fn), thread_sensitive=True)
+
+
+# One thread (and connection) per process writes the search index for all of its bridges:
+# the index's work overlaps their recording instead of coming between two records.
+_INDEX_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="porthole-index")
+
+
+def on_index_thread[**P, T](fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
+    return sync_to_async(_keeping_connection(fn), thread_sensitive=False, executor=_INDEX_THREAD)
 
 
 # -- database helpers (small, each one thread hop) ---------------------------------------
@@ -217,14 +240,81 @@ def _record(
     return appended.events, messages
 
 
-_index_events = on_bridge_thread(index_events)
-_index_tail = on_bridge_thread(index_tail)
+_index_events = on_index_thread(index_events)
+_index_tail = on_index_thread(index_tail)
 
 
 @on_bridge_thread
 def _tool_index(session_id: SessionId) -> ToolIndex:
     session = AgentSession.objects.get(id=session_id)
     return ToolIndex.for_session(session, [])
+
+
+class IndexFeed:
+    """What one bridge recorded, on its way to the search index: held back for at most
+    `INDEX_AFTER` seconds (or until the bound), then written on the index thread
+    (`on_index_thread`) while the bridge records on. One write in flight at a time, taking
+    whatever was held meanwhile. After a crash, the next bridge's feed indexes again what
+    this one may have held (`start`)."""
+
+    def __init__(self, session_id: SessionId) -> None:
+        self.session_id = session_id
+        self.held: list[Event] = []
+        self.held_chars = 0
+        self.full = asyncio.Event()  # as many held back as `held_back` allows
+        self.writing: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Index what a bridge before this one recorded and may not have indexed, beside
+        the recording."""
+        self.writing = asyncio.create_task(self._tail())
+
+    def held_back(self, times: int = 1) -> bool:
+        return len(self.held) >= times * INDEX_HELD_EVENTS or self.held_chars >= (
+            times * INDEX_HELD_CHARS
+        )
+
+    async def hold(self, rows: list[Event]) -> None:
+        """Rows just recorded. Returns at once, unless twice the bound is held back while a
+        write is in flight: the index falling behind must not grow memory without bound."""
+        self.held += rows
+        self.held_chars += sum(len(row.raw) for row in rows)
+        if self.held_back():
+            self.full.set()
+        if self.writing is None or self.writing.done():
+            self.writing = asyncio.create_task(self._write())
+        elif self.held_back(2):
+            await asyncio.shield(self.writing)
+
+    async def finish(self) -> None:
+        """Write everything held now, and wait until it is written."""
+        self.full.set()
+        while self.writing is not None and not self.writing.done():
+            await self.writing
+        if self.held:
+            await self._write()
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [self.writing] if self.writing is not None else []
+
+    async def _write(self) -> None:
+        while self.held:
+            if not self.full.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.full.wait(), INDEX_AFTER)
+            self.full.clear()
+            rows, self.held, self.held_chars = self.held, [], 0
+            try:
+                await _index_events(rows)
+            except Exception:  # the connection's upkeep, not the index (which never raises)
+                log.exception("bridge %s: %d events not indexed", self.session_id, len(rows))
+
+    async def _tail(self) -> None:
+        try:
+            await _index_tail(self.session_id, INDEX_TAIL)
+        except Exception:  # as in `_write`
+            log.exception("bridge %s: the tail was not indexed", self.session_id)
+        await self._write()
 
 
 # -- the bridge ----------------------------------------------------------------------------
@@ -260,8 +350,7 @@ class Bridge:
         self._lag_cap = int(settings.BRIDGE_LAG_RECONNECT_BYTES)
         self._lagged = False  # the current connection was dropped because reading fell behind
         self.lag_reconnects = 0
-        self._unindexed: list[Event] = []  # recorded, not yet given to the search index
-        self._unindexed_chars = 0
+        self._index = IndexFeed(session_id)
 
     async def run(self) -> None:
         """Record until the session exits, is lost, or another worker takes the lease.
@@ -308,9 +397,10 @@ class Bridge:
             metrics.LEASES_LOST.inc()
             log.info("bridge %s: lease taken over by another worker; stopping", self.session_id)
         finally:
-            for task in (reader, recorder, control):
+            tasks = {reader, recorder, control, *self._index.tasks()}
+            for task in tasks:
                 task.cancel()
-            for task in (reader, recorder, control):
+            for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
             if self._stream is not None:
@@ -563,9 +653,13 @@ class Bridge:
     # -- recording ---------------------------------------------------------------------------
 
     async def _record_loop(self) -> None:
-        # What a bridge before this one recorded but had not yet indexed, if it stopped
-        # abruptly (at most what it holds back: `_index`).
-        await _index_tail(self.session_id, INDEX_HELD_EVENTS + RECORD_SLICE)
+        self._index.start()
+        await self._record_until_done()
+        # The session is over: everything recorded is indexed before the bridge finishes.
+        # (A bridge that is stopped instead leaves what it held to the next one.)
+        await self._index.finish()
+
+    async def _record_until_done(self) -> None:
         while True:
             item = await self._queue.get()
             done = item is None
@@ -579,8 +673,6 @@ class Bridge:
             self._queued -= len(events)
             self._recorded.set()
             await self._record(events)
-            if done or self._queue.empty() or self._held_back():
-                await self._index()
             if done:
                 return
 
@@ -593,20 +685,7 @@ class Bridge:
                 events[start : start + RECORD_SLICE], self._tools, self.lease
             )
             await publish(messages)
-            self._unindexed += rows
-            self._unindexed_chars += sum(len(row.raw) for row in rows)
-
-    def _held_back(self) -> bool:
-        return (
-            len(self._unindexed) >= INDEX_HELD_EVENTS or self._unindexed_chars >= INDEX_HELD_CHARS
-        )
-
-    async def _index(self) -> None:
-        """Give the search index what was recorded since the last time, in one transaction
-        of its own. Held back no longer than the recorder is busy (and at most
-        `INDEX_HELD_EVENTS`): after a crash, the next bridge indexes that many again."""
-        rows, self._unindexed, self._unindexed_chars = self._unindexed, [], 0
-        await _index_events(rows)
+            await self._index.hold(rows)
 
     # -- control -----------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""How a bridge feeds the search index: after recording, several batches at once, and
-after an abrupt stop, by the bridge that takes over.
+"""How a bridge feeds the search index: on a thread of its own, several batches at once,
+never in the way of recording, and after an abrupt stop, by the bridge that takes over.
 
 The bridges here record from their queue directly (no upstream): what is checked is when
 the index gets which rows, against the real database.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,13 +18,13 @@ from asgiref.sync import ThreadSensitiveContext
 from channels.db import database_sync_to_async
 
 from dashboard.agents import bridge as bridge_module
-from dashboard.agents.bridge import INDEX_HELD_EVENTS, RECORD_SLICE, Bridge, _tool_index
+from dashboard.agents.bridge import INDEX_TAIL, RECORD_SLICE, Bridge, IndexFeed, _tool_index
 from dashboard.agents.leases import Lease
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import NewEvent, record
 from dashboard.search.index import index_tail, search
 from dashboard.search.models import SearchEntry
-from tests.agents.helpers import held_session
+from tests.agents.helpers import held_session, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -55,6 +56,28 @@ def _recorded_unindexed(session: AgentSession, texts: list[str]) -> list[int]:
     return [event.seq for event in appended.events]
 
 
+def _spy_on_index(
+    monkeypatch: pytest.MonkeyPatch, before: Callable[[], Awaitable[Any]] | None = None
+) -> list[list[int]]:
+    """The seqs of each batch the bridge gives the index (which still writes them)."""
+    given: list[list[int]] = []
+    index = bridge_module._index_events
+
+    async def spy(rows: list[Event]) -> None:
+        given.append([row.seq for row in rows])
+        if before is not None:
+            await before()
+        await index(rows)
+
+    monkeypatch.setattr(bridge_module, "_index_events", spy)
+    return given
+
+
+@database_sync_to_async
+def _stored(session: AgentSession) -> int:
+    return Event.objects.filter(session=session).count()
+
+
 async def _record_from_queue(bridge: Bridge, batches: list[list[NewEvent]]) -> None:
     """The bridge's recorder alone, with `batches` already waiting, then the end."""
     bridge.lease = Lease(bridge.session_id, OWNER, None)
@@ -66,17 +89,11 @@ async def _record_from_queue(bridge: Bridge, batches: list[list[NewEvent]]) -> N
         await bridge._record_loop()
 
 
-async def test_it_indexes_what_it_records_once_its_queue_is_empty(monkeypatch):
-    """Three batches waiting: recorded as two slices, indexed once, with the rows of both;
-    no row is indexed before the recorder has recorded everything that was waiting."""
-    given: list[list[int]] = []
-    index = bridge_module._index_events
-
-    async def spy(rows: list[Event]) -> None:
-        given.append([row.seq for row in rows])
-        await index(rows)
-
-    monkeypatch.setattr(bridge_module, "_index_events", spy)
+async def test_it_indexes_a_batch_at_a_time_and_everything_by_the_end(monkeypatch):
+    """Three batches recorded within `INDEX_AFTER`: indexed as one batch, and by the time
+    the bridge has recorded the session's end, every row is in the index."""
+    monkeypatch.setattr(bridge_module, "INDEX_AFTER", 60.0)
+    given = _spy_on_index(monkeypatch)
     session = await _new_session()
     batches = [[_said(f"aardvark {b}-{n}") for n in range(RECORD_SLICE // 2)] for b in range(3)]
 
@@ -89,25 +106,62 @@ async def test_it_indexes_what_it_records_once_its_queue_is_empty(monkeypatch):
     assert {hit.seq for hit in hits} <= set(everything) and hits
 
 
-async def test_it_holds_back_no_more_than_its_bound(monkeypatch):
-    """A recorder that never runs dry (a flood) still hands the index its rows once it holds
-    `INDEX_HELD_EVENTS` of them: what a crash can leave unindexed stays bounded."""
-    monkeypatch.setattr(bridge_module, "INDEX_HELD_EVENTS", RECORD_SLICE * 2)
-    given: list[int] = []
-    index = bridge_module._index_events
-
-    async def spy(rows: list[Event]) -> None:
-        given.append(len(rows))
-        await index(rows)
-
-    monkeypatch.setattr(bridge_module, "_index_events", spy)
+async def test_it_hands_the_index_its_bound_without_waiting_for_the_time(monkeypatch):
+    """A flood reaches `INDEX_HELD_EVENTS` long before `INDEX_AFTER`: what a bridge holds
+    back, and what a crash can leave unindexed, stays bounded."""
+    monkeypatch.setattr(bridge_module, "INDEX_AFTER", 60.0)
+    monkeypatch.setattr(bridge_module, "INDEX_HELD_EVENTS", 2 * RECORD_SLICE)
+    given = _spy_on_index(monkeypatch)
     session = await _new_session()
     batches = [[_said(f"flood {b}-{n}") for n in range(RECORD_SLICE)] for b in range(5)]
 
     await _record_from_queue(Bridge(str(session.id), OWNER), batches)
 
-    assert given == [2 * RECORD_SLICE, 2 * RECORD_SLICE, RECORD_SLICE]
+    assert len(given) >= 2  # without the bound: one batch, at the end
+    assert sorted(seq for rows in given for seq in rows) == list(range(1, 5 * RECORD_SLICE + 1))
     assert len(await _indexed(session)) == 5 * RECORD_SLICE
+
+
+async def test_it_records_on_while_the_index_is_slow(monkeypatch):
+    """The index is written on a thread of its own: a stuck index write holds back no
+    recording (and so no viewer) until the bridge holds twice its bound."""
+    monkeypatch.setattr(bridge_module, "INDEX_AFTER", 0.0)
+    unstuck = asyncio.Event()
+    given = _spy_on_index(monkeypatch, before=unstuck.wait)
+    session = await _new_session()
+    bridge = Bridge(str(session.id), OWNER)
+    batches = [[_said(f"stuck {b}-{n}") for n in range(RECORD_SLICE)] for b in range(3)]
+    recording = asyncio.create_task(_record_from_queue(bridge, batches))
+
+    async def all_stored() -> bool:
+        return await _stored(session) == 3 * RECORD_SLICE
+
+    await wait_for(all_stored)
+    assert await _indexed(session) == []
+    unstuck.set()
+    await asyncio.wait_for(recording, 30)
+    assert sum(len(rows) for rows in given) == 3 * RECORD_SLICE
+    assert len(await _indexed(session)) == 3 * RECORD_SLICE
+
+
+async def test_it_waits_for_the_index_once_twice_its_bound_is_held_back(monkeypatch):
+    monkeypatch.setattr(bridge_module, "INDEX_HELD_EVENTS", 10)
+    feed = IndexFeed("unsaved")
+    written = asyncio.get_running_loop().create_future()
+
+    async def in_flight() -> None:
+        await written
+
+    feed.writing = asyncio.create_task(in_flight())
+    rows = [Event(seq=n, raw="x") for n in range(15)]
+    under = asyncio.create_task(feed.hold(rows))
+    await asyncio.sleep(0)  # one turn of the loop: the hand-over has nothing to wait for
+    assert under.done()
+    over = asyncio.create_task(feed.hold(rows[:5]))  # 20 held: twice the bound
+    await asyncio.sleep(0)
+    assert not over.done()
+    written.set_result(None)
+    await asyncio.wait_for(over, 5)
 
 
 async def test_it_indexes_what_a_bridge_killed_before_indexing_left_behind():
@@ -133,7 +187,7 @@ async def test_it_looks_no_further_back_than_a_bridge_can_hold():
     assert written == 10
     assert await _indexed(session) == seqs[-10:]
     more = await _recorded_unindexed(session, [f"new ocelot {n}" for n in range(5)])
-    await database_sync_to_async(index_tail)(session.id, INDEX_HELD_EVENTS)
+    await database_sync_to_async(index_tail)(session.id, INDEX_TAIL)
     assert await _indexed(session) == seqs[-10:] + more
 
 
