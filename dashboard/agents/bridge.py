@@ -198,6 +198,15 @@ def on_index_thread[**P, T](fn: Callable[P, T]) -> Callable[P, Awaitable[T]]:
     return sync_to_async(_keeping_connection(fn), thread_sensitive=False, executor=_INDEX_THREAD)
 
 
+def _nothing() -> None:
+    pass
+
+
+# Returns once the index thread has done what it was given before: a stopped bridge's
+# write in flight runs to its end even when the task awaiting it was cancelled.
+_index_thread_done = sync_to_async(_nothing, thread_sensitive=False, executor=_INDEX_THREAD)
+
+
 # -- database helpers (small, each one thread hop) ---------------------------------------
 
 
@@ -403,6 +412,9 @@ class Bridge:
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
+            # Nothing of this bridge's is still writing once it has stopped (a takeover, a
+            # test's teardown flushing the tables, the process exiting).
+            await _index_thread_done()
             if self._stream is not None:
                 await self._stream.close()
 

@@ -93,15 +93,28 @@ def locked_session(session_id: SessionId) -> AgentSession:
     """Inside a write transaction: the session's row, locked until the transaction ends (on
     SQLite the transaction itself holds the database). One plain statement: compiling the
     ORM's query cost more than running it, on the path of every recorded event."""
-    quote = connection.ops.quote_name
-    sql = "SELECT * FROM {} WHERE {} = %s{}".format(
-        quote(AgentSession._meta.db_table),
-        quote("id"),
-        " FOR UPDATE" if connection.features.has_select_for_update else "",
-    )
+    sql = _locking_select(connection.vendor)
     for session in AgentSession.objects.raw(sql, [db_value(AgentSession, "id", session_id)]):
         return session
     raise AgentSession.DoesNotExist(session_id)
+
+
+@functools.cache
+def _locking_select(vendor: str) -> str:
+    """`locked_session`'s statement, built once per database. The lock is the weakest that
+    keeps every writer of the row in turn (`FOR NO KEY UPDATE` on PostgreSQL): rows of other
+    tables that refer to the session (events, search entries) check it with a `KEY SHARE`
+    lock, which `FOR UPDATE` would make wait for the whole write, and which would wait for
+    each such insert (the search index's, on a thread of its own) in turn."""
+    features = connection.features
+    if features.has_select_for_no_key_update:
+        lock = " FOR NO KEY UPDATE"
+    elif features.has_select_for_update:
+        lock = " FOR UPDATE"
+    else:
+        lock = ""
+    quote = connection.ops.quote_name
+    return f"SELECT * FROM {quote(AgentSession._meta.db_table)} WHERE {quote('id')} = %s{lock}"
 
 
 def update_held(session_id: SessionId, lease: Lease | None, **values: Any) -> None:

@@ -280,20 +280,25 @@ async def test_it_never_loses_output_silently_when_its_reader_falls_behind(
     oc, monkeypatch, settings
 ):
     """The server drops live chunks, saying nothing, for a client that reads too slowly (its
-    socket full and 256 chunks queued for it). Here the bridge's per-frame work is made slow
-    (as a loaded machine makes it) while the agent floods: before the bridge watched its own
-    backlog, the end of the flood went missing with no gap. Now every flood text is stored
-    once, or a gap says output was lost: never a silent hole."""
+    socket full and 256 chunks queued for it). Here the bridge's event loop stalls once, as
+    a loaded machine can stall it, just as the agent's flood begins: before the bridge
+    watched its own backlog, the end of the flood went missing with no gap. Now every flood
+    text is stored once, or a gap says output was lost: never a silent hole."""
     real = Bridge._events
+    stalled = False
 
-    def slow_events(self: Bridge, source: str, lines: list[Line]) -> list[NewEvent]:
-        # Blocks the event loop (the reader too), as a busy CPU would: at most 10,000 lines a
-        # second, below what the flood brings even on a loaded machine (at 0.002 s, once in
-        # a CI run the flood came slower than the bridge read it, and nothing fell behind).
-        time.sleep(0.005)
+    def stalling_events(self: Bridge, source: str, lines: list[Line]) -> list[NewEvent]:
+        nonlocal stalled
+        if not stalled and any("flood" in line.text for line in lines):
+            stalled = True
+            # Blocks the loop (the reader too) for longer than the rest of the flood (2.4
+            # MB) takes to fill the 32 KiB socket: it is behind when it wakes, however fast
+            # the machine. (A steady slow-down, 2-5 ms a slice, fell behind 0-8 times a run
+            # depending on how busy the machine was, once not at all.)
+            time.sleep(2.0)
         return real(self, source, lines)
 
-    monkeypatch.setattr(Bridge, "_events", slow_events)
+    monkeypatch.setattr(Bridge, "_events", stalling_events)
     settings.BRIDGE_LAG_RECONNECT_BYTES = 512 * 1024  # off unless configured
     count = 6000
     # The pause lets a reader that lost output catch up and see the exit, so that only what
@@ -317,6 +322,7 @@ async def test_it_never_loses_output_silently_when_its_reader_falls_behind(
     assert problems == []
     assert await _count(session, source=Event.Source.BRIDGE, type="exit") == 1
     # It did fall behind: the bridge reconnected for it, and said why, once each time.
+    assert stalled
     assert bridge.lag_reconnects >= 1
     assert await _count(session, type="reconnected", raw__contains='"lagging"') >= 1
     lagging = await _count(session, type="reconnected", raw__contains='"lagging"')

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
-from django.db import connection, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -137,6 +137,43 @@ async def test_it_keeps_supervising_others_while_one_session_is_stuck(locked_row
     claimed = await supervisor.tick()
     assert set(claimed) == {str(s.id) for s in others}
     await supervisor.stop()
+
+
+@pytest.mark.skipif("connection.vendor != 'postgresql'", reason="row locks need PostgreSQL")
+def test_it_lets_rows_that_refer_to_a_session_be_written_while_its_row_is_locked() -> None:
+    """A write holds the session's row (`locked_session`) only against other writers of it:
+    a search entry for the session, written meanwhile on another connection (the index
+    thread), checks its foreign key without waiting for the write to end."""
+    from dashboard.search.models import SearchEntry
+
+    session = _session()
+    locked, release = threading.Event(), threading.Event()
+
+    def write_slowly() -> None:
+        with transaction.atomic():
+            leases.locked_session(session.id)
+            locked.set()
+            release.wait(30)
+        connections.close_all()
+
+    writer = threading.Thread(target=write_slowly)
+    writer.start()
+    try:
+        assert locked.wait(10)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '1s'")  # FOR UPDATE: an error here
+            SearchEntry.objects.create(
+                session=session, seq=1, kind="assistant", text="x", created_at=timezone.now()
+            )
+        # Another writer of the row itself still waits for the write to end.
+        with pytest.raises(OperationalError, match="lock timeout"), transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '200ms'")
+            AgentSession.objects.filter(id=session.id).update(title="meanwhile")
+    finally:
+        release.set()
+        writer.join(30)
 
 
 @pytest.mark.skipif("connection.vendor != 'postgresql'", reason="needs PostgreSQL's timeouts")

@@ -8,8 +8,11 @@ the index gets which rows, against the real database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,7 +25,8 @@ from dashboard.agents.bridge import INDEX_TAIL, RECORD_SLICE, Bridge, IndexFeed,
 from dashboard.agents.leases import Lease
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import NewEvent, record
-from dashboard.search.index import index_tail, search
+from dashboard.opencomputer import OpenComputer
+from dashboard.search.index import index_events, index_tail, search
 from dashboard.search.models import SearchEntry
 from tests.agents.helpers import held_session, wait_for
 
@@ -209,3 +213,38 @@ async def test_it_never_lets_a_failing_index_stop_a_bridge(monkeypatch, caplog: 
     )()
     assert stored == [1]
     assert "could not index" in caplog.text
+
+
+async def test_it_has_no_index_write_running_once_a_stopped_bridge_returns(oc, monkeypatch):
+    """A bridge stopped mid-session (a takeover, a shutdown) returns only when the index
+    thread has finished what it was writing for it: a cancelled task does not stop a thread,
+    and a write still running after the bridge was thought gone met the next owner's, or a
+    test's teardown, on the same rows (deadlocks on PostgreSQL)."""
+    monkeypatch.setattr(bridge_module, "INDEX_AFTER", 0.0)
+    began, ended = threading.Event(), threading.Event()
+
+    def slow_index(rows: list[Event]) -> None:
+        began.set()
+        time.sleep(0.5)  # a slow write (a large batch, a busy database)
+        ended.set()
+        index_events(rows)
+
+    monkeypatch.setattr(bridge_module, "_index_events", bridge_module.on_index_thread(slow_index))
+    client = OpenComputer(oc.api_url, oc.api_key)
+    sandbox = await client.create_sandbox()
+    agent = await client.start_agent(sandbox.sandbox_id, prompt="flood 20\nsleep 30\nexit 0")
+    session = await held_session(
+        sandbox.sandbox_id, agent.session_id, owner=OWNER, lease_seconds=60
+    )
+    running = asyncio.create_task(Bridge(str(session.id), OWNER).run())
+
+    async def writing() -> bool:
+        return began.is_set()
+
+    await wait_for(writing)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    assert ended.is_set()
+    await client.kill_sandbox(sandbox.sandbox_id)
+    await client.aclose()
