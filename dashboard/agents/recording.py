@@ -443,8 +443,8 @@ def record(
     The search index gets the events after that transaction, in one of its own
     (`index_events`), so that a failure there undoes nothing. Callers that announce what
     they record pass `index=False` and index after publishing, so that no viewer waits for
-    the index: `record_and_publish`, and the bridge, which hands the index several batches
-    at once when its recorder has nothing else to do (`Bridge._index`)."""
+    the index: `record_and_publish`, and the bridge, whose `IndexFeed` writes several
+    batches at once on a thread of its own."""
     if lease is None and lease_owner is not None:
         lease = Lease(str(session_id), lease_owner, None)
     if not new_events:

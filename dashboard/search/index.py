@@ -72,20 +72,31 @@ def index_events(events: Sequence[Event]) -> None:
 
 def index_tail(session_id: SessionId, span: int) -> int:
     """Index what a bridge that stopped abruptly may have left out: of the session's last
-    `span` events, those after its last entry (a bridge holds at most that many back,
-    `Bridge._index`). Entries that exist already are kept; returns the entries written.
-    Never raises, like `index_events`."""
+    `span` events, those after its last entry (a bridge holds no more back: `IndexFeed`).
+    Entries that exist already are kept; returns the entries written. Never raises, like
+    `index_events`."""
     try:
         entries = SearchEntry.objects.filter(session__id=session_id)
         last_entry = entries.aggregate(last=Max("seq"))["last"] or 0
         session = AgentSession.objects.filter(id=session_id)
         next_seq = session.values_list("next_seq", flat=True).first() or 1
-        after = max(last_entry, next_seq - 1 - span)
-        events = Event.objects.filter(session__id=session_id, seq__gt=after).order_by("seq")
-        return _write(list(events))
+        return _write_after(session_id, max(last_entry, next_seq - 1 - span))
     except Exception:
         log.exception("search: could not index the tail of session %s", session_id)
         return 0
+
+
+def _write_after(session_id: SessionId, seq: int, chunk: int = 500) -> int:
+    """Index the session's events after `seq`, `chunk` at a time (its lines may be large)."""
+    written = 0
+    while True:
+        events = list(
+            Event.objects.filter(session__id=session_id, seq__gt=seq).order_by("seq")[:chunk]
+        )
+        if not events:
+            return written
+        written += _write(events)
+        seq = events[-1].seq
 
 
 def reindex(sessions: Iterable[AgentSession] | None = None, chunk: int = 500) -> int:
@@ -95,15 +106,7 @@ def reindex(sessions: Iterable[AgentSession] | None = None, chunk: int = 500) ->
     for session in targets:
         with transaction.atomic():
             SearchEntry.objects.filter(session=session).delete()
-            last = 0
-            while True:
-                events = list(
-                    Event.objects.filter(session=session, seq__gt=last).order_by("seq")[:chunk]
-                )
-                if not events:
-                    break
-                written += _write(events)
-                last = events[-1].seq
+            written += _write_after(session.id, 0, chunk)
     return written
 
 
