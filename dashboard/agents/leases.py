@@ -61,17 +61,20 @@ def _until() -> Expression:
     return ExpressionWrapper(Now() + timedelta(seconds=LEASE_SECONDS), output_field=DateTimeField())
 
 
+# `set_config(..., true)` is `SET LOCAL`: for the rest of the transaction.
+BOUNDED_WAITS = (
+    "SELECT set_config('lock_timeout', '2s', true),"
+    " set_config('idle_in_transaction_session_timeout', '5s', true)"
+)
+
+
 def bounded_waits() -> None:
     """Inside a transaction on PostgreSQL: never wait long on another worker's row lock,
-    and never hold ours for long if this worker freezes mid-transaction."""
+    and never hold ours for long if this worker freezes mid-transaction. (A write that
+    starts with `locked_session` has this in its first statement.)"""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            # One round trip for both (`set_config(..., true)` is `SET LOCAL`): every
-            # recorded batch starts with it.
-            cursor.execute(
-                "SELECT set_config('lock_timeout', '2s', true),"
-                " set_config('idle_in_transaction_session_timeout', '5s', true)"
-            )
+            cursor.execute(BOUNDED_WAITS)
 
 
 def _held(lease: Lease) -> Q:
@@ -90,9 +93,11 @@ def _held_row(lease: Lease) -> QuerySet[AgentSession]:
 
 
 def locked_session(session_id: SessionId) -> AgentSession:
-    """Inside a write transaction: the session's row, locked until the transaction ends (on
-    SQLite the transaction itself holds the database). One plain statement: compiling the
-    ORM's query cost more than running it, on the path of every recorded event."""
+    """Inside a write transaction, first: the session's row, locked until the transaction
+    ends (on SQLite the transaction itself holds the database), and on PostgreSQL the
+    transaction's waits bounded (`bounded_waits`) before the lock is waited for. One plain
+    statement: compiling the ORM's query cost more than running it, and a statement of its
+    own for the bounds a round trip, on the path of every recorded event."""
     sql = _locking_select(connection.vendor)
     for session in AgentSession.objects.raw(sql, [db_value(AgentSession, "id", session_id)]):
         return session
@@ -106,15 +111,17 @@ def _locking_select(vendor: str) -> str:
     tables that refer to the session (events, search entries) check it with a `KEY SHARE`
     lock, which `FOR UPDATE` would make wait for the whole write, and which would wait for
     each such insert (the search index's, on a thread of its own) in turn."""
-    features = connection.features
-    if features.has_select_for_no_key_update:
-        lock = " FOR NO KEY UPDATE"
-    elif features.has_select_for_update:
-        lock = " FOR UPDATE"
-    else:
-        lock = ""
     quote = connection.ops.quote_name
-    return f"SELECT * FROM {quote(AgentSession._meta.db_table)} WHERE {quote('id')} = %s{lock}"
+    table, key = quote(AgentSession._meta.db_table), quote("id")
+    if vendor == "postgresql":
+        # The bounds in a CTE joined to the row: the row is locked (LockRows, above the
+        # join) only once the join has produced it, so after `set_config` has run.
+        return (
+            f"WITH bounded AS MATERIALIZED ({BOUNDED_WAITS}) "
+            f"SELECT s.* FROM {table} s, bounded WHERE s.{key} = %s FOR NO KEY UPDATE OF s"
+        )
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    return f"SELECT * FROM {table} WHERE {key} = %s{lock}"
 
 
 def update_held(session_id: SessionId, lease: Lease | None, **values: Any) -> None:

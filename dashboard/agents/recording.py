@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from dashboard import metrics
 from dashboard.agents.forms import controls_context
-from dashboard.agents.leases import Lease, LeaseLost, bounded_waits, locked_session, update_held
+from dashboard.agents.leases import Lease, LeaseLost, locked_session, update_held
 from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
@@ -246,8 +246,7 @@ def append_events(
         lease = Lease(str(session_id), lease_owner, None)
     now = timezone.now()
     with transaction.atomic():
-        bounded_waits()
-        session = locked_session(session_id)
+        session = locked_session(session_id)  # first: on PostgreSQL it bounds the waits
         before = _state(session)
         rows = []
         for offset, new in enumerate(new_events):

@@ -177,6 +177,26 @@ def test_it_lets_rows_that_refer_to_a_session_be_written_while_its_row_is_locked
 
 
 @pytest.mark.skipif("connection.vendor != 'postgresql'", reason="needs PostgreSQL's timeouts")
+def test_it_bounds_a_writes_waits_in_the_statement_that_locks_the_row(locked_row) -> None:  # type: ignore[no-untyped-def]
+    """A write's first statement (`locked_session`) bounds its waits before it waits for
+    the row: a row another worker holds (frozen mid-write) is given up on after 2 s, and
+    the rest of the transaction keeps the bounds, without a statement of their own."""
+    locked, _ = locked_row
+    with pytest.raises(OperationalError, match="lock timeout"), transaction.atomic():
+        leases.locked_session(locked.id)  # without the bounds: waits for the holder (60 s)
+    free = _session("free")
+    with transaction.atomic():
+        with CaptureQueriesContext(connection) as queries:
+            leases.locked_session(free.id)
+        assert len(queries) == 1
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW lock_timeout")
+            assert cursor.fetchone()[0] == "2s"
+            cursor.execute("SHOW idle_in_transaction_session_timeout")
+            assert cursor.fetchone()[0] == "5s"
+
+
+@pytest.mark.skipif("connection.vendor != 'postgresql'", reason="needs PostgreSQL's timeouts")
 def test_it_bounds_a_transactions_waits_in_one_statement_and_only_for_it() -> None:
     def settings_now() -> tuple[str, str]:
         with connection.cursor() as cursor:
