@@ -255,11 +255,13 @@ def _statements_of_one_event(session_id: object, events: list[Any]) -> dict[str,
 
 
 def _kind(sql: str) -> str:
-    """A statement's verb and table ("INSERT agents_event"), or its first words."""
+    """A statement's verb and table ("INSERT agents_event"), or its first words; a `WITH`
+    statement (the session's row lock on PostgreSQL) by the first table it names."""
     words = sql.split()
     if words[0] in ("SAVEPOINT", "RELEASE", "ROLLBACK"):
         return words[0]  # the savepoint's name changes every time
-    table = next((word.strip('"') for word in words[1:6] if word.startswith('"')), "")
+    named = words[1:] if words[0] == "WITH" else words[1:6]
+    table = next((word.strip('"') for word in named if word.startswith('"')), "")
     return f"{words[0]} {table or ' '.join(words[1:2])[:30]}"
 
 

@@ -296,12 +296,11 @@ class IndexFeed:
             await asyncio.shield(self.writing)
 
     async def finish(self) -> None:
-        """Write everything held now, and wait until it is written."""
+        """Write everything held now, and wait until it is written (a writer runs whenever
+        rows are held: `hold` starts one, and it ends only when none are left)."""
         self.full.set()
-        while self.writing is not None and not self.writing.done():
+        if self.writing is not None:
             await self.writing
-        if self.held:
-            await self._write()
 
     def tasks(self) -> list[asyncio.Task[None]]:
         return [self.writing] if self.writing is not None else []
