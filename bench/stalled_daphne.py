@@ -87,11 +87,10 @@ def _stalled_client(port: int, path: str, cookie: str) -> socket.socket:
 
 async def main(args: argparse.Namespace, server: Any) -> dict[str, Any]:
     from channels.db import database_sync_to_async
-    from channels.layers import get_channel_layer
     from websockets.asyncio.client import connect
 
     from bench import porthole
-    from dashboard.agents.recording import session_group
+    from dashboard.agents.recording import live_layer, session_group
 
     while not server.listening_addresses:
         await asyncio.sleep(0.05)
@@ -99,7 +98,7 @@ async def main(args: argparse.Namespace, server: Any) -> dict[str, Any]:
     cookie = (await database_sync_to_async(porthole._user_and_cookie)()).decode()
     session = await database_sync_to_async(porthole._new_session)("sb-stalled-daphne")
     path = f"/ws/sessions/{session.id}/"
-    layer = get_channel_layer()
+    layer = live_layer()
 
     reader = await connect(
         f"ws://127.0.0.1:{port}{path}",

@@ -20,6 +20,7 @@ stock `RedisChannelLayer`.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from channels.exceptions import ChannelFull
 from channels_redis.core import (
@@ -51,6 +52,24 @@ def host_options(url: str, *, max_connections: int = MAX_CONNECTIONS) -> dict[st
         "max_connections": max_connections,
         "timeout": POOL_TIMEOUT,
     }
+
+
+def live_host_options(url: str) -> dict[str, Any]:
+    """The host of the live streams' pub/sub layer: one connection subscribed, one that
+    publishes (the layer takes turns on it), so the stock pool; no blocking pop, so the
+    read timeout only notices a dead Redis."""
+    options = host_options(url)
+    for pool_only in ("max_connections", "timeout"):
+        del options[pool_only]
+    return options
+
+
+def live_prefix(url: str, prefix: str) -> str:
+    """The live layer's prefix: pub/sub channels belong to the whole Redis server, not to a
+    database, so the database's number is part of it (installations kept apart by
+    database stay apart)."""
+    database = urlsplit(url).path.strip("/") or "0"
+    return f"{prefix}.live.{database}."
 
 
 class RedisChannelLayer(StockRedisChannelLayer):  # type: ignore[misc]

@@ -193,7 +193,7 @@ REDIS_PREFIX = env_str("REDIS_PREFIX")
 if REDIS_URL:
     # channels-redis with a read timeout longer than its blocking pop and a pool that waits
     # rather than failing at its limit (redis-py 8 broke both; see dashboard/redis_layer.py).
-    from dashboard.redis_layer import host_options
+    from dashboard.redis_layer import host_options, live_host_options, live_prefix
 
     CHANNEL_LAYERS = {
         "default": {
@@ -209,12 +209,21 @@ if REDIS_URL:
                 "expiry": 30,
                 "prefix": REDIS_PREFIX or "asgi",
             },
-        }
+        },
+        # Sessions' live streams (`recording.LIVE_LAYER`): Redis pub/sub, one PUBLISH per
+        # message where the default layer takes four round trips and a blocking pop. At
+        # most once: what a worker misses, its feed finds in the database (`fanout.Feed`).
+        "live": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {
+                "hosts": [live_host_options(REDIS_URL)],
+                "prefix": live_prefix(REDIS_URL, REDIS_PREFIX or "asgi"),
+            },
+        },
     }
 else:
-    CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}
-    }
+    in_memory = {"BACKEND": "channels.layers.InMemoryChannelLayer", "CONFIG": {"capacity": 1000}}
+    CHANNEL_LAYERS = {"default": in_memory, "live": in_memory}
 
 # The cache holds sign-in failure counts: shared by every worker when Redis is there.
 if REDIS_URL:

@@ -28,7 +28,7 @@ from django.utils import timezone
 from dashboard.agents import access, viewers
 from dashboard.agents.fanout import Feed, Hub, hub_for
 from dashboard.agents.models import AgentSession, Event, ShareLink
-from dashboard.agents.recording import SESSIONS_GROUP, user_group
+from dashboard.agents.recording import SESSIONS_GROUP, live_layer, user_group
 from dashboard.agents.rendering import ToolIndex, render_event_oob
 from dashboard.agents.rendering.porthole import for_link_holders
 from dashboard.agents.sharing import share_group
@@ -116,7 +116,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     @staticmethod
     def hub() -> Hub:
-        return hub_for(get_channel_layer())
+        return hub_for(get_channel_layer(), live_layer())
 
     async def follow(self, group: str) -> None:
         """Messages sent to `group` reach this socket's handlers once this returns."""
@@ -203,7 +203,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
             await self._send_state(watchers["html" if self.link_id is None else "shared"])
 
     async def missed(self) -> None:
-        self.cursor.stale = True
+        self.cursor.missed()
         self._catch_up_soon()
 
     async def _send_state(self, frame: str) -> None:

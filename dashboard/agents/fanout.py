@@ -1,13 +1,16 @@
 """Fan-out: one subscription per watched session per worker, one frame for all its viewers.
 
 A session's messages (`session.events`, `session.state`, `session.presence`) are sent to the
-session's channel-layer group, as before. What is in that group is not every viewer's
-socket but one channel per worker process that has viewers of the session (a `Feed`). The
-feed reads each message once, builds its frame once (`viewers.Batch`, `viewers.StateFrames`)
-and hands the very same string to each of its local viewers, which decide for themselves
-whether to send it (`viewers.Cursor`). The channel layer thus carries and copies one
-message per worker, not per viewer; a viewer that cannot take a frame skips it and catches
-up from the database.
+session's group on the live streams' channel layer (`recording.LIVE_LAYER`: Redis pub/sub
+in a team deployment). What is in that group is not every viewer's socket but one channel
+per worker process that has viewers of the session (a `Feed`). The feed reads each message
+once, builds its frame once (`viewers.Batch`, `viewers.StateFrames`) and hands the very
+same string to each of its local viewers, which decide for themselves whether to send it
+(`viewers.Cursor`). The channel layer thus carries and copies one message per worker, not
+per viewer; a viewer that cannot take a frame skips it and catches up from the database.
+
+That layer delivers at most once, and the database is the record: a feed looks every
+`VERIFY_EVERY` seconds whether what was stored has come, and if not, its viewers catch up.
 
 A hand-out to hundreds of viewers that took long, or that took most of the time since the
 previous one began, is followed by a pause as long; messages that come meanwhile are handed
@@ -46,6 +49,7 @@ from dashboard.agents.models import AgentSession
 from dashboard.agents.presence import INTERVAL, REFRESH, Coalescer, Presence
 from dashboard.agents.recording import render_state, session_group
 from dashboard.agents.viewers import Batch, StateFrames
+from dashboard.metrics import LAYER_DROPS
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,15 @@ REJOIN_EVERY = 3600.0
 # fell under this threshold). Sparse short hand-outs are not followed by one: it would
 # only add latency (100 viewers: p99 ×2).
 PAUSE_AFTER = 0.010
+# The live layer delivers at most once: Redis pub/sub drops what is published while a
+# worker's subscription reconnects, and any layer drops past its capacity. So a feed reads
+# the session's last seq this often: what was stored before the previous reading and has
+# still not come through the layer was lost, and the viewers catch up from the database
+# (within twice this, however quiet the session is after it).
+VERIFY_EVERY = 2.0
 _pause = asyncio.sleep
 _clock = time.perf_counter
+_until_next_look = asyncio.sleep  # `Feed._verify`'s wait (tests take each look in turn)
 
 
 @database_sync_to_async
@@ -183,6 +194,7 @@ class Feed(GroupMember):
         super().__init__(layer, session_group(session_id))
 
     async def _subscribed(self) -> None:
+        self._tasks.append(asyncio.create_task(self._verify()))
         try:  # after subscribing: anything later comes through the layer
             latest = await _latest_seq(self.session_id)
         except Exception:  # then every page's hello asks the database, as it may
@@ -190,6 +202,34 @@ class Feed(GroupMember):
             return
         if latest is not None:
             self.latest = max(latest, self.latest or 0)
+
+    async def _verify(self) -> None:
+        """Every `VERIFY_EVERY` seconds: has everything stored by the previous look come?"""
+        expected: int | None = None  # the last seq stored, as of the previous look
+        while True:
+            await _until_next_look(VERIFY_EVERY)
+            try:
+                stored = await _latest_seq(self.session_id)
+            except Exception:
+                log.exception("could not read the last seq of session %s", self.session_id)
+                continue
+            if expected is not None and (self.latest or 0) < expected:
+                LAYER_DROPS.labels("lost").inc()
+                log.warning(
+                    "feed of session %s: events up to %d never came; catching up",
+                    self.session_id,
+                    expected,
+                )
+                self.latest = expected
+                await self._everyone_missed()
+            expected = stored
+
+    async def _everyone_missed(self) -> None:
+        """Messages were lost: events, and perhaps the state that came with them."""
+        self._latest_state = None
+        self._state_version += 1
+        for viewer in list(self.viewers):
+            await self._hand(viewer.missed)
 
     async def stop(self) -> None:
         if self._resuming is not None:
@@ -211,8 +251,7 @@ class Feed(GroupMember):
                 await asyncio.sleep(1)
                 with contextlib.suppress(Exception):
                     await self.layer.group_add(self.group, self.channel)
-                for viewer in list(self.viewers):
-                    await self._hand(viewer.missed)
+                await self._everyone_missed()
                 continue
             if self._resuming is not None:
                 self._inbox.append(message)  # handed out, in order, when the pause ends
@@ -379,10 +418,12 @@ class Relay(GroupMember):
 
 
 class Hub:
-    """The feeds and relays of one worker process (one per channel layer and event loop)."""
+    """The feeds and relays of one worker process (one per pair of channel layers and event
+    loop): relays on the default layer, feeds on the live streams' (`recording.live_layer`)."""
 
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, layer: Any, live: Any) -> None:
         self.layer = layer
+        self.live = live
         self.feeds: dict[str, Feed] = {}
         self.relays: dict[str, Relay] = {}
 
@@ -410,7 +451,7 @@ class Hub:
     async def join(self, session_id: str, viewer: Viewer) -> Feed:
         feed = self.feeds.get(session_id)
         if feed is None:
-            feed = self.feeds[session_id] = Feed(self.layer, session_id)
+            feed = self.feeds[session_id] = Feed(self.live, session_id)
         feed.viewers[viewer] = None
         try:
             await feed.ready()
@@ -433,15 +474,16 @@ class Hub:
                 log.exception("could not write the departures of session %s", session_id)
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Hub]] = (
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, int], Hub]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def hub_for(layer: Any) -> Hub:
-    """This process's hub for `layer`, on the running event loop."""
+def hub_for(layer: Any, live: Any) -> Hub:
+    """This process's hub for these layers, on the running event loop."""
     hubs = _hubs.setdefault(asyncio.get_running_loop(), {})
-    hub = hubs.get(id(layer))
-    if hub is None or hub.layer is not layer:
-        hub = hubs[id(layer)] = Hub(layer)
+    key = (id(layer), id(live))
+    hub = hubs.get(key)
+    if hub is None or hub.layer is not layer or hub.live is not live:
+        hub = hubs[key] = Hub(layer, live)
     return hub

@@ -38,10 +38,19 @@ from dashboard.search.index import index_events
 log = logging.getLogger(__name__)
 
 SESSIONS_GROUP = "sessions"
+# The channel layer of sessions' live streams (`session_group`), apart from the default one
+# that carries the rest (revocations, the session list, wake-ups): at most once, since a
+# viewer that misses a message catches up from the database (`fanout.Feed`).
+LIVE_LAYER = "live"
+_SESSION_GROUP = "session."
 
 
 def session_group(session_id: SessionId) -> str:
-    return f"session.{session_id}"
+    return f"{_SESSION_GROUP}{session_id}"
+
+
+def live_layer() -> Any:
+    return get_channel_layer(LIVE_LAYER)
 
 
 def user_group(user_id: object) -> str:
@@ -476,11 +485,11 @@ def record(
 
 
 async def publish(messages: Iterable[Message]) -> None:
-    layer = get_channel_layer()
-    if layer is None:
-        return
     for group, message in messages:
-        await layer.group_send(group, message)
+        live = group.startswith(_SESSION_GROUP)
+        layer = live_layer() if live else get_channel_layer()
+        if layer is not None:
+            await layer.group_send(group, message)
 
 
 def record_and_publish(

@@ -123,6 +123,10 @@ class Cursor:
         if self.held is not None and batch.items and batch.last > self.held:
             self.stale = True
 
+    def missed(self) -> None:
+        """Messages for this viewer were lost: events, and perhaps the state with them."""
+        self.stale = self.state_stale = True
+
     def offer_state(self) -> bool:
         """Whether a state fragment may be sent now; if not, it is refreshed later."""
         if self.behind:

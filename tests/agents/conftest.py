@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from channels.layers import get_channel_layer
 from django.contrib.auth.models import User
 
 from dashboard.agents.access import set_role
+from dashboard.agents.recording import live_layer
 
 
 def _user(username: str, role: str) -> User:
@@ -50,3 +52,24 @@ def oc(localsandbox, settings):  # type: ignore[no-untyped-def]
     settings.OPENCOMPUTER_API_URL = localsandbox.api_url
     settings.OPENCOMPUTER_API_KEY = localsandbox.api_key
     return localsandbox
+
+
+@pytest.fixture
+def members(monkeypatch):  # type: ignore[no-untyped-def]
+    """The channel layers' group members (the default layer's and the live streams'), as
+    this process added and discarded them."""
+    groups: dict[str, set[str]] = {}
+    for layer in (get_channel_layer(), live_layer()):
+        add, discard = layer.group_add, layer.group_discard
+
+        async def group_add(group: str, channel: str, add=add) -> None:  # type: ignore[no-untyped-def]
+            groups.setdefault(group, set()).add(channel)
+            await add(group, channel)
+
+        async def group_discard(group: str, channel: str, discard=discard) -> None:  # type: ignore[no-untyped-def]
+            groups.get(group, set()).discard(channel)
+            await discard(group, channel)
+
+        monkeypatch.setattr(layer, "group_add", group_add)
+        monkeypatch.setattr(layer, "group_discard", group_discard)
+    return groups

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -10,10 +11,10 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
-from dashboard.agents import presence, viewers
+from dashboard.agents import consumers, fanout, presence, viewers
 from dashboard.agents.fanout import hub_for
-from dashboard.agents.models import AgentSession, Sandbox
-from dashboard.agents.recording import NewEvent, publish, record, session_group
+from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.recording import NewEvent, live_layer, publish, record, session_group
 from dashboard.asgi import application
 from tests.agents.helpers import ORIGIN, communicator, cookie_for, wait_for
 
@@ -229,27 +230,6 @@ async def test_it_stops_at_the_window_and_resumes_from_the_database_on_ack(alice
     await viewer.disconnect()
 
 
-@pytest.fixture
-def members(monkeypatch):  # type: ignore[no-untyped-def]
-    """The channel layer's group members, as this process added and discarded them."""
-    layer = get_channel_layer()
-    assert layer is not None
-    groups: dict[str, set[str]] = {}
-    add, discard = layer.group_add, layer.group_discard
-
-    async def group_add(group: str, channel: str) -> None:
-        groups.setdefault(group, set()).add(channel)
-        await add(group, channel)
-
-    async def group_discard(group: str, channel: str) -> None:
-        groups.get(group, set()).discard(channel)
-        await discard(group, channel)
-
-    monkeypatch.setattr(layer, "group_add", group_add)
-    monkeypatch.setattr(layer, "group_discard", group_discard)
-    return groups
-
-
 async def test_it_subscribes_once_per_session_and_shares_one_frame(alice, bob, charlie, members):
     session = await _session()
     watching = [await _viewer(session, user) for user in (alice, bob, charlie)]
@@ -258,7 +238,7 @@ async def test_it_subscribes_once_per_session_and_shares_one_frame(alice, bob, c
         await _caught_up(viewer)
     # One member of the session's group for this worker, not one per viewer.
     assert len(members[session_group(session.id)]) == 1
-    feed = hub_for(get_channel_layer()).feeds[str(session.id)]
+    feed = hub_for(get_channel_layer(), live_layer()).feeds[str(session.id)]
     assert len(feed.viewers) == 3
     await _record(session, 1, 2)
     frames = []
@@ -273,7 +253,7 @@ async def test_it_subscribes_once_per_session_and_shares_one_frame(alice, bob, c
     for viewer in watching:
         await viewer.disconnect()
     assert members[session_group(session.id)] == set()
-    assert str(session.id) not in hub_for(get_channel_layer()).feeds
+    assert str(session.id) not in hub_for(get_channel_layer(), live_layer()).feeds
 
 
 async def test_it_announces_watchers_coalesced(alice, monkeypatch):
@@ -291,7 +271,7 @@ async def test_it_announces_watchers_coalesced(alice, monkeypatch):
     watching = [await _viewer(session, alice) for _ in range(12)]
     for viewer in watching:
         await _hello(viewer)
-    feed = hub_for(get_channel_layer()).feeds[str(session.id)]
+    feed = hub_for(get_channel_layer(), live_layer()).feeds[str(session.id)]
     await wait_for(lambda: _true(feed.presence.updates.runs == 1))
     for viewer in watching:
         await viewer.disconnect()
@@ -303,3 +283,77 @@ async def test_it_announces_watchers_coalesced(alice, monkeypatch):
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _frames_until(viewer: WebsocketCommunicator, text: str) -> str:
+    """Every frame the viewer receives, joined, until one contains `text`."""
+    frames: list[str] = []
+    while not frames or text not in frames[-1]:
+        frames.append(await viewer.receive_from(timeout=5))
+    return "".join(frames)
+
+
+async def test_it_catches_a_viewer_up_on_what_the_layer_lost(alice, monkeypatch):
+    """The live layer delivers at most once: events stored whose message never came (and
+    the session's new state with them) still reach the viewer, from the database."""
+    monkeypatch.setattr(fanout, "VERIFY_EVERY", 0.05)
+    session = await _session()
+    viewer = await _viewer(session, alice)
+    assert (await viewer.connect())[0]
+    await viewer.send_json_to({"last_seq": 0})
+    await _record(session, 1)
+    assert await _seqs_until(viewer, 1) == [1]
+    await viewer.send_json_to({"ack": 1})
+    # Stored, and its messages lost on the way: recorded, never published.
+    exit_note = NewEvent.ours(Event.Source.BRIDGE, {"type": "exit", "code": 3})
+    await database_sync_to_async(record)(session.id, [_text(2), exit_note])
+    assert await _seqs_until(viewer, 3) == [2, 3]
+    assert "badge-exited" in await _frames_until(viewer, "badge-exited")
+    await viewer.disconnect()
+
+
+async def test_it_catches_viewers_up_only_on_what_did_not_come_by_the_next_look(alice, monkeypatch):
+    """An event stored but not yet handed out when the feed looks is not lost; one that
+    has still not come by the next look is."""
+    turns: asyncio.Queue[None] = asyncio.Queue()
+    looked = 0
+
+    async def next_look(seconds: float) -> None:
+        nonlocal looked
+        looked += 1  # the previous look is over
+        await turns.get()
+
+    async def look() -> None:
+        before = looked
+        turns.put_nowait(None)
+        await wait_for(lambda: _true(looked == before + 1))
+
+    catch_ups: list[int] = []
+    real = consumers._render_missing
+
+    async def counted(session_id: str, after: int, *args, **kwargs):  # type: ignore[no-untyped-def]
+        catch_ups.append(after)
+        return await real(session_id, after, *args, **kwargs)
+
+    monkeypatch.setattr(fanout, "_until_next_look", next_look)
+    monkeypatch.setattr(consumers, "_render_missing", counted)
+    session = await _session()
+    viewer = await _viewer(session, alice)
+    assert (await viewer.connect())[0]
+    await viewer.send_json_to({"last_seq": 0})
+    await viewer.receive_from(timeout=5)  # the hello was taken: the state came
+    await wait_for(lambda: _true(looked == 1))
+    await look()  # nothing stored yet
+    _, messages = await database_sync_to_async(record)(session.id, [_text(1)])
+    await look()  # stored, its message not yet published: not lost
+    await publish(messages)
+    assert await _seqs_until(viewer, 1) == [1]
+    await look()
+    assert catch_ups == []
+    await database_sync_to_async(record)(session.id, [_text(2)])  # its message lost
+    await look()
+    assert catch_ups == []
+    await look()  # still not come: the viewer catches up
+    assert await _seqs_until(viewer, 2) == [2]
+    assert catch_ups == [1]
+    await viewer.disconnect()

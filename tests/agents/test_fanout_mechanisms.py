@@ -16,7 +16,14 @@ from dashboard.agents import consumers, fanout
 from dashboard.agents.fanout import Feed, hub_for
 from dashboard.agents.models import AgentSession, Sandbox, Watcher
 from dashboard.agents.presence import Presence
-from dashboard.agents.recording import NewEvent, publish, record, session_group, user_group
+from dashboard.agents.recording import (
+    NewEvent,
+    live_layer,
+    publish,
+    record,
+    session_group,
+    user_group,
+)
 from dashboard.agents.viewers import Batch, Cursor, StateFrames
 from tests.agents.helpers import communicator, wait_for
 
@@ -190,7 +197,7 @@ async def test_it_writes_the_last_viewers_departure_when_its_feed_stops(alice):
     watchers = database_sync_to_async(lambda: Watcher.objects.filter(session=session).count())
     await wait_for(lambda: _equals(watchers(), 1))
     await viewer.disconnect()
-    assert str(session.id) not in hub_for(get_channel_layer()).feeds
+    assert str(session.id) not in hub_for(get_channel_layer(), live_layer()).feeds
     assert await watchers() == 0  # at once, not at the next coalesced update
 
 
@@ -205,39 +212,18 @@ def test_it_keeps_a_viewers_bookkeeping_without_an_instance_dictionary() -> None
     assert cursor.fetch() is None and cursor.refresh_state()  # level: only the state
 
 
-@pytest.fixture
-def members(monkeypatch):  # type: ignore[no-untyped-def]
-    """The channel layer's group members, as this process added and discarded them."""
-    layer = get_channel_layer()
-    assert layer is not None
-    groups: dict[str, set[str]] = {}
-    add, discard = layer.group_add, layer.group_discard
-
-    async def group_add(group: str, channel: str) -> None:
-        groups.setdefault(group, set()).add(channel)
-        await add(group, channel)
-
-    async def group_discard(group: str, channel: str) -> None:
-        groups.get(group, set()).discard(channel)
-        await discard(group, channel)
-
-    monkeypatch.setattr(layer, "group_add", group_add)
-    monkeypatch.setattr(layer, "group_discard", group_discard)
-    return groups
-
-
 async def test_it_relays_a_revocation_to_a_persons_sockets_through_one_member(alice, members):
     session = await _session()
     layer = get_channel_layer()
     new_channels = 0
-    real_new_channel = layer.new_channel
+    for each in (layer, live_layer()):
 
-    async def counted_new_channel(prefix: str = "specific") -> str:
-        nonlocal new_channels
-        new_channels += 1
-        return await real_new_channel(prefix)
+        async def counted_new_channel(prefix: str = "specific", real=each.new_channel) -> str:  # type: ignore[no-untyped-def]
+            nonlocal new_channels
+            new_channels += 1
+            return await real(prefix)
 
-    layer.new_channel = counted_new_channel  # type: ignore[method-assign]
+        each.new_channel = counted_new_channel
     try:
         tabs = [await communicator(f"/ws/sessions/{session.id}/", alice) for _ in range(3)]
         for tab in tabs:
@@ -256,9 +242,9 @@ async def test_it_relays_a_revocation_to_a_persons_sockets_through_one_member(al
             assert output["code"] == 4403
             await tab.disconnect()  # what the browser answers
     finally:
-        del layer.new_channel
+        del layer.new_channel, live_layer().new_channel
     assert members[user_group(alice.pk)] == set()
-    assert not hub_for(layer).relays
+    assert not hub_for(layer, live_layer()).relays
 
 
 async def test_it_pauses_after_a_long_hand_out_and_joins_what_came_meanwhile(db, monkeypatch):

@@ -61,11 +61,13 @@ def _ws_url(worker: Proc, session: AgentSession) -> str:
 
 
 def _group_members(group: str) -> int:
-    """Members of a channel-layer group as channels-redis stores them (a sorted set)."""
-    prefix = settings.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("prefix", "asgi")
+    """Workers subscribed to a session's group on the live layer (channels-redis' pub/sub
+    layer: a Redis channel per group)."""
+    prefix = settings.CHANNEL_LAYERS["live"]["CONFIG"]["prefix"]
+    channel = f"{prefix}__group__{group}"
     client = redis.Redis.from_url(redis_url())
     try:
-        return int(client.zcard(f"{prefix}:group:{group}"))
+        return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
     finally:
         client.close()
 
@@ -130,16 +132,20 @@ def test_it_opens_and_closes_three_hundred_viewers_at_once(crew: Team, alice: Us
             outcome["error"] = repr(error)
         return outcome
 
+    subscribed: list[int] = []
+
     async def burst() -> list[dict[str, Any]]:
         go = asyncio.Event()
         flags = [asyncio.Event() for _ in range(BURST)]
         tasks = [asyncio.create_task(one_viewer(flag, go)) for flag in flags]
         # All open (or failed) before any closes, so the closes come at once too.
         await asyncio.wait_for(_all_settled(flags, tasks), 120)
+        subscribed.append(_group_members(group))
         go.set()
         return await asyncio.gather(*tasks)
 
     outcomes = asyncio.run(burst())
+    assert subscribed == [1]  # the worker's one feed, whatever the number of viewers
     failures = [o for o in outcomes if o["error"] is not None or o["close"] != 1000]
     assert not failures, f"{len(failures)} of {BURST} viewers failed: {failures[:3]}\n" + (
         worker.problems()
@@ -215,5 +221,89 @@ def test_it_keeps_installations_that_share_a_redis_apart_by_prefix() -> None:
         for each in (ours, theirs):
             await each.flush()
             await each.close_pools()
+
+    asyncio.run(scenario())
+
+
+def test_it_brings_a_viewer_what_its_worker_missed_while_cut_from_redis(
+    crew: Team, alice: User
+) -> None:
+    """The live layer is Redis pub/sub: what is published while a worker's subscription is
+    down is gone. The worker's feed finds it in the database, and the subscription comes
+    back for what follows."""
+    from dashboard.agents.recording import live_layer
+
+    session = _session("cut")
+    worker = crew.web()
+    cookie = cookie_for(alice)
+    channel = f"{settings.CHANNEL_LAYERS['live']['CONFIG']['prefix']}__group__"
+    channel += session_group(session.id)
+
+    def cut_and_publish(messages: list[Any]) -> None:
+        """Drop every pub/sub connection, then publish, in one transaction: no subscriber
+        can be back in between, so the message is lost for certain."""
+        client = redis.Redis.from_url(redis_url())
+        try:
+            pipe = client.pipeline(transaction=True)
+            pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            for group, message in messages:
+                assert group == session_group(session.id)
+                pipe.publish(channel, live_layer().serialize(message))
+            killed, *receivers = pipe.execute()
+            assert killed >= 1 and receivers == [0] * len(messages)
+        finally:
+            client.close()
+
+    async def frames_until(ws: Any, text: str) -> None:
+        while text not in str(await asyncio.wait_for(ws.recv(), 20)):
+            pass
+
+    async def watch() -> None:
+        async with websockets.connect(
+            _ws_url(worker, session), additional_headers=_headers(worker, cookie)
+        ) as ws:
+            await ws.send(json.dumps({"last_seq": 0}))
+            await asyncio.wait_for(ws.recv(), 20)  # the state: the hello was taken
+            await publish(await asyncio.to_thread(_record, session, "before the cut"))
+            await frames_until(ws, "before the cut")
+            cut_and_publish(await asyncio.to_thread(_record, session, "lost on the way"))
+            await frames_until(ws, "lost on the way")
+            await asyncio.to_thread(wait_until, lambda: _group_members(group) == 1, 20, "back")
+            await publish(await asyncio.to_thread(_record, session, "after the cut"))
+            await frames_until(ws, "after the cut")
+
+    group = session_group(session.id)
+    asyncio.run(watch())
+    assert "never came; catching up" in worker.output(), worker.problems()
+
+
+def test_it_keeps_live_streams_of_installations_on_other_databases_apart() -> None:
+    """Pub/sub channels belong to the whole Redis server: two installations with the same
+    prefix on two databases must still not hear each other's sessions."""
+    if "redis" not in settings.CHANNEL_LAYERS["default"]["BACKEND"].lower():
+        pytest.skip("needs REDIS_URL (the team-mode child run sets it)")
+    from channels_redis.pubsub import RedisPubSubChannelLayer
+
+    from dashboard.redis_layer import live_host_options, live_prefix
+
+    base = redis_url().rsplit("/", 1)[0]
+
+    def layer(database: int) -> RedisPubSubChannelLayer:
+        url = f"{base}/{database}"
+        return RedisPubSubChannelLayer(
+            hosts=[live_host_options(url)], prefix=live_prefix(url, "asgi")
+        )
+
+    async def scenario() -> None:
+        ours, theirs = layer(7), layer(8)
+        mine, other = await ours.new_channel(), await theirs.new_channel()
+        await ours.group_add("session.x", mine)
+        await theirs.group_add("session.x", other)
+        await ours.group_send("session.x", {"type": "session.events", "from": "ours"})
+        assert (await asyncio.wait_for(ours.receive(mine), 5))["from"] == "ours"
+        with pytest.raises(TimeoutError):  # nothing of ours reached them
+            await asyncio.wait_for(theirs.receive(other), 1)
+        for each in (ours, theirs):
+            await each.flush()
 
     asyncio.run(scenario())
