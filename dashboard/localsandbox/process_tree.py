@@ -127,9 +127,12 @@ def signal_container(monitor: int, signum: int, monitor_start_time: int | None) 
     if leader_pid_reused(monitor, monitor_start_time):
         return
     helpers, inside = descendants(monitor)
-    targets = inside - helpers
+    targets = list(inside - helpers)
     if signum == signal.SIGKILL:
-        targets |= helpers | {monitor}
+        # The monitor first: its status is the session's, and it must say killed. Were a
+        # child of the first process killed before it (`sleep & wait`), that process could
+        # end on its own in between, and the session would seem to have exited with 0.
+        targets = [monitor, *helpers, *targets]
     for pid in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signum)
