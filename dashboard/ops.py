@@ -75,6 +75,14 @@ async def _check_layer() -> None:
         raise RuntimeError("the channel layer returned someone else's message")
 
 
+async def _check_live_layer() -> None:
+    """A message published on the live streams' layer (Redis pub/sub in a team deployment):
+    to a group nobody joins, so nothing is subscribed for it and nothing is kept."""
+    from dashboard.agents.recording import live_layer
+
+    await live_layer().group_send("porthole.readyz", {"type": "readyz.ping"})
+
+
 async def _check_upstream() -> None:
     from dashboard.agents import upstream
 
@@ -84,6 +92,7 @@ async def _check_upstream() -> None:
 CHECKS: dict[str, Callable[[], Awaitable[None]]] = {
     "database": _check_database,
     "channel_layer": _check_layer,
+    "live_layer": _check_live_layer,
     "upstream": _check_upstream,
 }
 
@@ -103,7 +112,7 @@ async def _run(name: str, check: Callable[[], Awaitable[None]]) -> tuple[str, st
 @never_cache
 @require_GET
 async def readyz(request: HttpRequest) -> JsonResponse:
-    """200 when the database, the channel layer and the OpenComputer API all answer."""
+    """200 when the database, both channel layers and the OpenComputer API all answer."""
     results = dict(await asyncio.gather(*(_run(name, check) for name, check in CHECKS.items())))
     ready = all(result == "ok" for result in results.values())
     failed = sorted(name for name, result in results.items() if result != "ok")

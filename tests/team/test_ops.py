@@ -23,7 +23,12 @@ pytestmark = pytest.mark.django_db
 def test_it_is_ready_when_database_layer_and_upstream_answer(oc: LocalSandbox) -> None:
     response = Client().get("/readyz")
     assert response.status_code == 200, response.content
-    assert response.json()["checks"] == {"database": "ok", "channel_layer": "ok", "upstream": "ok"}
+    assert response.json()["checks"] == {
+        "database": "ok",
+        "channel_layer": "ok",
+        "live_layer": "ok",
+        "upstream": "ok",
+    }
     assert Client().get("/healthz").status_code == 200
 
 
@@ -36,6 +41,19 @@ def test_it_says_which_check_failed_when_the_upstream_is_away(settings) -> None:
     assert body["failed"] == ["upstream"]
     assert body["checks"]["database"] == "ok" and body["checks"]["channel_layer"] == "ok"
     assert "127.0.0.1" not in response.content.decode()  # the kind of failure, no addresses
+
+
+def test_it_says_the_live_layer_is_not_ready_when_its_redis_is_away(settings) -> None:  # type: ignore[no-untyped-def]
+    layers = dict(settings.CHANNEL_LAYERS)
+    layers["live"] = {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [f"redis://127.0.0.1:{free_port()}/0"]},  # nothing listens there
+    }
+    settings.CHANNEL_LAYERS = layers
+    response = Client().get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert "live_layer" in body["failed"] and body["checks"]["channel_layer"] == "ok"
 
 
 def _scrape(client: Client, **extra: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
