@@ -344,6 +344,7 @@ class Bridge:
         self.finished = asyncio.Event()
         self.connections = 0
         self.ended = False  # the session exited or was lost: nothing more to record
+        self.complete = False  # recorded to the end, and that indexed
         self._stream: ExecStream | None = None
         self._queue: asyncio.Queue[list[NewEvent] | None] = asyncio.Queue()  # None: done
         self._queued = 0  # events in `_queue`
@@ -667,8 +668,10 @@ class Bridge:
         self._index.start()
         await self._record_until_done()
         # The session is over: everything recorded is indexed before the bridge finishes.
-        # (A bridge that is stopped instead leaves what it held to the next one.)
+        # (A bridge that is stopped instead leaves what it held to the next one, or, if the
+        # session has ended, to a supervisor: `supervisor.finish_unfinished`.)
         await self._index.finish()
+        self.complete = True
 
     async def _record_until_done(self) -> None:
         while True:

@@ -162,22 +162,47 @@ def _claimable(owner: str) -> Q:
     )
 
 
+def _unfinished(owner: str) -> Q:
+    """Ended sessions whose bridge stopped before it finished (indexed the end, released
+    the lease: `supervisor.BridgeSupervisor._run_bridge`), and whose lease has lapsed."""
+    return (
+        Q(status__in=AgentSession.FINISHED_STATUSES)
+        & ~Q(bridge_owner="")
+        & (
+            Q(bridge_lease_until__isnull=True)
+            | Q(bridge_lease_until__lte=Now())
+            | Q(bridge_owner=owner)
+        )
+    )
+
+
 def claim(
     owner: str, exclude: set[str] | frozenset[str] = frozenset(), limit: int = 50
 ) -> list[Lease]:
     """Take the leases of live sessions nobody holds, without waiting on any lock."""
+    return _claim(_claimable(owner), owner, exclude, limit)
+
+
+def claim_unfinished(
+    owner: str, exclude: set[str] | frozenset[str] = frozenset(), limit: int = 10
+) -> list[Lease]:
+    """Take the leases of ended sessions that a bridge left unfinished (`_unfinished`)."""
+    return _claim(_unfinished(owner), owner, exclude, limit)
+
+
+def _claim(condition: Q, owner: str, exclude: set[str] | frozenset[str], limit: int) -> list[Lease]:
     leases: list[Lease] = []
     with transaction.atomic():
         bounded_waits()
         candidates = list(
             AgentSession.objects.select_for_update(skip_locked=True, of=("self",))
-            .filter(_claimable(owner))
+            .filter(condition)
             .exclude(id__in=list(exclude))
             .values_list("id", flat=True)[:limit]
         )
         for session_id in candidates:
             won = (
-                AgentSession.objects.filter(_claimable(owner), id=session_id)
+                AgentSession.objects.filter(condition, id=session_id)
                 .exclude(id__in=list(exclude))
                 .update(
                     bridge_owner=owner,

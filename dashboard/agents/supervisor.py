@@ -27,8 +27,9 @@ from django.conf import settings
 
 from dashboard import metrics
 from dashboard.agents import leases
-from dashboard.agents.bridge import Bridge, backoff_delay
+from dashboard.agents.bridge import INDEX_TAIL, Bridge, backoff_delay
 from dashboard.agents.leases import Lease
+from dashboard.search.index import index_tail
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,14 @@ class BridgeSupervisor:
     """Starts and tracks this process's bridges."""
 
     POLL_SECONDS = 2.0
+    # Ended sessions a bridge left unfinished are looked for at the first tick and every
+    # this many after (about 30 s): the query reads every ended session's row.
+    FINISH_EVERY = 15
     WAKE_GROUP = WAKE_GROUP
 
     def __init__(self, owner: str | None = None) -> None:
         self.owner = owner or worker_id()
+        self.ticks = 0
         self.bridges: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
 
@@ -75,6 +80,9 @@ class BridgeSupervisor:
         return {sid for sid, task in self.bridges.items() if not task.done()}
 
     async def tick(self) -> list[str]:
+        if self.ticks % self.FINISH_EVERY == 0:
+            await self._finish()
+        self.ticks += 1
         try:
             await database_sync_to_async(leases.heartbeat)(self.owner)
             claimed = await database_sync_to_async(leases.claim)(self.owner, self.running())
@@ -97,8 +105,20 @@ class BridgeSupervisor:
             await asyncio.sleep(backoff_delay(3))
         finally:
             # Released on a clean stop too (cancelled): another worker takes over at once.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(database_sync_to_async(leases.release)(lease))
+            # Not when the session ended and the bridge stopped before it had indexed that
+            # end: the lease lapses, and a supervisor finishes the session (`_finish`).
+            if bridge.complete or not bridge.ended:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(database_sync_to_async(leases.release)(lease))
+
+    async def _finish(self) -> None:
+        try:
+            finished = await database_sync_to_async(finish_unfinished)(self.owner, self.running())
+        except Exception:
+            log.exception("bridge supervisor: cannot finish ended sessions")
+            return
+        for session_id in finished:
+            log.info("bridge %s: finished what a stopped bridge left of its end", session_id)
 
     async def _listen_for_wakeups(self) -> None:
         layer = get_channel_layer()
@@ -131,6 +151,17 @@ class BridgeSupervisor:
                 await task
         with contextlib.suppress(Exception):
             await database_sync_to_async(leases.retire)(self.owner)
+
+
+def finish_unfinished(owner: str, running: set[str]) -> list[str]:
+    """For each ended session whose bridge stopped (killed, or cancelled) between recording
+    its end and indexing it (`leases.claim_unfinished`): index what it left out, release."""
+    finished = []
+    for lease in leases.claim_unfinished(owner, running):
+        index_tail(lease.session_id, INDEX_TAIL)
+        leases.release(lease)
+        finished.append(lease.session_id)
+    return finished
 
 
 async def wake_supervisors() -> None:

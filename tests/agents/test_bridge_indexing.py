@@ -14,17 +14,20 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext
 from channels.db import database_sync_to_async
+from django.utils import timezone
 
 from dashboard.agents import bridge as bridge_module
 from dashboard.agents.bridge import INDEX_TAIL, RECORD_SLICE, Bridge, IndexFeed, _tool_index
 from dashboard.agents.leases import Lease
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import NewEvent, record
+from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import OpenComputer
 from dashboard.search.index import index_events, index_tail, search
 from dashboard.search.models import SearchEntry
@@ -248,3 +251,69 @@ async def test_it_has_no_index_write_running_once_a_stopped_bridge_returns(oc, m
     assert ended.is_set()
     await client.kill_sandbox(sandbox.sandbox_id)
     await client.aclose()
+
+
+@database_sync_to_async
+def _lapse(session: AgentSession) -> None:
+    AgentSession.objects.filter(id=session.id).update(
+        bridge_lease_until=timezone.now() - timedelta(seconds=1)
+    )
+
+
+@database_sync_to_async
+def _lease_of(session: AgentSession) -> str:
+    return AgentSession.objects.values_list("bridge_owner", flat=True).get(id=session.id)
+
+
+async def test_it_finishes_an_ended_session_whose_bridge_stopped_before_indexing_its_end():
+    """A bridge killed between recording the exit and indexing it: no bridge resumes an
+    ended session, so a supervisor, seeing its lease lapsed and never released, indexes
+    what was left and releases it."""
+    session = await _new_session()
+    exit_note = NewEvent.ours(Event.Source.BRIDGE, {"type": "exit", "code": 0})
+    lease = Lease(str(session.id), OWNER, None)
+    await database_sync_to_async(record)(
+        session.id, [_said("indexed already"), exit_note], lease=lease
+    )
+    seqs = await _recorded_unindexed(session, ["the last words of a jackal"])
+    await _lapse(session)
+    # Still held by a bridge elsewhere (finishing it as this runs): not finished here.
+    others = await held_session("sb-other", "ses-other", owner=OWNER, lease_seconds=60)
+    held = Lease(str(others.id), OWNER, None)
+    await database_sync_to_async(record)(others.id, [exit_note], lease=held)
+
+    supervisor = BridgeSupervisor("another-worker")
+    await supervisor.tick()
+
+    assert seqs[0] in await _indexed(session)
+    hits = await database_sync_to_async(lambda: [(h.session.id, h.seq) for h in search("jackal")])()
+    assert hits == [(session.id, seqs[0])]
+    assert await _lease_of(session) == ""
+    assert await _lease_of(others) == OWNER
+    await supervisor.stop()
+
+
+async def test_it_keeps_the_lease_of_an_ended_session_stopped_before_its_end_was_indexed():
+    """The lease of such a bridge is left to lapse (then the session is finished as above);
+    a bridge of a live session stopped alike releases it at once for the next owner."""
+
+    class Stopped:
+        def __init__(self, session_id: str, ended: bool) -> None:
+            self.session_id, self.ended, self.complete = session_id, ended, False
+
+        async def run(self) -> None:
+            await asyncio.Event().wait()  # until cancelled (a shutdown)
+
+    supervisor = BridgeSupervisor(OWNER)
+    outcomes = []
+    for ended in (True, False):
+        session = await held_session(f"sb-{ended}", f"ses-{ended}", owner=OWNER)
+        lease = Lease(str(session.id), OWNER, None)
+        stopped = Stopped(str(session.id), ended)
+        running = asyncio.create_task(supervisor._run_bridge(stopped, lease))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        outcomes.append(await _lease_of(session))
+    assert outcomes == [OWNER, ""]
