@@ -11,8 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,40 @@ def test_it_fences_an_earlier_epoch_of_the_same_worker() -> None:
     with pytest.raises(LeaseLost):
         record(session.id, [_event()], lease=before)
     assert leases.claim("someone-else") == []
+
+
+def test_it_fences_an_owner_whose_lease_lapsed_though_nobody_took_it() -> None:
+    """The lease's time counts too, by the database's clock: a write that finds it lapsed
+    writes nothing; one that finds it held extends it."""
+    session = _session()
+    (lease,) = leases.claim("worker-1")
+    record(session.id, [_event(1)], lease=lease)
+    extended = AgentSession.objects.values_list("bridge_lease_until", flat=True).get()
+    assert extended is not None and extended > timezone.now() + timedelta(seconds=5)
+    _expire(session)
+    with pytest.raises(LeaseLost):
+        record(session.id, [_event(2)], lease=lease)
+    assert Event.objects.count() == 1
+
+
+def test_it_loads_the_locked_session_as_the_orm_does() -> None:
+    session = _session()
+    AgentSession.objects.filter(id=session.id).update(
+        config={"model": "opus", "allowed": ["Bash", "Read"], "ü": None},
+        total_cost_usd=Decimal("1.2345"),
+        exit_code=3,
+        ended_at=timezone.now(),
+        status=AgentSession.Status.EXITED,
+        num_turns=7,
+    )
+    expected = AgentSession.objects.get(id=session.id)
+    with transaction.atomic():
+        locked = leases.locked_session(session.id)
+    names = [field.attname for field in AgentSession._meta.concrete_fields]
+    assert [getattr(locked, name) for name in names] == [getattr(expected, name) for name in names]
+    assert not locked._state.adding and locked._state.db == expected._state.db
+    with pytest.raises(AgentSession.DoesNotExist), transaction.atomic():
+        leases.locked_session(uuid.uuid4())
 
 
 def test_it_releases_a_lease_on_a_clean_stop_so_others_claim_at_once() -> None:
