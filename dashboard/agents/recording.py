@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -33,6 +32,7 @@ from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
 from dashboard.agents.rendering.porthole import for_link_holders, link_holder_variant
 from dashboard.agents.sqlwrite import db_value, insert_many
+from dashboard.gil import HandOver
 from dashboard.search.index import index_events
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,6 @@ def render_state(session: AgentSession) -> dict[str, str]:
 
 
 Message = tuple[str, dict[str, Any]]
-GIL_HAND_OVER = 0.001  # seconds of rendering between two looks at the reader
 
 
 # What a line's content can make a write raise (as opposed to the database being away).
@@ -408,15 +407,9 @@ def _draw(tools: ToolIndex, rows: list[Event]) -> list[Drawn]:
     it exactly so, goes into the database with it (`Event.html`: no page load or catch-up
     renders it again), and what viewers are sent is returned."""
     drawn = []
-    handed_over = time.perf_counter()
+    hand_over = HandOver()  # the bridge's reader waits on the event loop meanwhile
     for event in rows:
-        # Hand the GIL over now and then: this thread would otherwise keep it for the
-        # interpreter's whole switch interval (5 ms) while the bridge's reader, on the event
-        # loop, waits with the upstream socket unread (DESIGN §2; invariant 5). Not after
-        # every event: a `sleep(0)` is a system call, ~70 µs on a VM, a third of an event.
-        if time.perf_counter() - handed_over > GIL_HAND_OVER:
-            time.sleep(0)
-            handed_over = time.perf_counter()
+        hand_over()
         tools.observe(event)
         fragment = _rendered(event, tools)
         if fragment is None:

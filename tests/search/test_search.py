@@ -176,3 +176,25 @@ def test_it_uses_the_engine_of_the_database() -> None:
         else:
             cursor.execute("SELECT count(*) FROM pg_indexes WHERE indexname = 'search_entry_fts'")
         assert cursor.fetchone()[0] == 1
+
+
+def test_it_lets_the_gil_go_while_indexing_or_rendering_a_large_batch(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Work on a bridge's threads (rendering a batch, indexing hundreds of events) would
+    otherwise keep the event loop waiting for the GIL up to the switch interval each time."""
+    from dashboard import gil
+    from dashboard.search.index import index_events
+
+    handed: list[float] = []
+    monkeypatch.setattr(gil, "EVERY", 0.0)
+    monkeypatch.setattr(gil.time, "sleep", handed.append)
+    session = make_session()
+    appended, _ = record(
+        session.id,
+        [NewEvent.from_line("agent", json.dumps(p), p) for p in map(assistant, "abcdef")],
+        index=False,
+    )
+    rendering = len(handed)
+    assert rendering >= 5 and set(handed) == {0}
+    index_events(appended.events)
+    assert len(handed) - rendering >= 5
+    assert SearchEntry.objects.filter(session=session).count() == 6
