@@ -209,20 +209,27 @@ def test_it_keeps_installations_that_share_a_redis_apart_by_prefix() -> None:
 
     async def scenario() -> None:
         ours, theirs = layer("porthole-ours"), layer("porthole-theirs")
-        mine, other = await ours.new_channel(), await theirs.new_channel()
-        await ours.group_add("session-x", mine)
-        await theirs.group_add("session-x", other)
-        await theirs.group_send("session-x", {"type": "session.events", "from": "theirs"})
-        assert (await asyncio.wait_for(theirs.receive(other), 5))["from"] == "theirs"
-        await ours.group_send("session-x", {"type": "session.events", "from": "ours"})
-        assert (await asyncio.wait_for(ours.receive(mine), 5))["from"] == "ours"
-        with pytest.raises(TimeoutError):  # nothing of ours reached them
-            await asyncio.wait_for(theirs.receive(other), 1)
+        await _kept_apart(ours, theirs)
         for each in (ours, theirs):
-            await each.flush()
             await each.close_pools()
 
     asyncio.run(scenario())
+
+
+async def _kept_apart(ours: Any, theirs: Any) -> None:
+    """Each of two installations' layers hears its own message to a group of the same
+    name, and theirs never hears ours."""
+    mine, other = await ours.new_channel(), await theirs.new_channel()
+    await ours.group_add("session.x", mine)
+    await theirs.group_add("session.x", other)
+    await theirs.group_send("session.x", {"type": "session.events", "from": "theirs"})
+    assert (await asyncio.wait_for(theirs.receive(other), 5))["from"] == "theirs"
+    await ours.group_send("session.x", {"type": "session.events", "from": "ours"})
+    assert (await asyncio.wait_for(ours.receive(mine), 5))["from"] == "ours"
+    with pytest.raises(TimeoutError):  # nothing of ours reached them
+        await asyncio.wait_for(theirs.receive(other), 1)
+    for each in (ours, theirs):
+        await each.flush()
 
 
 def test_it_brings_a_viewer_what_its_worker_missed_while_cut_from_redis(
@@ -294,16 +301,4 @@ def test_it_keeps_live_streams_of_installations_on_other_databases_apart() -> No
             hosts=[live_host_options(url)], prefix=live_prefix(url, "asgi")
         )
 
-    async def scenario() -> None:
-        ours, theirs = layer(7), layer(8)
-        mine, other = await ours.new_channel(), await theirs.new_channel()
-        await ours.group_add("session.x", mine)
-        await theirs.group_add("session.x", other)
-        await ours.group_send("session.x", {"type": "session.events", "from": "ours"})
-        assert (await asyncio.wait_for(ours.receive(mine), 5))["from"] == "ours"
-        with pytest.raises(TimeoutError):  # nothing of ours reached them
-            await asyncio.wait_for(theirs.receive(other), 1)
-        for each in (ours, theirs):
-            await each.flush()
-
-    asyncio.run(scenario())
+    asyncio.run(_kept_apart(layer(7), layer(8)))
