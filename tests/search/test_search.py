@@ -198,3 +198,39 @@ def test_it_lets_the_gil_go_while_indexing_or_rendering_a_large_batch(monkeypatc
     index_events(appended.events)
     assert len(handed) - rendering >= 5
     assert SearchEntry.objects.filter(session=session).count() == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_commits_the_index_without_waiting_for_the_disk_but_no_one_elses_work() -> None:
+    """On PostgreSQL the index's own transaction commits asynchronously (it is derived and
+    rebuilt after a crash); a record's commit, or a caller's transaction that indexes, still
+    waits for the disk."""
+    if connection.vendor != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's")
+    from django.db import transaction
+    from django.test.utils import CaptureQueriesContext
+
+    from dashboard.search.index import index_events
+
+    def said(text: str) -> NewEvent:
+        payload = assistant(text)
+        return NewEvent.from_line("agent", json.dumps(payload), payload)
+
+    def synchronous_commit() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            return str(cursor.fetchone()[0])
+
+    session = make_session()
+    with CaptureQueriesContext(connection) as recording:
+        appended, _ = record(session.id, [said("durable first")], index=False)
+    with CaptureQueriesContext(connection) as indexing:
+        index_events(appended.events)
+    assert not any("synchronous_commit" in query["sql"] for query in recording)
+    assert any("'synchronous_commit', 'off', true" in query["sql"] for query in indexing)
+    assert synchronous_commit() == "on"  # for that transaction only
+    with transaction.atomic():
+        more, _ = record(session.id, [said("then indexed in a caller's transaction")], index=False)
+        index_events(more.events)
+        assert synchronous_commit() == "on"
+    assert [hit.seq for hit in search("durable")] == [appended.events[0].seq]
