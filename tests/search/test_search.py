@@ -222,15 +222,22 @@ def test_it_commits_the_index_without_waiting_for_the_disk_but_no_one_elses_work
             return str(cursor.fetchone()[0])
 
     session = make_session()
-    with CaptureQueriesContext(connection) as recording:
-        appended, _ = record(session.id, [said("durable first")], index=False)
-    with CaptureQueriesContext(connection) as indexing:
-        index_events(appended.events)
-    assert not any("synchronous_commit" in query["sql"] for query in recording)
-    assert any("'synchronous_commit', 'off', true" in query["sql"] for query in indexing)
-    assert synchronous_commit() == "on"  # for that transaction only
-    with transaction.atomic():
-        more, _ = record(session.id, [said("then indexed in a caller's transaction")], index=False)
-        index_events(more.events)
-        assert synchronous_commit() == "on"
+    with connection.cursor() as cursor:  # the team-mode run connects with it off, for speed
+        cursor.execute("SET synchronous_commit = on")
+    try:
+        with CaptureQueriesContext(connection) as recording:
+            appended, _ = record(session.id, [said("durable first")], index=False)
+        with CaptureQueriesContext(connection) as indexing:
+            index_events(appended.events)
+        assert not any("synchronous_commit" in query["sql"] for query in recording)
+        assert any("'synchronous_commit', 'off', true" in query["sql"] for query in indexing)
+        assert synchronous_commit() == "on"  # for that transaction only
+        with transaction.atomic():
+            text = "then indexed in a caller's transaction"
+            more, _ = record(session.id, [said(text)], index=False)
+            index_events(more.events)
+            assert synchronous_commit() == "on"
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET synchronous_commit")
     assert [hit.seq for hit in search("durable")] == [appended.events[0].seq]
