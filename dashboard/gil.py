@@ -18,10 +18,8 @@ class HandOver:
     def __init__(self, every: float | None = None) -> None:
         self.every = EVERY if every is None else every
         self.last = time.perf_counter()
-        self.times = 0  # hand-overs so far (tests)
 
     def __call__(self) -> None:
         if time.perf_counter() - self.last > self.every:
             time.sleep(0)
-            self.times += 1
             self.last = time.perf_counter()

@@ -111,24 +111,30 @@ def locked_session(session_id: SessionId) -> AgentSession:
         row = cursor.fetchone()
     if row is None:
         raise AgentSession.DoesNotExist(session_id)
-    fields = _session_fields()
+    names, converters = _session_loading()
     values = [
-        value
-        if value is None or not hasattr(field, "from_db_value")
-        else field.from_db_value(value, None, connection)
-        for field, value in zip(fields, row, strict=True)
+        value if value is None or convert is None else convert(value, None, connection)
+        for convert, value in zip(converters, row, strict=True)
     ]
-    return AgentSession.from_db(connection.alias, [f.attname for f in fields], values)
+    return AgentSession.from_db(connection.alias, names, values)
 
 
 @functools.cache
-def _session_fields() -> list[Field[Any, Any]]:
+def _session_fields() -> tuple[Field[Any, Any], ...]:
     """The session's columns, in the order its model takes them."""
-    fields = []
-    for field in AgentSession._meta.get_fields():
-        if isinstance(field, Field) and field.concrete and field.column:
-            fields.append(field)
-    return fields
+    return tuple(
+        field
+        for field in AgentSession._meta.get_fields()
+        if isinstance(field, Field) and field.concrete and field.column
+    )
+
+
+@functools.cache
+def _session_loading() -> tuple[list[str], list[Any]]:
+    """For each of those columns, its attribute's name and its field's `from_db_value`
+    (None where the value comes as the field holds it): looked up once, not per write."""
+    fields = _session_fields()
+    return [f.attname for f in fields], [getattr(f, "from_db_value", None) for f in fields]
 
 
 @functools.cache
@@ -224,26 +230,23 @@ def release(lease: Lease) -> None:
         AgentSession.objects.filter(condition).update(bridge_owner="", bridge_lease_until=None)
 
 
-def _claimable(owner: str) -> Q:
-    return Q(status__in=AgentSession.LIVE_STATUSES) & (
+def _free_for(owner: str) -> Q:
+    """Rows whose lease nobody holds, has lapsed, or is already `owner`'s."""
+    return (
         Q(bridge_lease_until__isnull=True)
         | Q(bridge_lease_until__lte=Now())
         | Q(bridge_owner=owner)
     )
 
 
+def _claimable(owner: str) -> Q:
+    return Q(status__in=AgentSession.LIVE_STATUSES) & _free_for(owner)
+
+
 def _unfinished(owner: str) -> Q:
     """Ended sessions whose bridge stopped before it finished (indexed the end, released
     the lease: `supervisor.BridgeSupervisor._run_bridge`), and whose lease has lapsed."""
-    return (
-        Q(status__in=AgentSession.FINISHED_STATUSES)
-        & ~Q(bridge_owner="")
-        & (
-            Q(bridge_lease_until__isnull=True)
-            | Q(bridge_lease_until__lte=Now())
-            | Q(bridge_owner=owner)
-        )
-    )
+    return Q(status__in=AgentSession.FINISHED_STATUSES) & ~Q(bridge_owner="") & _free_for(owner)
 
 
 def claim(

@@ -479,8 +479,7 @@ def record(
 
 async def publish(messages: Iterable[Message]) -> None:
     for group, message in messages:
-        live = group.startswith(_SESSION_GROUP)
-        layer = live_layer() if live else get_channel_layer()
+        layer = live_layer() if group.startswith(_SESSION_GROUP) else get_channel_layer()
         if layer is not None:
             await layer.group_send(group, message)
 

@@ -80,9 +80,14 @@ class BridgeSupervisor:
         return {sid for sid, task in self.bridges.items() if not task.done()}
 
     async def tick(self) -> list[str]:
+        claimed = await self._claim()
+        # After the live sessions are resumed: finishing ended ones must not delay them.
         if self.ticks % self.FINISH_EVERY == 0:
             await self._finish()
         self.ticks += 1
+        return claimed
+
+    async def _claim(self) -> list[str]:
         try:
             await database_sync_to_async(leases.heartbeat)(self.owner)
             claimed = await database_sync_to_async(leases.claim)(self.owner, self.running())
