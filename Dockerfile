@@ -1,4 +1,4 @@
-# Porthole for a team: Daphne on PostgreSQL and Redis against the OpenComputer cloud
+# Porthole for a team: uvicorn on PostgreSQL and Redis against the OpenComputer cloud
 # (set DATABASE_URL, REDIS_URL, OPENCOMPUTER_API_URL, OPENCOMPUTER_API_KEY, SECRET_KEY,
 # ALLOWED_HOSTS). Without OPENCOMPUTER_API_URL it runs the embedded sandbox server inside.
 FROM python:3.12-slim AS build

@@ -4,13 +4,13 @@
                                      [--pace 0.005] [--idle 100,500] [--export-events 100000]
                                      [--team] [--publisher server|separate]
 
-Porthole runs as it is deployed: the real ASGI application under Daphne, with
-`manage.py serve`'s Daphne options, in a process of its own (`bench/fanout_server.py`),
-fresh for each measurement. Its viewers are real WebSocket clients over loopback in another
-process (`bench/viewers_client.py`), so parsing frames and acknowledging cost that process,
-not the server's. By default the database is a throwaway SQLite file and the layer the
-in-memory one, as `manage.py serve` runs; `--team` takes `DATABASE_URL` and `REDIS_URL` from
-the environment (PostgreSQL, Redis).
+Porthole runs as it is deployed: the real ASGI application under uvicorn, with
+`manage.py serve`'s options (`dashboard.webserver`; `--asgi-server daphne` compares), in a
+process of its own (`bench/fanout_server.py`), fresh for each measurement. Its viewers are
+real WebSocket clients over loopback in another process (`bench/viewers_client.py`), so
+parsing frames and acknowledging cost that process, not the server's. By default the
+database is a throwaway SQLite file and the layer the in-memory one, as `manage.py serve`
+runs; `--team` takes `DATABASE_URL` and `REDIS_URL` from the environment (PostgreSQL, Redis).
 
 - sdk: the official SDK consumes a paced flood (one text every `--pace` seconds) straight
   from the embedded sandbox server: the reference, measured in the same run.
@@ -27,7 +27,7 @@ the environment (PostgreSQL, Redis).
   (including the publisher when it runs there), of the publisher, of the viewers' process;
   the server's peak RSS growth.
   With `--prerecorded` the events are recorded first and only their publication is paced
-  and timed: the viewer side alone (layer, feeds, consumers, Daphne), without recording.
+  and timed: the viewer side alone (layer, feeds, consumers, the ASGI server), without recording.
 - idle: after one warm-up viewer, `--idle` viewers (each count in turn) open at once, say
   hello and sit: wall time until every one has its watcher list, the server's CPU for it,
   the server's RSS growth per viewer (after a garbage collection), and closing them all.
@@ -205,8 +205,9 @@ class RSSWatch:
 
 
 class Stage:
-    """A Porthole server (Daphne, the real ASGI application) and, if asked, a publisher of
-    its own, in processes of their own; the viewers are another process's real sockets."""
+    """A Porthole server (the real ASGI application under uvicorn or Daphne) and, if asked, a
+    publisher of its own, in processes of their own; the viewers are another process's real
+    sockets."""
 
     def __init__(self, args: argparse.Namespace, scratch: str) -> None:
         self.env = child_env(args)
@@ -243,11 +244,12 @@ class Stage:
             node.stop()
 
     def complaints(self) -> dict[str, int]:
-        """What Daphne and Porthole logged: sockets Daphne gave up on, warnings, errors."""
+        """What the server and Porthole logged: sockets it gave up on, warnings, errors."""
         text = self.log.read_text(errors="replace")
         return {
             "killed_by_daphne": text.count("took too long to shut down and was killed"),
             "daphne_warnings": text.count(" WARNING daphne"),
+            "uvicorn_warnings": text.count(" WARNING uvicorn"),
             "errors": text.count(" ERROR "),
         }
 
@@ -497,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--asgi-server",
         choices=["daphne", "uvicorn"],
-        default="daphne",
-        help="experiment: serve with uvicorn instead of Daphne (not how Porthole deploys)",
+        default="uvicorn",
+        help="serve with uvicorn (as Porthole deploys) or, for comparison, Daphne",
     )
     parser.add_argument(
         "--server-root",

@@ -1,9 +1,10 @@
-"""The server side of `bench/fanout.py`: Porthole under Daphne, and a publisher playing the bridge.
+"""The server side of `bench/fanout.py`: Porthole under uvicorn, and a publisher playing the bridge.
 
     .venv/bin/python bench/fanout_server.py --data-dir DIR [--role server|publisher]
 
-Role `server` serves the real ASGI application (`dashboard.asgi.application`) with Daphne on
-a loopback port, with `manage.py serve`'s Daphne options, in this process; the viewers are
+Role `server` serves the real ASGI application (`dashboard.asgi.application`) with uvicorn on
+a loopback port, with `manage.py serve`'s options (`dashboard.webserver`), in this process
+(`--asgi-server daphne`: with Daphne, for comparison); the viewers are
 real WebSocket clients in another process (`bench/viewers_client.py`). Role `publisher`
 runs only the publisher, for a bridges process apart from the web worker (PostgreSQL and
 Redis; with the in-memory layer the publisher must share the server's process).
@@ -244,18 +245,52 @@ def serve_commands(loop: asyncio.AbstractEventLoop, stop: Any) -> None:
 
 
 def run_server() -> None:
+    """The application as `manage.py serve` serves it (`dashboard.webserver`)."""
+    import socket
+
+    import uvicorn
+
+    from dashboard.asgi import application
+    from dashboard.webserver import uvicorn_config
+
+    # IPPROTO_TCP named: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets
+    # whose protocol says TCP, and accepted ones inherit it from this one (uvicorn's own
+    # binding names it). With 0 here every small frame waited for the viewer's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn_config(application, "127.0.0.1", 0))
+    cookie = viewer_cookie()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            server.should_exit = True
+
+        answer({"port": sock.getsockname()[1], "pid": os.getpid(), "cookie": cookie})
+        threading.Thread(target=serve_commands, args=(loop, stop), daemon=True).start()
+        await server.serve(sockets=[sock])
+
+    asyncio.run(main())
+
+
+def run_daphne() -> None:
+    """Comparison (`bench/fanout.py --asgi-server daphne`): the same application under
+    Daphne, with the options `manage.py serve` gave it until the eighth round."""
     # Import order matters to Twisted: daphne.server installs the asyncio reactor.
     from daphne.server import Server, twisted_loop
     from twisted.internet import reactor
 
-    from dashboard.agents.management.commands.serve import daphne_options
     from dashboard.asgi import application
 
     server = Server(
         application=application,
         endpoints=["tcp:port=0:interface=127.0.0.1"],
         signal_handlers=False,
-        **daphne_options(),
+        websocket_timeout=86400,
+        websocket_handshake_timeout=60,
+        websocket_connect_timeout=60,
+        application_close_timeout=60,
     )
     cookie = viewer_cookie()
 
@@ -271,40 +306,6 @@ def run_server() -> None:
 
     reactor.callWhenRunning(ready)
     server.run()
-
-
-def run_uvicorn() -> None:
-    """Experiment (`bench/fanout.py --asgi-server uvicorn`): the same application under
-    uvicorn and its `websockets` protocol instead of Daphne, to see what the ASGI server's
-    per-frame cost is. Not how Porthole is deployed."""
-    import socket
-
-    import uvicorn
-
-    from dashboard.asgi import application
-
-    # IPPROTO_TCP named: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets
-    # whose protocol says TCP, and accepted ones inherit it from this one. With 0 here every
-    # small frame waited for the viewer's delayed ACK: a 40 ms p99 at one viewer.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        application, log_level="warning", lifespan="off", ws="websockets", ws_ping_interval=20
-    )
-    server = uvicorn.Server(config)
-    cookie = viewer_cookie()
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-
-        def stop() -> None:
-            server.should_exit = True
-
-        answer({"port": sock.getsockname()[1], "pid": os.getpid(), "cookie": cookie})
-        threading.Thread(target=serve_commands, args=(loop, stop), daemon=True).start()
-        await server.serve(sockets=[sock])
-
-    asyncio.run(main())
 
 
 def run_publisher() -> None:
@@ -323,13 +324,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--role", choices=["server", "publisher"], default="server")
-    parser.add_argument("--asgi-server", choices=["daphne", "uvicorn"], default="daphne")
+    parser.add_argument("--asgi-server", choices=["daphne", "uvicorn"], default="uvicorn")
     args = parser.parse_args()
     setup(args.data_dir)
     if args.role == "server":
         migrate()
-        if args.asgi_server == "uvicorn":
-            run_uvicorn()
+        if args.asgi_server == "daphne":
+            run_daphne()
         else:
             run_server()
     else:

@@ -26,6 +26,6 @@ application = ProtocolTypeRouter(
     }
 )
 
-# Whatever imports the application (Daphne workers, `manage.py serve`) is a long-lived
+# Whatever imports the application (web workers, `manage.py serve`) is a long-lived
 # process that has now loaded what it lives on: keep full collections from walking it.
 freeze_startup_heap()

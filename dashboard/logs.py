@@ -91,6 +91,11 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "root": {"handlers": ["console"], "level": level},
         "loggers": {
             "daphne": {"level": "WARNING"},
+            # uvicorn's command line sets up its own handlers and format first: these send
+            # its records through the one handler above, in LOG_FORMAT, like everything else.
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": True, "level": "WARNING"},
             "django.channels.server": {"level": "WARNING"},
             # Axes logs every attempt at INFO; failures and lockouts stay at WARNING.
             "axes": {"level": "WARNING"},

@@ -39,18 +39,3 @@ def test_it_follows_twisteds_pause_and_resume_of_the_send_buffer():
     assert not gate.writable
     transport.producer.resumeProducing()  # ...and once the client has drained it
     assert gate.writable
-
-
-def test_it_gives_a_burst_of_handshakes_as_long_as_the_deployed_workers_get():
-    from daphne.cli import CommandLineInterface
-
-    from dashboard.agents.management.commands.serve import daphne_options
-
-    # What docs/deploy.md runs plain Daphne with, parsed the way Daphne's CLI parses it.
-    deployed = CommandLineInterface().parser.parse_args(
-        ["--websocket_connect_timeout", "60", "--application-close-timeout", "60", "x:y"]
-    )
-    options = daphne_options()
-    assert options["websocket_handshake_timeout"] >= deployed.websocket_connect_timeout
-    assert options["websocket_connect_timeout"] >= deployed.websocket_connect_timeout
-    assert options["application_close_timeout"] >= deployed.application_close_timeout

@@ -29,7 +29,7 @@ def _frozen_after_importing(module: str, tmp_path: Path) -> int:
 
 
 def test_it_freezes_what_the_application_loaded_once_it_is_imported(tmp_path: Path) -> None:
-    # Daphne workers and `manage.py serve` import the application and then live long; a
+    # Web workers and `manage.py serve` import the application and then live long; a
     # process that only imports Django (the interpreter may freeze a few of its own) does not.
     baseline = _frozen_after_importing("django", tmp_path)
     assert _frozen_after_importing("dashboard.asgi", tmp_path) > baseline + 50_000

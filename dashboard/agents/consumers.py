@@ -113,6 +113,7 @@ class SessionConsumer(AsyncWebsocketConsumer):
     link_id: int | None = None
     feed: Feed | None = None
     followed: tuple[str, ...] = ()
+    pending_send: asyncio.Task[None] | None = None  # referenced while it waits
 
     @staticmethod
     def hub() -> Hub:
@@ -185,30 +186,60 @@ class SessionConsumer(AsyncWebsocketConsumer):
 
     async def live_events(self, batch: Batch) -> None:
         if self.sending.locked():
-            self.cursor.skip(batch)  # a catch-up is sending: it brings these too
+            self.cursor.skip(batch)  # a send is under way: the catch-up brings these too
         else:
-            async with self.sending:
-                text = self.cursor.offer(batch)
-                if text:
-                    await self.send(text_data=text)
+            text = self.cursor.offer(batch)
+            if text:
+                self._send_without_waiting(text)
         self._catch_up_soon()
 
     async def live_state(self, frames: StateFrames) -> None:
-        if self.cursor.offer_state():
-            frame = frames.frame(shared=self.link_id is not None, steer=self.can_steer)
-            await self._send_state(frame)
+        self._send_state_without_waiting(self._state_frame(frames))
 
     async def live_presence(self, watchers: dict[str, str]) -> None:
-        if self.cursor.offer_state():
-            await self._send_state(watchers["html" if self.link_id is None else "shared"])
+        self._send_state_without_waiting(self._watchers_frame(watchers))
 
     async def missed(self) -> None:
         self.cursor.missed()
         self._catch_up_soon()
 
-    async def _send_state(self, frame: str) -> None:
+    def _state_frame(self, frames: StateFrames) -> str:
+        return frames.frame(shared=self.link_id is not None, steer=self.can_steer)
+
+    def _watchers_frame(self, watchers: dict[str, str]) -> str:
+        return watchers["html" if self.link_id is None else "shared"]
+
+    def _send_state_without_waiting(self, frame: str) -> None:
+        if self.sending.locked():
+            self.cursor.defer_state()  # sent with the others once the socket takes frames
+            self._catch_up_soon()
+        elif self.cursor.offer_state():
+            self._send_without_waiting(frame)
+
+    def _send_without_waiting(self, frame: str) -> None:
+        """Send `frame` now if the socket takes it, and never make the feed wait if it does
+        not: the feed hands each frame to its viewers one after another, and uvicorn's
+        `send` waits while a socket's buffer is full (a viewer that stopped reading). The
+        send runs eagerly, so a socket that takes it costs no task switch; until a send
+        that had to wait is through, live frames are skipped (`Cursor.skip`) and caught up
+        from the database (invariant 6)."""
+        loop = asyncio.get_running_loop()
+        self.pending_send = asyncio.Task(self._send_frame(frame), loop=loop, eager_start=True)
+
+    async def _send_frame(self, frame: str) -> None:
         async with self.sending:
-            await self.send(text_data=frame)
+            try:
+                await self.send(text_data=frame)
+            except OSError:  # the socket went meanwhile: its disconnect cleans up
+                log.debug("session %s: a viewer's socket went before a frame", self.session_id)
+            except Exception:  # one broken socket must not cost the others their updates
+                log.exception("session %s: a viewer failed to take a frame", self.session_id)
+
+    async def _send_state(self, frame: str) -> None:
+        """For the catch-up task, which may wait for the socket."""
+        if self.cursor.offer_state():
+            async with self.sending:
+                await self.send(text_data=frame)
 
     # -- catching up from the database --------------------------------------------------------
 
@@ -240,8 +271,8 @@ class SessionConsumer(AsyncWebsocketConsumer):
                 state = await self.feed.state()
                 watchers = await self.feed.watchers()
                 if state is not None:
-                    await self.live_state(state)
-                await self.live_presence(watchers)
+                    await self._send_state(self._state_frame(state))
+                await self._send_state(self._watchers_frame(watchers))
             else:
                 return
 

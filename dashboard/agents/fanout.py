@@ -28,8 +28,9 @@ member of that group per worker, so opening or closing a viewer costs the layer 
 (Over 400 lines: feeds, relays and the hub that keeps both are one lifecycle, a worker's
 subscriptions joined and left with its sockets, and read best together.)
 
-Nothing here awaits a slow viewer: sending a WebSocket frame under Daphne only queues it,
-and a viewer that has to query the database does so in a task of its own.
+Nothing here awaits a slow viewer: a consumer sends a live frame without waiting for the
+socket (`SessionConsumer._send_without_waiting`), and a viewer that has to query the
+database does so in a task of its own.
 """
 
 from __future__ import annotations

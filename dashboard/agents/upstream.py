@@ -1,6 +1,6 @@
 """The OpenComputer client this process talks through, built from settings.
 
-One `httpx.AsyncClient` per event loop: Daphne runs a single loop, so in production this is
+One `httpx.AsyncClient` per event loop: a web worker runs a single loop, so in production this is
 one shared client; the Django test client runs each async view in a fresh loop, so each
 gets its own (a client is bound to the loop that first used it).
 """

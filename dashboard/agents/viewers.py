@@ -127,6 +127,10 @@ class Cursor:
         """Messages for this viewer were lost: events, and perhaps the state with them."""
         self.stale = self.state_stale = True
 
+    def defer_state(self) -> None:
+        """A state fragment could not be sent now (the socket is busy): refresh it later."""
+        self.state_stale = True
+
     def offer_state(self) -> bool:
         """Whether a state fragment may be sent now; if not, it is refreshed later."""
         if self.behind:

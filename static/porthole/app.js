@@ -76,7 +76,7 @@
 
   // -- reconnecting ----------------------------------------------------------------------------
   // htmx's ws extension reopens a socket only after 1006, 1011, 1012 and 1013; a clean close
-  // (1000 from a proxy or Daphne's socket timeout, 1001, 1005, ...) would leave the page
+  // (1000 from a proxy, 1001, 1005, ...) would leave the page
   // frozen. Every other close is retried here, with capped exponential backoff and full
   // jitter, except a "go away" (4400-4499: access revoked, link expired, signed out). The
   // new socket's hello carries the last seq held, so the page catches up exactly.

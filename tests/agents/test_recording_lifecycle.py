@@ -244,7 +244,7 @@ async def test_it_acknowledges_a_configure_the_bridge_wrote_to_the_agent(oc, ali
 
 
 async def test_it_warns_on_the_page_when_nothing_records_a_live_session(alice, caplog):
-    """Issue 9: served by plain Daphne with no bridges worker, a started session stayed
+    """Issue 9: served by plain web workers with no bridges worker, a started session stayed
     "working" with no event, no warning and no log line."""
     session = await _new_session("sb-unbridged", "ses-unbridged", leased=False)
     await AgentSession.objects.filter(id=session.id).aupdate(

@@ -132,7 +132,7 @@ async def _post_and_hang_up(
     path: str, body: bytes, cookies: str, hang_up: asyncio.Event
 ) -> list[dict[str, Any]]:
     """A browser's POST straight into the ASGI application, aborted when `hang_up` is set
-    (what Daphne sends when the browser drops the connection: `http.disconnect`)."""
+    (what the server sends when the browser drops the connection: `http.disconnect`)."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},

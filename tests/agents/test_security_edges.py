@@ -84,7 +84,7 @@ async def test_it_accepts_a_socket_from_a_trusted_origin(alice, settings):
 
 
 def _from_peer(peer: str) -> Any:
-    """The application as reached from `peer` (the address Daphne puts in the scope)."""
+    """The application as reached from `peer` (the address the server puts in the scope)."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
         return await application({**scope, "client": (peer, 40000)}, receive, send)

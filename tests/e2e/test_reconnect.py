@@ -1,7 +1,7 @@
 """A session page keeps up after any close of its socket, except an explicit "go away".
 
 Between the browser and Porthole sits a proxy that knows where WebSocket frames end, so it
-can end a page's socket the way a server, Daphne's socket timeout or a proxy does: a clean
+can end a page's socket the way a server, a restarting worker or a proxy does: a clean
 close frame with a chosen code, at a frame boundary, then the end of the connection.
 """
 

@@ -1,4 +1,4 @@
-"""Real worker processes for the team-mode tests: Daphne web workers, bridge workers, nginx.
+"""Real worker processes for the team-mode tests: uvicorn web workers, bridge workers, nginx.
 
 The processes share the test database (PostgreSQL, through pytest-django's `test_…`
 database and committed data: the tests use `transactional_db`) and the Redis channel layer
@@ -30,9 +30,12 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from dashboard.webserver import command_line
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-ACCESS_LOG = re.compile(r'"(WSCONNECTING|WSCONNECT|WSDISCONNECT|WSREJECT|GET|POST|HEAD) ')
+# A socket's opening and closing, as uvicorn logs them: noise beside a failure.
+ACCESS_LOG = re.compile(r'"WebSocket /|uvicorn.error: connection (open|closed)$')
 
 
 def in_ci() -> bool:
@@ -169,14 +172,10 @@ class Team:
     procs: list[Proc] = field(default_factory=list)
 
     def web(self, name: str = "web", extra_env: dict[str, str] | None = None) -> Proc:
-        """A plain `daphne dashboard.asgi:application` worker, ready when /healthz answers."""
+        """A plain `uvicorn` web worker as docs/deploy.md runs it, ready when /healthz answers."""
         port = free_port()
-        args = [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port)]
-        # No --proxy-headers: Porthole trusts forwarded headers only from PORTHOLE_TRUSTED_PROXIES.
-        # A burst of hundreds of viewers takes longer than Daphne's 5 s handshake and 10 s
-        # close defaults to get through (docs/deploy.md).
-        args += ["--websocket_connect_timeout", "60", "--application-close-timeout", "60"]
-        args += ["dashboard.asgi:application"]
+        program, *args = command_line("127.0.0.1", port)
+        args = [str(VENV_BIN / program), *args]
         proc = _spawn(name, args, {**self.env, **(extra_env or {})}, port)
         self.procs.append(proc)
         self._wait_healthy(proc)

@@ -1,4 +1,4 @@
-"""Team mode behind a real proxy: nginx (the deployed locations) in front of two plain Daphne
+"""Team mode behind a real proxy: nginx (the deployed locations) in front of two plain uvicorn
 web workers and a bridges worker, on PostgreSQL and Redis; a browser viewer on one worker
 sees a session that another process records, live, under the production CSP."""
 
@@ -69,7 +69,8 @@ def storage_state(user: User, proxy: Proc) -> dict[str, Any]:
 
 
 def served_socket(worker: Proc, session: AgentSession) -> bool:
-    return f"WSCONNECT /ws/sessions/{session.id}/" in worker.output()
+    """Whether `worker` accepted a socket of `session`'s page (uvicorn logs each one)."""
+    return f'"WebSocket /ws/sessions/{session.id}/" [accepted]' in worker.output()
 
 
 def test_it_shows_a_session_live_through_nginx_from_a_worker_that_does_not_record_it(

@@ -1,4 +1,4 @@
-"""The Redis channel layer under a real Daphne worker: idle viewers stay, bursts succeed.
+"""The Redis channel layer under a real uvicorn worker: idle viewers stay, bursts succeed.
 
 redis-py 8 reads with a 5 s socket timeout by default, shorter than channels-redis' 5 s
 BZPOPMIN, and its asyncio pool raises at 100 connections instead of waiting; both used to

@@ -1,7 +1,7 @@
-"""`manage.py serve`: run Porthole (Daphne) with its bridge supervisor in the same loop.
+"""`manage.py serve`: run Porthole (uvicorn) with its bridge supervisor in the same loop.
 
-Web workers can also run as plain `daphne dashboard.asgi:application` with the bridges in
-`manage.py bridges`; `serve` does both for one machine.
+Web workers can also run as plain `uvicorn` (`dashboard.webserver.command_line`) with the
+bridges in `manage.py bridges`; `serve` does both for one machine.
 
 With no `OPENCOMPUTER_API_URL`, it first starts the embedded sandbox server as a child
 process on loopback with a fresh API key, and points Porthole at it: one command, no
@@ -11,10 +11,12 @@ layer, the fragments they publish reach this process's viewers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -27,23 +29,6 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 LISTENING = re.compile(r"listening on (http://\S+)")
-
-
-def daphne_options() -> dict[str, Any]:
-    """Daphne's settings for Porthole's web worker (also what `bench/fanout.py` serves with).
-
-    A burst of hundreds of sockets (a deploy, a network blip, a link posted in a busy chat)
-    queues every handshake behind the database hops of the ones before it: with Daphne's
-    own 5 s handshake timeout, a burst of 300 on two cores lost a quarter of its sockets
-    (`bench/fanout.py`). 60 s to accept and to clean up is what docs/deploy.md gives plain
-    `daphne` (`--websocket_connect_timeout 60` sets both the handshake and connect timeouts).
-    """
-    return {
-        "websocket_timeout": 86400,
-        "websocket_handshake_timeout": 60,
-        "websocket_connect_timeout": 60,
-        "application_close_timeout": 60,
-    }
 
 
 class Command(BaseCommand):
@@ -69,13 +54,12 @@ class Command(BaseCommand):
         parser.add_argument("--no-bridges", action="store_true", help="do not run bridges here")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        # Import order matters to Twisted: daphne.server installs the asyncio reactor.
-        from daphne.server import Server, twisted_loop
-        from twisted.internet import reactor
+        import uvicorn
 
         from dashboard.agents.supervisor import BridgeSupervisor, worker_id
         from dashboard.asgi import application
         from dashboard.awareness.dispatcher import run_forever as run_webhooks
+        from dashboard.webserver import uvicorn_config
 
         child = None
         if not settings.OPENCOMPUTER_API_URL:
@@ -94,33 +78,40 @@ class Command(BaseCommand):
                 "Not running bridges here: run `manage.py bridges` beside this process, "
                 "or started sessions will not be recorded."
             )
-
-        def start_supervisor() -> None:
-            if supervisor is not None:
-                twisted_loop.create_task(supervisor.run(), name="bridge-supervisor")
-                # One machine, one command: webhooks go out from here too (several workers
-                # may each run a dispatcher; deliveries stay at most once per event).
-                twisted_loop.create_task(run_webhooks(), name="webhooks")
-
-        reactor.callWhenRunning(start_supervisor)
         host, port = options["host"], options["port"]
         self.host, self.port = host, port
-        endpoint = f"tcp:port={port}:interface={host.strip('[]')}"
+        server = uvicorn.Server(uvicorn_config(application, host.strip("[]"), port))
+
+        async def run() -> None:
+            background = []
+            if supervisor is not None:
+                background.append(asyncio.create_task(supervisor.run(), name="bridge-supervisor"))
+                # One machine, one command: webhooks go out from here too (several workers
+                # may each run a dispatcher; deliveries stay at most once per event).
+                background.append(asyncio.create_task(run_webhooks(), name="webhooks"))
+            try:
+                await server.serve()
+            finally:
+                if supervisor is not None:
+                    with contextlib.suppress(Exception):
+                        await supervisor.stop()
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+
         self.stdout.write(
             f"Porthole on http://{host}:{port}/  (API: {settings.OPENCOMPUTER_API_URL})"
         )
         self._first_run_hint()
+        # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again
+        # to the handlers it found: these, so that the bridges and the embedded sandbox
+        # server are stopped below rather than the process ended on the spot.
+        stopped = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda signum, frame: stopped.append(signum))
         try:
-            Server(
-                application=application,
-                endpoints=[endpoint],
-                signal_handlers=True,
-                **daphne_options(),
-            ).run()
+            asyncio.run(run())
         finally:
-            if supervisor is not None and not twisted_loop.is_closed():
-                with contextlib.suppress(Exception):
-                    twisted_loop.run_until_complete(supervisor.stop())
             if child is not None:
                 child.terminate()
                 try:
