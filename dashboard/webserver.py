@@ -31,6 +31,9 @@ OPTIONS: dict[str, Any] = {
     "proxy_headers": False,
     "access_log": False,
     "server_header": False,
+    # Longer than nginx keeps an idle upstream connection (60 s): closed first by this side,
+    # a connection nginx had just picked for a POST would fail it with a 502.
+    "timeout_keep_alive": 75,
     # SIGTERM: sockets are told 1012 (pages reconnect elsewhere) and requests get this long.
     "timeout_graceful_shutdown": 10,
 }

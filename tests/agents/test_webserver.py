@@ -49,6 +49,13 @@ def test_it_gives_every_deployment_file_the_same_command_line() -> None:
     assert ["uvicorn", *args] == command_line("127.0.0.1", 8001)
 
 
+def test_it_keeps_idle_connections_open_longer_than_nginx_does() -> None:
+    site = (ROOT / "deploy" / "nginx" / "porthole.conf").read_text()
+    upstream = re.search(r"keepalive_timeout (\d+)s;", site)
+    assert upstream is not None
+    assert OPTIONS["timeout_keep_alive"] > int(upstream.group(1))
+
+
 @pytest.fixture
 async def served() -> AsyncIterator[int]:
     """The ASGI application under uvicorn with `manage.py serve`'s options, on loopback in

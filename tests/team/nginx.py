@@ -53,6 +53,7 @@ http {{
     upstream porthole_web {{
 {servers}
         keepalive 16;
+        keepalive_timeout 60s;
     }}
     server {{
         listen 127.0.0.1:{port};
