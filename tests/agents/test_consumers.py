@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 
+import channels.consumer
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -228,6 +229,32 @@ async def test_it_stops_at_the_window_and_resumes_from_the_database_on_ack(alice
     await _record(session, 16)
     assert await _seqs_until(viewer, 16) == [16]
     await viewer.disconnect()
+
+
+async def test_it_takes_a_pages_acknowledgements_without_a_hop_to_a_thread(alice, monkeypatch):
+    """Channels closes stale database connections, in a thread, before every message it
+    dispatches; a page's acknowledgements need no database, and hundreds of viewers send
+    one a second each."""
+    hops: list[str] = []
+    hygiene = channels.consumer.aclose_old_connections
+
+    async def counted() -> None:
+        hops.append("hop")
+        await hygiene()
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+    monkeypatch.setattr(viewers, "WINDOW", 10)
+    session = await _session()
+    viewer = await _viewer(session, alice)
+    await _hello(viewer)
+    await _record(session, *range(1, 13))
+    assert await _seqs_until(viewer, 10) == list(range(1, 11))
+    before = len(hops)
+    await viewer.send_json_to({"ack": 10})
+    assert await _seqs_until(viewer, 12) == [11, 12]  # taken: the window moved on
+    assert len(hops) == before
+    await viewer.disconnect()
+    assert len(hops) == before + 1  # the disconnect is dispatched as before
 
 
 async def test_it_subscribes_once_per_session_and_shares_one_frame(alice, bob, charlie, members):
