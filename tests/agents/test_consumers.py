@@ -211,11 +211,17 @@ async def _caught_up(viewer: WebsocketCommunicator) -> None:
         pass
 
 
-async def test_it_stops_at_the_window_and_resumes_from_the_database_on_ack(alice, monkeypatch):
+async def _within_a_window_of_ten(user, monkeypatch):  # type: ignore[no-untyped-def]
+    """A new session, and `user`'s viewer of it, greeted, with a flow-control window of 10."""
     monkeypatch.setattr(viewers, "WINDOW", 10)
     session = await _session()
-    viewer = await _viewer(session, alice)
+    viewer = await _viewer(session, user)
     await _hello(viewer)
+    return session, viewer
+
+
+async def test_it_stops_at_the_window_and_resumes_from_the_database_on_ack(alice, monkeypatch):
+    session, viewer = await _within_a_window_of_ten(alice, monkeypatch)
     await _record(session, *range(1, 9))
     assert await _seqs_until(viewer, 8) == list(range(1, 9))
     # The page stops acknowledging: the live batch would pass the window, so it is dropped
@@ -243,10 +249,7 @@ async def test_it_takes_a_pages_acknowledgements_without_a_hop_to_a_thread(alice
         await hygiene()
 
     monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
-    monkeypatch.setattr(viewers, "WINDOW", 10)
-    session = await _session()
-    viewer = await _viewer(session, alice)
-    await _hello(viewer)
+    session, viewer = await _within_a_window_of_ten(alice, monkeypatch)
     await _record(session, *range(1, 13))
     assert await _seqs_until(viewer, 10) == list(range(1, 11))
     before = len(hops)
