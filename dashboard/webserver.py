@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# Application is Django's: it neither speaks lifespan nor needs it.
+import uvicorn
+
 OPTIONS: dict[str, Any] = {
     "ws": "websockets-sansio",
     # Compressing every frame once per viewer (each socket has its own compressor) would
@@ -25,7 +26,7 @@ OPTIONS: dict[str, Any] = {
     "ws_per_message_deflate": False,
     # A page sends only its hello, acknowledgements and the list's rows (about 20 KiB).
     "ws_max_size": 1024 * 1024,
-    "lifespan": "off",
+    "lifespan": "off",  # the application is Django's: it neither speaks lifespan nor needs it
     # Which proxies to believe is PORTHOLE_TRUSTED_PROXIES' call, in the application:
     # uvicorn would otherwise rewrite the peer from X-Forwarded-For for any loopback peer.
     "proxy_headers": False,
@@ -39,10 +40,8 @@ OPTIONS: dict[str, Any] = {
 }
 
 
-def uvicorn_config(application: Any, host: str, port: int, **overrides: Any) -> Any:
+def uvicorn_config(application: Any, host: str, port: int, **overrides: Any) -> uvicorn.Config:
     """The server's configuration for this process; logging is Django's (`LOGGING`)."""
-    import uvicorn
-
     return uvicorn.Config(
         application, host=host, port=port, log_config=None, **{**OPTIONS, **overrides}
     )

@@ -106,9 +106,8 @@ class Command(BaseCommand):
         # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again
         # to the handlers it found: these, so that the bridges and the embedded sandbox
         # server are stopped below rather than the process ended on the spot.
-        stopped = []
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda signum, frame: stopped.append(signum))
+            signal.signal(signum, lambda signum, frame: None)
         try:
             asyncio.run(run())
         finally:
