@@ -362,6 +362,19 @@ class Feed(GroupMember):
         for viewer in list(self.viewers):
             await self._hand(viewer.live_presence, watchers)
 
+    async def _recount(self) -> None:
+        """The watcher list as the database has it now, handed out if it changed. Nothing
+        else would correct it: an announcement the live layer lost, or the viewers of a
+        worker that died (their rows stop counting, and nobody announces that)."""
+        try:
+            current = await self.presence.current()
+        except Exception:
+            log.exception("could not count the watchers of session %s", self.session_id)
+            return
+        if current != self._latest_watchers:
+            self._latest_watchers = current
+            self._deliveries.poke()
+
     async def _hand(self, method: Any, *args: Any) -> None:
         try:
             await method(*args)
@@ -369,11 +382,13 @@ class Feed(GroupMember):
             log.exception("a viewer of session %s failed to take a message", self.session_id)
 
     async def _keep(self) -> None:
-        """Keep this worker's viewers counted as watching, and its group membership alive."""
+        """Keep this worker's viewers counted as watching, their watcher list true, and its
+        group membership alive."""
         since_join = 0.0
         while True:
             await asyncio.sleep(REFRESH)
             await self.presence.refresh(viewer.channel_name for viewer in self.viewers)
+            await self._recount()
             since_join += REFRESH
             if since_join >= REJOIN_EVERY:
                 since_join = 0.0

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from datetime import timedelta
 
 import channels.consumer
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.utils import timezone
 
 from dashboard.agents import consumers, fanout, presence, viewers
 from dashboard.agents.fanout import hub_for
-from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.models import AgentSession, Event, Sandbox, Watcher
 from dashboard.agents.recording import NewEvent, live_layer, publish, record, session_group
 from dashboard.asgi import application
 from tests.agents.helpers import ORIGIN, communicator, cookie_for, wait_for
@@ -309,6 +311,29 @@ async def test_it_announces_watchers_coalesced(alice, monkeypatch):
     # second); the pages that just opened got the list as last rendered.
     assert feed.presence.updates.runs == 1 and feed.presence.updates.pending
     assert renders <= 2
+
+
+async def test_it_corrects_a_watcher_list_that_nobody_announced(alice, bob, monkeypatch):
+    """A watcher list announcement can be lost (the live layer delivers at most once), and
+    the viewers of a worker that died stop counting without one: every `REFRESH` a feed
+    counts again and hands out what changed."""
+    monkeypatch.setattr(fanout, "REFRESH", 0.1)
+    session = await _session()
+    viewer = await _viewer(session, alice)
+    await _hello(viewer)
+    assert "alice" in await _frames_until(viewer, 'id="watchers"')
+    # Bob watches from another worker whose announcement never came.
+    await Watcher.objects.acreate(channel_name="viewer.elsewhere", session=session, user=bob)
+    frames = await _frames_until(viewer, "bob")
+    assert "alice" in frames.rsplit('id="watchers"', 1)[1]
+    # That worker dies: its row goes stale, and nobody announces the departure.
+    stale = timezone.now() - timedelta(seconds=presence.WATCHER_TTL + 1)
+    await Watcher.objects.filter(channel_name="viewer.elsewhere").aupdate(seen_at=stale)
+    frame = ""
+    while 'id="watchers"' not in frame or "bob" in frame:
+        frame = await viewer.receive_from(timeout=5)
+    assert "alice" in frame
+    await viewer.disconnect()
 
 
 async def _true(value: bool) -> bool:
