@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
-from tests.e2e.conftest import Porthole
+from tests.e2e.conftest import Porthole, run_porthole
 
 
 def _process_group(pgid: int) -> list[Path]:
@@ -42,3 +43,27 @@ def test_it_keeps_the_embedded_servers_key_off_every_command_line(porthole: Port
     for proc in _process_group(porthole.process.pid):
         cmdline = _read(proc / "cmdline")
         assert keys[0] not in cmdline, cmdline.replace(b"\0", b" ")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            stat = _read(proc / "stat").decode(errors="replace")
+            if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+    return found
+
+
+def test_it_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """What `systemctl stop` and the compose file send: the web server closes its sockets,
+    the bridges stop, the embedded sandbox server goes with them, and serve exits 0 (it
+    used to be Daphne's job; under uvicorn serve has to keep the signal from ending the
+    process before any of that)."""
+    with run_porthole(tmp_path, "sigterm") as server:
+        sandbox_server = _children(server.process.pid)
+        assert sandbox_server, "serve starts the embedded sandbox server as its child"
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0, server.output()
+        assert not any(Path(f"/proc/{pid}").exists() for pid in sandbox_server)
+        assert "Finished server process" in server.output()
