@@ -318,6 +318,17 @@ def _database_url_for_children() -> str:
     return f"postgres://{user}{password}@{host}{port}/{db['NAME']}"
 
 
+def _until_ready(worker: subprocess.Popen[str]) -> str:
+    """A worker's output up to the line that says its signal handlers are in place."""
+    assert worker.stdout is not None
+    seen = []
+    for line in worker.stdout:
+        seen.append(line)
+        if "Delivering webhooks" in line:
+            break
+    return "".join(seen)
+
+
 def test_it_delivers_once_across_two_worker_processes(tmp_path):
     """`manage.py webhooks` twice, as two real processes, stopped with SIGTERM."""
     with receiver() as target:
@@ -346,12 +357,18 @@ def test_it_delivers_once_across_two_worker_processes(tmp_path):
             )
             for _ in range(2)
         ]
+        # Both able to stop gracefully before they are asked to: one still importing Django
+        # when the other had delivered everything died of the SIGTERM, as it should.
+        said = [_until_ready(worker) for worker in workers]
         try:
             wait_until(lambda: len(target.received()) >= len(expected) and all_settled(), 60)
         finally:
             for worker in workers:
                 worker.send_signal(signal.SIGTERM)
-            outputs = [worker.communicate(timeout=30)[0] for worker in workers]
+            outputs = [
+                before + worker.communicate(timeout=30)[0]
+                for before, worker in zip(said, workers, strict=True)
+            ]
         assert [w.returncode for w in workers] == [0, 0], outputs
         got = Counter()
         for request in target.received():
