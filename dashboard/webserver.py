@@ -40,6 +40,10 @@ OPTIONS: dict[str, Any] = {
 }
 
 
+# Options uvicorn's command line takes as --name / --no-name rather than --name VALUE.
+_SWITCHES = {"proxy_headers", "access_log", "server_header"}
+
+
 def uvicorn_config(application: Any, host: str, port: int, **overrides: Any) -> uvicorn.Config:
     """The server's configuration for this process; logging is Django's (`LOGGING`)."""
     return uvicorn.Config(
@@ -57,6 +61,3 @@ def command_line(host: str, port: int, app: str = "dashboard.asgi:application") 
         else:
             flags += [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]
     return ["uvicorn", *flags, app]
-
-
-_SWITCHES = {"proxy_headers", "access_log", "server_header"}

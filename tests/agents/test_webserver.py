@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection as Connection
 from dashboard.agents.models import AgentSession, Sandbox
 from dashboard.agents.recording import publish, session_group
 from dashboard.webserver import OPTIONS, command_line, uvicorn_config
-from tests.agents.helpers import cookie_for
+from tests.agents.helpers import cookie_for, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ = re.compile(r'data-seq="(\d+)"')
@@ -66,9 +66,11 @@ async def served() -> AsyncIterator[int]:
     listening.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn_config(application, "127.0.0.1", 0))
     serving = asyncio.create_task(server.serve(sockets=[listening]))
-    async with asyncio.timeout(10):
-        while not server.started:
-            await asyncio.sleep(0.01)
+
+    async def started() -> bool:
+        return server.started
+
+    await wait_for(started, 10)
     try:
         yield listening.getsockname()[1]
     finally:

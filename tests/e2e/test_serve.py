@@ -8,7 +8,9 @@ from pathlib import Path
 from tests.e2e.conftest import Porthole, run_porthole
 
 
-def _process_group(pgid: int) -> list[Path]:
+def _processes(field: int, value: int) -> list[Path]:
+    """Processes whose /proc stat field `field` (counted after the parenthesised name, which
+    may hold spaces: 1 is the parent's pid, 2 the group id) is `value`."""
     procs = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -17,11 +19,13 @@ def _process_group(pgid: int) -> list[Path]:
             stat = (proc / "stat").read_text()
         except OSError:
             continue
-        # Field 5 (after the parenthesised name, which may hold spaces) is the group id.
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid:
+        if int(stat.rsplit(")", 1)[1].split()[field]) == value:
             procs.append(proc)
     return procs
+
+
+def _process_group(pgid: int) -> list[Path]:
+    return _processes(2, pgid)
 
 
 def _read(path: Path) -> bytes:
@@ -45,25 +49,15 @@ def test_it_keeps_the_embedded_servers_key_off_every_command_line(porthole: Port
         assert keys[0] not in cmdline, cmdline.replace(b"\0", b" ")
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            stat = _read(proc / "stat").decode(errors="replace")
-            if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(proc.name))
-    return found
-
-
 def test_it_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     """What `systemctl stop` and the compose file send: the web server closes its sockets,
     the bridges stop, the embedded sandbox server goes with them, and serve exits 0 (it
     used to be Daphne's job; under uvicorn serve has to keep the signal from ending the
     process before any of that)."""
     with run_porthole(tmp_path, "sigterm") as server:
-        sandbox_server = _children(server.process.pid)
+        sandbox_server = _processes(1, server.process.pid)  # serve's children
         assert sandbox_server, "serve starts the embedded sandbox server as its child"
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=30) == 0, server.output()
-        assert not any(Path(f"/proc/{pid}").exists() for pid in sandbox_server)
+        assert not any(proc.exists() for proc in sandbox_server)
         assert "Finished server process" in server.output()
