@@ -6,9 +6,7 @@ worker exposes its own with `start_metrics_server()` when PORTHOLE_METRICS_PORT 
 What the database knows (sessions by status, leases held, viewers, events stored) is read
 from it when scraped (dashboard/ops.py), so it is the same on every worker.
 
-Wired so far: see each metric's note. Not yet incremented anywhere are marked TODO: the
-code that knows the moment (bridge, recording, consumers) belongs to others and should
-call them.
+Each metric's note says what counts it.
 """
 
 from __future__ import annotations
@@ -19,7 +17,8 @@ from prometheus_client import Counter, Histogram
 EVENTS_RECORDED = Counter(
     "porthole_events_recorded", "Events this process recorded (committed to the database)"
 )
-# TODO(bridge): observe(seconds) from a frame read upstream to its event committed.
+# Observed by the bridge for each event it records: from reading the frame it came in (for
+# an event of the bridge's own, such as a reconnection's note: from making it) to the commit.
 RECORDING_LAG = Histogram(
     "porthole_recording_lag_seconds",
     "Time from reading a frame upstream to committing its events",
@@ -35,9 +34,10 @@ UPSTREAM_LAG_RECONNECTS = Counter(
     "porthole_upstream_lag_reconnects",
     "Upstream exec sockets this process reconnected because its reader fell behind",
 )
-# Counted by dashboard.redis_layer for direct sends (ChannelFull, Redis errors). TODO(consumers,
-# recording.publish): labels(reason).inc() where a group send or a transient error is caught;
-# or a message is dropped: reason "full" (ChannelFull), "error" (a transient layer error).
+# Counted where a message goes missing: a direct send on Redis that fails
+# (dashboard.redis_layer: reason "full", the channel's capacity reached; "error", Redis
+# failed), and a session's live message that a feed found never arrived (fanout.Feed:
+# "lost"; its viewers are caught up from the database).
 LAYER_DROPS = Counter(
     "porthole_channel_layer_drops",
     "Channel-layer messages dropped or failed in this process",

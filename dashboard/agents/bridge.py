@@ -106,7 +106,10 @@ EVENTS_AHEAD = 2_000
 PARSE_SLICE = 50  # lines turned into events between two looks at the socket
 
 StreamOpener = Callable[[str, str], Awaitable[ExecStream]]
-Chunk = tuple[str, bytes] | int | None  # read output (source, bytes), an exit code, the end
+# Read output (source, bytes, when it was read: the loop's clock), an exit code, the end.
+Chunk = tuple[str, bytes, float] | int | None
+# Events for the recorder and when what they came from was read (`metrics.RECORDING_LAG`).
+Batch = tuple[list[NewEvent], float]
 
 
 def backoff_delay(attempt: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
@@ -346,7 +349,7 @@ class Bridge:
         self.ended = False  # the session exited or was lost: nothing more to record
         self.complete = False  # recorded to the end, and that indexed
         self._stream: ExecStream | None = None
-        self._queue: asyncio.Queue[list[NewEvent] | None] = asyncio.Queue()  # None: done
+        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue()  # None: done
         self._queued = 0  # events in `_queue`
         self._recorded = asyncio.Event()  # the recorder took events from `_queue`
         self._unparsed = 0  # bytes read from the socket, not yet parsed
@@ -420,10 +423,11 @@ class Bridge:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _hand_over(self, events: list[NewEvent]) -> None:
+    def _hand_over(self, events: list[NewEvent], read_at: float | None = None) -> None:
         if events:
             self._queued += len(events)
-            self._queue.put_nowait(events)
+            loop = asyncio.get_running_loop()
+            self._queue.put_nowait((events, loop.time() if read_at is None else read_at))
 
     async def _read(self, sandbox_id: str, session_id: str) -> None:
         attempt = fruitless = 0
@@ -524,7 +528,7 @@ class Bridge:
                         Event.Source.AGENT if isinstance(frame, Stdout) else Event.Source.STDERR
                     )
                     self._unparsed += len(frame.data)
-                    chunks.put_nowait((source, frame.data))
+                    chunks.put_nowait((source, frame.data, asyncio.get_running_loop().time()))
                 elif isinstance(frame, Exit):
                     chunks.put_nowait(frame.code)
                     exited = True
@@ -562,14 +566,14 @@ class Bridge:
             if isinstance(chunk, int):
                 self._exit(chunk)
                 continue
-            source, data = chunk
+            source, data, read_at = chunk
             self._unparsed -= len(data)
             lines = self._assemblers.setdefault(source, JSONLineAssembler()).feed(data)
             for start in range(0, len(lines), PARSE_SLICE):
                 while self._queued > EVENTS_AHEAD and not self._connection_ended:
                     self._recorded.clear()
                     await self._recorded.wait()
-                self._hand_over(self._events(source, lines[start : start + PARSE_SLICE]))
+                self._hand_over(self._events(source, lines[start : start + PARSE_SLICE]), read_at)
                 stream = self._stream
                 if stream is not None and self._lag_cap > 0 and self._behind(stream):
                     stream.abort()  # the reader sees the end and reconnects (for lag)
@@ -677,27 +681,32 @@ class Bridge:
         while True:
             item = await self._queue.get()
             done = item is None
-            events: list[NewEvent] = list(item or [])
-            while not done and len(events) < RECORD_SLICE and not self._queue.empty():
-                more = self._queue.get_nowait()
-                if more is None:
-                    done = True
-                else:
-                    events += more
+            events: list[NewEvent] = []
+            read_at: list[float] = []  # each event's
+            while item is not None:
+                events += item[0]
+                read_at += [item[1]] * len(item[0])
+                if len(events) >= RECORD_SLICE or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+                done = item is None
             self._queued -= len(events)
             self._recorded.set()
-            await self._record(events)
+            await self._record(events, read_at)
             if done:
                 return
 
-    async def _record(self, events: list[NewEvent]) -> None:
+    async def _record(self, events: list[NewEvent], read_at: list[float]) -> None:
         """Store, render and publish in slices, so the first event of a flood is not held
         back until the last one is rendered."""
         assert self.lease is not None
+        loop = asyncio.get_running_loop()
         for start in range(0, len(events), RECORD_SLICE):
-            rows, messages = await _record(
-                events[start : start + RECORD_SLICE], self._tools, self.lease
-            )
+            end = start + RECORD_SLICE
+            rows, messages = await _record(events[start:end], self._tools, self.lease)
+            committed = loop.time()
+            for when in read_at[start:end]:
+                metrics.RECORDING_LAG.observe(committed - when)
             await publish(messages)
             await self._index.hold(rows)
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from urllib.parse import urlsplit
 
 import pytest
+from django.db import connections, transaction
 from prometheus_client import REGISTRY
 
 from dashboard.agents.bridge import Bridge
+from dashboard.agents.models import AgentSession
 from dashboard.logs import SessionFilter
 from dashboard.opencomputer import connect_stream, stream_url
 from tests.agents.helpers import wait_for
@@ -74,3 +77,47 @@ async def test_it_counts_what_a_bridge_records_and_names_its_session_in_the_log(
     assert bridge_lines, "the bridge logged nothing at DEBUG"
     assert {getattr(r, "session_id", "") for r in bridge_lines} == {str(session.id)}
     assert await _stored(session)
+
+
+def _lag_sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"porthole_recording_lag_seconds_{name}", labels) or 0.0
+
+
+async def test_it_measures_recording_lag_from_the_read_to_the_commit(oc):
+    """`porthole_recording_lag_seconds` has each recorded event once, and counts from the
+    moment its frame was read: a frame read while another connection held the database's
+    writes back (a busy or frozen writer) waited longer than the hold."""
+    hold_for = 0.6  # inside PostgreSQL's 2 s bound on a record's lock wait
+    client, sandbox_id, session_id = await _start(oc, "Hello\nexit 0")
+    session = await _new_session(sandbox_id, session_id)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with transaction.atomic():  # on SQLite: every write waits (IMMEDIATE)
+            AgentSession.objects.select_for_update().get(id=session.id)
+            locked.set()
+            release.wait(30)
+        connections.close_all()
+
+    count, within = _lag_sample("count"), _lag_sample("bucket", le="0.5")
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert await asyncio.to_thread(locked.wait, 10)
+        bridge = Bridge(str(session.id), "test-worker")
+        task = asyncio.create_task(bridge.run())
+
+        async def read_something() -> bool:
+            return bridge._frames >= 1
+
+        await wait_for(read_something)
+        await asyncio.sleep(hold_for)  # the fault: writes held back this long after a read
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 30)
+    await asyncio.wait_for(task, 30)
+    await client.aclose()
+
+    stored = await _count(session)
+    assert _lag_sample("count") - count == stored
+    assert _lag_sample("bucket", le="0.5") - within < stored  # at least one waited longer
