@@ -37,6 +37,31 @@ class SessionFilter(logging.Filter):
         return True
 
 
+# What uvicorn (and the websockets library under it) logs at INFO for every WebSocket: its
+# handshake's outcome, then "connection open" and "connection closed". With hundreds of
+# viewers that is most of a worker's log; like uvicorn's HTTP access lines (kept at
+# WARNING below) they are left out unless LOG_LEVEL is DEBUG. `porthole_viewers_here`
+# counts the sockets instead.
+_SOCKET_CHATTER = frozenset(
+    {
+        '%s - "WebSocket %s" [accepted]',
+        '%s - "WebSocket %s" 403',
+        '%s - "WebSocket %s" %d',
+        "connection open",
+        "connection closed",
+    }
+)
+
+
+class SocketChatterFilter(logging.Filter):
+    """Drops each WebSocket's INFO lines (`_SOCKET_CHATTER`) unless the root logs DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or record.msg not in _SOCKET_CHATTER:
+            return True
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -73,7 +98,10 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"session": {"()": "dashboard.logs.SessionFilter"}},
+        "filters": {
+            "session": {"()": "dashboard.logs.SessionFilter"},
+            "socket_chatter": {"()": "dashboard.logs.SocketChatterFilter"},
+        },
         "formatters": {
             "text": {
                 "()": "dashboard.logs.TextFormatter",
@@ -94,7 +122,7 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
             # uvicorn's command line sets up its own handlers and format first: these send
             # its records through the one handler above, in LOG_FORMAT, like everything else.
             "uvicorn": {"handlers": [], "propagate": True},
-            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True, "filters": ["socket_chatter"]},
             "uvicorn.access": {"handlers": [], "propagate": True, "level": "WARNING"},
             "django.channels.server": {"level": "WARNING"},
             # Axes logs every attempt at INFO; failures and lockouts stay at WARNING.

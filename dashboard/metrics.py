@@ -11,7 +11,7 @@ Each metric's note says what counts it.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Counted by recording.record after each committed batch.
 EVENTS_RECORDED = Counter(
@@ -43,6 +43,9 @@ LAYER_DROPS = Counter(
     "Channel-layer messages dropped or failed in this process",
     ["reason"],
 )
+# Kept by the hub (agents.fanout.Hub) as sockets join and leave a session's feed: how a load
+# balancer spreads viewers over the workers (the database's porthole_viewers is the total).
+VIEWERS_HERE = Gauge("porthole_viewers_here", "Session sockets open on this process")
 # Counted by the supervisor (claims) and the bridge (fenced out by another worker).
 LEASES_CLAIMED = Counter("porthole_leases_claimed", "Bridge leases this process claimed")
 LEASES_LOST = Counter("porthole_leases_lost", "Bridge leases this process lost (fenced out)")

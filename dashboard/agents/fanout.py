@@ -50,7 +50,7 @@ from dashboard.agents.models import AgentSession
 from dashboard.agents.presence import INTERVAL, REFRESH, Coalescer, Presence
 from dashboard.agents.recording import render_state, session_group
 from dashboard.agents.viewers import Batch, StateFrames
-from dashboard.metrics import LAYER_DROPS
+from dashboard.metrics import LAYER_DROPS, VIEWERS_HERE
 
 log = logging.getLogger(__name__)
 
@@ -468,6 +468,8 @@ class Hub:
         feed = self.feeds.get(session_id)
         if feed is None:
             feed = self.feeds[session_id] = Feed(self.live, session_id)
+        if viewer not in feed.viewers:
+            VIEWERS_HERE.inc()
         feed.viewers[viewer] = None
         try:
             await feed.ready()
@@ -480,7 +482,9 @@ class Hub:
         feed = self.feeds.get(session_id)
         if feed is None:
             return
-        feed.viewers.pop(viewer, None)
+        if viewer in feed.viewers:
+            del feed.viewers[viewer]
+            VIEWERS_HERE.dec()
         if not feed.viewers:
             del self.feeds[session_id]
             await feed.stop()

@@ -13,6 +13,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.utils import timezone
+from prometheus_client import REGISTRY
 
 from dashboard.agents import consumers, fanout, presence, viewers
 from dashboard.agents.fanout import hub_for
@@ -412,3 +413,27 @@ async def test_it_catches_viewers_up_only_on_what_did_not_come_by_the_next_look(
     assert await _seqs_until(viewer, 2) == [2]
     assert catch_ups == [1]
     await viewer.disconnect()
+
+
+def _viewers_here() -> float:
+    return REGISTRY.get_sample_value("porthole_viewers_here") or 0.0
+
+
+async def test_it_counts_the_sockets_open_on_this_worker(alice, bob):
+    """`porthole_viewers_here` (this process's /metrics): one per open session socket, a
+    viewer joining twice counted once, and none left once they have gone."""
+    before = _viewers_here()
+    first, second = await _session(), await _session_elsewhere()
+    pairs = [(first, alice), (first, bob), (second, alice)]
+    watching = [await _viewer(session, user) for session, user in pairs]
+    for viewer in watching:
+        await _hello(viewer)
+        await _caught_up(viewer)
+    assert _viewers_here() - before == 3
+    hub = hub_for(get_channel_layer(), live_layer())
+    viewer = next(iter(hub.feeds[str(first.id)].viewers))
+    await hub.join(str(first.id), viewer)  # already there
+    assert _viewers_here() - before == 3
+    for viewer in watching:
+        await viewer.disconnect()
+    assert _viewers_here() == before

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shlex
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from websockets.asyncio.client import ClientConnection as Connection
 
 from dashboard.agents.models import AgentSession, Sandbox
 from dashboard.agents.recording import publish, session_group
+from dashboard.logs import SocketChatterFilter
 from dashboard.webserver import OPTIONS, command_line, uvicorn_config
 from tests.agents.helpers import cookie_for, wait_for
 
@@ -56,8 +59,17 @@ def test_it_keeps_idle_connections_open_longer_than_nginx_does() -> None:
     assert OPTIONS["timeout_keep_alive"] > int(upstream.group(1))
 
 
+@dataclass
+class Served:
+    port: int
+    server: uvicorn.Server
+
+    def connections(self) -> int:
+        return len(self.server.server_state.connections)
+
+
 @pytest.fixture
-async def served() -> AsyncIterator[int]:
+async def served() -> AsyncIterator[Served]:
     """The ASGI application under uvicorn with `manage.py serve`'s options, on loopback in
     this test's event loop (the in-memory layers are this process's)."""
     from dashboard.asgi import application
@@ -72,7 +84,7 @@ async def served() -> AsyncIterator[int]:
 
     await wait_for(started, 10)
     try:
-        yield listening.getsockname()[1]
+        yield Served(listening.getsockname()[1], server)
     finally:
         server.should_exit = True
         async with asyncio.timeout(20):
@@ -97,8 +109,9 @@ async def _open(port: int, session: AgentSession, cookie: bytes, **options: Any)
 
 @pytest.mark.django_db(transaction=True)
 async def test_it_never_lets_a_viewer_that_stopped_reading_hold_up_the_others(
-    served: int, alice: User
+    served: Served, alice: User
 ) -> None:
+    port = served.port
     session = await _session()
     cookie = await database_sync_to_async(cookie_for)(alice)
     # The first to join the worker's feed, so the feed hands it each frame first. It reads
@@ -107,9 +120,9 @@ async def test_it_never_lets_a_viewer_that_stopped_reading_hold_up_the_others(
     stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(stuck, ("127.0.0.1", served))
-    stalled = await _open(served, session, cookie, sock=stuck, max_queue=1, max_size=None)
-    reader = await _open(served, session, cookie, max_size=None)
+    await asyncio.get_running_loop().sock_connect(stuck, ("127.0.0.1", port))
+    stalled = await _open(port, session, cookie, sock=stuck, max_queue=1, max_size=None)
+    reader = await _open(port, session, cookie, max_size=None)
     # A viewer is sent nothing before its hello: a first frame says it was heard. The
     # events below are published only, never stored: the live stream is their one way in.
     async with asyncio.timeout(10):
@@ -132,3 +145,49 @@ async def test_it_never_lets_a_viewer_that_stopped_reading_hold_up_the_others(
     assert received == list(range(1, frames + 1))
     await reader.close()
     stalled.transport.abort()
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[int, str]] = []  # (the root's level then, the message)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("uvicorn", "websockets")):
+            self.lines.append((logging.getLogger().level, record.getMessage()))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_logs_each_sockets_coming_and_going_only_when_debugging(
+    served: Served, alice: User
+) -> None:
+    """uvicorn's INFO lines for every WebSocket (its handshake, "connection open" and, when
+    it closes first, "connection closed") are left out at LOG_LEVEL=INFO: hundreds of
+    viewers would fill the log with them. At DEBUG they are there."""
+    session = await _session()
+    cookie = await database_sync_to_async(cookie_for)(alice)
+    root = logging.getLogger()
+    kept, old_level = _Kept(), root.level
+    root.addHandler(kept)
+    try:
+        for level in (logging.INFO, logging.DEBUG):
+            root.setLevel(level)
+            socket_ = await _open(served.port, session, cookie)
+            async with asyncio.timeout(10):
+                await socket_.recv()  # heard: accepted and joined
+            await socket_.close()
+
+            async def gone() -> bool:  # the server has seen the connection's end
+                return served.connections() == 0
+
+            await wait_for(gone)
+    finally:
+        root.removeHandler(kept)
+        root.setLevel(old_level)
+    assert [message for level, message in kept.lines if level == logging.INFO] == []
+    debugging = " | ".join(message for level, message in kept.lines if level == logging.DEBUG)
+    assert f'"WebSocket /ws/sessions/{session.id}/" [accepted]' in debugging
+    assert "connection open" in debugging
+    # The server logs its side's close only when it closes first (not reached here).
+    closed = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, "connection closed", (), None)
+    assert not SocketChatterFilter().filter(closed)
