@@ -405,9 +405,10 @@ async def test_it_lets_a_stale_owner_send_nothing_to_the_agent(oc) -> None:
 
     @database_sync_to_async
     def make() -> tuple[AgentSession, Lease]:
-        sb = Sandbox.objects.create(upstream_id=sandbox.sandbox_id)
-        session = AgentSession.objects.create(sandbox=sb, upstream_id=agent.session_id)
-        (lease,) = leases.claim("old-owner")
+        with transaction.atomic():  # nothing else in this process claims it first
+            sb = Sandbox.objects.create(upstream_id=sandbox.sandbox_id)
+            session = AgentSession.objects.create(sandbox=sb, upstream_id=agent.session_id)
+            (lease,) = leases.claim("old-owner")
         return session, lease
 
     session, old = await make()
@@ -421,8 +422,10 @@ async def test_it_lets_a_stale_owner_send_nothing_to_the_agent(oc) -> None:
 
     @database_sync_to_async
     def take_over() -> Lease:
-        _expire(session)
-        (lease,) = leases.claim("new-owner")
+        # At once: the old bridge renewing between the two would leave nothing to claim.
+        with transaction.atomic():
+            _expire(session)
+            (lease,) = leases.claim("new-owner")
         return lease
 
     new = await take_over()
