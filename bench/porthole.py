@@ -444,11 +444,11 @@ def _timed_bridge(session_id: str, max_batch: int = 0) -> Any:
             super().__init__(*args, **kwargs)
             self.batches: list[tuple[float, int]] = []  # (published at, events)
 
-        async def _record(self, events: list[Any]) -> None:
+        async def _record(self, events: list[Any], read_at: list[float]) -> None:
             step = max_batch or len(events) or 1
             for start in range(0, len(events), step):
                 part = events[start : start + step]
-                await super()._record(part)
+                await super()._record(part, read_at[start : start + step])
                 self.batches.append((time.time(), len(part)))
 
     return TimedBridge(session_id, OWNER)
