@@ -66,10 +66,11 @@ REJOIN_EVERY = 3600.0
 # only add latency (100 viewers: p99 ×2).
 PAUSE_AFTER = 0.010
 # The live layer delivers at most once: Redis pub/sub drops what is published while a
-# worker's subscription reconnects, and any layer drops past its capacity. So a feed reads
-# the session's last seq this often: what was stored before the previous reading and has
-# still not come through the layer was lost, and the viewers catch up from the database
-# (within twice this, however quiet the session is after it).
+# worker's subscription reconnects, and any layer drops past its capacity. So each feed
+# looks at its session's last seq this often: what was stored before the previous look and
+# has still not come through the layer was lost, and the viewers catch up from the database
+# (within twice this, however quiet the session is after it). One query a look for all of a
+# worker's feeds (`Hub._verify`), however many sessions it follows.
 VERIFY_EVERY = 2.0
 _pause = asyncio.sleep
 _clock = time.perf_counter
@@ -81,6 +82,12 @@ def _latest_seq(session_id: str) -> int | None:
     next_seq = AgentSession.objects.filter(id=session_id).values_list("next_seq", flat=True)
     found = next_seq.first()
     return None if found is None else found - 1
+
+
+@database_sync_to_async
+def _latest_seqs(session_ids: list[str]) -> dict[str, int]:
+    rows = AgentSession.objects.filter(id__in=session_ids).values_list("id", "next_seq")
+    return {str(session_id): next_seq - 1 for session_id, next_seq in rows}
 
 
 @database_sync_to_async
@@ -188,6 +195,7 @@ class Feed(GroupMember):
         self._resuming: asyncio.Task[None] | None = None  # the pause, then the inbox
         self._latest_watchers: dict[str, str] | None = None
         self._latest_state: StateFrames | None = None
+        self._expected: int | None = None  # the last seq stored, as of the previous look
         self._state_version = 0
         self._rendering = asyncio.Lock()
         self._rendering_state = asyncio.Lock()
@@ -195,7 +203,6 @@ class Feed(GroupMember):
         super().__init__(layer, session_group(session_id))
 
     async def _subscribed(self) -> None:
-        self._tasks.append(asyncio.create_task(self._verify()))
         try:  # after subscribing: anything later comes through the layer
             latest = await _latest_seq(self.session_id)
         except Exception:  # then every page's hello asks the database, as it may
@@ -204,26 +211,23 @@ class Feed(GroupMember):
         if latest is not None:
             self.latest = max(latest, self.latest or 0)
 
-    async def _verify(self) -> None:
-        """Every `VERIFY_EVERY` seconds: has everything stored by the previous look come?"""
-        expected: int | None = None  # the last seq stored, as of the previous look
-        while True:
-            await _until_next_look(VERIFY_EVERY)
-            try:
-                stored = await _latest_seq(self.session_id)
-            except Exception:
-                log.exception("could not read the last seq of session %s", self.session_id)
-                continue
-            if expected is not None and (self.latest or 0) < expected:
-                LAYER_DROPS.labels("lost").inc()
-                log.warning(
-                    "feed of session %s: events up to %d never came; catching up",
-                    self.session_id,
-                    expected,
-                )
-                self.latest = expected
-                await self._everyone_missed()
-            expected = stored
+    @property
+    def subscribed(self) -> bool:
+        return self._started.done() and not self._started.cancelled()
+
+    async def look(self, stored: int | None) -> None:
+        """The session's last seq stored, read now (`Hub._verify`): has everything stored
+        by the previous look come?"""
+        expected, self._expected = self._expected, stored
+        if expected is not None and (self.latest or 0) < expected:
+            LAYER_DROPS.labels("lost").inc()
+            log.warning(
+                "feed of session %s: events up to %d never came; catching up",
+                self.session_id,
+                expected,
+            )
+            self.latest = expected
+            await self._everyone_missed()
 
     async def _everyone_missed(self) -> None:
         """Messages were lost: events, and perhaps the state that came with them."""
@@ -442,6 +446,7 @@ class Hub:
         self.live = live
         self.feeds: dict[str, Feed] = {}
         self.relays: dict[str, Relay] = {}
+        self._verifying: asyncio.Task[None] | None = None  # while there are feeds
 
     async def follow(self, group: str, member: Any) -> None:
         """Returns once messages sent to `group` reach `member` (through this worker's relay)."""
@@ -468,6 +473,8 @@ class Hub:
         feed = self.feeds.get(session_id)
         if feed is None:
             feed = self.feeds[session_id] = Feed(self.live, session_id)
+            if self._verifying is None:
+                self._verifying = asyncio.create_task(self._verify())
         if viewer not in feed.viewers:
             VIEWERS_HERE.inc()
         feed.viewers[viewer] = None
@@ -487,11 +494,35 @@ class Hub:
             VIEWERS_HERE.dec()
         if not feed.viewers:
             del self.feeds[session_id]
+            if not self.feeds and self._verifying is not None:
+                self._verifying.cancel()
+                self._verifying = None
             await feed.stop()
             try:  # the last socket went: write its departure now, not at the next tick
                 await feed.presence.flush()
             except Exception:  # noted again for the next update; stale rows expire anyway
                 log.exception("could not write the departures of session %s", session_id)
+
+    async def _verify(self) -> None:
+        """Every `VERIFY_EVERY` seconds, the last seq of every session this worker follows,
+        in one query, for each of its feeds to compare with what came (`Feed.look`)."""
+        while True:
+            await _until_next_look(VERIFY_EVERY)
+            feeds = [feed for feed in self.feeds.values() if feed.subscribed]
+            if not feeds:
+                continue
+            try:
+                stored = await _latest_seqs([feed.session_id for feed in feeds])
+            except Exception:
+                log.exception("could not read the last seqs of %d sessions", len(feeds))
+                continue
+            for feed in feeds:
+                if self.feeds.get(feed.session_id) is not feed:
+                    continue  # its last viewer left meanwhile
+                try:
+                    await feed.look(stored.get(feed.session_id))
+                except Exception:
+                    log.exception("could not catch up session %s", feed.session_id)
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, int], Hub]] = (

@@ -437,3 +437,45 @@ async def test_it_counts_the_sockets_open_on_this_worker(alice, bob):
     for viewer in watching:
         await viewer.disconnect()
     assert _viewers_here() == before
+
+
+async def test_it_looks_at_every_session_a_worker_follows_in_one_query(alice, monkeypatch):
+    """The feeds' check for lost messages is one query a look for the whole worker, not one
+    per session: two sessions watched, each look reads both, and each catches its own
+    viewer up on what its layer lost."""
+    turns: asyncio.Queue[None] = asyncio.Queue()
+    looks: list[list[str]] = []
+    real = fanout._latest_seqs
+
+    async def next_look(seconds: float) -> None:
+        await turns.get()
+
+    async def counted(session_ids: list[str]) -> dict[str, int]:
+        looks.append(sorted(session_ids))
+        return await real(session_ids)
+
+    async def look() -> None:
+        before = len(looks)
+        turns.put_nowait(None)
+        await wait_for(lambda: _true(len(looks) == before + 1))
+
+    monkeypatch.setattr(fanout, "_until_next_look", next_look)
+    monkeypatch.setattr(fanout, "_latest_seqs", counted)
+    sessions = [await _session(), await _session_elsewhere()]
+    watching = []
+    for session in sessions:
+        viewer = await _viewer(session, alice)
+        assert (await viewer.connect())[0]
+        await viewer.send_json_to({"last_seq": 0})
+        await viewer.receive_from(timeout=5)  # the hello was taken
+        watching.append(viewer)
+    for session in sessions:  # stored, their messages lost: recorded, never published
+        await database_sync_to_async(record)(session.id, [_text(1)])
+    await look()
+    await look()
+    for viewer in watching:
+        assert await _seqs_until(viewer, 1) == [1]
+    assert looks == [sorted(str(session.id) for session in sessions)] * 2
+    for viewer in watching:
+        await viewer.disconnect()
+    assert hub_for(get_channel_layer(), live_layer())._verifying is None
