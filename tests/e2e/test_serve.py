@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.e2e.conftest import Porthole, run_porthole
+from tests.e2e.conftest import ROOT, Porthole, _free_port, _manage, _server_env, run_porthole
 
 
 def _processes(field: int, value: int) -> list[Path]:
@@ -61,3 +64,44 @@ def test_it_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert server.process.wait(timeout=30) == 0, server.output()
         assert not any(proc.exists() for proc in sandbox_server)
         assert "Finished server process" in server.output()
+
+
+def _serve_once(env: dict[str, str], port: int) -> tuple[int, str, list[Path]]:
+    """`manage.py serve` run to its end: exit code, output, and what of its process group
+    outlived it (the embedded sandbox server, if it was left behind)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "django", "serve", "--port", str(port), "--sandbox-port", "0"],
+        cwd=ROOT,
+        env={**env, "LOCALSANDBOX_AGENT": "demo"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output, _ = process.communicate(timeout=90)
+    return process.returncode, output, _process_group(process.pid)
+
+
+def test_it_refuses_to_serve_a_database_that_is_not_migrated(tmp_path: Path) -> None:
+    """Every page would fail on missing tables: serve says what to run instead of starting
+    (it used to start the embedded sandbox server, then die of a traceback, leaving that
+    server running on its port)."""
+    code, output, left = _serve_once(_server_env(tmp_path), _free_port())
+    assert code == 1, output
+    assert "unapplied migration" in output and "manage.py migrate" in output, output
+    assert "Traceback" not in output, output
+    assert left == []
+
+
+def test_it_never_leaves_the_embedded_sandbox_server_behind(tmp_path: Path) -> None:
+    """Serve failing after the embedded sandbox server started (here: its port is taken)
+    takes that server down with it."""
+    env = _server_env(tmp_path)
+    _manage(env, "migrate", "--noinput")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, output, left = _serve_once(env, taken.getsockname()[1])
+    assert code != 0, output
+    assert "Embedded sandbox server on" in output, output
+    assert left == [], output

@@ -27,6 +27,8 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.migrations.executor import MigrationExecutor
 
 LISTENING = re.compile(r"listening on (http://\S+)")
 
@@ -54,16 +56,29 @@ class Command(BaseCommand):
         parser.add_argument("--no-bridges", action="store_true", help="do not run bridges here")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        _require_migrated()
+        child = None
+        if not settings.OPENCOMPUTER_API_URL:
+            child = self._start_localsandbox(options["sandbox_port"], options["agent"])
+        try:
+            self._serve(options)
+        finally:
+            # Whatever ended this (a signal, an error before serving), the embedded sandbox
+            # server goes with it: left behind, it would keep its port and its sandboxes.
+            if child is not None:
+                child.terminate()
+                try:
+                    child.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+
+    def _serve(self, options: dict[str, Any]) -> None:
         import uvicorn
 
         from dashboard.agents.supervisor import BridgeSupervisor, worker_id
         from dashboard.asgi import application
         from dashboard.awareness.dispatcher import run_forever as run_webhooks
         from dashboard.webserver import uvicorn_config
-
-        child = None
-        if not settings.OPENCOMPUTER_API_URL:
-            child = self._start_localsandbox(options["sandbox_port"], options["agent"])
 
         # A stable identity (host and port): restarted, this worker claims its own
         # sessions back at once instead of waiting for their leases to lapse.
@@ -108,15 +123,7 @@ class Command(BaseCommand):
         # server are stopped below rather than the process ended on the spot.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda signum, frame: None)
-        try:
-            asyncio.run(run())
-        finally:
-            if child is not None:
-                child.terminate()
-                try:
-                    child.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+        asyncio.run(run())
 
     def _start_localsandbox(self, port: int, agent: str) -> subprocess.Popen[str]:
         key = secrets.token_urlsafe(24)
@@ -159,6 +166,21 @@ class Command(BaseCommand):
             "No users yet. Create the administrator at "
             f"http://{host}:{self.port}/setup/?token={token} "
             "(or run `manage.py createsuperuser`)."
+        )
+
+
+def _require_migrated() -> None:
+    """Refuse to start on a database that lacks tables or columns this code needs: every
+    page would fail. (`python3 dev.py start` migrates first; a deployment runs `migrate`.)"""
+    connection = connections[DEFAULT_DB_ALIAS]
+    executor = MigrationExecutor(connection)
+    pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    if pending:
+        apps = sorted({migration.app_label for migration, _ in pending})
+        raise CommandError(
+            f"The database ({connection.settings_dict['NAME']}) has {len(pending)} "
+            f"unapplied migration(s), for {', '.join(apps)}: run `manage.py migrate` "
+            "first (`python3 dev.py start` does)."
         )
 
 
