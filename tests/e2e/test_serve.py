@@ -66,11 +66,11 @@ def test_it_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert "Finished server process" in server.output()
 
 
-def _serve_once(env: dict[str, str], port: int) -> tuple[int, str, list[Path]]:
-    """`manage.py serve` run to its end: exit code, output, and what of its process group
-    outlived it (the embedded sandbox server, if it was left behind)."""
+def _run_to_end(env: dict[str, str], *command: str) -> tuple[int, str, list[Path]]:
+    """A management command run to its end: exit code, output, and what of its process
+    group outlived it (serve's embedded sandbox server, if it was left behind)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "django", "serve", "--port", str(port), "--sandbox-port", "0"],
+        [sys.executable, "-m", "django", *command],
         cwd=ROOT,
         env={**env, "LOCALSANDBOX_AGENT": "demo"},
         stdout=subprocess.PIPE,
@@ -82,6 +82,10 @@ def _serve_once(env: dict[str, str], port: int) -> tuple[int, str, list[Path]]:
     return process.returncode, output, _process_group(process.pid)
 
 
+def _serve_once(env: dict[str, str], port: int) -> tuple[int, str, list[Path]]:
+    return _run_to_end(env, "serve", "--port", str(port), "--sandbox-port", "0")
+
+
 def test_it_refuses_to_serve_a_database_that_is_not_migrated(tmp_path: Path) -> None:
     """Every page would fail on missing tables: serve says what to run instead of starting
     (it used to start the embedded sandbox server, then die of a traceback, leaving that
@@ -91,6 +95,12 @@ def test_it_refuses_to_serve_a_database_that_is_not_migrated(tmp_path: Path) -> 
     assert "unapplied migration" in output and "manage.py migrate" in output, output
     assert "Traceback" not in output, output
     assert left == []
+
+
+def test_it_starts_no_bridges_worker_on_a_database_that_is_not_migrated(tmp_path: Path) -> None:
+    code, output, _ = _run_to_end(_server_env(tmp_path), "bridges", "--worker-id", "b1")
+    assert code == 1, output
+    assert "unapplied migration" in output and "Traceback" not in output, output
 
 
 def test_it_never_leaves_the_embedded_sandbox_server_behind(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from dashboard.agents.management import require_migrated
 from dashboard.agents.supervisor import BridgeSupervisor, worker_id
 from dashboard.heap import freeze_startup_heap
 
@@ -35,6 +36,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        require_migrated()
         owner = options["worker_id"] or worker_id(f"{socket.gethostname()}:bridges")
         freeze_startup_heap()  # full collections would walk start-up's objects (dashboard.heap)
         self.stdout.write(f"Bridges worker {owner} supervising live sessions")

@@ -27,8 +27,8 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS, connections
-from django.db.migrations.executor import MigrationExecutor
+
+from dashboard.agents.management import require_migrated
 
 LISTENING = re.compile(r"listening on (http://\S+)")
 
@@ -56,7 +56,7 @@ class Command(BaseCommand):
         parser.add_argument("--no-bridges", action="store_true", help="do not run bridges here")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        _require_migrated()
+        require_migrated()
         child = None
         if not settings.OPENCOMPUTER_API_URL:
             child = self._start_localsandbox(options["sandbox_port"], options["agent"])
@@ -166,21 +166,6 @@ class Command(BaseCommand):
             "No users yet. Create the administrator at "
             f"http://{host}:{self.port}/setup/?token={token} "
             "(or run `manage.py createsuperuser`)."
-        )
-
-
-def _require_migrated() -> None:
-    """Refuse to start on a database that lacks tables or columns this code needs: every
-    page would fail. (`python3 dev.py start` migrates first; a deployment runs `migrate`.)"""
-    connection = connections[DEFAULT_DB_ALIAS]
-    executor = MigrationExecutor(connection)
-    pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
-    if pending:
-        apps = sorted({migration.app_label for migration, _ in pending})
-        raise CommandError(
-            f"The database ({connection.settings_dict['NAME']}) has {len(pending)} "
-            f"unapplied migration(s), for {', '.join(apps)}: run `manage.py migrate` "
-            "first (`python3 dev.py start` does)."
         )
 
 
