@@ -1,4 +1,5 @@
-"""`manage.py serve` as an operator runs it: what its processes show to the rest of the host."""
+"""`manage.py serve` and `manage.py bridges` as an operator runs them: what their processes
+show to the rest of the host, and how they refuse to start."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from tests.e2e.conftest import ROOT, Porthole, _free_port, _manage, _server_env, run_porthole
+from tests.team.procs import wait_until
 
 
 def _processes(field: int, value: int) -> list[Path]:
@@ -115,3 +118,39 @@ def test_it_never_leaves_the_embedded_sandbox_server_behind(tmp_path: Path) -> N
     assert code != 0, output
     assert "Embedded sandbox server on" in output, output
     assert left == [], output
+
+
+def test_it_serves_a_bridges_workers_metrics_on_its_port(tmp_path: Path) -> None:
+    """A bridges worker has no HTTP of its own: PORTHOLE_METRICS_PORT (which the systemd
+    unit sets) serves its counters and the database's gauges on loopback."""
+    env = _server_env(tmp_path)
+    _manage(env, "migrate", "--noinput")
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "django", "bridges", "--worker-id", "b1"],
+        cwd=ROOT,
+        env={**env, "PORTHOLE_METRICS_PORT": str(port)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+
+        def scraped() -> str:
+            if process.poll() is not None:
+                raise AssertionError(f"the bridges worker exited: {process.communicate()[0]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as got:
+                    return str(got.read().decode())
+            except OSError:
+                return ""  # not listening yet
+
+        body = wait_until(scraped, 60, "the bridges worker's metrics")
+        for name in ("porthole_events_recorded_total", "porthole_recording_lag_seconds_count"):
+            assert name in body, body[:2000]
+        assert "porthole_bridge_workers" in body  # the database's gauges too
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert f"Metrics on http://127.0.0.1:{port}/" in output, output

@@ -1,10 +1,11 @@
 """`manage.py bridges`: run bridge supervision only, without HTTP.
 
-For deployments that serve the web side with plain Daphne (`daphne
-dashboard.asgi:application`) or several web workers: run one or more of these beside them
-(each with its own `--worker-id`, stable across restarts, so a restarted worker takes its
-own sessions back at once). SIGTERM or SIGINT stops cleanly: each bridge releases its lease
-so another worker can claim it at once.
+For deployments that serve the web side with plain uvicorn workers
+(`dashboard.webserver.command_line`): run one or more of these beside them (each with its
+own `--worker-id`, stable across restarts, so a restarted worker takes its own sessions back
+at once). SIGTERM or SIGINT stops cleanly: each bridge releases its lease so another worker
+can claim it at once. With PORTHOLE_METRICS_PORT set, its metrics (what it records, its
+leases, its upstream reconnects) are served on that loopback port.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import signal
 import socket
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 
 from dashboard.agents.management import require_migrated
 from dashboard.agents.supervisor import BridgeSupervisor, worker_id
 from dashboard.heap import freeze_startup_heap
+from dashboard.ops import start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,12 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         require_migrated()
         owner = options["worker_id"] or worker_id(f"{socket.gethostname()}:bridges")
+        try:
+            serving = start_metrics_server()
+        except OSError as exc:  # the port is taken, most likely
+            raise CommandError(f"PORTHOLE_METRICS_PORT: {exc}") from exc
+        if serving:
+            self.stdout.write(f"Metrics on http://127.0.0.1:{settings.PORTHOLE_METRICS_PORT}/")
         freeze_startup_heap()  # full collections would walk start-up's objects (dashboard.heap)
         self.stdout.write(f"Bridges worker {owner} supervising live sessions")
         asyncio.run(_run(owner))
