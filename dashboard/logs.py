@@ -15,8 +15,13 @@ from typing import Any
 
 _session: contextvars.ContextVar[str] = contextvars.ContextVar("porthole_session", default="")
 
-# Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else on a record came from `extra=`. uvicorn
+# adds `color_message`, its message with terminal colour codes: nothing for a log store.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def bind_session(session_id: object) -> contextvars.Token[str]:
@@ -125,6 +130,9 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
             "uvicorn.error": {"handlers": [], "propagate": True, "filters": ["socket_chatter"]},
             "uvicorn.access": {"handlers": [], "propagate": True, "level": "WARNING"},
             "django.channels.server": {"level": "WARNING"},
+            # httpx logs every request at INFO: each /readyz probe and page that asks the
+            # OpenComputer API. Porthole logs what goes wrong with those calls itself.
+            "httpx": {"level": "WARNING"},
             # Axes logs every attempt at INFO; failures and lockouts stay at WARNING.
             "axes": {"level": "WARNING"},
         },

@@ -9,9 +9,11 @@ channel layer, the embedded sandbox server); `DATABASE_URL`, `REDIS_URL` and
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 import tempfile
+import zoneinfo
 from datetime import timedelta
 from pathlib import Path
 
@@ -62,6 +64,49 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_choice(name: str, default: str, choices: set[str]) -> str:
+    """One of `choices` (given in lower case), whatever the case it is written in."""
+    raw = os.environ.get(name)
+    value = default if raw is None or raw.strip() == "" else raw.strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name}={raw!r} must be one of {', '.join(sorted(choices))}")
+    return value
+
+
+def env_networks(name: str, default: list[str]) -> list[str]:
+    """Addresses or networks (`10.0.0.0/8`), each checked now: one that does not parse
+    would otherwise fail every request that consults the list."""
+    values = env_list(name, default)
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {value!r} is not an address or network") from None
+    return values
+
+
+def env_time_zone(name: str, default: str) -> str:
+    value = env_str(name, default).strip()
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ImproperlyConfigured(
+            f"{name}={value!r} is not a time zone (for example UTC or Europe/Paris)"
+        ) from None
+    return value
+
+
+def env_url(name: str, schemes: set[str]) -> str:
+    """A URL with one of `schemes`, or "" when unset."""
+    value = env_str(name).strip()
+    scheme = value.partition("://")[0].lower() if "://" in value else ""
+    if value and scheme not in schemes:
+        raise ImproperlyConfigured(
+            f"{name} must be a URL starting with {' or '.join(f'{s}://' for s in sorted(schemes))}"
+        )
+    return value
 
 
 def _persistent_secret_key(data_dir: Path) -> str:
@@ -186,7 +231,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # docs/reliability.md, "A reader that falls behind".
 BRIDGE_LAG_RECONNECT_BYTES = env_int("BRIDGE_LAG_RECONNECT_BYTES", 0, minimum=0)
 
-REDIS_URL = env_str("REDIS_URL")
+REDIS_URL = env_url("REDIS_URL", {"redis", "rediss", "unix"})
 # Keys of this installation in a Redis shared with others (channel layer and cache). Empty:
 # channels-redis's own "asgi" and no cache prefix, as before the setting existed.
 REDIS_PREFIX = env_str("REDIS_PREFIX")
@@ -242,6 +287,9 @@ else:
 OPENCOMPUTER_API_URL = env_str("OPENCOMPUTER_API_URL")
 OPENCOMPUTER_API_KEY = env_str("OPENCOMPUTER_API_KEY")
 LOCALSANDBOX_PORT = env_int("LOCALSANDBOX_PORT", 8787, minimum=0)
+# Where `manage.py serve` listens unless told otherwise (--host, --port).
+PORTHOLE_HOST = env_str("PORTHOLE_HOST", "127.0.0.1")
+PORTHOLE_PORT = env_int("PORTHOLE_PORT", 8000, minimum=0)
 # Its isolation (docs/localsandbox.md): bubblewrap per sandbox; unisolated only by this opt-in.
 LOCALSANDBOX_BWRAP = env_str("LOCALSANDBOX_BWRAP", "bwrap")
 LOCALSANDBOX_UNSAFE_NO_ISOLATION = env_bool("LOCALSANDBOX_UNSAFE_NO_ISOLATION", False)
@@ -285,7 +333,7 @@ LOGIN_REDIRECT_URL = "index"
 LOGOUT_REDIRECT_URL = "login"
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = env_str("TIME_ZONE", "UTC")
+TIME_ZONE = env_time_zone("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
 
@@ -312,7 +360,7 @@ SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
 # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, e.g.
 # 127.0.0.1,10.0.0.0/8); from any other peer those headers are dropped (dashboard/proxies.py).
-PORTHOLE_TRUSTED_PROXIES = env_list("PORTHOLE_TRUSTED_PROXIES", [])
+PORTHOLE_TRUSTED_PROXIES = env_networks("PORTHOLE_TRUSTED_PROXIES", [])
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
 SECURE_CSP = {
@@ -329,12 +377,11 @@ SECURE_CSP = {
 
 # Operations (dashboard/ops.py): who may read /metrics (addresses or networks), or a bearer
 # token; the port a bridges-only worker serves its own metrics on (loopback; 0: none).
-PORTHOLE_METRICS_ALLOW = env_list("PORTHOLE_METRICS_ALLOW", ["127.0.0.1", "::1"])
+PORTHOLE_METRICS_ALLOW = env_networks("PORTHOLE_METRICS_ALLOW", ["127.0.0.1", "::1"])
 PORTHOLE_METRICS_TOKEN = env_str("PORTHOLE_METRICS_TOKEN")
 PORTHOLE_METRICS_PORT = env_int("PORTHOLE_METRICS_PORT", 0, minimum=0)
 
 # Logs: `text` (default) or `json`, one object a line; lines about one session carry its id.
-LOG_FORMAT = env_str("LOG_FORMAT", "text").strip().lower()
-if LOG_FORMAT not in {"text", "json"}:
-    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r} must be text or json")
-LOGGING = logging_config(LOG_FORMAT, env_str("LOG_LEVEL", "INFO"))
+LOG_FORMAT = env_choice("LOG_FORMAT", "text", {"text", "json"})
+LOG_LEVEL = env_choice("LOG_LEVEL", "info", {"debug", "info", "warning", "error", "critical"})
+LOGGING = logging_config(LOG_FORMAT, LOG_LEVEL.upper())

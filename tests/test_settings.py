@@ -1,12 +1,18 @@
-"""Settings that touch the disk: the secret key a new data directory gets."""
+"""Settings: the secret key a new data directory gets, and values read from the
+environment, checked at start-up."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from dashboard import settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_it_keeps_the_key_of_a_process_that_wrote_it_first(
@@ -33,3 +39,72 @@ def test_it_creates_a_key_only_its_owner_can_read(tmp_path: Path) -> None:
     assert len(key) >= 50
     assert (tmp_path / "data" / "secret_key").stat().st_mode & 0o777 == 0o600
     assert settings._persistent_secret_key(tmp_path / "data") == key
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("PORTHOLE_TRUSTED_PROXIES", "127.0.0.1,nginx", "'nginx' is not an address or network"),
+        ("PORTHOLE_METRICS_ALLOW", "10.0.0.0/33", "'10.0.0.0/33' is not an address or network"),
+        ("LOG_LEVEL", "verbose", "must be one of critical, debug, error, info, warning"),
+        ("LOG_FORMAT", "yaml", "must be one of json, text"),
+        ("TIME_ZONE", "Mars/Olympus", "is not a time zone"),
+        ("REDIS_URL", "notaurl", "must be a URL starting with redis:// or rediss:// or unix://"),
+        ("PORTHOLE_PORT", "eighty", "is not a whole number"),
+    ],
+)
+def test_it_refuses_to_start_on_a_value_that_does_not_parse(
+    tmp_path: Path, name: str, value: str, says: str
+) -> None:
+    """At start-up, naming the variable: not on the first request that reads it (a proxy
+    list that did not parse answered every page, /healthz included, with a 500)."""
+    env = {
+        **os.environ,
+        "PORTHOLE_DATA_DIR": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "dashboard.settings",
+        name: value,
+    }
+    env.pop("DATABASE_URL", None)
+    if name != "REDIS_URL":
+        env.pop("REDIS_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("django.core.exceptions.ImproperlyConfigured: "), last
+    assert name in last and says in last, last
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "read"),
+    [
+        ("LOG_LEVEL", "warning", "warning"),
+        ("LOG_LEVEL", " DEBUG ", "debug"),
+        ("LOG_FORMAT", "JSON", "json"),
+    ],
+)
+def test_it_takes_a_choice_in_any_case(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, read: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    levels = {"debug", "info", "warning", "error", "critical", "text", "json"}
+    assert settings.env_choice(name, "info", levels) == read
+
+
+def test_it_takes_networks_and_time_zones_that_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORTHOLE_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8,::1")
+    assert settings.env_networks("PORTHOLE_TRUSTED_PROXIES", []) == [
+        "127.0.0.1",
+        "10.0.0.0/8",
+        "::1",
+    ]
+    monkeypatch.setenv("TIME_ZONE", "Europe/Paris")
+    assert settings.env_time_zone("TIME_ZONE", "UTC") == "Europe/Paris"
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/3")
+    assert settings.env_url("REDIS_URL", {"redis"}) == "redis://127.0.0.1:6379/3"

@@ -149,3 +149,11 @@ def test_it_configures_json_or_text_logs() -> None:
     assert config["handlers"]["console"]["formatter"] == "json"
     assert config["handlers"]["console"]["filters"] == ["session"]
     assert logging_config("text", "INFO")["handlers"]["console"]["formatter"] == "text"
+
+
+def test_it_keeps_terminal_colours_and_each_api_request_out_of_the_logs() -> None:
+    line = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, "Started %s", ("x",), None)
+    line.color_message = "Started \x1b[36m%s\x1b[0m"
+    entry = json.loads(JsonFormatter().format(line))
+    assert entry["message"] == "Started x" and "color_message" not in entry
+    assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING

@@ -37,10 +37,8 @@ class Command(BaseCommand):
     help = "Run Porthole (and, unless OPENCOMPUTER_API_URL is set, the embedded sandbox server)."
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--host", default=os.environ.get("PORTHOLE_HOST", "127.0.0.1"))
-        parser.add_argument(
-            "--port", type=int, default=int(os.environ.get("PORTHOLE_PORT", "8000"))
-        )
+        parser.add_argument("--host", default=settings.PORTHOLE_HOST)
+        parser.add_argument("--port", type=int, default=settings.PORTHOLE_PORT)
         parser.add_argument(
             "--sandbox-port",
             type=int,
