@@ -35,6 +35,8 @@ class SignInView(LoginView):
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
         context["needs_setup"] = access.needs_setup()
+        # Django's LoginView names the site after the request's host; Porthole's is SITE_NAME.
+        context["site_name"] = settings.SITE_NAME
         return context
 
 

@@ -544,3 +544,13 @@ async def test_it_keeps_neighbouring_sessions_out_of_live_updates_for_link_holde
     assert "The secret earlier task" not in seen["stranger"]
     for socket in (member, stranger):
         await socket.disconnect()
+
+
+@pytest.mark.django_db
+def test_it_names_the_site_by_site_name_on_the_sign_in_page(settings):
+    """Django's sign-in view names the site after the request's host ("Sign in to
+    127.0.0.1:8000"), in the heading and the header's brand alike."""
+    settings.SITE_NAME = "Acme agents"
+    page = Client().get(reverse("login")).content.decode()
+    assert "Sign in to Acme agents" in page
+    assert "testserver" not in page
