@@ -210,6 +210,8 @@ def _may_scrape(request: HttpRequest) -> bool:
 def metrics(request: HttpRequest) -> HttpResponse:
     """This process's counters, and what the database knows, in Prometheus' text format."""
     if not _may_scrape(request):
+        # Django logs the 403 without the peer: say who, for PORTHOLE_METRICS_ALLOW.
+        log.warning("metrics refused to %s", request.META.get("REMOTE_ADDR", "?"))
         return HttpResponse("forbidden\n", status=403, content_type="text/plain")
     started = time.monotonic()
     body = generate_latest(REGISTRY) + generate_latest(_database_registry)

@@ -96,6 +96,13 @@ class BridgeSupervisor:
             return []
         metrics.LEASES_CLAIMED.inc(len(claimed))
         for lease in claimed:
+            log.info(
+                "bridge %s: claimed by %s (lease epoch %s)",
+                lease.session_id,
+                self.owner,
+                lease.epoch,
+                extra={"session_id": lease.session_id},
+            )
             bridge = Bridge(lease.session_id, self.owner, lease=lease)
             self.bridges[lease.session_id] = asyncio.create_task(
                 self._run_bridge(bridge, lease), name=f"bridge-{lease.session_id}"

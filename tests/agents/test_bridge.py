@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -217,7 +218,8 @@ async def test_it_records_a_lost_session_when_the_sandbox_is_gone(oc):
     await client.aclose()
 
 
-async def test_it_has_the_supervisor_claim_live_sessions_and_skip_held_ones(oc):
+async def test_it_has_the_supervisor_claim_live_sessions_and_skip_held_ones(oc, caplog):
+    caplog.set_level(logging.INFO, logger="dashboard.agents.supervisor")
     client, sandbox_id, session_id = await _start(oc, "hi\nexit 0")
     session = await _new_session(sandbox_id, session_id)
     await _retake_lease(session, "someone-else")
@@ -228,6 +230,9 @@ async def test_it_has_the_supervisor_claim_live_sessions_and_skip_held_ones(oc):
         bridge_lease_until=timezone.now() - timedelta(seconds=1)
     )
     assert await supervisor.tick() == [str(session.id)]
+    # An operator can tell which worker records a session, and since when.
+    claimed = [r for r in caplog.records if "claimed by me" in r.getMessage()]
+    assert [getattr(r, "session_id", "") for r in claimed] == [str(session.id)]
     await asyncio.wait_for(supervisor.bridges[str(session.id)], 30)
     assert (await _reload(session)).status == AgentSession.Status.EXITED
     await supervisor.stop()

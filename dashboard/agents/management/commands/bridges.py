@@ -45,10 +45,11 @@ class Command(BaseCommand):
             serving = start_metrics_server()
         except OSError as exc:  # the port is taken, most likely
             raise CommandError(f"PORTHOLE_METRICS_PORT: {exc}") from exc
+        # Logged, not printed: a daemon's lines go where LOG_FORMAT says, like the rest.
         if serving:
-            self.stdout.write(f"Metrics on http://127.0.0.1:{settings.PORTHOLE_METRICS_PORT}/")
+            log.info("Metrics on http://127.0.0.1:%s/", settings.PORTHOLE_METRICS_PORT)
         freeze_startup_heap()  # full collections would walk start-up's objects (dashboard.heap)
-        self.stdout.write(f"Bridges worker {owner} supervising live sessions")
+        log.info("Bridges worker %s supervising live sessions", owner)
         asyncio.run(_run(owner))
 
 
