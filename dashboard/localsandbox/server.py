@@ -67,7 +67,8 @@ class LocalSandboxApp:
         self.isolation = isolation.probe(
             config.bwrap, unsafe_no_isolation=config.unsafe_no_isolation
         )
-        log = logger.info if self.isolation.mode == "bubblewrap" else logger.warning
+        # The runner says it on stdout already; a missing isolation is worth a warning too.
+        log = logger.debug if self.isolation.mode == "bubblewrap" else logger.warning
         log("isolation: %s", self.isolation.detail)
         self.registry = SandboxRegistry(
             config.workspaces_dir,
