@@ -495,16 +495,53 @@ def test_it_fits_the_session_page_on_a_390px_screen(open_context: Any, page: Pag
     narrow.goto(session_path(page))
     expect(narrow.locator("#connection")).to_have_attribute("data-state", "live")
     expect(entry(narrow, "divider", "turn complete")).to_have_count(1)
-    widths = narrow.evaluate(
-        """() => ({
-            page: document.documentElement.scrollWidth,
-            view: document.documentElement.clientWidth,
-            wider: [...document.querySelectorAll('#session-root *')]
+    widths = _widths(narrow)
+    assert widths["page"] <= widths["view"], widths
+
+
+def _widths(page: Page) -> dict[str, Any]:
+    """The page's width against the window's, and the first elements that stick out of
+    it (a page can keep its width while a table or a link runs past the screen's edge)."""
+    return dict(
+        page.evaluate(
+            """() => ({
+            page: Math.max(document.documentElement.scrollWidth, innerWidth),
+            view: screen.width,
+            wider: [...document.querySelectorAll('main *')]
                 .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth)
+                // what its parent cuts off (an ellipsis, a scrolling block) is not in the way
+                .filter(e => getComputedStyle(e.parentElement).overflowX === 'visible')
                 .map(e => `${e.tagName.toLowerCase()}.${e.className}`).slice(0, 5),
         })"""
+        )
     )
-    assert widths["page"] <= widths["view"], widths
+
+
+@pytest.mark.e2e
+def test_it_fits_the_list_and_a_long_first_line_on_a_375px_screen(
+    open_context: Any, page: Page
+) -> None:
+    """Regressions: the session list's title kept 180 px, and with a "needs attention"
+    badge the table came out 430 px wide; an outline entry (a prompt's first line, cut at about 100 characters) did not
+    wrap, and a long URL at the start of a prompt made the page 695 px wide."""
+    # A first line that cannot break; a non-zero exit: the list marks it for attention.
+    start_session(page, "https://example.org/" + "abcdefghij" * 30 + "\nexit 3")
+    expect(badge(page)).to_have_text("Exited · 3")
+    phone = {"width": 375, "height": 812}
+    narrow = open_context(viewport=phone, is_mobile=True, has_touch=True).new_page()
+    narrow.goto(session_path(page))
+    expect(narrow.locator("#connection")).to_have_attribute("data-state", "live")
+    expect(narrow.locator("#outline-list .ol-label").first).to_contain_text("example.org")
+    session_page = _widths(narrow)
+    assert session_page["page"] <= session_page["view"], session_page
+    assert session_page["wider"] == [], session_page
+    narrow.goto("/")
+    expect(narrow.locator("table.sessions tr").nth(1)).to_contain_text("needs attention")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shoot(narrow, "list-phone", full_page=False)
+    session_list = _widths(narrow)
+    assert session_list["page"] <= session_list["view"], session_list
+    assert session_list["wider"] == [], session_list
 
 
 def shoot(page: Page, name: str, *, full_page: bool) -> None:
