@@ -522,8 +522,9 @@ def test_it_fits_the_list_and_a_long_first_line_on_a_375px_screen(
     open_context: Any, page: Page
 ) -> None:
     """Regressions: the session list's title kept 180 px, and with a "needs attention"
-    badge the table came out 430 px wide; an outline entry (a prompt's first line, cut at about 100 characters) did not
-    wrap, and a long URL at the start of a prompt made the page 695 px wide."""
+    badge the table came out 430 px wide; an outline entry (a prompt's first line, cut at
+    about 100 characters) did not wrap, and a long URL at the start of a prompt made the
+    page 695 px wide."""
     # A first line that cannot break; a non-zero exit: the list marks it for attention.
     start_session(page, "https://example.org/" + "abcdefghij" * 30 + "\nexit 3")
     expect(badge(page)).to_have_text("Exited · 3")
