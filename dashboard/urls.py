@@ -18,3 +18,6 @@ urlpatterns = [
     path("", include("dashboard.search.urls")),
     path("", include("dashboard.agents.urls")),
 ]
+
+handler403 = "dashboard.agents.views.errors.forbidden"
+handler404 = "dashboard.agents.views.errors.not_found"

@@ -554,3 +554,35 @@ def test_it_names_the_site_by_site_name_on_the_sign_in_page(settings):
     page = Client().get(reverse("login")).content.decode()
     assert "Sign in to Acme agents" in page
     assert "testserver" not in page
+
+
+@pytest.mark.django_db
+def test_it_refuses_and_misses_in_the_sites_own_layout(bob):
+    """A refusal says why and a missing page says what to do, with the site's header and a
+    way on; Django's bare pages left a share link's holder at a dead end after a revoke.
+    The element an htmx request came from gets the message alone, not a whole page."""
+    viewer = Client()
+    viewer.force_login(bob)
+    refused = viewer.get(reverse("new_session"))
+    assert refused.status_code == 403
+    page = refused.content.decode()
+    assert 'class="brand"' in page and "Back to the sessions" in page
+    assert "Not allowed" in page
+
+    missing = viewer.get("/sessions/00000000-0000-4000-8000-000000000000/")
+    assert missing.status_code == 404
+    assert "nothing you may see" in missing.content.decode()
+    assert "AgentSession" not in missing.content.decode()  # no model or query named
+
+    gone = Client().get("/share/no-such-token/")
+    assert gone.status_code == 404
+    assert "revoked or it expired" in gone.content.decode()
+    assert "Sign in" in gone.content.decode()
+
+    session = AgentSession.objects.create(
+        sandbox=Sandbox.objects.create(upstream_id="sb"), upstream_id="s", title="t"
+    )
+    fragment = viewer.post(reverse("session_kill", args=[session.id]), HTTP_HX_REQUEST="true")
+    assert fragment.status_code == 403
+    body = fragment.content.decode()
+    assert body.startswith('<p class="error" role="alert">') and "<html" not in body
