@@ -67,6 +67,20 @@ class SocketChatterFilter(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
+class RefusalFilter(logging.Filter):
+    """Keeps Django's line for a refused request ("Forbidden (Permission denied): …") but
+    drops the traceback it carries: a refusal is Porthole saying no on purpose, and each
+    one printed a full stack."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from django.core.exceptions import PermissionDenied
+
+        if record.exc_info and isinstance(record.exc_info[1], PermissionDenied):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -106,6 +120,7 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
         "filters": {
             "session": {"()": "dashboard.logs.SessionFilter"},
             "socket_chatter": {"()": "dashboard.logs.SocketChatterFilter"},
+            "refusals": {"()": "dashboard.logs.RefusalFilter"},
         },
         "formatters": {
             "text": {
@@ -130,6 +145,7 @@ def logging_config(log_format: str, level: str) -> dict[str, Any]:
             "uvicorn.error": {"handlers": [], "propagate": True, "filters": ["socket_chatter"]},
             "uvicorn.access": {"handlers": [], "propagate": True, "level": "WARNING"},
             "django.channels.server": {"level": "WARNING"},
+            "django.request": {"filters": ["refusals"]},
             # httpx logs every request at INFO: each /readyz probe and page that asks the
             # OpenComputer API. Porthole logs what goes wrong with those calls itself.
             "httpx": {"level": "WARNING"},

@@ -586,3 +586,13 @@ def test_it_refuses_and_misses_in_the_sites_own_layout(bob):
     assert fragment.status_code == 403
     body = fragment.content.decode()
     assert body.startswith('<p class="error" role="alert">') and "<html" not in body
+
+
+@pytest.mark.django_db
+def test_it_logs_a_refusal_in_one_line_without_a_traceback(bob, caplog):
+    viewer = Client()
+    viewer.force_login(bob)
+    assert viewer.get(reverse("new_session")).status_code == 403
+    (line,) = [r for r in caplog.records if r.name == "django.request"]
+    assert line.getMessage() == "Forbidden (Permission denied): /sessions/new/"
+    assert line.exc_info is None
