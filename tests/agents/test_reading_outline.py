@@ -56,6 +56,28 @@ def test_it_outlines_prompts_results_errors_and_gaps_in_order(alice: User) -> No
     assert listing.tag == "ol"
 
 
+def _tool_result(text: str, *, failed: bool) -> dict[str, object]:
+    block = {"type": "tool_result", "tool_use_id": "toolu_1", "content": text}
+    return {"type": "user", "message": {"content": [{**block, "is_error": failed}]}}
+
+
+def test_it_outlines_a_failed_tool_call_as_an_error() -> None:
+    """The README's "each error" includes a failed tool call (First error jumps to one): in
+    the outline as the page draws it, and live, with the first line of what it said."""
+    session = make_session()
+    add_event(session, "agent", _tool_result("fine", failed=False))
+    failed = add_event(
+        session, "agent", _tool_result("ls: /missing: No such file\nmore", failed=True)
+    )
+    huge = add_event(session, "agent", _tool_result("x" * 30_000, failed=True))
+    assert [(e.seq, e.kind, e.label) for e in outline(session)] == [
+        (failed.seq, "error", "tool call failed: ls: /missing: No such file"),
+        (huge.seq, "error", "tool call failed"),
+    ]
+    html = render_event_oob(failed, ToolIndex())
+    assert "beforeend:#outline-list" in html and "tool call failed" in html
+
+
 def test_it_grows_the_outline_live() -> None:
     session = make_session()
     tools = ToolIndex()

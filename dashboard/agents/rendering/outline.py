@@ -1,7 +1,8 @@
-"""The session page's outline: each prompt, each turn's result, each error and each gap, to
-jump to; and where the session's first error is. Built from the stored events' columns
-(type, subtype) and, for the few kinds that need their text, from small raw lines only: a
-hostile agent's megabyte error line costs the outline nothing.
+"""The session page's outline: each prompt, each turn's result, each error (a failed tool
+call among them) and each gap, to jump to; and where the session's first error is. Built
+from the stored events' columns (type, subtype) and, for the few kinds that need their
+text, from small raw lines only: a hostile agent's megabyte error line costs the outline
+nothing.
 
 Neither answer may cost a scan of a long session on every page load (the columns they need
 carry no index), and recorded events never change and only ever come after the last one:
@@ -19,7 +20,7 @@ from django.core.cache import cache
 from django.db.models import Q
 
 from dashboard.agents.models import AgentSession, Event
-from dashboard.agents.rendering.base import _number, _str, one_line
+from dashboard.agents.rendering.base import _number, _str, clean_text, one_line
 
 MAX_ENTRIES = 400  # the most recent ones
 PARSE_MAX = 20_000  # raw lines longer than this are labelled without being parsed
@@ -29,13 +30,16 @@ CACHE_SECONDS = 24 * 3600
 TOOL_PARSE_MAX = 1_000_000
 TOOL_CANDIDATES = 50  # tool-result lines read per query while looking for the first error
 
+# How a failed tool result's line reads, as the Python and TypeScript SDKs write JSON (inside
+# a string its quotes would be escaped).
+_TOOL_ERROR_MARKS = ('"is_error": true', '"is_error":true')
+_TOOL_ERROR = Q(raw__contains=_TOOL_ERROR_MARKS[0]) | Q(raw__contains=_TOOL_ERROR_MARKS[1])
 _WANTED = (
     Q(source=Event.Source.DASHBOARD, type__in=("prompt", "action_failed"))
     | Q(source=Event.Source.AGENT, type__in=("result", "error"))
     | Q(source=Event.Source.BRIDGE, type__in=("gap", "lost", "exit"))
+    | (Q(source=Event.Source.AGENT, type="user") & _TOOL_ERROR)
 )
-# How a failed tool result's line reads, as the Python and TypeScript SDKs write JSON.
-_TOOL_ERROR = Q(raw__contains='"is_error": true') | Q(raw__contains='"is_error":true')
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,11 @@ def entry_for(event: Event) -> OutlineEntry | None:
         entry_kind = "error" if failed else "result"
         cost = _number(_data(event), "total_cost_usd")
         label = (subtype or "result").replace("_", " ") + (f" · ${cost:.4f}" if cost else "")
+    elif source == Event.Source.AGENT and kind == "user":
+        failure = _tool_failure(event)
+        if failure is None:
+            return None
+        entry_kind, label = "error", failure
     elif source == Event.Source.AGENT and kind == "error":
         entry_kind, label = "error", one_line(_str(_data(event), "message"), 80) or "agent error"
     elif source == Event.Source.BRIDGE and kind == "gap":
@@ -81,6 +90,22 @@ def entry_for(event: Event) -> OutlineEntry | None:
     return OutlineEntry(event.seq, entry_kind, label, event.created_at)
 
 
+def _tool_failure(event: Event) -> str | None:
+    """The label of a tool result line that reports a failed call, else None."""
+    if len(event.raw) > PARSE_MAX:  # not parsed: the marker says it (see `_TOOL_ERROR`)
+        return "tool call failed" if any(m in event.raw for m in _TOOL_ERROR_MARKS) else None
+    message = _data(event).get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    for block in content if isinstance(content, list) else []:
+        if isinstance(block, dict) and "tool_use_id" in block and block.get("is_error") is True:
+            said = block.get("content")
+            if isinstance(said, list):  # text blocks
+                said = " ".join(_str(part, "text") for part in said if isinstance(part, dict))
+            reason = one_line(clean_text(said), 60) if isinstance(said, str) else ""
+            return f"tool call failed: {reason}" if reason else "tool call failed"
+    return None
+
+
 def last_seq(session_id: Any) -> int:
     """The session's newest seq (0 before any event), from the (session, seq) index alone."""
     newest = (
@@ -94,7 +119,7 @@ def last_seq(session_id: Any) -> int:
 
 def outline(session: AgentSession) -> list[OutlineEntry]:
     """The outline's entries, oldest first (the most recent MAX_ENTRIES)."""
-    key = f"porthole:outline:v2:{session.pk}"
+    key = f"porthole:outline:v3:{session.pk}"  # v3: failed tool calls are entries
     through, entries = cache.get(key) or (0, ())
     tail = last_seq(session.pk)  # first: what is recorded meanwhile is read next time
     if tail > through:
