@@ -3,7 +3,9 @@
 Inside code blocks (as CommonMark sees them) text stays as written: every renderer shows
 it verbatim. Outside them `&` and `<` become entities (no tag, comment, autolink or entity
 trick survives), a link whose target has a scheme other than http(s)/mailto loses its `(`,
-every link reference definition the `]` that ends its label, and a fence left open is closed.
+every link reference definition the `]` that ends its label, every image its `!` (it becomes
+a link: a renderer would otherwise fetch whatever the agent pointed at, a tracking pixel
+with it), and a fence left open is closed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ _LINK_TARGET = re.compile(r"\]\(([^)]{0,200})")
 # at once by `:`. Escaping that `]` unmakes every definition, wherever its `[` is (its label
 # may span lines, and it may sit in a block quote or a list item).
 _REFERENCE = re.compile(r"(?<!\\)((?:\\\\)*)\]:")
+# An image's `!` that no backslash escapes.
+_IMAGE = re.compile(r"(?<!\\)((?:\\\\)*)!\[")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.\-]*):")
 _PARSER = MarkdownIt("commonmark")
 
@@ -39,12 +43,13 @@ def _inert(text: str) -> str:
     spans too: an HTML tag takes precedence over a code span in CommonMark, so a span is no
     shelter). A link whose target has a scheme other than http(s)/mailto loses its `(`, and
     every link reference definition the `]` that ends its label, so neither is a link any
-    more.
+    more; an image is escaped into a link to it.
     """
     text = text.replace("&", "&amp;").replace("<", "&lt;")
     text = _LINK_TARGET.sub(
         lambda m: "]\\(" + m.group(1) if _unsafe_target(m.group(1)) else m.group(0), text
     )
+    text = _IMAGE.sub(r"\1\\![", text)
     return _REFERENCE.sub(r"\1\\]:", text)
 
 

@@ -241,6 +241,7 @@ HOSTILE_TEXT = "\n".join(
         "[ref]: javascript:alert(8)",
         "",
         "[ref] and [ok](https://example.org/ok)",
+        "A pixel: ![tracker](https://example.org/pixel.png) and \\![escaped](https://e.org/x)",
         "",
         '`<img src="` onerror=alert(9) x="`">',
         "",
@@ -354,9 +355,21 @@ def _hostile_session() -> AgentSession:
 
 
 SAFE_TAGS = {
-    "h1", "h3", "p", "strong", "em", "ul", "ol", "li", "hr", "blockquote", "pre", "code", "a",
-    "img", "br",
-}  # fmt: skip
+    "h1",
+    "h3",
+    "p",
+    "strong",
+    "em",
+    "ul",
+    "ol",
+    "li",
+    "hr",
+    "blockquote",
+    "pre",
+    "code",
+    "a",
+    "br",
+}  # fmt: skip  (no img: an image in the agent's text would be fetched by whoever opens it)
 
 
 class _Elements(HTMLParser):
@@ -393,6 +406,7 @@ def test_it_writes_markdown_that_stays_inert_in_a_permissive_renderer(preset: st
     # Readable still: code in the agent's fences stays code, the safe link stays a link.
     assert '<pre><code class="language-html">&lt;div&gt;code stays code&lt;/div&gt;' in html
     assert '<a href="https://example.org/ok">ok</a>' in html
+    assert '<a href="https://example.org/pixel.png">tracker</a>' in html  # a link, not fetched
     assert "Hello &lt;b" in html
 
 
