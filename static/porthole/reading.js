@@ -249,6 +249,34 @@
     if (element) { heldBySocket = parseInt(element.dataset.lastSeq || "0", 10) || 0; }
   });
 
+  // -- older events, above what is being read -------------------------------------------------
+  // A page of older events goes in above the timeline. Left alone, the reader would stay at
+  // the same distance from the top of the page, now among the oldest of those events, with
+  // what they were reading pushed far down. Keep the event they were looking at where it was.
+  var readingAnchor = null;
+
+  function eventInView() {
+    var probe = document.elementFromPoint(window.innerWidth / 2, window.innerHeight / 3);
+    var event = probe && probe.closest("[data-seq]");
+    return event || document.getElementById("timeline");
+  }
+
+  document.addEventListener("htmx:beforeSwap", function (evt) {
+    if (!evt.detail.target || evt.detail.target.id !== "older-slot") { return; }
+    var element = eventInView();
+    readingAnchor = element ? { element: element, top: element.getBoundingClientRect().top } : null;
+  });
+
+  document.addEventListener("htmx:afterSwap", function () {
+    if (!readingAnchor) { return; }
+    var moved = readingAnchor.element.getBoundingClientRect().top - readingAnchor.top;
+    readingAnchor = null;
+    if (moved) {
+      window.scrollBy({ top: moved, behavior: "instant" });
+      lastY = window.scrollY;
+    }
+  });
+
   // "Follow live" in a window further back means: go to the latest events.
   document.addEventListener("change", function (evt) {
     if (evt.target.id === "follow-live" && evt.target.checked && windowBack()) {

@@ -192,10 +192,19 @@ def test_it_jumps_to_any_turn_of_the_outline_in_one_request(
     turns.nth(1).click()
     expect(target).to_contain_text("Turn 2: carry on")
     assert "Turn 2" in page.evaluate("document.querySelector('.is-target').textContent")
-    # And "Load older" still reaches back from there.
-    page.locator("#older-slot button").click()
+    # And "Load older" still reaches back from there, leaving the reader where they were:
+    # what was on the screen stays put (it was pushed thousands of pixels down, the page
+    # left among the oldest of what came in).
+    load_older = page.locator("#older-slot button")
+    load_older.scroll_into_view_if_needed()
+    reading = page.locator("#timeline > [data-seq]").first
+    before = reading.bounding_box()
+    load_older.click()
     older = page.locator(".older-events article .blk-text").filter(has_text="Turn 1, step 100.")
     expect(older).to_have_count(1)
+    after = reading.bounding_box()
+    assert before is not None and after is not None
+    assert abs(after["y"] - before["y"]) < 40, (before, after)
 
 
 @pytest.mark.parametrize(
