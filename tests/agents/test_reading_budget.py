@@ -146,6 +146,10 @@ def test_it_keeps_the_full_payload_of_a_bomb_in_the_export_and_the_raw_download(
 
     raw = client.get(reverse("event_raw", args=[session.id, event.seq]))
     assert json.loads(content(raw)) == BOMB
+    assert raw["Content-Disposition"] == f'attachment; filename="event-{event.seq}.json"'
+    stderr = add_event(session, "stderr", "not json at all")
+    plain = client.get(reverse("event_raw", args=[session.id, stderr.seq]))
+    assert plain["Content-Disposition"] == f'attachment; filename="event-{stderr.seq}.txt"'
     body = content(client.get(reverse("export_jsonl", args=[session.id])))
     lines = [json.loads(line) for line in body.decode().splitlines() if line]
     stored: list[Any] = [line for line in lines if line.get("seq") == event.seq]

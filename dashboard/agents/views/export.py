@@ -48,6 +48,8 @@ def event_raw(request: HttpRequest, session_id: str, seq: int) -> HttpResponse:
         raise Http404("No such event.")
     event = get_object_or_404(Event, session_id=session_id, seq=seq)
     response = HttpResponse(event.raw, content_type="text/plain; charset=utf-8")
-    response["Content-Disposition"] = f'attachment; filename="event-{seq}.txt"'
+    # Named for what it holds (a JSON line, or plain output), served as text either way.
+    suffix = "json" if isinstance(event.data, dict) else "txt"
+    response["Content-Disposition"] = f'attachment; filename="event-{seq}.{suffix}"'
     response["X-Content-Type-Options"] = "nosniff"
     return response
