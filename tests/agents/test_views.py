@@ -352,6 +352,10 @@ def test_it_lists_sandboxes_with_sessions_started_elsewhere_and_attaches(oc, ali
     assert response.url == session.get_absolute_url()
     assert session.origin == AgentSession.Origin.ATTACHED
     assert session.events.get(seq=1).type == "attach"
+    # Recorded here, it shows the status the session list shows, not the process's.
+    AgentSession.objects.filter(id=session.id).update(status=AgentSession.Status.IDLE)
+    row = client.get(reverse("sandboxes")).content.decode().split(session_id, 1)[0]
+    assert row.rsplit("<li>", 1)[1].strip().startswith('<span class="badge badge-idle"')
 
 
 def test_it_kills_a_sandbox_only_when_confirmed(oc, alice):
