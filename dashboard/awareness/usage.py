@@ -54,7 +54,9 @@ class Period:
 def period_from(params: Mapping[str, str], *, today: date | None = None) -> Period:
     """The period a request asks for; a bad one falls back to the default, saying why."""
     today = today or timezone.localdate()
-    key = params.get("period", DEFAULT_PERIOD)
+    # Dates without a period (a hand-written or shortened link) ask for those dates.
+    dated = "start" in params or "end" in params
+    key = params.get("period") or ("custom" if dated else DEFAULT_PERIOD)
     if key in PERIODS:
         return Period(today - timedelta(days=PERIODS[key][1] - 1), today, key)
     if key == "custom":

@@ -119,6 +119,11 @@ def test_it_takes_a_custom_period_and_refuses_a_bad_one(recorded, bob):
     assert 'id="total-cost">$9.99<' in html.content.decode()
     bad = client.get(reverse("usage"), {"period": "custom", "start": end, "end": start})
     assert "The start must not be after the end." in bad.content.decode()
+    # Dates alone (no period=custom in the link) are taken as asked, or refused as such.
+    dated = client.get(reverse("usage"), {"start": start, "end": end})
+    assert 'id="total-cost">$9.99<' in dated.content.decode()
+    swapped = client.get(reverse("usage"), {"start": end, "end": start})
+    assert "The start must not be after the end." in swapped.content.decode()
 
 
 def test_it_escapes_hostile_model_names_in_the_charts(alice, bob):
