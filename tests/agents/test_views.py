@@ -120,6 +120,9 @@ def test_it_keeps_what_was_typed_when_the_form_is_invalid(oc, alice):
     assert "Not valid JSON" in html
     assert "keep me" in html
     assert not AgentSession.objects.exists()
+    # Said at the top too, linking to the field far down the form.
+    summary = html.split('class="error form-errors" role="alert">', 1)[1].split("</div>", 1)[0]
+    assert 'href="#id_mcp_servers"' in summary and "Not valid JSON" in summary
 
 
 def test_it_explains_a_bad_mcp_server_definition(oc, alice):
