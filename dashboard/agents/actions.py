@@ -209,7 +209,9 @@ def _client_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 async def send_prompt(user: Any, session: AgentSession, text: str) -> None:
-    await note(session.id, {"type": "prompt", "text": text}, user)
+    # Sent while the agent works, it waits for the turn to end: the timeline says so.
+    queued = {"queued": True} if session.is_working else {}
+    await note(session.id, {"type": "prompt", "text": text, **queued}, user)
     try:
         await upstream.client().send_prompt(session.sandbox.upstream_id, session.upstream_id, text)
     except OpenComputerError as exc:

@@ -196,6 +196,17 @@ def test_it_sends_a_follow_up_prompt_and_records_who_sent_it(oc, alice, charlie)
     assert prompt.actor == charlie and json.loads(prompt.raw)["text"] == "second prompt"
 
 
+def test_it_marks_a_prompt_sent_while_the_agent_works_as_queued(oc, alice):
+    session = start(signed_in(alice), "sleep 30")
+    AgentSession.objects.filter(id=session.id).update(status=AgentSession.Status.WORKING)
+    client = signed_in(alice)
+    client.post(reverse("session_prompt", args=[session.id]), {"text": "after that"})
+    prompt = session.events.filter(type="prompt").last()
+    assert json.loads(prompt.raw) == {"type": "prompt", "text": "after that", "queued": True}
+    page = client.get(reverse("session", args=[session.id])).content.decode()
+    assert "alice sent a prompt (queued: the agent takes it when its turn ends)" in page
+
+
 def test_it_refuses_an_empty_follow_up(oc, alice):
     session = start(signed_in(alice), "first")
     response = signed_in(alice).post(

@@ -226,3 +226,28 @@ def test_it_shows_the_navigation_controls(
     shoot(page, f"jumps-{scheme}{suffix}")
     page.locator("#newer-slot").scroll_into_view_if_needed()
     shoot(page, f"load-newer-{scheme}{suffix}")
+
+
+def test_it_keeps_only_the_latest_events_of_a_flood_it_follows(page: Page) -> None:
+    """A page following live drops its oldest events past a bound (2,000 top-level ones;
+    40 here) instead of growing with the session, and "Load older events" brings them back,
+    in order."""
+    start_session(page, "Ready for a flood.")
+    expect(badge(page)).to_have_text("Idle")
+    page.evaluate("document.getElementById('session-root').dataset.keep = '40'")
+    timeline = page.locator("#timeline > [data-seq]")
+    box = page.locator("#id_text")
+    box.fill("flood 120 30\nFlood over.")
+    box.press("Control+Enter")
+    expect(agent_text(page, "Flood over.")).to_be_visible()
+    expect(badge(page)).to_have_text("Idle")
+    assert timeline.count() <= 40
+    newest = seqs(page)
+    assert_in_order(newest, "kept events")
+    load_older = page.locator("#older-slot button")
+    expect(load_older).to_be_visible()
+    load_older.click()
+    expect(page.locator(".older-events [data-seq]").first).to_be_attached()
+    older = seqs(page, ".older-events")
+    assert older and max(older) < min(newest), (older[-3:], newest[:3])
+    assert_in_order(older + newest, "older and kept events")

@@ -55,10 +55,11 @@ def _dashboard(event: Event, data: dict[str, Any]) -> EventItem:
     detail: dict[str, Any] = {"actor": who}
     match kind:
         case "prompt":
+            queued = " (queued: the agent takes it when its turn ends)"
             return _item(
                 event,
                 "action",
-                f"{who} sent a prompt",
+                f"{who} sent a prompt" + (queued if data.get("queued") is True else ""),
                 level="info",
                 text=clip(_str(data, "text"), DISPLAY_CAP),
                 detail=detail,
