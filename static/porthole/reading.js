@@ -277,6 +277,41 @@
     }
   });
 
+  // -- a page following a long session keeps its latest events --------------------------------
+  // Every live event adds to the page: a flood followed live grew it without bound (20,000
+  // cards, 140,000 elements, the browser slowing down). While following, past `KEEP`
+  // top-level elements the oldest go, down to three quarters of it (a page freshly loaded
+  // would not hold them either), and "Load older events" brings them back.
+  var KEEP = 2000;
+
+  function trimOldest(element) {
+    var timeline = document.getElementById("timeline");
+    var keep = parseInt(element.dataset.keep || "", 10) || KEEP;
+    if (!timeline || timeline.children.length <= keep || !element.dataset.olderUrl) { return; }
+    var first = timeline.children[timeline.children.length - Math.floor(keep * 3 / 4)];
+    while (first && !first.dataset.seq) { first = first.nextElementSibling; }
+    if (!first) { return; }
+    while (timeline.firstElementChild !== first) { timeline.removeChild(timeline.firstElementChild); }
+    document.querySelectorAll(".older-events").forEach(function (older) { older.remove(); });
+    var slot = document.getElementById("older-slot");
+    var button = document.createElement("button");
+    button.className = "button small";
+    button.type = "button";
+    button.textContent = "Load older events";
+    button.setAttribute("hx-get", element.dataset.olderUrl + "?before=" + first.dataset.seq);
+    button.setAttribute("hx-target", "#older-slot");
+    button.setAttribute("hx-swap", "outerHTML");
+    slot.replaceChildren(button);
+    window.htmx.process(slot);
+  }
+
+  document.addEventListener("htmx:wsAfterMessage", function (evt) {
+    var box = follow();
+    if (evt.target.id === "session-root" && !windowBack() && box && box.checked && nearBottom()) {
+      trimOldest(evt.target);
+    }
+  });
+
   // "Follow live" in a window further back means: go to the latest events.
   document.addEventListener("change", function (evt) {
     if (evt.target.id === "follow-live" && evt.target.checked && windowBack()) {

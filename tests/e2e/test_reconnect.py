@@ -170,6 +170,8 @@ def test_it_keeps_a_flood_flowing_past_the_window_by_acknowledging(browsing: Bro
     if the page acknowledges what it swapped in."""
     page = browsing.new_page()
     start_session(page, "sleep 2\nflood 2500 40\nAll flooded")  # the page is live first
+    # Every event is to stay on the page, to be counted: past 2,000 it would drop the oldest.
+    page.evaluate("document.getElementById('session-root').dataset.keep = '1000000'")
     expect(agent_text(page, "All flooded")).to_be_visible(timeout=60_000)
     timeline = seqs(page)
     assert timeline == sorted(set(timeline)), "duplicated or out of order"
