@@ -149,8 +149,19 @@
     if (evt.target.id === "session-root") { follow = nearBottom(); }
   });
 
+  // The prompt box survives live swaps of the controls (hx-preserve keeps what is typed),
+  // and with it the placeholder it was drawn with: "Queue a follow-up" once the agent is idle.
+  function syncPromptPlaceholder() {
+    var controls = document.getElementById("controls");
+    var box = document.getElementById("id_text");
+    if (controls && box && controls.dataset.promptPlaceholder) {
+      box.placeholder = controls.dataset.promptPlaceholder;
+    }
+  }
+
   document.addEventListener("htmx:wsAfterMessage", function (evt) {
     if (evt.target.id !== "session-root") { return; }
+    syncPromptPlaceholder();
     if (typeof evt.detail.message === "string") { noteSeqs(evt.detail.message); }
     received(evt.target);
     var empty = document.getElementById("empty-timeline");

@@ -478,6 +478,18 @@ def test_it_ignores_updates_for_sessions_not_listed(browsing: Browsing) -> None:
 
 
 @pytest.mark.e2e
+def test_it_keeps_the_prompt_boxs_hint_true_to_the_agents_state(page: Page) -> None:
+    """Regression: the box (kept across live swaps, for what is typed in it) kept the hint
+    it was drawn with, "Queue a follow-up", after the agent went idle."""
+    start_session(page, "sleep 3\nDone waiting.")
+    box = page.locator("#id_text")
+    expect(box).to_have_attribute("placeholder", re.compile("^Queue a follow-up"))
+    expect(agent_text(page, "Done waiting.")).to_be_visible()
+    expect(badge(page)).to_have_text("Idle")
+    expect(box).to_have_attribute("placeholder", re.compile("^Send a follow-up"))
+
+
+@pytest.mark.e2e
 def test_it_hides_the_jump_button_while_following(page: Page) -> None:
     """Regression: `.button { display: inline-flex }` beat the `hidden` attribute."""
     start_session(page, "Short and sweet.")
