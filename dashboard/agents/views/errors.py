@@ -29,5 +29,5 @@ def forbidden(request: HttpRequest, exception: Exception | None = None) -> HttpR
 
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     # Not the exception's text: Django's say which model and query did not match.
-    shared = request.path.startswith("/share/")
+    shared = request.path_info.startswith("/share/")  # under any SCRIPT_NAME
     return _page(request, 404, "Not found", SHARE_GONE if shared else NOT_FOUND)
