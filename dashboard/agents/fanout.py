@@ -77,17 +77,18 @@ _clock = time.perf_counter
 _until_next_look = asyncio.sleep  # `Feed._verify`'s wait (tests take each look in turn)
 
 
-@database_sync_to_async
-def _latest_seq(session_id: str) -> int | None:
-    next_seq = AgentSession.objects.filter(id=session_id).values_list("next_seq", flat=True)
-    found = next_seq.first()
-    return None if found is None else found - 1
-
-
-@database_sync_to_async
-def _latest_seqs(session_ids: list[str]) -> dict[str, int]:
+def _stored_seqs(session_ids: list[str]) -> dict[str, int]:
+    """Each session's last seq stored (those that exist)."""
     rows = AgentSession.objects.filter(id__in=session_ids).values_list("id", "next_seq")
     return {str(session_id): next_seq - 1 for session_id, next_seq in rows}
+
+
+_latest_seqs = database_sync_to_async(_stored_seqs)  # a worker's look at all its sessions
+
+
+@database_sync_to_async
+def _latest_seq(session_id: str) -> int | None:
+    return _stored_seqs([session_id]).get(session_id)
 
 
 @database_sync_to_async
