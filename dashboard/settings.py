@@ -59,6 +59,19 @@ def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
     return value
 
 
+def env_float(name: str, default: float, *, minimum: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum:  # NaN too
+        raise ImproperlyConfigured(f"{name}={raw} must be at least {minimum:g}")
+    return value
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:
@@ -301,6 +314,10 @@ PORTHOLE_RUN_BRIDGES = env_bool("PORTHOLE_RUN_BRIDGES", True)
 # idle after a turn before it needs attention.
 PORTHOLE_WEBHOOK_URLS = env_list("PORTHOLE_WEBHOOK_URLS", [])
 PORTHOLE_WEBHOOK_SECRET = env_str("PORTHOLE_WEBHOOK_SECRET")
+# A failed delivery is retried after BACKOFF × 2^(n-1) seconds (capped at an hour), until
+# MAX_ATTEMPTS attempts in all.
+PORTHOLE_WEBHOOK_MAX_ATTEMPTS = env_int("PORTHOLE_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1)
+PORTHOLE_WEBHOOK_BACKOFF_SECONDS = env_float("PORTHOLE_WEBHOOK_BACKOFF_SECONDS", 5.0, minimum=0.01)
 # Where people reach Porthole (https://porthole.example.org): links in webhooks' messages.
 PORTHOLE_PUBLIC_URL = env_str("PORTHOLE_PUBLIC_URL")
 PORTHOLE_ATTENTION_IDLE_MINUTES = env_int("PORTHOLE_ATTENTION_IDLE_MINUTES", 10, minimum=1)

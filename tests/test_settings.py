@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 
 from dashboard import settings
 
@@ -108,3 +109,35 @@ def test_it_takes_networks_and_time_zones_that_parse(monkeypatch: pytest.MonkeyP
     assert settings.env_time_zone("TIME_ZONE", "UTC") == "Europe/Paris"
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/3")
     assert settings.env_url("REDIS_URL", {"redis"}) == "redis://127.0.0.1:6379/3"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("soon", "is not a number"), ("nan", "must be at least"), ("0", "must be at least")],
+)
+def test_it_refuses_a_webhook_backoff_that_is_not_a_positive_number(
+    monkeypatch: pytest.MonkeyPatch, value: str, says: str
+) -> None:
+    monkeypatch.setenv("PORTHOLE_WEBHOOK_BACKOFF_SECONDS", value)
+    with pytest.raises(ImproperlyConfigured, match=says):
+        settings.env_float("PORTHOLE_WEBHOOK_BACKOFF_SECONDS", 5.0, minimum=0.01)
+
+
+def test_it_reads_the_webhook_retries_from_the_environment(tmp_path: Path) -> None:
+    """docs/awareness.md has always named these two; they used to be read from nowhere."""
+    env = {
+        **os.environ,
+        "PORTHOLE_DATA_DIR": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "dashboard.settings",
+        "PORTHOLE_WEBHOOK_MAX_ATTEMPTS": "3",
+        "PORTHOLE_WEBHOOK_BACKOFF_SECONDS": "0.5",
+    }
+    code = (
+        "import django; django.setup();"
+        "from dashboard.awareness import dispatcher as d;"
+        "print(d.max_attempts(), d.backoff(3).total_seconds())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.stdout.split() == ["3", "2.0"], done.stderr

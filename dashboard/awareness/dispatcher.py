@@ -61,12 +61,12 @@ ATTENTION_NOW = Q(attention_error=True) | Q(attention_gap=True) | Q(attention_id
 
 
 def max_attempts() -> int:
-    return int(getattr(settings, "PORTHOLE_WEBHOOK_MAX_ATTEMPTS", 8))
+    return int(settings.PORTHOLE_WEBHOOK_MAX_ATTEMPTS)
 
 
 def backoff(attempts: int) -> timedelta:
     """After the n-th failed attempt: base × 2^(n-1), capped at an hour."""
-    base = float(getattr(settings, "PORTHOLE_WEBHOOK_BACKOFF_SECONDS", 5.0))
+    base = float(settings.PORTHOLE_WEBHOOK_BACKOFF_SECONDS)
     return timedelta(seconds=min(base * 2 ** max(attempts - 1, 0), 3600.0))
 
 

@@ -37,8 +37,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 @pytest.fixture(scope="module")
 def porthole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Porthole]:
-    """This module's own server, stopped once its tests are done."""
-    with e2e.run_porthole(tmp_path_factory.mktemp("porthole-awareness"), "awareness") as server:
+    """This module's own server, stopped once its tests are done. Its webhook dispatcher gives
+    up as fast as the seed's (tests/awareness/seed.py): either may claim a failing delivery,
+    and with the default retries the server's took minutes to mark it failed."""
+    quick_retries = {
+        "PORTHOLE_WEBHOOK_MAX_ATTEMPTS": "3",
+        "PORTHOLE_WEBHOOK_BACKOFF_SECONDS": "0.01",
+    }
+    data_dir = tmp_path_factory.mktemp("porthole-awareness")
+    with e2e.run_porthole(data_dir, "awareness", quick_retries) as server:
         yield server
 
 

@@ -199,10 +199,13 @@ def porthole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Porthole]:
 
 
 @contextlib.contextmanager
-def run_porthole(data_dir: Path, name: str) -> Iterator[Porthole]:
+def run_porthole(
+    data_dir: Path, name: str, extra_env: dict[str, str] | None = None
+) -> Iterator[Porthole]:
     """A Porthole server of its own (data directory, database, Redis prefix), stopped after."""
     with _team_services(name) as services:
-        yield from _serve(data_dir, dict(_server_env(data_dir), **services), f"server-{name}.log")
+        env = {**_server_env(data_dir), **services, **(extra_env or {})}
+        yield from _serve(data_dir, env, f"server-{name}.log")
 
 
 def _serve(data_dir: Path, env: dict[str, str], log_name: str) -> Iterator[Porthole]:
