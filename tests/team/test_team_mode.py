@@ -11,6 +11,11 @@ browsers and sockets, and run one after the other they took longer than the suit
 This test, collected among the last, waits for it. Tests that touch neither the database nor
 the channel layer (the OpenComputer client's, most of the embedded sandbox server's) are not
 run again there: their outcome cannot depend on either.
+
+The child run is two pytest processes, each with a test database and a Redis key prefix of
+its own: one runs the tests that drive real processes and browsers (mostly waiting on them),
+the other the rest. One after the other they were the longest part of the suite, longer than
+the whole SQLite run beside them, while the machine's two cores sat partly idle.
 """
 
 from __future__ import annotations
@@ -49,6 +54,29 @@ SAME_EITHER_WAY = [
         if path.name not in {"test_isolation.py", "test_start_page.py"}
     ),
 ]
+# The child's two shards (see the module's docstring), each named, with its pytest arguments.
+# Real processes and browsers: the end-to-end tests, the workers behind nginx, the embedded
+# sandbox server's isolation.
+PROCESSES = [
+    "tests/e2e",
+    "tests/awareness/test_in_browser.py",
+    "tests/localsandbox/test_isolation.py",
+    "tests/localsandbox/test_start_page.py",
+    "tests/team",
+    "--ignore=tests/team/test_team_mode.py",
+    "--ignore=tests/team/test_faults.py",  # in the other shard: it evens the two out
+]
+EVERYTHING_ELSE = [
+    "tests",
+    *SAME_EITHER_WAY,
+    *(f"--ignore={path}" for path in PROCESSES if not path.startswith(("--", "tests/team"))),
+    *(
+        f"--ignore={path.relative_to(ROOT)}"
+        for path in sorted((ROOT / "tests" / "team").glob("test_*.py"))
+        if path.name != "test_faults.py"
+    ),
+]
+SHARDS = {"processes": PROCESSES, "in-process": EVERYTHING_ELSE}
 TEST_NAME = "test_it_passes_the_whole_suite_on_postgresql_and_redis"
 FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (tests/\S+?(?:\[[^\]]*\])?)(?: - |$)")
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
@@ -103,7 +131,7 @@ class Child:
         self.out.close()
 
 
-EARLY = pytest.StashKey[Child]()
+EARLY = pytest.StashKey[list[Child]]()
 
 
 def _reachable(url: str, default_port: int) -> tuple[bool, str]:
@@ -126,19 +154,34 @@ def _without_waiting_for_disk(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
-def _child_env(data_dir: Path) -> dict[str, str]:
+def _child_env(data_dir: Path, shard: str) -> dict[str, str]:
+    """A shard's own database (pytest-django makes `test_<name>` of it; the end-to-end servers
+    `<name>_<server>`), its own Redis database (a test's `cache.clear()` empties a whole one)
+    and its own Redis prefix (pub/sub channels belong to the whole Redis server)."""
+    suffix = shard.replace("-", "_")
+    parts = urlsplit(POSTGRES_URL)
+    database = f"{parts.path.lstrip('/') or 'porthole'}_{suffix}"
+    url = urlunsplit(parts._replace(path=f"/{database}"))
+    redis = urlsplit(REDIS_URL)
+    number = int(redis.path.strip("/") or 0) - [*SHARDS, "retry"].index(shard)
     return dict(
         os.environ,
-        DATABASE_URL=_without_waiting_for_disk(POSTGRES_URL),
-        REDIS_URL=REDIS_URL,
+        DATABASE_URL=_without_waiting_for_disk(url),
+        REDIS_URL=urlunsplit(redis._replace(path=f"/{number % 16}")),
+        REDIS_PREFIX=f"porthole-test-{suffix}",
         PORTHOLE_DATA_DIR=str(data_dir),
         PORTHOLE_TEAM_CHILD="1",
     )
 
 
-def _start(data_dir: Path) -> Child:
-    args = [*PYTEST, "tests", "--ignore=tests/team/test_team_mode.py", *SAME_EITHER_WAY]
-    return Child.start(args, _child_env(data_dir), data_dir / "team-mode.log")
+def _start(data_dir: Path) -> list[Child]:
+    children = []
+    for shard, args in SHARDS.items():
+        shard_dir = data_dir / shard
+        shard_dir.mkdir()
+        env = _child_env(shard_dir, shard)
+        children.append(Child.start([*PYTEST, *args], env, shard_dir / "team-mode.log"))
+    return children
 
 
 def start_early(session: pytest.Session) -> None:
@@ -156,8 +199,7 @@ def start_early(session: pytest.Session) -> None:
 
 def stop_early(session: pytest.Session) -> None:
     """The run ended without waiting for the child (interrupted, -x): do not leave it."""
-    child = session.config.stash.get(EARLY, None)
-    if child is not None:
+    for child in session.config.stash.get(EARLY, []):
         child.stop()
 
 
@@ -178,16 +220,20 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(
         pytest.skip("this is the team-mode child run already")
     _require("Postgres", POSTGRES_URL, 5432)
     _require("Redis", REDIS_URL, 6379)
-    child = request.config.stash.get(EARLY, None) or _start(tmp_path)
-    returncode, lines = child.wait()
-    assert returncode != -1, _said("ran out of time", child.report, lines)
-    failed = _failed_ids(lines)
-    if returncode != 0 and 0 < len(failed) <= MAX_RETRIED:
+    children = request.config.stash.get(EARLY, None) or _start(tmp_path)
+    results = [(child, *child.wait()) for child in children]
+    for child, returncode, lines in results:
+        assert returncode != -1, _said("ran out of time", child.report, lines)
+    failed = [test for _, code, lines in results if code != 0 for test in _failed_ids(lines)]
+    broken = [(child, lines) for child, code, lines in results if code != 0]
+    if broken and 0 < len(failed) <= MAX_RETRIED:
         # Tests that fail only after others on a shared PostgreSQL + Redis (order or load),
         # run once more on their own: they must pass there, and they are named as flaky.
         retry_dir = tmp_path / "retry"
         retry_dir.mkdir()
-        again = Child.start([*PYTEST, *failed], _child_env(retry_dir), retry_dir / "retry.log")
+        again = Child.start(
+            [*PYTEST, *failed], _child_env(retry_dir, "retry"), retry_dir / "retry.log"
+        )
         returncode, retry_lines = again.wait()
         assert returncode == 0, _said(
             f"failed ({', '.join(failed)}), and again on their own", again.report, retry_lines
@@ -196,16 +242,18 @@ def test_it_passes_the_whole_suite_on_postgresql_and_redis(
             "passed on PostgreSQL + Redis only when run again on their own (flaky there): "
             + ", ".join(failed)
             + "; the first run said:\n"
-            + _why(lines),
+            + "\n".join(_why(lines) for _, lines in broken),
             stacklevel=1,
         )
-        lines = retry_lines
-    assert returncode == 0, _said("failed", child.report, lines)
-    summary = lines[-1] if lines else ""
-    assert " passed" in summary, "\n".join(lines[-60:])
-    # Skips in the child are the ones the SQLite run has too (e.g. no Chromium outside CI);
-    # nothing may skip for want of PostgreSQL or Redis there.
-    assert "needs DATABASE_URL" not in "\n".join(lines[-60:])
+    else:
+        for child, lines in broken:
+            raise AssertionError(_said("failed", child.report, lines))
+    for _, _, lines in results:
+        summary = lines[-1] if lines else ""
+        assert " passed" in summary, "\n".join(lines[-60:])
+        # Skips in the child are the ones the SQLite run has too (e.g. no Chromium outside
+        # CI); nothing may skip for want of PostgreSQL or Redis there.
+        assert "needs DATABASE_URL" not in "\n".join(lines[-60:])
 
 
 def _failed_ids(lines: list[str]) -> list[str]:
