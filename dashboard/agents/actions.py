@@ -59,6 +59,12 @@ async def note(session_id: SessionId, data: dict[str, Any], actor: Any = None) -
     await publish(messages)
 
 
+async def acknowledge(user: Any, session: AgentSession, reasons: list[str]) -> None:
+    """Mark the session as handled, for the whole team: the timeline says who and why, and
+    the attention rule starts again from this event (dashboard/awareness/attention.py)."""
+    await note(session.id, {"type": "acknowledged", "reasons": reasons}, actor=user)
+
+
 async def _failed(session_id: SessionId, action: str, exc: OpenComputerError) -> None:
     await note(session_id, {"type": "action_failed", "action": action, "message": _shown(exc)})
 

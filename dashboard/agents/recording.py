@@ -32,6 +32,7 @@ from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
 from dashboard.agents.rendering.porthole import for_link_holders, link_holder_variant
 from dashboard.agents.sqlwrite import db_value, insert_many
+from dashboard.awareness import attention
 from dashboard.gil import HandOver
 from dashboard.search.index import index_events
 
@@ -318,10 +319,21 @@ def _insert(rows: Sequence[Event]) -> None:
     )
 
 
+def _redraws_state(event: Event) -> bool:
+    """Whether the header changes with this event though the session's fields do not: being
+    marked as handled ends its "needs attention" note."""
+    return event.source == Event.Source.DASHBOARD and event.type == "acknowledged"
+
+
 def render_state(session: AgentSession) -> dict[str, str]:
     """The fragments that follow a session's state, rendered once for all of its viewers:
     team members, and (showing less) share-link holders."""
-    context = {"session": session, "sandbox": session.sandbox, **controls_context(session)}
+    context = {
+        "session": session,
+        "sandbox": session.sandbox,
+        "attention": attention.of(session),
+        **controls_context(session),
+    }
     return {
         "status": render_to_string("agents/session.html#state-oob", {**context, "member": True}),
         "status_shared": render_to_string(
@@ -465,7 +477,7 @@ def record(
         if shared:
             announce["shared"] = shared
         messages.append((group, announce))
-    if appended.state_changed:
+    if appended.state_changed or any(map(_redraws_state, appended.events)):
         state = render_state(appended.session)
         messages.append((group, {"type": "session.state", **state}))
         messages.append(

@@ -18,6 +18,11 @@ urlpatterns = [
     ),
     path("sessions/<uuid:session_id>/kill/", steer.session_kill, name="session_kill"),
     path("sessions/<uuid:session_id>/continue/", steer.session_continue, name="session_continue"),
+    path(
+        "sessions/<uuid:session_id>/acknowledge/",
+        steer.session_acknowledge,
+        name="session_acknowledge",
+    ),
     path("sessions/<uuid:session_id>/export.jsonl", export.export_jsonl, name="export_jsonl"),
     path("sessions/<uuid:session_id>/export.md", export.export_markdown, name="export_markdown"),
     path("sessions/<uuid:session_id>/events/<int:seq>/raw", export.event_raw, name="event_raw"),

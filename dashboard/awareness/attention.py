@@ -1,7 +1,8 @@
 """The one definition of "needs attention", as a queryset annotation.
 
 A session needs attention when, since the last follow-up (a prompt sent from here, a new turn
-the agent began for anyone else, or a "continue" into a new session):
+the agent began for anyone else, a "continue" into a new session, or someone marking it as
+handled):
 
 - its turn ended with an error: a `result` whose subtype is an error or whose `is_error` is
   true, or an `error` line from the wrapper;
@@ -9,8 +10,12 @@ the agent began for anyone else, or a "continue" into a new session):
 - it has sat idle after a completed turn for longer than PORTHOLE_ATTENTION_IDLE_MINUTES;
 
 or, whatever happened before, when its agent exited with a non-zero code or its upstream was
-lost (unless someone continued it). A session someone killed does not need attention: a person
-ended it on purpose.
+lost (unless someone continued it, or marked it as handled after it ended). A session someone
+killed does not need attention: a person ended it on purpose.
+
+Marking as handled is for the whole team, like the rest of the record: it is an event in the
+session's timeline ("alice marked the session as handled"), so everyone sees who did it and
+when, and anything that goes wrong afterwards needs attention again.
 
 Everything is derived from what recording already stores (the session's status and exit code,
 the events' source/type/subtype and `raw`), so the list filter, the badges, the browser
@@ -46,10 +51,14 @@ from dashboard.agents.models import AgentSession, Event
 # Read alike by PostgreSQL's regular expressions and Python's (Django's REGEXP on SQLite).
 IS_ERROR_PATTERN = r'(^|[^\\])"is_error"\s*:\s*true'
 
-FOLLOW_UP = Q(source=Event.Source.DASHBOARD, type__in=["prompt", "continue"]) | Q(
-    source=Event.Source.AGENT, type="system", subtype="init"
+ACKNOWLEDGED = Q(source=Event.Source.DASHBOARD, type="acknowledged")
+FOLLOW_UP = (
+    Q(source=Event.Source.DASHBOARD, type__in=["prompt", "continue"])
+    | ACKNOWLEDGED
+    | Q(source=Event.Source.AGENT, type="system", subtype="init")
 )
 CONTINUED = Q(source=Event.Source.DASHBOARD, type="continue")
+ENDED = Q(source=Event.Source.BRIDGE, type__in=["exit", "lost"])
 
 REASONS = {
     "failed": "the agent exited with an error code",
@@ -98,14 +107,18 @@ def with_attention(
         | (Q(type="result") & (Q(subtype__startswith="error") | Q(raw__regex=IS_ERROR_PATTERN)))
     )
     not_killed = ~Q(status=AgentSession.Status.KILLED)
-    not_continued = ~Exists(events.filter(CONTINUED))
+    # The last follow-up is someone marking it as handled, and it did not end after that.
+    handled_since_end = Exists(events.filter(ACKNOWLEDGED, seq=OuterRef("attention_turn"))) & ~Q(
+        Exists(since.filter(ENDED))
+    )
+    still_open = ~Exists(events.filter(CONTINUED)) & ~Q(handled_since_end)
     return sessions.annotate(
         attention_failed=_boolean(
             Q(status=AgentSession.Status.EXITED)
             & (Q(exit_code__lt=0) | Q(exit_code__gt=0))
-            & Q(not_continued)
+            & Q(still_open)
         ),
-        attention_lost=_boolean(Q(status=AgentSession.Status.LOST) & Q(not_continued)),
+        attention_lost=_boolean(Q(status=AgentSession.Status.LOST) & Q(still_open)),
         attention_error=_boolean(not_killed & Q(Exists(since.filter(error_line)))),
         attention_gap=_boolean(
             not_killed & Q(Exists(since.filter(source=Event.Source.BRIDGE, type="gap")))

@@ -204,3 +204,29 @@ def fits(page: Page) -> None:
 
 def shoot(page: Page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True, caret="initial")
+
+
+def test_it_marks_a_failed_session_as_handled_on_every_page_watching_it(
+    open_context: Any,
+) -> None:
+    tabs = open_context()
+    mine = tabs.new_page()
+    session_id = start_session(mine, "Deploying the thing\nexit 4")
+    note = mine.locator(".attention-note")
+    # The exit redraws the header live, with the reason.
+    expect(note).to_contain_text("Needs attention: the agent exited with an error code.")
+    theirs = tabs.new_page()
+    theirs.goto(f"/sessions/{session_id}/")
+    expect(theirs.locator(".attention-note")).to_be_visible()
+    expect(theirs.locator("#connection")).to_have_attribute("data-state", "live")
+    e2e.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shoot(mine, e2e.ARTIFACTS / "attention-note.png")
+
+    mine.bring_to_front()
+    mine.get_by_role("button", name="Mark as handled").click()
+    expect(mine.locator("#control-feedback")).to_contain_text("Marked as handled.")
+    for page in (mine, theirs):
+        expect(page.locator(".attention-note")).to_have_count(0)
+        expect(page.locator("#timeline")).to_contain_text("marked the session as handled")
+    theirs.goto("/?status=attention")
+    expect(theirs.locator(f"a[href='/sessions/{session_id}/']")).to_have_count(0)

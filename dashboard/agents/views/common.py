@@ -22,6 +22,7 @@ from dashboard.agents.rendering import ToolIndex, render_event
 from dashboard.agents.rendering.outline import first_error, last_seq
 from dashboard.agents.rendering.porthole import for_link_holders
 from dashboard.agents.sharing import share_panel_context, take_new_link
+from dashboard.awareness import attention
 
 PAGE_EVENTS = 200
 
@@ -181,6 +182,7 @@ def session_context(
         "can_steer": rights.steer,
         "can_share": rights.share,
         "can_kill_sandbox": rights.kill_sandbox,
+        "attention": attention.of(session) if rights.member else None,
         **controls_context(session),
         "ws_path": f"/ws/share/{share_token}/" if share_token else f"/ws/sessions/{session.id}/",
     }

@@ -24,6 +24,7 @@ from dashboard.agents.forms import AgentOptionsForm, ContinueForm, PromptForm
 from dashboard.agents.models import AgentSession
 from dashboard.agents.upstream import shown
 from dashboard.agents.views.common import HtmxHttpRequest
+from dashboard.awareness import attention
 from dashboard.opencomputer import OpenComputerError
 
 
@@ -154,6 +155,21 @@ async def session_configure(request: HtmxHttpRequest, session_id: str) -> HttpRe
 @login_required
 async def session_kill(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
     return await _one_click(request, session_id, "kill")
+
+
+@require_POST
+@login_required
+async def session_acknowledge(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
+    """Mark the session as handled for the team: it leaves "Needs attention" until something
+    else goes wrong."""
+    user, session = await _steerable(request, session_id)
+    verdict = await sync_to_async(attention.of)(session)
+    if not verdict:
+        return await _controls_response(
+            request, session, error="Nothing here needs attention now.", status=409
+        )
+    await actions.acknowledge(user, session, list(verdict.reasons))
+    return await _controls_response(request, session, notice="Marked as handled.")
 
 
 @require_POST
