@@ -215,6 +215,15 @@ def _looks_whole(stream: str, line: Line, agent_stream: str) -> bool:
     return stream == agent_stream and line.data is not None
 
 
+def _wait_for_next_replay(log: ReadLog) -> Aligned:
+    """Nothing kept from this replay: live output would continue the lines read before it."""
+    carried: dict[str, JSONLineAssembler] = {}
+    for stream, pending in log.pending.items():
+        carried[stream] = JSONLineAssembler()
+        carried[stream].feed(pending)
+    return Aligned(new=[], assemblers=carried)
+
+
 def align(
     log: ReadLog,
     replay: Sequence[tuple[str, bytes]],
@@ -229,7 +238,8 @@ def align(
 
     `complete` is False for a replay cut short (the connection broke before its end): it
     is still a contiguous piece of output and lines up the same way, but its size says
-    nothing about whether the ring was full.
+    nothing about whether the ring was full, and when nothing in it lines up with what
+    was read it is no evidence of a gap (the next replay decides).
     """
     assemblers: dict[str, JSONLineAssembler] = {}
     lines: list[tuple[str, Line]] = []
@@ -250,11 +260,7 @@ def align(
         # Cut short before it reached the end of what was read. Checked first: with
         # repeated lines it may also look like an overlap, and storing old lines again
         # is worse than waiting for the next replay, which brings anything new again.
-        carried: dict[str, JSONLineAssembler] = {}
-        for stream, pending in log.pending.items():
-            carried[stream] = JSONLineAssembler()
-            carried[stream].feed(pending)
-        return Aligned(new=[], assemblers=carried)
+        return _wait_for_next_replay(log)
     k = _overlap(history, items, loose)
 
     # A stream's first line past the overlap, or its partial line, continues what we read.
@@ -288,6 +294,11 @@ def align(
         starts_ready = lines[0][0] == agent_stream and lines[0][1].type == "ready"
         if whole_ring or starts_ready:
             return Aligned(new=new, assemblers=assemblers)
+    elif not complete:
+        # Cut short with no evidence either way: too little of it to line up (a fragment
+        # shorter than MIN_EVIDENCE), or a gap. Calling it a gap would mark output lost
+        # that the ring still holds; the next replay, which brings all of this again, decides.
+        return _wait_for_next_replay(log)
     # A gap: nothing read is left in the ring. Fragments at its edge are dropped.
     dropped = {
         index
