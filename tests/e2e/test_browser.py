@@ -501,6 +501,7 @@ def test_it_hides_the_jump_button_while_following(page: Page) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.layout
 def test_it_fits_the_session_page_on_a_390px_screen(open_context: Any, page: Page) -> None:
     """Regression: the turn divider's label did not wrap (`white-space: nowrap`)."""
     start_session(page, "Short and sweet.")
@@ -532,6 +533,7 @@ def _widths(page: Page) -> dict[str, Any]:
 
 
 @pytest.mark.e2e
+@pytest.mark.layout
 def test_it_fits_the_list_and_a_long_first_line_on_a_375px_screen(
     open_context: Any, page: Page
 ) -> None:
@@ -566,6 +568,7 @@ def shoot(page: Page, name: str, *, full_page: bool) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.layout
 def test_it_takes_screenshots_in_light_dark_and_narrow_layouts(
     open_context: Any, browsing: Browsing
 ) -> None:

@@ -208,7 +208,13 @@ def test_it_jumps_to_any_turn_of_the_outline_in_one_request(
 
 
 @pytest.mark.parametrize(
-    ("scheme", "width"), [("light", 1280), ("dark", 1280), ("light", 420), ("dark", 420)]
+    ("scheme", "width"),
+    [
+        ("light", 1280),
+        pytest.param("dark", 1280, marks=pytest.mark.layout),
+        pytest.param("light", 420, marks=pytest.mark.layout),
+        pytest.param("dark", 420, marks=pytest.mark.layout),
+    ],
 )
 def test_it_shows_the_navigation_controls(
     open_context: Any, long_recorded: str, scheme: str, width: int

@@ -200,7 +200,13 @@ def shoot(page: Page, name: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("scheme", "width"), [("light", 1280), ("dark", 1280), ("light", 420), ("dark", 420)]
+    ("scheme", "width"),
+    [
+        ("light", 1280),
+        pytest.param("dark", 1280, marks=pytest.mark.layout),
+        pytest.param("light", 420, marks=pytest.mark.layout),
+        pytest.param("dark", 420, marks=pytest.mark.layout),
+    ],
 )
 def test_it_shows_a_recorded_claude_session_readably(
     open_context: Any, recorded: str, scheme: str, width: int
@@ -241,7 +247,7 @@ def test_it_shows_a_recorded_claude_session_readably(
     expect(changes.locator(".changed-path").first).to_contain_text("/workspace/app/")
 
 
-@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("scheme", ["light", pytest.param("dark", marks=pytest.mark.layout)])
 def test_it_shows_a_session_of_the_real_claude_cli(
     open_context: Any, real_cli: str, scheme: str
 ) -> None:

@@ -9,8 +9,11 @@ The child starts as soon as collection ends (tests/team/conftest.py), so it runs
 SQLite run rather than after it: much of either run is waiting on sandbox processes,
 browsers and sockets, and run one after the other they took longer than the suite's budget.
 This test, collected among the last, waits for it. Tests that touch neither the database nor
-the channel layer (the OpenComputer client's, most of the embedded sandbox server's) are not
-run again there: their outcome cannot depend on either.
+the channel layer (the OpenComputer client's, most of the embedded sandbox server's, the
+alignment's and Markdown's properties, settings) are not run again there: their outcome
+cannot depend on either. Nor are the browser tests' extra layouts (`@pytest.mark.layout`:
+dark, narrow, screenshots): how a page looks at a size does not depend on either; each such
+test's first layout runs there.
 
 The child run is two pytest processes, each with a test database and a Redis key prefix of
 its own: one runs the tests that drive real processes and browsers (mostly waiting on them),
@@ -53,23 +56,39 @@ SAME_EITHER_WAY = [
         for path in sorted((ROOT / "tests" / "localsandbox").glob("test_*.py"))
         if path.name not in {"test_isolation.py", "test_start_page.py"}
     ),
+    *(
+        f"--ignore=tests/{path}"
+        for path in (
+            "agents/test_alignment.py",
+            "agents/test_markdown.py",
+            "agents/test_viewers.py",
+            "test_daphne_glue.py",
+            "test_heap.py",
+            "test_settings.py",
+        )
+    ),
 ]
 # The child's two shards (see the module's docstring), each named, with its pytest arguments.
 # Real processes and browsers: the end-to-end tests, the workers behind nginx, the embedded
 # sandbox server's isolation.
-PROCESSES = [
+BROWSERS_AND_SERVERS = [
     "tests/e2e",
     "tests/awareness/test_in_browser.py",
     "tests/localsandbox/test_isolation.py",
     "tests/localsandbox/test_start_page.py",
+]
+PROCESSES = [
+    *BROWSERS_AND_SERVERS,
     "tests/team",
     "--ignore=tests/team/test_team_mode.py",
     "--ignore=tests/team/test_faults.py",  # in the other shard: it evens the two out
+    "-m",
+    "not layout",
 ]
 EVERYTHING_ELSE = [
     "tests",
     *SAME_EITHER_WAY,
-    *(f"--ignore={path}" for path in PROCESSES if not path.startswith(("--", "tests/team"))),
+    *(f"--ignore={path}" for path in BROWSERS_AND_SERVERS),
     *(
         f"--ignore={path.relative_to(ROOT)}"
         for path in sorted((ROOT / "tests" / "team").glob("test_*.py"))
