@@ -238,6 +238,7 @@ def steer_with_a_late_reply(page: Page, action: str) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("action", ["prompt", "interrupt"])
+@pytest.mark.browser_side
 def test_it_keeps_the_prompt_box_when_live_updates_overtake_the_reply(
     page: Page, action: str
 ) -> None:
@@ -251,6 +252,7 @@ def test_it_keeps_the_prompt_box_when_live_updates_overtake_the_reply(
 
 
 @pytest.mark.e2e
+@pytest.mark.browser_side
 def test_it_clears_the_prompt_box_when_live_updates_overtake_the_reply(page: Page) -> None:
     start_session(page, "Ready.")
     steer_with_a_late_reply(page, "prompt")
@@ -258,6 +260,7 @@ def test_it_clears_the_prompt_box_when_live_updates_overtake_the_reply(page: Pag
 
 
 @pytest.mark.e2e
+@pytest.mark.browser_side
 def test_it_shows_why_a_steering_action_was_refused(
     browsing: Browsing, proxy: CuttableProxy
 ) -> None:
@@ -454,6 +457,7 @@ def test_it_brings_the_session_list_up_to_date_after_a_reconnect(
 
 
 @pytest.mark.e2e
+@pytest.mark.browser_side
 def test_it_ignores_updates_for_sessions_not_listed(browsing: Browsing) -> None:
     """Regression: every session's row went to every list viewer, and htmx logged
     `htmx:oobErrorNoTarget` for each row the page does not show."""
@@ -480,6 +484,7 @@ def test_it_ignores_updates_for_sessions_not_listed(browsing: Browsing) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.browser_side
 def test_it_keeps_the_prompt_boxs_hint_true_to_the_agents_state(page: Page) -> None:
     """Regression: the box (kept across live swaps, for what is typed in it) kept the hint
     it was drawn with, "Queue a follow-up", after the agent went idle."""
@@ -492,6 +497,7 @@ def test_it_keeps_the_prompt_boxs_hint_true_to_the_agents_state(page: Page) -> N
 
 
 @pytest.mark.e2e
+@pytest.mark.browser_side
 def test_it_hides_the_jump_button_while_following(page: Page) -> None:
     """Regression: `.button { display: inline-flex }` beat the `hidden` attribute."""
     start_session(page, "Short and sweet.")
@@ -501,7 +507,7 @@ def test_it_hides_the_jump_button_while_following(page: Page) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.layout
+@pytest.mark.browser_side
 def test_it_fits_the_session_page_on_a_390px_screen(open_context: Any, page: Page) -> None:
     """Regression: the turn divider's label did not wrap (`white-space: nowrap`)."""
     start_session(page, "Short and sweet.")
@@ -533,7 +539,7 @@ def _widths(page: Page) -> dict[str, Any]:
 
 
 @pytest.mark.e2e
-@pytest.mark.layout
+@pytest.mark.browser_side
 def test_it_fits_the_list_and_a_long_first_line_on_a_375px_screen(
     open_context: Any, page: Page
 ) -> None:
@@ -568,7 +574,7 @@ def shoot(page: Page, name: str, *, full_page: bool) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.layout
+@pytest.mark.browser_side
 def test_it_takes_screenshots_in_light_dark_and_narrow_layouts(
     open_context: Any, browsing: Browsing
 ) -> None:
@@ -642,6 +648,7 @@ HOSTILE = [
 
 
 @pytest.mark.e2e
+@pytest.mark.browser_side
 def test_it_keeps_hostile_agent_output_inert_in_the_browser(page: Page) -> None:
     """Payloads in assistant text and tool output reach a real browser as text: no dialog
     opens, no handler runs (the CSP would report it as a violation: the page fixture fails

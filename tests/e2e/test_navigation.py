@@ -211,9 +211,9 @@ def test_it_jumps_to_any_turn_of_the_outline_in_one_request(
     ("scheme", "width"),
     [
         ("light", 1280),
-        pytest.param("dark", 1280, marks=pytest.mark.layout),
-        pytest.param("light", 420, marks=pytest.mark.layout),
-        pytest.param("dark", 420, marks=pytest.mark.layout),
+        pytest.param("dark", 1280, marks=pytest.mark.browser_side),
+        pytest.param("light", 420, marks=pytest.mark.browser_side),
+        pytest.param("dark", 420, marks=pytest.mark.browser_side),
     ],
 )
 def test_it_shows_the_navigation_controls(
@@ -234,6 +234,7 @@ def test_it_shows_the_navigation_controls(
     shoot(page, f"load-newer-{scheme}{suffix}")
 
 
+@pytest.mark.browser_side
 def test_it_keeps_only_the_latest_events_of_a_flood_it_follows(page: Page) -> None:
     """A page following live drops its oldest events past a bound (2,000 top-level ones;
     40 here) instead of growing with the session, and "Load older events" brings them back,

@@ -203,9 +203,9 @@ def shoot(page: Page, name: str) -> Path:
     ("scheme", "width"),
     [
         ("light", 1280),
-        pytest.param("dark", 1280, marks=pytest.mark.layout),
-        pytest.param("light", 420, marks=pytest.mark.layout),
-        pytest.param("dark", 420, marks=pytest.mark.layout),
+        pytest.param("dark", 1280, marks=pytest.mark.browser_side),
+        pytest.param("light", 420, marks=pytest.mark.browser_side),
+        pytest.param("dark", 420, marks=pytest.mark.browser_side),
     ],
 )
 def test_it_shows_a_recorded_claude_session_readably(
@@ -247,7 +247,7 @@ def test_it_shows_a_recorded_claude_session_readably(
     expect(changes.locator(".changed-path").first).to_contain_text("/workspace/app/")
 
 
-@pytest.mark.parametrize("scheme", ["light", pytest.param("dark", marks=pytest.mark.layout)])
+@pytest.mark.parametrize("scheme", ["light", pytest.param("dark", marks=pytest.mark.browser_side)])
 def test_it_shows_a_session_of_the_real_claude_cli(
     open_context: Any, real_cli: str, scheme: str
 ) -> None:
@@ -305,6 +305,7 @@ def test_it_shows_a_live_result_whose_card_is_not_on_the_page(browsing: Browsing
     # (No console error either: the browsing fixture fails the test on any.)
 
 
+@pytest.mark.browser_side
 def test_it_stops_following_when_the_reader_scrolls_up(browsing: Browsing) -> None:
     page = browsing.new_page()
     page.set_viewport_size({"width": 1000, "height": 500})

@@ -116,7 +116,14 @@ def _watch_through(browsing: Browsing, proxy: ClosingProxy, path: str) -> Any:
     return viewer
 
 
-@pytest.mark.parametrize("code", [1000, 1001, 1005])
+@pytest.mark.parametrize(
+    "code",
+    [
+        1000,
+        pytest.param(1001, marks=pytest.mark.browser_side),
+        pytest.param(1005, marks=pytest.mark.browser_side),
+    ],
+)
 def test_it_reconnects_after_a_normal_close_and_catches_up(
     browsing: Browsing, closing_proxy: ClosingProxy, code: int
 ) -> None:

@@ -11,9 +11,11 @@ browsers and sockets, and run one after the other they took longer than the suit
 This test, collected among the last, waits for it. Tests that touch neither the database nor
 the channel layer (the OpenComputer client's, most of the embedded sandbox server's, the
 alignment's and Markdown's properties, settings) are not run again there: their outcome
-cannot depend on either. Nor are the browser tests' extra layouts (`@pytest.mark.layout`:
-dark, narrow, screenshots): how a page looks at a size does not depend on either; each such
-test's first layout runs there.
+cannot depend on either. Nor are the browser tests marked `browser_side`: what the page
+does in the browser with what it was sent (extra layouts and screenshots, scrolling, the
+prompt box, close codes the page handles alike), the same whichever database and layer sent
+it. Each page's first layout, and every browser test that goes through the server's live
+path, catch-up or storage, runs there.
 
 The child run is two pytest processes, each with a test database and a Redis key prefix of
 its own: one runs the tests that drive real processes and browsers (mostly waiting on them),
@@ -83,7 +85,7 @@ PROCESSES = [
     "--ignore=tests/team/test_team_mode.py",
     "--ignore=tests/team/test_faults.py",  # in the other shard: it evens the two out
     "-m",
-    "not layout",
+    "not browser_side",
 ]
 EVERYTHING_ELSE = [
     "tests",
