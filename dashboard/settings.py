@@ -14,8 +14,10 @@ import os
 import secrets
 import tempfile
 import zoneinfo
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -46,30 +48,27 @@ def env_bool(name: str, default: bool = False) -> bool:
     raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use true or false)")
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+def _env_number(
+    name: str, default: Any, convert: Callable[[str], Any], what: str, minimum: Any
+) -> Any:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw)
+        value = convert(raw)
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a whole number") from None
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{name}={value} must be at least {minimum}")
+        raise ImproperlyConfigured(f"{name}={raw!r} is not {what}") from None
+    if minimum is not None and not value >= minimum:  # NaN is not at least anything
+        raise ImproperlyConfigured(f"{name}={raw.strip()} must be at least {minimum:g}")
     return value
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    return int(_env_number(name, default, int, "a whole number", minimum))
 
 
 def env_float(name: str, default: float, *, minimum: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
-    if not value >= minimum:  # NaN too
-        raise ImproperlyConfigured(f"{name}={raw} must be at least {minimum:g}")
-    return value
+    return float(_env_number(name, default, float, "a number", minimum))
 
 
 def env_list(name: str, default: list[str]) -> list[str]:
