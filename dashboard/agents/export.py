@@ -22,6 +22,7 @@ from django.core.exceptions import ObjectDoesNotExist
 from dashboard.agents.inert import plain, safe_markdown
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.rendering import ToolIndex, clean_text, one_line, pretty_json
+from dashboard.awareness.attention import reason_labels
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,9 @@ def _dashboard_md(event: Event, data: dict[str, Any]) -> str:
         case "continue":
             title = plain(str(data.get("title", "")))
             return f"*{who} continued in a new session: {title}*\n\n"
+        case "acknowledged":
+            why = "; ".join(reason_labels(data.get("reasons")))
+            return f"*{who} marked the session as handled*" + (f" ({why})" if why else "") + ".\n\n"
     return ""
 
 

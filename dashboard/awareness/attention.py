@@ -78,6 +78,12 @@ NEEDS_ATTENTION = (
 )
 
 
+def reason_labels(reasons: object) -> list[str]:
+    """The labels of the reason names a mark recorded, whatever the field holds."""
+    names = reasons if isinstance(reasons, list) else []
+    return [REASONS[name] for name in names if isinstance(name, str) and name in REASONS]
+
+
 def idle_threshold() -> timedelta:
     return timedelta(minutes=settings.PORTHOLE_ATTENTION_IDLE_MINUTES)
 

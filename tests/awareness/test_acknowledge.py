@@ -10,6 +10,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
+from dashboard.agents.export import session_markdown
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import record as record_events
 from dashboard.agents.recording import render_state
@@ -157,3 +158,10 @@ def test_it_shows_a_mark_whatever_its_reasons_field_holds(alice, reasons_field):
     record(session, ours(Event.Source.DASHBOARD, data, alice))
     page = _client(alice).get(session.get_absolute_url()).content.decode()
     assert "alice marked the session as handled" in page
+
+
+def test_it_puts_the_mark_in_the_markdown_export(alice, charlie):
+    session = _failed_session(alice)
+    _client(charlie).post(reverse("session_acknowledge", args=[session.id]), HTTP_HX_REQUEST="true")
+    text = session_markdown(session, session.events.all())
+    assert "*charlie marked the session as handled* (the agent exited with an error code)." in text

@@ -15,7 +15,7 @@ from dashboard.agents.models import Event
 from dashboard.agents.rendering.agent import _notice, _pairs
 from dashboard.agents.rendering.base import DISPLAY_CAP, _number, _str, clean_text, clip, one_line
 from dashboard.agents.rendering.items import EventItem, _generic, _item
-from dashboard.awareness.attention import REASONS
+from dashboard.awareness.attention import reason_labels
 
 # Set while rendering for share-link holders, who learn no teammate's name (they see the
 # words "a teammate" instead). Only Porthole's own events name anyone, so only they need the
@@ -85,15 +85,12 @@ def _dashboard(event: Event, data: dict[str, Any]) -> EventItem:
         case "attach":
             return _item(event, "action", f"{who} attached", level="muted", detail=detail)
         case "acknowledged":
-            reasons = data.get("reasons")
-            known = reasons if isinstance(reasons, list) else []
-            why = [REASONS[r] for r in known if isinstance(r, str) and r in REASONS]
             return _item(
                 event,
                 "action",
                 f"{who} marked the session as handled",
                 level="ok",
-                text="; ".join(why),
+                text="; ".join(reason_labels(data.get("reasons"))),
                 detail=detail,
             )
         case "continue":
