@@ -98,6 +98,7 @@ def test_it_marks_a_session_as_handled_for_everyone(alice, charlie):
     page = _client(charlie).get(session.get_absolute_url()).content.decode()
     assert "Needs attention" not in page
     assert "alice marked the session as handled" in page
+    assert "the agent exited with an error code" in page  # the mark says why
     listed = _client(charlie).get(reverse("index"), {"status": "attention"}).content.decode()
     assert "Flaky deploy" not in listed
 

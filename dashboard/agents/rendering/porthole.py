@@ -85,12 +85,13 @@ def _dashboard(event: Event, data: dict[str, Any]) -> EventItem:
         case "attach":
             return _item(event, "action", f"{who} attached", level="muted", detail=detail)
         case "acknowledged":
+            why = "; ".join(reason_labels(data.get("reasons")))
             return _item(
                 event,
                 "action",
                 f"{who} marked the session as handled",
                 level="ok",
-                text="; ".join(reason_labels(data.get("reasons"))),
+                text=clip(why, DISPLAY_CAP) if why else None,
                 detail=detail,
             )
         case "continue":
