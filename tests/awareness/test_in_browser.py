@@ -227,6 +227,8 @@ def test_it_marks_a_failed_session_as_handled_on_every_page_watching_it(
     expect(mine.locator("#control-feedback")).to_contain_text("Marked as handled.")
     for page in (mine, theirs):
         expect(page.locator(".attention-note")).to_have_count(0)
+        mark = page.locator("#timeline .action-text").last
         expect(page.locator("#timeline")).to_contain_text("marked the session as handled")
+        expect(mark).to_have_text("the agent exited with an error code")  # why it was marked
     theirs.goto("/?status=attention")
     expect(theirs.locator(f"a[href='/sessions/{session_id}/']")).to_have_count(0)
