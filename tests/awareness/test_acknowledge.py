@@ -166,3 +166,80 @@ def test_it_puts_the_mark_in_the_markdown_export(alice, charlie):
     _client(charlie).post(reverse("session_acknowledge", args=[session.id]), HTTP_HX_REQUEST="true")
     text = session_markdown(session, session.events.all())
     assert "*charlie marked the session as handled* (the agent exited with an error code)." in text
+
+
+# -- from the list: triage without opening each session ------------------------------------
+
+
+def _row_form(page: str, session: AgentSession) -> str:
+    """The list row's mark form for `session`, or "" when the row has none."""
+    row = page.split(f'id="row-{session.id}"', 1)[1].split("</tr>", 1)[0]
+    return row.split('class="ack-form', 1)[1].split("</form>", 1)[0] if "ack-form" in row else ""
+
+
+def test_it_offers_the_mark_in_the_list_where_something_needs_attention(alice, bob):
+    failed = _failed_session(alice)
+    fine = turn(new_session(title="All good", user=alice))
+    page = _client(alice).get(reverse("index"), {"status": "all"}).content.decode()
+    form = _row_form(page, failed)
+    assert reverse("session_acknowledge", args=[failed.id]) in form
+    assert f'hx-target="#row-{failed.id}"' in form and 'name="from" value="list"' in form
+    assert 'name="csrfmiddlewaretoken"' in form  # the form works without JavaScript too
+    assert _row_form(page, fine) == ""
+    assert 'id="session-list-root" data-can-steer' in page
+    # Rows are rendered once for everyone watching the list: a viewer's page hides the button
+    # (awareness.css), and the server refuses the post anyway.
+    page = _client(bob).get(reverse("index")).content.decode()
+    assert "data-can-steer" not in page
+
+
+def test_it_marks_from_the_list_and_answers_with_the_row(alice, charlie):
+    session = _failed_session(alice)
+    url = reverse("session_acknowledge", args=[session.id])
+    target = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": f"row-{session.id}"}
+    response = _client(charlie).post(url, {"from": "list"}, **target)
+    assert response.status_code == 200
+    row = response.content.decode()
+    assert row.lstrip().startswith(f'<tr id="row-{session.id}"') and "hx-swap-oob" not in row
+    assert "Flaky deploy" in row and "needs attention" not in row and "ack-form" not in row
+    mark = Event.objects.get(session=session, type="acknowledged")
+    assert (mark.actor, json.loads(mark.raw)["reasons"]) == (charlie, ["failed"])
+
+    # Someone else was quicker (two people triaging the same list): the row, as it is now,
+    # and nothing recorded twice.
+    response = _client(alice).post(url, {"from": "list"}, **target)
+    assert response.status_code == 200
+    assert f'id="row-{session.id}"' in response.content.decode()
+    assert Event.objects.filter(session=session, type="acknowledged").count() == 1
+
+
+def test_it_brings_a_plain_form_post_back_to_the_list_it_came_from(alice):
+    session = _failed_session(alice)
+    url = reverse("session_acknowledge", args=[session.id])
+    came_from = "http://testserver/?status=all&q=deploy"
+    client = _client(alice)
+    response = client.post(url, {"from": "list"}, HTTP_REFERER=came_from)
+    assert (response.status_code, response["Location"]) == (302, came_from)
+    assert not attention.needing_attention().exists()
+    listed = client.get(came_from).content.decode()
+    assert "Marked “Flaky deploy” as handled." in listed
+    # Never sent elsewhere: a referrer on another host brings the list back instead.
+    session = _failed_session(alice)
+    response = client.post(
+        reverse("session_acknowledge", args=[session.id]),
+        {"from": "list"},
+        HTTP_REFERER="https://evil.example/phish",
+    )
+    assert (response.status_code, response["Location"]) == (302, reverse("index"))
+
+
+def test_it_refuses_a_viewers_mark_from_the_list(alice, bob):
+    session = _failed_session(alice)
+    response = _client(bob).post(
+        reverse("session_acknowledge", args=[session.id]),
+        {"from": "list"},
+        HTTP_HX_REQUEST="true",
+        HTTP_HX_TARGET=f"row-{session.id}",
+    )
+    assert response.status_code == 403
+    assert attention.needing_attention().filter(pk=session.pk).exists()

@@ -232,3 +232,42 @@ def test_it_marks_a_failed_session_as_handled_on_every_page_watching_it(
         expect(mark).to_have_text("the agent exited with an error code")  # why it was marked
     theirs.goto("/?status=attention")
     expect(theirs.locator(f"a[href='/sessions/{session_id}/']")).to_have_count(0)
+
+
+def test_it_marks_sessions_as_handled_from_the_list(open_context: Any) -> None:
+    """Triage: the "Needs attention" list marks a row without opening its session; the row
+    changes in place, and on every other list watching."""
+    tabs = open_context()
+    mine = tabs.new_page()
+    first = start_session(mine, "Triage one\nexit 4")
+    expect(mine.locator(".attention-note")).to_be_visible()
+    second = start_session(mine, "Triage two\nexit 5")
+    expect(mine.locator(".attention-note")).to_be_visible()
+    theirs = tabs.new_page()
+    for page in (mine, theirs):
+        page.goto("/?status=attention")
+        page.wait_for_function("() => window.__wsOpened > 0")
+    rows = {
+        sid: (mine.locator(f"#row-{sid}"), theirs.locator(f"#row-{sid}")) for sid in (first, second)
+    }
+    for row, _ in rows.values():
+        expect(row.locator(".badge-attention")).to_be_visible()
+        expect(row.get_by_role("button", name="Mark handled")).to_be_visible()
+    e2e.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shoot(mine, e2e.ARTIFACTS / "attention-list.png")
+
+    mine.bring_to_front()
+    mine_row, their_row = rows[first]
+    mine_row.get_by_role("button", name="Mark handled").click()
+    for row in (mine_row, their_row):  # the reply on this page; the live update on the other
+        expect(row.locator(".badge-attention")).to_have_count(0)
+        expect(row.locator(".ack-form")).to_have_count(0)
+        expect(row).to_contain_text("Triage one")
+    for row in rows[second]:
+        expect(row.get_by_role("button", name="Mark handled")).to_be_visible()
+    mine.set_viewport_size({"width": 390, "height": 800})
+    fits(mine)
+    shoot(mine, e2e.ARTIFACTS / "attention-list-marked-390.png")
+    mine.goto(f"/sessions/{first}/")
+    expect(mine.locator("#timeline")).to_contain_text("marked the session as handled")
+    expect(mine.locator(".attention-note")).to_have_count(0)

@@ -16,6 +16,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.loader import render_to_string
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
@@ -164,12 +165,38 @@ async def session_acknowledge(request: HtmxHttpRequest, session_id: str) -> Http
     else goes wrong."""
     user, session = await _steerable(request, session_id)
     verdict = await sync_to_async(attention.of)(session)
+    from_list = request.POST.get("from") == "list"
+    if verdict:
+        await actions.acknowledge(user, session, list(verdict.reasons))
+    if from_list:
+        # Triage: whoever was quicker, the row shows the session as it is now.
+        return await _list_response(request, session, marked=bool(verdict))
     if not verdict:
         return await _controls_response(
             request, session, error="Nothing here needs attention now.", status=409
         )
-    await actions.acknowledge(user, session, list(verdict.reasons))
     return await _controls_response(request, session, notice="Marked as handled.")
+
+
+@sync_to_async
+def _list_response(
+    request: HtmxHttpRequest, session: AgentSession, *, marked: bool
+) -> HttpResponse:
+    """htmx gets the session's row to put in place of the one clicked; a plain form post goes
+    back to the list it came from (its filters kept), with the message."""
+    if not request.htmx:
+        title = session.title or "(untitled)"
+        if marked:
+            messages.success(request, f"Marked “{title}” as handled.")
+        else:
+            messages.info(request, f"“{title}” needs no attention now.")
+        came_from = request.headers.get("referer", "")
+        safe = url_has_allowed_host_and_scheme(
+            came_from, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+        )
+        return redirect(came_from if safe else "index")
+    row = AgentSession.objects.select_related("sandbox", "started_by").get(pk=session.pk)
+    return HttpResponse(render_to_string("agents/index.html#row", {"session": row}, request))
 
 
 @require_POST

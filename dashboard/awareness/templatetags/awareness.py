@@ -42,15 +42,18 @@ VERDICTS = "awareness_verdicts"
 def attention_badge(context: template.Context, session: Any) -> dict[str, Any]:
     """The rule's verdict: for a page of sessions (`page` in the context, the list) all rows
     in one query, the first time a row asks; for a lone row (a live update), on its own."""
+    # The row's "Mark handled" form posts without JavaScript too: it needs the page's token
+    # (none in a row rendered for a live update, whose post htmx sends with the header).
+    mark = {"session": session, "csrf_token": context.get("csrf_token")}
     if hasattr(session, "attention_turn"):
-        return {"verdict": attention.of(session)}
+        return {"verdict": attention.of(session), **mark}
     store = context.render_context
     if VERDICTS not in store:
         page = context.get("page")
         ids = [row.pk for row in getattr(page, "object_list", [])]
         store[VERDICTS] = attention.for_sessions(ids) if ids else {}
     verdict = store[VERDICTS].get(str(session.pk))
-    return {"verdict": verdict if verdict is not None else attention.of(session)}
+    return {"verdict": verdict if verdict is not None else attention.of(session), **mark}
 
 
 @register.inclusion_tag("awareness/tags.html#relative-cost")
