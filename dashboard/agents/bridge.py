@@ -40,15 +40,24 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.utils import timezone
 
 from dashboard import metrics
 from dashboard.agents import leases, upstream
 from dashboard.agents.alignment import HISTORY_BYTES, Aligned, ReadLog, align
 from dashboard.agents.leases import Lease, LeaseLost
 from dashboard.agents.models import AgentSession, Event, SessionId
-from dashboard.agents.recording import Message, NewEvent, bridge_group, publish, record
+from dashboard.agents.recording import (
+    Message,
+    NewEvent,
+    bridge_group,
+    publish,
+    record,
+    state_messages,
+)
 from dashboard.agents.rendering import ToolIndex
 from dashboard.agents.stdin import acknowledge
+from dashboard.awareness import attention
 from dashboard.logs import bind_session
 from dashboard.opencomputer import (
     ExecStream,
@@ -79,6 +88,9 @@ INDEX_HELD_CHARS = 8 * 2**20
 # The most a bridge can leave unindexed if it stops abruptly (being written, and held back
 # up to twice the bound, each with a slice more): what the next one looks back over.
 INDEX_TAIL = 4 * INDEX_HELD_EVENTS + 2 * RECORD_SLICE
+# Seconds past the idle threshold before a bridge looks whether its session now needs
+# attention for sitting idle: the rule reads the database's clock, not this process's.
+IDLE_LOOK_MARGIN = 0.5
 FRUITLESS_AT_ONCE = 5  # connections cut inside a replay of old output, retried at once
 # After more of those, waits stay short: the upstream is there and talking, and every
 # second away lets its ring move on (a chaos-proxy run lost 274 texts to 2-4 s waits).
@@ -252,6 +264,21 @@ def _record(
     return appended.events, messages
 
 
+@on_bridge_thread
+def _idle_look(session_id: SessionId) -> tuple[list[Message], float | None]:
+    """The session's state to announce, if it has just come to need attention for sitting idle
+    (time passing is no event: nothing else would redraw its pages and list rows); otherwise
+    how many seconds until it would, if nothing happens meanwhile."""
+    sessions = AgentSession.objects.select_related("sandbox", "started_by").filter(pk=session_id)
+    session = attention.with_attention(sessions).first()
+    if session is None:
+        return [], None
+    if "idle" in attention.of(session).reasons:
+        return state_messages(session), None
+    due = attention.idle_in(session, timezone.now())
+    return [], None if due is None else due.total_seconds()
+
+
 _index_events = on_index_thread(index_events)
 _index_tail = on_index_thread(index_tail)
 
@@ -363,6 +390,9 @@ class Bridge:
         self._lagged = False  # the current connection was dropped because reading fell behind
         self.lag_reconnects = 0
         self._index = IndexFeed(session_id)
+        self._idle_look_at: asyncio.TimerHandle | None = None
+        self._idle_looking: asyncio.Task[None] | None = None
+        self._look_again = False
 
     async def run(self) -> None:
         """Record until the session exits, is lost, or another worker takes the lease.
@@ -392,6 +422,7 @@ class Bridge:
             name=f"bridge-read-{self.session_id}",
         )
         recorder = asyncio.create_task(self._record_loop(), name=f"bridge-rec-{self.session_id}")
+        self._look_for_idleness()  # it may have ended a turn while no bridge held it
         control = asyncio.create_task(self._control(), name=f"bridge-ctl-{self.session_id}")
         tasks = {reader, recorder, control}
         try:
@@ -409,7 +440,11 @@ class Bridge:
             metrics.LEASES_LOST.inc()
             log.info("bridge %s: lease taken over by another worker; stopping", self.session_id)
         finally:
+            if self._idle_look_at is not None:
+                self._idle_look_at.cancel()
             tasks = {reader, recorder, control, *self._index.tasks()}
+            if self._idle_looking is not None:
+                tasks.add(self._idle_looking)
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -709,6 +744,43 @@ class Bridge:
                 metrics.RECORDING_LAG.observe(committed - when)
             await publish(messages)
             await self._index.hold(rows)
+            if any(
+                row.type == "turn_complete" and row.source == Event.Source.AGENT for row in rows
+            ):
+                self._look_for_idleness()
+
+    # -- idleness ----------------------------------------------------------------------------
+
+    def _look_for_idleness(self, delay: float = 0.0) -> None:
+        """Look (after `delay` seconds) whether the session has come to need attention for
+        sitting idle after a turn, and announce its state when it has; until it has, look
+        again when it would. Each turn's end starts over."""
+        if self._idle_look_at is not None:
+            self._idle_look_at.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle_look_at = loop.call_later(delay, self._start_idle_look)
+
+    def _start_idle_look(self) -> None:
+        self._idle_look_at = None
+        if self._idle_looking is not None and not self._idle_looking.done():
+            self._look_again = True  # what it reads may be older than what asked
+            return
+        self._idle_looking = asyncio.create_task(self._idle_look())
+
+    async def _idle_look(self) -> None:
+        while True:
+            self._look_again = False
+            try:
+                messages, due = await _idle_look(self.session_id)
+                await publish(messages)
+            except Exception:  # a missed redraw: the pages show the note on their next change
+                log.exception("bridge %s: could not look for idleness", self.session_id)
+                return
+            if not self._look_again:
+                break
+        if due is not None:
+            # A little after the rule's own cutoff: the database's clock decides it.
+            self._look_for_idleness(due + IDLE_LOOK_MARGIN)
 
     # -- control -----------------------------------------------------------------------------
 

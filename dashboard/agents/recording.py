@@ -478,15 +478,20 @@ def record(
             announce["shared"] = shared
         messages.append((group, announce))
     if appended.state_changed or any(map(_redraws_state, appended.events)):
-        state = render_state(appended.session)
-        messages.append((group, {"type": "session.state", **state}))
-        messages.append(
-            (
-                SESSIONS_GROUP,
-                {"type": "sessions.row", "session": str(appended.session.id), "html": state["row"]},
-            )
-        )
+        messages += state_messages(appended.session)
     return appended, messages
+
+
+def state_messages(session: AgentSession) -> list[Message]:
+    """The session's state, announced to the pages following it and to the lists."""
+    state = render_state(session)
+    return [
+        (session_group(session.id), {"type": "session.state", **state}),
+        (
+            SESSIONS_GROUP,
+            {"type": "sessions.row", "session": str(session.id), "html": state["row"]},
+        ),
+    ]
 
 
 async def publish(messages: Iterable[Message]) -> None:

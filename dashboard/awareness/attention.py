@@ -142,6 +142,27 @@ def with_attention(
     )
 
 
+def idle_in(session: Any, now: datetime) -> timedelta | None:
+    """How long until `session` (annotated by `with_attention`) needs attention for sitting
+    idle, if nothing happens meanwhile: the `attention_idle` rule above, read forwards. None
+    when it never will as things stand (not idle, no turn ended since the last follow-up, or
+    idle for long enough already)."""
+    if session.status != AgentSession.Status.IDLE or session.attention_idle:
+        return None
+    ended = (
+        Event.objects.filter(
+            session=session,
+            seq__gt=session.attention_turn,
+            source=Event.Source.AGENT,
+            type="turn_complete",
+        )
+        .order_by("created_at")
+        .values_list("created_at", flat=True)
+        .first()
+    )
+    return None if ended is None else max(ended + idle_threshold() - now, timedelta(0))
+
+
 def needing_attention(
     sessions: QuerySet[AgentSession] | None = None, *, now: datetime | None = None
 ) -> QuerySet[AgentSession]:

@@ -145,6 +145,40 @@ def test_it_judges_idleness_by_the_databases_clock(settings):
     assert reasons(session) == ("idle",)
 
 
+def _idle_in(session: AgentSession, now: object) -> timedelta | None:
+    annotated = attention.with_attention(
+        AgentSession.objects.filter(pk=session.pk),
+        now=now,  # type: ignore[arg-type]
+    ).get()
+    return attention.idle_in(annotated, now)  # type: ignore[arg-type]
+
+
+def test_it_tells_when_a_session_will_need_attention_for_sitting_idle(settings):
+    """The idle rule read forwards, for the bridge to look again just then (nothing else
+    happens when time passes): from the end of the turn, not from the last event."""
+    settings.PORTHOLE_ATTENTION_IDLE_MINUTES = 10
+    session = turn(new_session())
+    ended = Event.objects.get(session=session, type="turn_complete").created_at
+    session = record(session, agent({"type": "rate_limit_event"}))  # later, not a follow-up
+    now = ended + timedelta(minutes=4)
+    assert _idle_in(session, now) == timedelta(minutes=6)
+    assert reasons(session, now=ended + timedelta(minutes=10, seconds=1)) == ("idle",)
+    # Due already: nothing to wait for (it needs attention now).
+    assert _idle_in(session, ended + timedelta(minutes=11)) is None
+    # A follow-up: not until a turn ends again.
+    session = record(session, ours(Event.Source.DASHBOARD, {"type": "prompt", "text": "more"}))
+    assert _idle_in(session, now) is None
+    session = turn(session)
+    second = Event.objects.filter(session=session, type="turn_complete").latest("seq").created_at
+    assert _idle_in(session, second) == timedelta(minutes=10)
+    session = record(session, ours(Event.Source.DASHBOARD, {"type": "acknowledged"}))
+    assert _idle_in(session, second) is None  # marked as handled: a turn must end again
+    # Never for a session that is not idle.
+    session = record(session, ours(Event.Source.BRIDGE, {"type": "exit", "code": 0}))
+    assert session.status == AgentSession.Status.EXITED
+    assert _idle_in(session, second) is None
+
+
 def test_it_does_not_call_a_fresh_session_idle():
     """Idle before any turn (the agent's first `ready`) is not "idle after a turn"."""
     session = record(new_session(), agent({"type": "ready"}))
