@@ -119,3 +119,32 @@ def test_it_loads_the_reading_script_with_the_nonce_and_offers_follow_live(alice
     assert re.search(r'<link rel="stylesheet" href="[^"]*highlight\.css"', html)
     box = [e for e in parse(html).elements if e.attrs.get("id") == "follow-live"]
     assert box and "checked" in box[0].attrs
+
+
+def test_it_outlines_no_further_than_the_page_holds(alice: User, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An event recorded while the page renders comes live, with its outline entry, after the
+    page's last seq: had the outline read it as well, the page would list it twice."""
+    from dashboard.agents.views import common
+
+    session = make_session()
+    first = add_event(session, "agent", {"type": "error", "message": "first"})
+    draw = common._timeline
+    recorded = []
+
+    def recording_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not recorded:
+            recorded.append(add_event(session, "bridge", {"type": "exit", "code": 4}))
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(common, "_timeline", recording_meanwhile)
+    client = Client()
+    client.force_login(alice)
+    html = client.get(reverse("session", args=[session.id])).content.decode()
+    held = int(re.search(r'data-last-seq="(\d+)"', html).group(1))  # type: ignore[union-attr]
+    assert held == first.seq < recorded[0].seq
+    jumps = [int(seq) for seq in re.findall(r'data-jump="(\d+)"', html)]
+    assert jumps == [first.seq]
+    # The outline itself (cached up to the newest event now) still answers each page as of
+    # its own last seq.
+    assert [e.seq for e in outline(session)] == [first.seq, recorded[0].seq]
+    assert [e.seq for e in outline(session, through=first.seq)] == [first.seq]

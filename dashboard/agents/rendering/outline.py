@@ -117,18 +117,20 @@ def last_seq(session_id: Any) -> int:
     return newest or 0
 
 
-def outline(session: AgentSession) -> list[OutlineEntry]:
-    """The outline's entries, oldest first (the most recent MAX_ENTRIES)."""
+def outline(session: AgentSession, through: int | None = None) -> list[OutlineEntry]:
+    """The outline's entries, oldest first (the most recent MAX_ENTRIES), up to seq `through`
+    when given: a page's outline ends at the page's last seq, since whatever was recorded
+    after it reaches the page live, outline entry included."""
     key = f"porthole:outline:v3:{session.pk}"  # v3: failed tool calls are entries
-    through, entries = cache.get(key) or (0, ())
+    cached, entries = cache.get(key) or (0, ())
     tail = last_seq(session.pk)  # first: what is recorded meanwhile is read next time
-    if tail > through:
-        events = Event.objects.filter(_WANTED, session=session, seq__gt=through, seq__lte=tail)
+    if tail > cached:
+        events = Event.objects.filter(_WANTED, session=session, seq__gt=cached, seq__lte=tail)
         recent = list(events.order_by("-seq")[:MAX_ENTRIES])
         found = [e for e in map(entry_for, reversed(recent)) if e is not None]
         entries = (*entries, *found)[-MAX_ENTRIES:]
         cache.set(key, (tail, entries), CACHE_SECONDS)
-    return list(entries)
+    return [entry for entry in entries if through is None or entry.seq <= through]
 
 
 def _failed_tool_result(event: Event) -> bool:

@@ -1,5 +1,5 @@
 """Reading aids for the session page, as template tags so that the page's view (another
-module's) needs no change: `{% session_outline session %}`."""
+module's) needs no change: `{% session_outline session last_seq %}`."""
 
 from __future__ import annotations
 
@@ -14,5 +14,6 @@ register = template.Library()
 
 
 @register.simple_tag
-def session_outline(session: AgentSession) -> SafeString:
-    return render("outline_list", entries=outline(session))
+def session_outline(session: AgentSession, last_seq: int) -> SafeString:
+    """The outline as of the page's last seq (what comes after it arrives live)."""
+    return render("outline_list", entries=outline(session, through=last_seq))
