@@ -9,12 +9,14 @@ API. `/metrics` is for the monitoring system only: from PORTHOLE_METRICS_ALLOW a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
@@ -76,11 +78,34 @@ async def _check_layer() -> None:
 
 
 async def _check_live_layer() -> None:
-    """A message published on the live streams' layer (Redis pub/sub in a team deployment):
-    to a group nobody joins, so nothing is subscribed for it and nothing is kept."""
+    """A message there and back through the live streams' layer (Redis pub/sub in a team
+    deployment), through this worker's own subscription: publishing alone succeeds on a
+    worker whose subscriber connection is gone, whose viewers get nothing live."""
     from dashboard.agents.recording import live_layer
 
-    await live_layer().group_send("porthole.readyz", {"type": "readyz.ping"})
+    layer = live_layer()
+    group = f"porthole.readyz.{uuid.uuid4().hex}"
+    token = uuid.uuid4().hex
+    channel = await layer.new_channel()
+    try:
+        await layer.group_add(group, channel)
+        await layer.group_send(group, {"type": "readyz.ping", "token": token})
+        message = await layer.receive(channel)
+    finally:
+        await layer.group_discard(group, channel)
+        await _forget(layer, channel)
+    if message.get("token") != token:
+        raise RuntimeError("the live layer returned someone else's message")
+
+
+async def _forget(layer: Any, channel: str) -> None:
+    """Leave nothing subscribed: a pub/sub layer unsubscribes a channel when a receive on it
+    is cancelled (as when a consumer goes); an in-memory channel expires by itself."""
+    waiting = asyncio.ensure_future(layer.receive(channel))
+    await asyncio.sleep(0)  # let it reach the subscription
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
 
 
 async def _check_upstream() -> None:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dashboard.agents.models import AgentSession, Sandbox, Watcher
 from dashboard.logs import JsonFormatter, SessionFilter, bind_session, logging_config
 from tests.conftest import LocalSandbox
-from tests.team.procs import free_port
+from tests.team.procs import free_port, redis_url, require_team
 
 pytestmark = pytest.mark.django_db
 
@@ -54,6 +54,41 @@ def test_it_says_the_live_layer_is_not_ready_when_its_redis_is_away(settings) ->
     assert response.status_code == 503
     body = response.json()
     assert "live_layer" in body["failed"] and body["checks"]["channel_layer"] == "ok"
+
+
+def test_it_says_the_live_layer_is_not_ready_when_nothing_published_comes_back(  # type: ignore[no-untyped-def]
+    oc: LocalSandbox, settings
+) -> None:
+    """Publishing alone succeeds on a worker whose subscription is gone, and its viewers get
+    nothing live: the check goes there and back."""
+    layers = dict(settings.CHANNEL_LAYERS)
+    layers["live"] = {"BACKEND": "tests.fakes.layers.PublishOnlyLayer"}
+    settings.CHANNEL_LAYERS = layers
+    response = Client().get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failed"] == ["live_layer"]
+    assert body["checks"]["live_layer"].startswith("timed out")
+
+
+def test_it_leaves_nothing_subscribed_on_redis_after_checking_the_live_layer() -> None:
+    """A worker answers /readyz for as long as it runs, on one event loop: each round trip
+    must unsubscribe what it subscribed."""
+    require_team()
+    import redis
+    from django.conf import settings
+
+    from dashboard.ops import _check_live_layer
+
+    prefix = settings.CHANNEL_LAYERS["live"]["CONFIG"]["prefix"].encode()
+
+    async def check_often() -> list[bytes]:
+        for _ in range(5):
+            await _check_live_layer()
+        with redis.Redis.from_url(redis_url()) as client:
+            return [c for c in client.pubsub_channels() if c.startswith(prefix)]
+
+    assert asyncio.run(check_often()) == []
 
 
 def _scrape(client: Client, **extra: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
