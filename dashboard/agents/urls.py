@@ -6,6 +6,7 @@ from dashboard.agents.views import browse, export, sandboxes, share, start, stee
 urlpatterns = [
     path("", browse.index, name="index"),
     path("sessions/new/", start.new_session, name="new_session"),
+    path("sessions/acknowledge/", steer.sessions_acknowledge, name="sessions_acknowledge"),
     path("sessions/<uuid:session_id>/", browse.session_detail, name="session"),
     path("sessions/<uuid:session_id>/older/", browse.older_events, name="older_events"),
     path("sessions/<uuid:session_id>/newer/", browse.newer_events, name="newer_events"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from django.contrib.auth.models import User
@@ -243,3 +244,57 @@ def test_it_refuses_a_viewers_mark_from_the_list(alice, bob):
     )
     assert response.status_code == 403
     assert attention.needing_attention().filter(pk=session.pk).exists()
+
+
+def test_it_marks_every_session_the_attention_list_shows_at_once(alice, charlie):
+    failed = [_failed_session(alice) for _ in range(3)]
+    fine = turn(new_session(title="All good", user=alice))
+    client = _client(charlie)
+    came_from = "http://testserver/?status=attention"
+    page = client.get(came_from).content.decode()
+    form = page.split('class="bulk-ack"', 1)[1].split("</form>", 1)[0]
+    assert reverse("sessions_acknowledge") in form and "Mark all 3 shown as handled" in form
+    shown = re.findall(r'name="session" value="([0-9a-f-]{36})"', form)
+    assert sorted(shown) == sorted(str(s.id) for s in failed)
+
+    # What the page showed, and what changed since or was never there: only sessions that
+    # still need attention are marked.
+    posted = [*shown, str(fine.id), "not-a-uuid", "00000000-0000-0000-0000-000000000000"]
+    response = client.post(
+        reverse("sessions_acknowledge"), {"session": posted}, HTTP_REFERER=came_from
+    )
+    assert (response.status_code, response["Location"]) == (302, came_from)
+    marks = Event.objects.filter(type="acknowledged")
+    assert sorted(str(m.session_id) for m in marks) == sorted(shown)
+    assert {m.actor for m in marks} == {charlie}
+    assert not attention.needing_attention().exists()
+    page = client.get(came_from).content.decode()
+    assert "Marked 3 sessions as handled." in page and 'class="bulk-ack"' not in page
+
+
+def test_it_refreshes_the_list_after_marking_many_with_htmx(alice):
+    session = _failed_session(alice)
+    response = _client(alice).post(
+        reverse("sessions_acknowledge"), {"session": [str(session.id)]}, HTTP_HX_REQUEST="true"
+    )
+    assert (response.status_code, response["HX-Refresh"]) == (200, "true")
+    assert Event.objects.filter(session=session, type="acknowledged").count() == 1
+
+
+def test_it_offers_marking_many_only_where_it_may_be_done(alice, bob):
+    _failed_session(alice)
+    assert 'class="bulk-ack"' not in _client(alice).get(reverse("index")).content.decode()
+    viewer = _client(bob)
+    assert 'class="bulk-ack"' not in viewer.get("/?status=attention").content.decode()
+    session = _failed_session(alice)
+    response = viewer.post(reverse("sessions_acknowledge"), {"session": [str(session.id)]})
+    assert response.status_code == 403
+    assert not Event.objects.filter(type="acknowledged").exists()
+
+
+def test_it_refuses_to_mark_more_than_a_page_of_sessions_at_once(alice):
+    session = _failed_session(alice)
+    many = [str(session.id)] * 101
+    response = _client(alice).post(reverse("sessions_acknowledge"), {"session": many})
+    assert response.status_code == 400
+    assert not Event.objects.filter(type="acknowledged").exists()

@@ -245,7 +245,7 @@ def test_it_marks_sessions_as_handled_from_the_list(open_context: Any) -> None:
     expect(mine.locator(".attention-note")).to_be_visible()
     theirs = tabs.new_page()
     for page in (mine, theirs):
-        page.goto("/?status=attention")
+        page.goto("/?status=attention&q=Triage")
         page.wait_for_function("() => window.__wsOpened > 0")
     rows = {
         sid: (mine.locator(f"#row-{sid}"), theirs.locator(f"#row-{sid}")) for sid in (first, second)
@@ -268,6 +268,17 @@ def test_it_marks_sessions_as_handled_from_the_list(open_context: Any) -> None:
     mine.set_viewport_size({"width": 390, "height": 800})
     fits(mine)
     shoot(mine, e2e.ARTIFACTS / "attention-list-marked-390.png")
+    mine.set_viewport_size({"width": 1280, "height": 800})
+
+    # The rest at once: what the page shows and still needs attention (the confirmation
+    # accepted), then the list again, with what was done.
+    mine.once("dialog", lambda dialog: dialog.accept())
+    mine.get_by_role("button", name="Mark all 2 shown as handled").click()
+    expect(mine.locator(".flash-success")).to_have_text("Marked 1 session as handled.")
+    expect(mine.locator("#results")).to_contain_text("No session matches these filters.")
+    shoot(mine, e2e.ARTIFACTS / "attention-list-all-marked.png")
+    for row in rows[second][1:]:  # the other list, live
+        expect(row.locator(".badge-attention")).to_have_count(0)
     mine.goto(f"/sessions/{first}/")
     expect(mine.locator("#timeline")).to_contain_text("marked the session as handled")
     expect(mine.locator(".attention-note")).to_have_count(0)

@@ -6,6 +6,8 @@ step (`_steerable`) before the first await on the network.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,12 +15,13 @@ from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect
+from django.template.defaultfilters import pluralize
 from django.template.loader import render_to_string
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
-from django_htmx.http import HttpResponseClientRedirect
+from django_htmx.http import HttpResponseClientRedirect, HttpResponseClientRefresh
 
 from dashboard.agents import access, actions
 from dashboard.agents.forms import AgentOptionsForm, ContinueForm, PromptForm
@@ -190,13 +193,56 @@ def _list_response(
             messages.success(request, f"Marked “{title}” as handled.")
         else:
             messages.info(request, f"“{title}” needs no attention now.")
-        came_from = request.headers.get("referer", "")
-        safe = url_has_allowed_host_and_scheme(
-            came_from, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-        )
-        return redirect(came_from if safe else "index")
+        return _back_to_list(request)
     row = AgentSession.objects.select_related("sandbox", "started_by").get(pk=session.pk)
     return HttpResponse(render_to_string("agents/index.html#row", {"session": row}, request))
+
+
+def _back_to_list(request: HttpRequest) -> HttpResponse:
+    """The list the form was posted from, its filters kept; never another site's page."""
+    came_from = request.headers.get("referer", "")
+    safe = url_has_allowed_host_and_scheme(
+        came_from, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    )
+    return redirect(came_from if safe else "index")
+
+
+MARKED_AT_ONCE = 100  # more than a page of the list (25) holds
+
+
+@require_POST
+@login_required
+async def sessions_acknowledge(request: HtmxHttpRequest) -> HttpResponse:
+    """Mark every session a page of the "Needs attention" list showed as handled: those that
+    still need attention when the post arrives; the rest (handled meanwhile, unknown) are
+    left as they are."""
+    user = request.user
+    if not await sync_to_async(access.can_steer)(user):
+        raise PermissionDenied("You may watch sessions but not steer them.")
+    posted = request.POST.getlist("session")
+    if len(posted) > MARKED_AT_ONCE:
+        return HttpResponseBadRequest(f"At most {MARKED_AT_ONCE} sessions at once.")
+    marked = 0
+    for session, verdict in await _needing_attention(posted):
+        await actions.acknowledge(user, session, list(verdict.reasons))
+        marked += 1
+    if marked:
+        messages.success(request, f"Marked {marked} session{pluralize(marked)} as handled.")
+    else:
+        messages.info(request, "None of these sessions needs attention now.")
+    if request.htmx:
+        return HttpResponseClientRefresh()
+    return _back_to_list(request)
+
+
+@sync_to_async
+def _needing_attention(posted: list[str]) -> list[tuple[AgentSession, attention.Attention]]:
+    ids = set()
+    for value in posted:
+        with contextlib.suppress(ValueError):
+            ids.add(uuid.UUID(value))
+    sessions = attention.needing_attention(AgentSession.objects.filter(pk__in=ids))
+    return [(session, attention.of(session)) for session in sessions.order_by("started_at")]
 
 
 @require_POST
