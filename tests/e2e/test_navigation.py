@@ -139,8 +139,12 @@ def test_it_jumps_through_a_long_live_session_and_comes_back_to_the_live_tail(
     box.fill("Said while away")
     page.locator("#controls").get_by_role("button", name="Send").click()
     expect(feedback(page)).to_have_text("Prompt sent.")
-    # In sight above the controls, though the reader is far from the bottom of the page.
+    # In sight above the controls, though the reader is far from the bottom of the page, and
+    # clear of the floating "newer events" notice.
     expect(feedback(page)).to_be_in_viewport(ratio=1)
+    expect(page.locator("#newer-notice")).to_be_in_viewport(ratio=1)
+    said, notice = feedback(page).bounding_box(), page.locator("#newer-notice").bounding_box()
+    assert said and notice and notice["y"] + notice["height"] <= said["y"], (said, notice)
     # The outline is outside the window: it grows live (the prompt, then the turn's result).
     outline = page.locator("#outline-list")
     expect(outline.locator("li.ol-prompt").filter(has_text="Said while away")).to_have_count(1)
