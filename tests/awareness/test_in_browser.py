@@ -239,13 +239,13 @@ def test_it_marks_sessions_as_handled_from_the_list(open_context: Any) -> None:
     changes in place, and on every other list watching."""
     tabs = open_context()
     mine = tabs.new_page()
-    first = start_session(mine, "Triage one\nexit 4")
+    first = start_session(mine, "Listmark one\nexit 4")
     expect(mine.locator(".attention-note")).to_be_visible()
-    second = start_session(mine, "Triage two\nexit 5")
+    second = start_session(mine, "Listmark two\nexit 5")
     expect(mine.locator(".attention-note")).to_be_visible()
     theirs = tabs.new_page()
     for page in (mine, theirs):
-        page.goto("/?status=attention&q=Triage")
+        page.goto("/?status=attention&q=Listmark")  # the seed has its own "Triage" sessions
         page.wait_for_function("() => window.__wsOpened > 0")
     rows = {
         sid: (mine.locator(f"#row-{sid}"), theirs.locator(f"#row-{sid}")) for sid in (first, second)
@@ -262,7 +262,7 @@ def test_it_marks_sessions_as_handled_from_the_list(open_context: Any) -> None:
     for row in (mine_row, their_row):  # the reply on this page; the live update on the other
         expect(row.locator(".badge-attention")).to_have_count(0)
         expect(row.locator(".ack-form")).to_have_count(0)
-        expect(row).to_contain_text("Triage one")
+        expect(row).to_contain_text("Listmark one")
     for row in rows[second]:
         expect(row.get_by_role("button", name="Mark handled")).to_be_visible()
     mine.set_viewport_size({"width": 390, "height": 800})
