@@ -152,17 +152,17 @@ def _locking_select(vendor: str) -> str:
     each such insert (the search index's, on a thread of its own) in turn."""
     quote = connection.ops.quote_name
     table, key = quote(AgentSession._meta.db_table), quote("id")
+    names = [quote(str(field.column)) for field in _session_fields()]  # as `from_db` takes them
     if vendor == "postgresql":
         # The bounds in a CTE joined to the row: the row is locked (LockRows, above the
         # join) only once the join has produced it, so after `set_config` has run.
-        columns = ", ".join(f"s.{quote(str(field.column))}" for field in _session_fields())
+        columns = ", ".join(f"s.{column}" for column in names)
         return (
             f"WITH bounded AS MATERIALIZED ({BOUNDED_WAITS}) "
             f"SELECT {columns} FROM {table} s, bounded WHERE s.{key} = %s FOR NO KEY UPDATE OF s"
         )
-    columns = ", ".join(quote(str(field.column)) for field in _session_fields())
     lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
-    return f"SELECT {columns} FROM {table} WHERE {key} = %s{lock}"
+    return f"SELECT {', '.join(names)} FROM {table} WHERE {key} = %s{lock}"
 
 
 def update_held(session_id: SessionId, lease: Lease | None, **values: Any) -> None:

@@ -12,6 +12,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django_htmx.middleware import HtmxDetails
 
 from dashboard.agents.access import SessionRights
@@ -29,6 +30,15 @@ PAGE_EVENTS = 200
 
 class HtmxHttpRequest(HttpRequest):
     htmx: HtmxDetails
+
+
+def this_site_or(request: HttpRequest, url: str, fallback: str) -> str:
+    """`url` when it points at this site (a form's `next`, the page a post came from), else
+    `fallback`: never an open redirect."""
+    safe = url_has_allowed_host_and_scheme(
+        url, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    )
+    return url if url and safe else fallback
 
 
 # A window opened at an event starts this many events before it: what led up to it.

@@ -11,13 +11,12 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from dashboard.agents import access, actions, upstream
 from dashboard.agents.models import AgentSession, Sandbox
 from dashboard.agents.upstream import shown
-from dashboard.agents.views.common import HtmxHttpRequest
+from dashboard.agents.views.common import HtmxHttpRequest, this_site_or
 from dashboard.opencomputer import OpenComputerError
 
 
@@ -96,7 +95,7 @@ def _killable(request: HttpRequest, sandbox_id: str) -> Sandbox:
 @login_required
 async def sandbox_kill(request: HtmxHttpRequest, sandbox_id: str) -> HttpResponse:
     await sync_to_async(access.require_steer)(request.user)
-    back = _next_or(request, reverse("sandboxes"))
+    back = this_site_or(request, request.POST.get("next", ""), reverse("sandboxes"))
     if request.POST.get("confirm") != sandbox_id:
         await sync_to_async(messages.error)(request, "Type the sandbox id to confirm the kill.")
         return redirect(back)
@@ -110,12 +109,3 @@ async def sandbox_kill(request: HtmxHttpRequest, sandbox_id: str) -> HttpRespons
         await sync_to_async(access.audit)(user, "sandbox.kill", sandbox_id)
         await sync_to_async(messages.success)(request, f"Sandbox {sandbox_id} killed.")
     return redirect(back)
-
-
-def _next_or(request: HttpRequest, fallback: str) -> str:
-    """The form's `next`, when it is a path of this site (never an open redirect)."""
-    next_url = request.POST.get("next", "")
-    safe = url_has_allowed_host_and_scheme(
-        next_url, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    )
-    return next_url if next_url and safe else fallback

@@ -19,7 +19,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect
 from django.template.defaultfilters import pluralize
 from django.template.loader import render_to_string
-from django.utils.http import url_has_allowed_host_and_scheme
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseClientRefresh
 
@@ -27,7 +27,7 @@ from dashboard.agents import access, actions
 from dashboard.agents.forms import AgentOptionsForm, ContinueForm, PromptForm
 from dashboard.agents.models import AgentSession
 from dashboard.agents.upstream import shown
-from dashboard.agents.views.common import HtmxHttpRequest
+from dashboard.agents.views.common import HtmxHttpRequest, this_site_or
 from dashboard.awareness import attention
 from dashboard.opencomputer import OpenComputerError
 
@@ -200,11 +200,7 @@ def _list_response(
 
 def _back_to_list(request: HttpRequest) -> HttpResponse:
     """The list the form was posted from, its filters kept; never another site's page."""
-    came_from = request.headers.get("referer", "")
-    safe = url_has_allowed_host_and_scheme(
-        came_from, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    )
-    return redirect(came_from if safe else "index")
+    return redirect(this_site_or(request, request.headers.get("referer", ""), reverse("index")))
 
 
 MARKED_AT_ONCE = 100  # more than a page of the list (25) holds
