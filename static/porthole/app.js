@@ -55,7 +55,36 @@
 
   document.addEventListener("htmx:afterSwap", function (evt) {
     if (evt.detail.target && evt.detail.target.id === "results") { announceRows(); }
+    syncBulkMark();
   });
+  document.addEventListener("htmx:oobAfterSwap", syncBulkMark);
+
+  // "Mark all N shown as handled" names the rows that still offer a mark: a row marked by
+  // its own button, or by someone else (a live update), leaves the count and the post.
+  function syncBulkMark() {
+    var form = document.querySelector("#results form.bulk-ack");
+    if (!form) { return; }
+    var ids = Array.prototype.map.call(
+      document.querySelectorAll("#results tr[id^='row-']"),
+      function (row) { return row.querySelector("form.ack-row") ? row.id.slice(4) : null; }
+    ).filter(Boolean);
+    Array.prototype.forEach.call(form.querySelectorAll("input[name='session']"), function (input) {
+      input.remove();
+    });
+    ids.forEach(function (id) {
+      var input = document.createElement("input");
+      input.type = "hidden";
+      input.name = "session";
+      input.value = id;
+      form.appendChild(input);
+    });
+    var n = ids.length, plural = n === 1 ? "" : "s";
+    form.hidden = n === 0;
+    form.setAttribute("hx-confirm", "Mark the " + n + " session" + plural +
+      " shown here as handled, for the whole team? Each timeline records who did it.");
+    var button = form.querySelector("button");
+    if (button) { button.textContent = "Mark all " + n + " shown as handled"; }
+  }
 
   document.addEventListener("htmx:wsOpen", function (evt) {
     var root = evt.target;
@@ -215,6 +244,7 @@
   });
 
   document.addEventListener("DOMContentLoaded", function () {
+    syncBulkMark();
     if (document.getElementById("session-root")) {
       // A reload would restore the old position and stop following; a session page opens at
       // its latest event instead.

@@ -137,9 +137,26 @@
     }
   };
 
+  // A mark on this page changes the count now: the leader polls at once, wherever it is. The
+  // server names it in the reply's HX-Trigger, read off the request itself: htmx fires the
+  // event on the form that posted, which a live update of its row has often detached by then.
+  const refresh = () => {
+    if (leading || !channel) { poll(); } else { channel.postMessage({ type: "refresh" }); }
+  };
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    const xhr = event.detail && event.detail.xhr;
+    if (!xhr) { return; }
+    xhr.addEventListener("loadend", () => {
+      if ((xhr.getResponseHeader("HX-Trigger") || "").includes("porthole:attention-changed")) {
+        refresh();
+      }
+    });
+  });
+
   if (channel) {
     channel.addEventListener("message", (event) => {
       if (event.data && event.data.type === "count") { showCount(event.data.count); }
+      if (event.data && event.data.type === "refresh" && leading) { poll(); }
       if (event.data && event.data.type === "toggle") { showToggle(); }
       if (event.data && event.data.type === "hello" && leading && lastCount !== null) {
         channel.postMessage({ type: "count", count: lastCount });

@@ -88,6 +88,7 @@ def test_it_marks_a_session_as_handled_for_everyone(alice, charlie):
     response = _client(alice).post(url, HTTP_HX_REQUEST="true")
     assert response.status_code == 200
     assert "Marked as handled." in response.content.decode()
+    assert response["HX-Trigger"] == '{"porthole:attention-changed": {}}'  # the top bar's count
 
     mark = Event.objects.get(session=session, type="acknowledged")
     assert (mark.source, mark.actor, json.loads(mark.raw)["reasons"]) == (
@@ -203,6 +204,7 @@ def test_it_marks_from_the_list_and_answers_with_the_row(alice, charlie):
     row = response.content.decode()
     assert row.lstrip().startswith(f'<tr id="row-{session.id}"') and "hx-swap-oob" not in row
     assert "Flaky deploy" in row and "needs attention" not in row and "ack-form" not in row
+    assert response["HX-Trigger"] == '{"porthole:attention-changed": {}}'
     mark = Event.objects.get(session=session, type="acknowledged")
     assert (mark.actor, json.loads(mark.raw)["reasons"]) == (charlie, ["failed"])
 
@@ -221,6 +223,7 @@ def test_it_brings_a_plain_form_post_back_to_the_list_it_came_from(alice):
     client = _client(alice)
     response = client.post(url, {"from": "list"}, HTTP_REFERER=came_from)
     assert (response.status_code, response["Location"]) == (302, came_from)
+    assert "HX-Trigger" not in response  # the page it lands on polls the count afresh
     assert not attention.needing_attention().exists()
     listed = client.get(came_from).content.decode()
     assert "Marked “Flaky deploy” as handled." in listed
