@@ -56,7 +56,18 @@
   document.addEventListener("htmx:afterSwap", function (evt) {
     if (evt.detail.target && evt.detail.target.id === "results") { announceRows(); }
     syncBulkMark();
+    showFeedback(evt.detail.target);
   });
+
+  // A control's reply lands in the dock, which a phone does not keep on screen (and the
+  // header's "Mark as handled" is a long way above it): bring the reply into view.
+  function showFeedback(target) {
+    if (!target || target.id !== "control-feedback" || !target.textContent.trim()) { return; }
+    var box = target.getBoundingClientRect();
+    if (box.top < 0 || box.bottom > window.innerHeight) {
+      target.scrollIntoView({ block: "nearest", behavior: "instant" });
+    }
+  }
   document.addEventListener("htmx:oobAfterSwap", syncBulkMark);
 
   // "Mark all N shown as handled" names the rows that still offer a mark: a row marked by

@@ -234,6 +234,25 @@ def test_it_marks_a_failed_session_as_handled_on_every_page_watching_it(
     expect(theirs.locator(f"a[href='/sessions/{session_id}/']")).to_have_count(0)
 
 
+def test_it_shows_a_phone_what_marking_from_the_header_did(open_context: Any) -> None:
+    """On a phone the dock scrolls with the page, a long timeline below the header's button:
+    the reply is brought into view instead of landing out of sight."""
+    phone = open_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = phone.new_page()
+    start_session(page, "A long read\nflood 40 400\nexit 4")
+    expect(page.locator(".attention-note")).to_be_visible()
+    button = page.get_by_role("button", name="Mark as handled")
+    page.evaluate("() => window.scrollTo(0, 0)")
+    expect(button).to_be_in_viewport()
+    expect(page.locator("#controls")).not_to_be_in_viewport()  # the dock, far below
+    feedback = page.locator("#control-feedback")
+    button.click()
+    expect(feedback).to_contain_text("Marked as handled.")
+    expect(feedback).to_be_in_viewport()
+    e2e.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(e2e.ARTIFACTS / "attention-marked-phone.png"))
+
+
 # The attention count's regular poll slowed to ten minutes in the pages of a test: a count
 # that changes within the test's waits was changed by something else (a mark's HX-Trigger).
 SLOW_POLL = """
