@@ -80,6 +80,17 @@ NOTIFICATION_SPY = """
 """
 
 
+def poll_every(ms: int) -> str:
+    """An init script that sets how often notify.js polls the attention feed in a page (its
+    `data-poll-ms`, read when the script runs, after the page is parsed)."""
+    return f"""
+new MutationObserver((records, observer) => {{
+  const script = document.querySelector("script[data-feed]");
+  if (script) {{ script.dataset.pollMs = "{ms}"; observer.disconnect(); }}
+}}).observe(document, {{ childList: true, subtree: true }});
+"""
+
+
 def wait_until(page: Page, condition: Any, timeout: float = 30.0) -> None:
     """Poll a condition fed by Playwright's events (which are delivered while it waits)."""
     deadline = time.monotonic() + timeout
@@ -120,6 +131,7 @@ def test_it_notifies_once_when_a_watched_session_fails(open_context: Any) -> Non
     tabs.context.on("response", on_response)
     tabs.context.expose_binding("__porthole_notified", notified)
     tabs.context.add_init_script(NOTIFICATION_SPY)
+    tabs.context.add_init_script(poll_every(1000))  # the polls this test counts come sooner
 
     first = tabs.new_page()
     first.goto("/")
@@ -149,49 +161,66 @@ def test_it_notifies_once_when_a_watched_session_fails(open_context: Any) -> Non
     expect(first.locator("#attention-count")).to_be_visible()
 
 
-def test_it_draws_the_usage_charts_and_takes_screenshots(
-    porthole: Porthole, open_context: Any
-) -> None:
+@pytest.fixture(scope="module")
+def seeded(porthole: Porthole) -> Porthole:
+    """This module's server with a month of sessions, webhooks and deliveries."""
     e2e._manage(
         porthole.env,
         "shell",
         "-c",
         "from tests.awareness.seed import seed; seed()",
     )
+    return porthole
+
+
+LAYOUTS = {
+    "light": {"color_scheme": "light", "viewport": {"width": 1280, "height": 900}},
+    "dark": {"color_scheme": "dark", "viewport": {"width": 1280, "height": 900}},
+    "narrow": {
+        "color_scheme": "light",
+        "viewport": {"width": 390, "height": 844},
+        "device_scale_factor": 2,
+        "is_mobile": True,
+        "has_touch": True,
+    },
+}
+
+
+# The charts' data comes from the database (aggregates that differ between engines): the
+# first layout runs on PostgreSQL too; the others only change what the browser draws.
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "light",
+        pytest.param("dark", marks=pytest.mark.browser_side),
+        pytest.param("narrow", marks=pytest.mark.browser_side),
+    ],
+)
+def test_it_draws_the_usage_charts_and_takes_screenshots(
+    seeded: Porthole, open_context: Any, layout: str
+) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     e2e.ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    layouts = {
-        "light": {"color_scheme": "light", "viewport": {"width": 1280, "height": 900}},
-        "dark": {"color_scheme": "dark", "viewport": {"width": 1280, "height": 900}},
-        "narrow": {
-            "color_scheme": "light",
-            "viewport": {"width": 390, "height": 844},
-            "device_scale_factor": 2,
-            "is_mobile": True,
-            "has_touch": True,
-        },
-    }
-    for name, options in layouts.items():
-        page = open_context(**options).new_page()
-        page.goto("/usage/")
-        charts = page.locator("svg.chart-svg")
-        expect(charts).to_have_count(5)
-        expect(page.locator("svg.chart-svg rect.s-cost").first).to_be_visible()
-        assert page.locator("#total-cost").inner_text().startswith("$")
-        fits(page)
-        shoot(page, SCREENSHOTS / f"usage-{name}.png")
-        page.goto("/settings/hooks/")
-        expect(page.locator("table.delivery-log")).to_be_visible()
-        expect(page.locator(".delivery-failed").first).to_be_visible()
-        fits(page)
-        shoot(page, SCREENSHOTS / f"settings-{name}.png")
-        page.goto("/")
-        expect(page.locator(".rel-cost").first).to_be_visible()
-        shoot(page, e2e.ARTIFACTS / f"awareness-all-{name}.png")
-        page.goto("/?status=attention")
-        expect(page.locator(".badge-attention").first).to_be_visible()
-        fits(page)
-        shoot(page, e2e.ARTIFACTS / f"awareness-list-{name}.png")
+    page = open_context(**LAYOUTS[layout]).new_page()
+    page.goto("/usage/")
+    charts = page.locator("svg.chart-svg")
+    expect(charts).to_have_count(5)
+    expect(page.locator("svg.chart-svg rect.s-cost").first).to_be_visible()
+    assert page.locator("#total-cost").inner_text().startswith("$")
+    fits(page)
+    shoot(page, SCREENSHOTS / f"usage-{layout}.png")
+    page.goto("/settings/hooks/")
+    expect(page.locator("table.delivery-log")).to_be_visible()
+    expect(page.locator(".delivery-failed").first).to_be_visible()
+    fits(page)
+    shoot(page, SCREENSHOTS / f"settings-{layout}.png")
+    page.goto("/")
+    expect(page.locator(".rel-cost").first).to_be_visible()
+    shoot(page, e2e.ARTIFACTS / f"awareness-all-{layout}.png")
+    page.goto("/?status=attention")
+    expect(page.locator(".badge-attention").first).to_be_visible()
+    fits(page)
+    shoot(page, e2e.ARTIFACTS / f"awareness-list-{layout}.png")
 
 
 def fits(page: Page) -> None:
@@ -234,6 +263,7 @@ def test_it_marks_a_failed_session_as_handled_on_every_page_watching_it(
     expect(theirs.locator(f"a[href='/sessions/{session_id}/']")).to_have_count(0)
 
 
+@pytest.mark.browser_side
 def test_it_shows_a_phone_what_marking_from_the_header_did(open_context: Any) -> None:
     """On a phone the dock scrolls with the page, a long timeline below the header's button:
     the reply is brought into view instead of landing out of sight."""
@@ -253,22 +283,14 @@ def test_it_shows_a_phone_what_marking_from_the_header_did(open_context: Any) ->
     page.screenshot(path=str(e2e.ARTIFACTS / "attention-marked-phone.png"))
 
 
-# The attention count's regular poll slowed to ten minutes in the pages of a test: a count
-# that changes within the test's waits was changed by something else (a mark's HX-Trigger).
-SLOW_POLL = """
-new MutationObserver((records, observer) => {
-  const script = document.querySelector("script[data-feed]");
-  if (script) { script.dataset.pollMs = "600000"; observer.disconnect(); }
-}).observe(document, { childList: true, subtree: true });
-"""
-
-
 def test_it_marks_sessions_as_handled_from_the_list(open_context: Any) -> None:
     """Triage: the "Needs attention" list marks a row without opening its session; the row
     changes in place, and on every other list watching; the bulk button and the top bar's
     count follow at once."""
     tabs = open_context()
-    tabs.context.add_init_script(SLOW_POLL)
+    # The regular poll slowed to ten minutes: a count that changes within the test's waits
+    # was changed by something else (the mark's HX-Trigger).
+    tabs.context.add_init_script(poll_every(600_000))
     mine = tabs.new_page()
     first = start_session(mine, "Listmark one\nexit 4")
     expect(mine.locator(".attention-note")).to_be_visible()
