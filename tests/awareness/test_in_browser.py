@@ -173,19 +173,6 @@ def seeded(porthole: Porthole) -> Porthole:
     return porthole
 
 
-LAYOUTS = {
-    "light": {"color_scheme": "light", "viewport": {"width": 1280, "height": 900}},
-    "dark": {"color_scheme": "dark", "viewport": {"width": 1280, "height": 900}},
-    "narrow": {
-        "color_scheme": "light",
-        "viewport": {"width": 390, "height": 844},
-        "device_scale_factor": 2,
-        "is_mobile": True,
-        "has_touch": True,
-    },
-}
-
-
 # The charts' data comes from the database (aggregates that differ between engines): the
 # first layout runs on PostgreSQL too; the others only change what the browser draws.
 @pytest.mark.parametrize(
@@ -201,7 +188,7 @@ def test_it_draws_the_usage_charts_and_takes_screenshots(
 ) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     e2e.ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page = open_context(**LAYOUTS[layout]).new_page()
+    page = open_context(**e2e.LAYOUTS[layout]).new_page()
     page.goto("/usage/")
     charts = page.locator("svg.chart-svg")
     expect(charts).to_have_count(5)

@@ -20,6 +20,7 @@ from tests.e2e.conftest import (
     ADMIN_PASSWORD,
     ADMIN_USERNAME,
     ARTIFACTS,
+    LAYOUTS,
     Browsing,
     CuttableProxy,
     Porthole,
@@ -599,19 +600,8 @@ def test_it_takes_screenshots_in_light_dark_and_narrow_layouts(
     path = session_path(setup)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
-    layouts = {
-        "light": {"color_scheme": "light", "viewport": {"width": 1280, "height": 900}},
-        "dark": {"color_scheme": "dark", "viewport": {"width": 1280, "height": 900}},
-        "narrow": {
-            "color_scheme": "light",
-            "viewport": {"width": 390, "height": 844},
-            "device_scale_factor": 2,
-            "is_mobile": True,
-            "has_touch": True,
-        },
-    }
     overflow: dict[str, dict[str, int]] = {}
-    for name, options in layouts.items():
+    for name, options in LAYOUTS.items():
         context = open_context(**options)
         page = context.new_page()
         for label, url in [("session", path), ("list", "/"), ("new", "/sessions/new/")]:
