@@ -68,7 +68,6 @@
       target.scrollIntoView({ block: "nearest", behavior: "instant" });
     }
   }
-  document.addEventListener("htmx:oobAfterSwap", syncBulkMark);
 
   // "Mark all N shown as handled" names the rows that still offer a mark: a row marked by
   // its own button, or by someone else (a live update), leaves the count and the post.
@@ -96,6 +95,7 @@
     var button = form.querySelector("button");
     if (button) { button.textContent = "Mark all " + n + " shown as handled"; }
   }
+  document.addEventListener("htmx:oobAfterSwap", syncBulkMark);
 
   document.addEventListener("htmx:wsOpen", function (evt) {
     var root = evt.target;

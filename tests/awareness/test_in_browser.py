@@ -334,6 +334,7 @@ def test_it_marks_sessions_as_handled_from_the_list(open_context: Any) -> None:
     shoot(mine, e2e.ARTIFACTS / "attention-list-all-marked.png")
     for row in rows[second][1:]:  # the other list, live
         expect(row.locator(".badge-attention")).to_have_count(0)
+    expect(theirs.locator("form.bulk-ack")).to_be_hidden()  # nothing left there to mark
     mine.goto(f"/sessions/{first}/")
     expect(mine.locator("#timeline")).to_contain_text("marked the session as handled")
     expect(mine.locator(".attention-note")).to_have_count(0)
