@@ -113,6 +113,7 @@ def start_session(page: Page, script: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.browser_side
 def test_it_notifies_once_when_a_watched_session_fails(open_context: Any) -> None:
     tabs = open_context(permissions=["notifications"])
     shown: list[dict[str, Any]] = []
@@ -173,16 +174,10 @@ def seeded(porthole: Porthole) -> Porthole:
     return porthole
 
 
-# The charts' data comes from the database (aggregates that differ between engines): the
-# first layout runs on PostgreSQL too; the others only change what the browser draws.
-@pytest.mark.parametrize(
-    "layout",
-    [
-        "light",
-        pytest.param("dark", marks=pytest.mark.browser_side),
-        pytest.param("narrow", marks=pytest.mark.browser_side),
-    ],
-)
+# The charts' figures come from the database, in aggregates that differ between engines:
+# tests/awareness/test_pages.py checks them on PostgreSQL too; here only the drawing.
+@pytest.mark.browser_side
+@pytest.mark.parametrize("layout", ["light", "dark", "narrow"])
 def test_it_draws_the_usage_charts_and_takes_screenshots(
     seeded: Porthole, open_context: Any, layout: str
 ) -> None:
@@ -270,6 +265,7 @@ def test_it_shows_a_phone_what_marking_from_the_header_did(open_context: Any) ->
     page.screenshot(path=str(e2e.ARTIFACTS / "attention-marked-phone.png"))
 
 
+@pytest.mark.browser_side
 def test_it_marks_sessions_as_handled_from_the_list(open_context: Any) -> None:
     """Triage: the "Needs attention" list marks a row without opening its session; the row
     changes in place, and on every other list watching; the bulk button and the top bar's

@@ -99,6 +99,7 @@ def load_newer_until_live(page: Page) -> int:
     return presses
 
 
+@pytest.mark.browser_side
 def test_it_jumps_through_a_long_live_session_and_comes_back_to_the_live_tail(
     browsing: Browsing,
 ) -> None:
@@ -180,6 +181,7 @@ def test_it_jumps_through_a_long_live_session_and_comes_back_to_the_live_tail(
     assert_in_order(seqs(page), "timeline")
 
 
+@pytest.mark.browser_side
 def test_it_jumps_to_any_turn_of_the_outline_in_one_request(
     browsing: Browsing, long_recorded: str
 ) -> None:
@@ -213,14 +215,9 @@ def test_it_jumps_to_any_turn_of_the_outline_in_one_request(
     assert abs(after["y"] - before["y"]) < 40, (before, after)
 
 
+@pytest.mark.browser_side
 @pytest.mark.parametrize(
-    ("scheme", "width"),
-    [
-        ("light", 1280),
-        pytest.param("dark", 1280, marks=pytest.mark.browser_side),
-        pytest.param("light", 420, marks=pytest.mark.browser_side),
-        pytest.param("dark", 420, marks=pytest.mark.browser_side),
-    ],
+    ("scheme", "width"), [("light", 1280), ("dark", 1280), ("light", 420), ("dark", 420)]
 )
 def test_it_shows_the_navigation_controls(
     open_context: Any, long_recorded: str, scheme: str, width: int

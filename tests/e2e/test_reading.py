@@ -199,14 +199,9 @@ def shoot(page: Page, name: str) -> Path:
     return path
 
 
+@pytest.mark.browser_side
 @pytest.mark.parametrize(
-    ("scheme", "width"),
-    [
-        ("light", 1280),
-        pytest.param("dark", 1280, marks=pytest.mark.browser_side),
-        pytest.param("light", 420, marks=pytest.mark.browser_side),
-        pytest.param("dark", 420, marks=pytest.mark.browser_side),
-    ],
+    ("scheme", "width"), [("light", 1280), ("dark", 1280), ("light", 420), ("dark", 420)]
 )
 def test_it_shows_a_recorded_claude_session_readably(
     open_context: Any, recorded: str, scheme: str, width: int
@@ -247,7 +242,8 @@ def test_it_shows_a_recorded_claude_session_readably(
     expect(changes.locator(".changed-path").first).to_contain_text("/workspace/app/")
 
 
-@pytest.mark.parametrize("scheme", ["light", pytest.param("dark", marks=pytest.mark.browser_side)])
+@pytest.mark.browser_side
+@pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_it_shows_a_session_of_the_real_claude_cli(
     open_context: Any, real_cli: str, scheme: str
 ) -> None:
@@ -291,6 +287,7 @@ def test_it_swaps_a_live_result_into_its_call_card(browsing: Browsing) -> None:
     assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
 
 
+@pytest.mark.browser_side
 def test_it_shows_a_live_result_whose_card_is_not_on_the_page(browsing: Browsing) -> None:
     page = browsing.new_page()
     start_session(page, "Slow one.\n$ sleep 4; echo arrived-late\nAll done")

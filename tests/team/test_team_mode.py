@@ -10,12 +10,15 @@ SQLite run rather than after it: much of either run is waiting on sandbox proces
 browsers and sockets, and run one after the other they took longer than the suite's budget.
 This test, collected among the last, waits for it. Tests that touch neither the database nor
 the channel layer (the OpenComputer client's, most of the embedded sandbox server's, the
-alignment's and Markdown's properties, settings) are not run again there: their outcome
-cannot depend on either. Nor are the browser tests marked `browser_side`: what the page
-does in the browser with what it was sent (extra layouts and screenshots, scrolling, the
-prompt box, close codes the page handles alike), the same whichever database and layer sent
-it. Each page's first layout, and every browser test that goes through the server's live
-path, catch-up or storage, runs there.
+alignment's and Markdown's properties, settings, and `manage.py serve`, which its tests
+always start in embedded mode) are not run again there: their outcome cannot depend on
+either. Nor are the browser tests marked `browser_side`: what the page does in the browser
+with what it was sent (layouts and screenshots, scrolling, notifications, jumps, the prompt
+box, close codes the page handles alike), the same whichever database and layer sent it,
+where the Django test client's tests in the child check what was sent. The browser tests
+of the live path itself run there: a session streamed live, steered and killed, the list
+kept live, reconnects and catch-up, flow control, a shared link revoked, a mark seen on
+every page watching, a live result in its card, a search hit.
 
 The child has a test database, a Redis database and a Redis key prefix of its own (a test's
 `cache.clear()` empties a whole Redis database; pub/sub channels belong to the whole server).
@@ -62,6 +65,7 @@ SAME_EITHER_WAY = [
             "agents/test_alignment.py",
             "agents/test_markdown.py",
             "agents/test_viewers.py",
+            "e2e/test_serve.py",
             "test_daphne_glue.py",
             "test_heap.py",
             "test_settings.py",
