@@ -868,6 +868,31 @@ def test_it_replaces_lone_surrogates_so_the_page_can_be_encoded() -> None:
     render_event(generic, ToolIndex()).encode("utf-8")
 
 
+CONTROLS = "nul\x00 bell\x07 \x1b[31mRED\x1b[0m \x1b]0;window-name\x07 del\x7f back\x08 end"
+# Not allowed in HTML's text; tab and line breaks are.
+RAW_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@pytest.mark.django_db
+def test_it_shows_control_characters_and_drops_escape_sequences() -> None:
+    session = make_session()
+    tools = ToolIndex()
+    events = [*_hostile_events(CONTROLS), ("stderr", CONTROLS)]
+    for source, data in events:
+        event = add_event(session, source, data)
+        tools.observe(event)
+        for html in (render_event(event, tools), render_event_oob(event, tools)):
+            assert not RAW_CONTROL.search(html), (source, data, html)
+    text = render_event(
+        add_event(session, "agent", _assistant([{"type": "text", "text": CONTROLS}])), tools
+    )
+    assert "nul␀ bell␇ RED  del␡ back␈ end" in text
+    stderr = render_event(add_event(session, "stderr", CONTROLS), tools)
+    assert "nul␀ bell␇ RED  del␡ back␈ end" in stderr
+    assert "[31m" not in text + stderr and "window-name" not in text + stderr
+    assert add_event(session, "stderr", CONTROLS).raw == CONTROLS  # kept whole
+
+
 # ---------------------------------------------------------------------------------------
 # Live delivery: out-of-band swaps for the htmx ws extension.
 

@@ -233,7 +233,8 @@ def _result(event: Event, data: dict[str, Any], tools: ToolIndex) -> EventItem:
     if denials:
         facts.append(("permission denials", str(len(denials))))
     errors = [
-        one_line(e if isinstance(e, str) else pretty_json(e), 300) for e in _list(data, "errors")
+        one_line(clean_text(e) if isinstance(e, str) else pretty_json(e), 300)
+        for e in _list(data, "errors")
     ][:20]
     text = _str(data, "result")
     clipped = clip(text, DISPLAY_CAP)

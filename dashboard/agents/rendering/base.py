@@ -35,9 +35,23 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _FIRST_LINE = re.compile(r"[^\s][^\r\n]*")
 
 
+# What a terminal acts on and a page cannot show. A control character other than tab and
+# the line breaks (NUL, BEL, backspace, ESC…, DEL) is not allowed in HTML's text; shown
+# as its Unicode picture (␀, ␇…) it stays visible. Escape sequences (colours, cursor moves,
+# a window's title) are dropped whole: their ESC alone would leave "[31m" in the text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)")
+_PICTURES = {code: 0x2400 + code for code in range(0x20) if code not in (0x09, 0x0A, 0x0D)}
+_PICTURES[0x7F] = 0x2421
+
+
 def clean_text(value: str) -> str:
-    """Lone surrogates (valid in JSON escapes, invalid in UTF-8) would make the response or
-    the WebSocket frame fail to encode; replace them."""
+    """`value` as a page can show it: control characters made visible (escape sequences
+    dropped), and lone surrogates (valid in JSON escapes, invalid in UTF-8), which would
+    make the response or the WebSocket frame fail to encode, replaced. The raw line keeps
+    everything."""
+    if _CONTROL.search(value) is not None:
+        value = _ESCAPE_SEQUENCE.sub("", value).translate(_PICTURES)
     try:
         value.encode("utf-8")
         return value

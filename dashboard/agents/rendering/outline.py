@@ -68,7 +68,8 @@ def entry_for(event: Event) -> OutlineEntry | None:
         failed = subtype.startswith("error") or _data(event).get("is_error") is True
         entry_kind = "error" if failed else "result"
         cost = _number(_data(event), "total_cost_usd")
-        label = (subtype or "result").replace("_", " ") + (f" · ${cost:.4f}" if cost else "")
+        said = one_line(clean_text(subtype), 64) or "result"
+        label = said.replace("_", " ") + (f" · ${cost:.4f}" if cost else "")
     elif source == Event.Source.AGENT and kind == "user":
         failure = _tool_failure(event)
         if failure is None:
@@ -84,7 +85,10 @@ def entry_for(event: Event) -> OutlineEntry | None:
         code = _data(event).get("code")
         if code == 0:
             return None
-        entry_kind, label = "error", f"process exited with code {code}"
+        entry_kind, label = (
+            "error",
+            f"process exited with code {one_line(clean_text(str(code)), 20)}",
+        )
     else:
         return None
     return OutlineEntry(event.seq, entry_kind, label, event.created_at)
