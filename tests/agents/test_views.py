@@ -408,6 +408,16 @@ def test_it_lists_filters_and_searches_sessions(oc, alice, charlie):
     assert str(mine.id) in found.content.decode()
 
 
+def test_it_searches_the_list_with_a_query_of_any_length(oc, alice):
+    start(signed_in(alice), "Refactor the parser")
+    client = signed_in(alice)
+    for query in ("parser" + " " * 60_000, "x" * 60_000, "parser" + "x" * 60_000):
+        response = client.get(reverse("index"), {"q": query})
+        assert response.status_code == 200
+    found = client.get(reverse("index"), {"q": "parser" + " " * 60_000}).content.decode()
+    assert "Refactor the parser" in found
+
+
 def test_it_paginates_the_list(oc, alice):
     sandbox = Sandbox.objects.create(upstream_id="sb-many")
     AgentSession.objects.bulk_create(

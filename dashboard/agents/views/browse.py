@@ -15,6 +15,7 @@ from dashboard.agents.access import viewer_required
 from dashboard.agents.models import AgentSession
 from dashboard.agents.views.common import HtmxHttpRequest, newer, older, session_context
 from dashboard.awareness.attention import needing_attention
+from dashboard.search.index import MAX_QUERY
 
 SESSIONS_PER_PAGE = 25
 
@@ -36,7 +37,9 @@ def _filtered_sessions(request: HttpRequest) -> tuple[QuerySet[AgentSession], di
     starter = request.GET.get("starter", "")
     if starter:
         sessions = sessions.filter(started_by__username=starter)
-    query = request.GET.get("q", "").strip()
+    # As long as the search page's (`search.index.MAX_QUERY`): a longer LIKE pattern is past
+    # what SQLite takes (50,000 bytes: the list failed), and no title is that long.
+    query = request.GET.get("q", "").strip()[:MAX_QUERY]
     if query:
         sessions = sessions.filter(Q(title__icontains=query) | Q(prompt__icontains=query))
     return sessions.order_by("-started_at"), {"status": status, "starter": starter, "q": query}
