@@ -28,9 +28,11 @@ def share_group(link_id: object) -> str:
 
 
 class ShareLinkForm(forms.Form):
-    label = forms.CharField(max_length=100, required=False)
+    label = forms.CharField(label="Label", max_length=100, required=False)
     expiry = forms.ChoiceField(
-        choices=[(key, label) for key, (label, _) in EXPIRIES.items()], initial="1d"
+        label="Expires after",
+        choices=[(key, label) for key, (label, _) in EXPIRIES.items()],
+        initial="1d",
     )
 
 

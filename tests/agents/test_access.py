@@ -304,6 +304,53 @@ async def test_it_closes_a_link_socket_when_the_link_expires(oc, alice):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("label", "said"),
+    [
+        ("x" * 101, "Label: Ensure this value has at most 100 characters (it has 101)."),
+        ("a\x00b", "Label: Null characters are not allowed."),
+    ],
+)
+def test_it_says_what_was_wrong_with_a_new_link(oc, alice, label, said):
+    session = AgentSession.objects.create(
+        sandbox=Sandbox.objects.create(upstream_id="sb"), upstream_id="s"
+    )
+    client = Client()
+    client.force_login(alice)
+    response = client.post(
+        reverse("share_create", args=[session.id]),
+        {"label": label, "expiry": "1h"},
+        headers={"HX-Request": "true"},
+    )
+    assert response.status_code == 200
+    assert f'role="alert">{said}</p>' in response.content.decode()
+    bad_expiry = client.post(
+        reverse("share_create", args=[session.id]),
+        {"label": "ok", "expiry": "forever"},
+        headers={"HX-Request": "true"},
+    ).content.decode()
+    assert "Expires after: Select a valid choice." in bad_expiry
+    assert not ShareLink.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_tells_nobody_who_may_not_share_which_links_exist(oc, alice, bob, erin):
+    session = AgentSession.objects.create(
+        sandbox=Sandbox.objects.create(upstream_id="sb"), upstream_id="s"
+    )
+    link, _ = access.create_share_link(session, alice, label="", expiry="1d")
+    for person in (None, erin, bob):
+        client = Client(enforce_csrf_checks=False)
+        if person is not None:
+            client.force_login(person)
+        existing = client.post(reverse("share_revoke", args=[link.pk]))
+        missing = client.post(reverse("share_revoke", args=[link.pk + 1000]))
+        assert existing.status_code == missing.status_code == 403, person
+    link.refresh_from_db()
+    assert link.revoked_at is None
+
+
+@pytest.mark.django_db(transaction=True)
 def test_it_lets_only_the_creator_or_an_admin_revoke(oc, alice, charlie, dave):
     session = AgentSession.objects.create(
         sandbox=Sandbox.objects.create(upstream_id="sb"), upstream_id="s"

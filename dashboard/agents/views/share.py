@@ -38,7 +38,7 @@ def share_create(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
     session, _ = access.session_for_user(user, session_id)
     form = ShareLinkForm(request.POST)
     if not form.is_valid():
-        return _panel(request, session, share_error="Choose how long the link lasts.")
+        return _panel(request, session, share_error=_form_error(form))
     link, token = access.create_share_link(
         session,
         user,
@@ -60,8 +60,18 @@ def share_create(request: HtmxHttpRequest, session_id: str) -> HttpResponse:
     return _panel(request, session, new_link_url=url, new_link=link)
 
 
+def _form_error(form: ShareLinkForm) -> str:
+    """What was wrong, field by field, as the panel says it (the form's widgets alone)."""
+    return " ".join(
+        f"{form.fields[name].label or name.capitalize()}: {' '.join(map(str, errors))}"
+        for name, errors in form.errors.items()
+    )
+
+
 @require_POST
 def share_revoke(request: HtmxHttpRequest, link_id: int) -> HttpResponse:
+    # Before the lookup: someone who may not share learns nothing, not even which ids exist.
+    access.require_share(request.user)
     link, may_revoke = access.link_for_user(request.user, link_id)
     if not may_revoke:
         raise PermissionDenied("You may revoke only the links you created.")
