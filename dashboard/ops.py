@@ -17,11 +17,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import connection
+from django.db import connection, connections
 from django.db.models import Count, F, Min, Q, Sum
 from django.db.models.functions import Now
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -244,17 +245,35 @@ def metrics(request: HttpRequest) -> HttpResponse:
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 
 
-def start_metrics_server(port: int | None = None) -> bool:
+class ClosingItsConnection(Collector):
+    """`DatabaseCollector` for the metrics server of a process without HTTP. That server
+    answers each scrape on a new thread, whose database connection nothing else closes:
+    with PostgreSQL's pool each scrape kept a slot, until the bridges worker had none left
+    to claim or record sessions with."""
+
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self.collector.collect()
+        finally:
+            connections.close_all()  # this thread's
+
+
+def start_metrics_server(
+    port: int | None = None, registry: CollectorRegistry = REGISTRY
+) -> WSGIServer | None:
     """For processes without HTTP (`manage.py bridges`): serve this process's counters and
-    the database's gauges on loopback at PORTHOLE_METRICS_PORT. False when not configured."""
+    the database's gauges on loopback at PORTHOLE_METRICS_PORT. None when not configured."""
     port = port if port is not None else int(getattr(settings, "PORTHOLE_METRICS_PORT", 0) or 0)
     if not port:
-        return False
-    if _database_registry not in _served:
-        REGISTRY.register(DatabaseCollector())
-        _served.append(_database_registry)
-    start_http_server(port, addr="127.0.0.1")
-    return True
+        return None
+    if registry not in _with_database:
+        registry.register(ClosingItsConnection(DatabaseCollector()))
+        _with_database.append(registry)
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    return server
 
 
-_served: list[CollectorRegistry] = []
+_with_database: list[CollectorRegistry] = []

@@ -7,13 +7,18 @@ import asyncio
 import io
 import json
 import logging
+import threading
+import urllib.request
 
 import pytest
+from django.db.backends.signals import connection_created
 from django.test import Client
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboard.agents.models import AgentSession, Sandbox, Watcher
 from dashboard.logs import JsonFormatter, SessionFilter, bind_session, logging_config
+from dashboard.ops import start_metrics_server
 from tests.conftest import LocalSandbox
 from tests.team.procs import free_port, redis_url, require_team
 
@@ -122,6 +127,34 @@ def test_it_exports_what_the_database_knows(alice) -> None:  # type: ignore[no-u
     # This process's own counters are there too, ready for the code that counts.
     assert "porthole_upstream_reconnects_total" in samples
     assert "porthole_events_recorded_total" in samples
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_closes_each_scrapes_database_connection_on_a_bridges_metrics_port() -> None:
+    """The port answers each scrape on a thread of its own: a connection left open there
+    held one of the pool's slots for good, and a few dozen scrapes left a bridges worker
+    unable to claim or record anything."""
+    opened: list[object] = []
+
+    def created(sender: object, connection: object, **kwargs: object) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            opened.append(connection)
+
+    connection_created.connect(created)
+    port = free_port()
+    server = start_metrics_server(port, registry=CollectorRegistry())
+    assert server is not None
+    try:
+        for _ in range(30):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+                assert reply.status == 200
+                assert "porthole_sessions_unbridged" in reply.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+        connection_created.disconnect(created)
+    assert len(opened) == 30
+    assert all(wrapper.connection is None for wrapper in opened)  # type: ignore[attr-defined]
 
 
 def test_it_serves_metrics_only_to_allowed_addresses_or_the_token(settings) -> None:  # type: ignore[no-untyped-def]
