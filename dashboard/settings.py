@@ -338,7 +338,8 @@ AUTHENTICATION_BACKENDS = [
 AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 10, minimum=1)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15, minimum=1))
 AXES_LOCKOUT_PARAMETERS = ["ip_address", ["username", "ip_address"]]
-AXES_RESET_ON_SUCCESS = True
+# A correct sign-in clears only that person's failures from that address (people.py).
+AXES_RESET_ON_SUCCESS = False
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_CLIENT_IP_CALLABLE = "dashboard.proxies.client_ip"
 AXES_WHITELIST_CALLABLE = "dashboard.agents.people.correct_password_of_someone_who_did_not_fail"

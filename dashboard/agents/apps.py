@@ -8,4 +8,8 @@ class AgentsConfig(AppConfig):
 
     def ready(self) -> None:
         # Rights taken away close what they opened, however they were taken (admin, shell).
-        from dashboard.agents import revocation  # noqa: F401
+        # A correct sign-in clears that person's failed ones (and nobody else's).
+        from dashboard.agents import (
+            people,  # noqa: F401
+            revocation,  # noqa: F401
+        )

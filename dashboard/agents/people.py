@@ -6,13 +6,15 @@ import secrets
 from typing import Any
 
 from axes.models import AccessAttempt
+from axes.utils import reset as reset_attempts
 from django import forms
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth import get_user_model, login
+from django.contrib.auth import get_user_model, login, user_logged_in
 from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
 from django.contrib.auth.views import LoginView
+from django.dispatch import receiver
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -20,6 +22,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from dashboard.agents import access
 from dashboard.agents.models import AuditEntry
+from dashboard.proxies import client_ip
 
 User = get_user_model()
 
@@ -71,6 +74,17 @@ def correct_password_of_someone_who_did_not_fail(
         return False
     user = ModelBackend().authenticate(request, username=username, password=password)
     return user is not None
+
+
+@receiver(user_logged_in)
+def clear_own_failures(sender: Any, request: HttpRequest | None, user: Any, **kwargs: Any) -> None:
+    """A correct sign-in clears that person's failures from that address, and nobody else's.
+    Axes' own reset on success (AXES_RESET_ON_SUCCESS, off) deleted every failure from the
+    address, so anyone with an account could clear the limit between guesses at someone
+    else's password."""
+    address = client_ip(request) if request is not None else None
+    if address is not None:  # without one, `reset` would clear the person's every address
+        reset_attempts(ip=address, username=user.get_username())
 
 
 # -- first run -------------------------------------------------------------------------------------

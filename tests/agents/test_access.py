@@ -463,6 +463,26 @@ def test_it_rate_limits_failed_sign_ins(alice):
 
 
 @pytest.mark.django_db
+def test_it_clears_only_the_signed_in_persons_failures(alice, bob):
+    """Axes' reset on success cleared every failure from the address: anyone with an
+    account could sign in between guesses at someone else's password and never be locked."""
+    axes_reset()
+    client = Client()
+
+    def sign_in(username: str, password: str) -> int:
+        data = {"username": username, "password": password}
+        return client.post(reverse("login"), data).status_code
+
+    assert [sign_in("alice", "wrong") for _ in range(3)] == [200] * 3
+    assert [sign_in("bob", "wrong") for _ in range(6)] == [200] * 6
+    assert sign_in("alice", "password") == 302  # her three are gone, not bob's six
+    client.post(reverse("logout"))
+    assert [sign_in("bob", "wrong") for _ in range(3)] == [200] * 3
+    assert sign_in("bob", "wrong") == 429  # the address's tenth failure
+    axes_reset()
+
+
+@pytest.mark.django_db
 def test_it_lets_an_admin_add_people_and_change_roles(dave, bob):
     client = Client()
     client.force_login(dave)
