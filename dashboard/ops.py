@@ -12,14 +12,15 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection, connections
@@ -35,6 +36,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from dashboard import metrics as _counters  # noqa: F401 - registers the counters everyone uses
+from dashboard.agents.management import unapplied_migrations
 from dashboard.proxies import is_in, parse_networks
 
 log = logging.getLogger(__name__)
@@ -49,20 +51,46 @@ WATCHER_TTL_SECONDS = 90
 
 @never_cache
 @require_GET
-def healthz(request: HttpRequest) -> HttpResponse:
-    """For container health checks: the process answers and the database does."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+async def healthz(request: HttpRequest) -> HttpResponse:
+    """For container health checks: the process answers and the database does, within
+    CHECK_TIMEOUT (503 otherwise)."""
+    _, result = await _run("database", _check_database_answers)
+    if result != "ok":
+        return HttpResponse(f"database: {result}\n", status=503, content_type="text/plain")
     return HttpResponse("ok", content_type="text/plain")
 
 
-def _database() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+class UnappliedMigrations(Exception):
+    """The database lacks migrations this code has: every page would fail."""
+
+
+# The database checks run on threads of their own, not a request's: a database that does
+# not answer holds a call for as long as the pool waits for a connection (30 s), and an
+# answer must come within CHECK_TIMEOUT. A check left hanging ends on its own; two of them
+# at most, and later checks wait their turn (and time out) rather than pile up threads.
+_DATABASE_CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="porthole-db-check")
+_migrated = threading.Event()  # once found so, not looked at again
+
+
+def _database(migrations: bool) -> None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        if migrations and not _migrated.is_set():
+            pending = unapplied_migrations()
+            if pending:
+                raise UnappliedMigrations(f"{len(pending)} unapplied, first {pending[0]}")
+            _migrated.set()
+    finally:
+        connections.close_all()  # this thread's, which nothing else would close
 
 
 async def _check_database() -> None:
-    await sync_to_async(_database, thread_sensitive=True)()
+    await asyncio.get_running_loop().run_in_executor(_DATABASE_CHECKS, _database, True)
+
+
+async def _check_database_answers() -> None:
+    await asyncio.get_running_loop().run_in_executor(_DATABASE_CHECKS, _database, False)
 
 
 async def _check_layer() -> None:

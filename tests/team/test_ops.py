@@ -7,6 +7,9 @@ import asyncio
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -16,11 +19,12 @@ from django.test import Client
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from dashboard import ops
 from dashboard.agents.models import AgentSession, Sandbox, Watcher
 from dashboard.logs import JsonFormatter, SessionFilter, bind_session, logging_config
 from dashboard.ops import start_metrics_server
 from tests.conftest import LocalSandbox
-from tests.team.procs import free_port, redis_url, require_team
+from tests.team.procs import ROOT, free_port, redis_url, require_team
 
 pytestmark = pytest.mark.django_db
 
@@ -46,6 +50,57 @@ def test_it_says_which_check_failed_when_the_upstream_is_away(settings) -> None:
     assert body["failed"] == ["upstream"]
     assert body["checks"]["database"] == "ok" and body["checks"]["channel_layer"] == "ok"
     assert "127.0.0.1" not in response.content.decode()  # the kind of failure, no addresses
+
+
+def test_it_answers_within_its_timeout_while_the_database_hangs(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A database that does not answer held both probes for the pool's whole wait (30 s):
+    load balancers and compose health checks gave up on a timeout, not on a 503."""
+    released, returned = threading.Event(), threading.Event()
+
+    def hanging(*args: object) -> None:
+        released.wait(30)  # as long as the pool waits for a connection
+        returned.set()
+
+    monkeypatch.setattr(ops, "_database", hanging)
+    monkeypatch.setattr(ops, "CHECK_TIMEOUT", 0.5)
+    try:
+        ready = Client().get("/readyz")
+        health = Client().get("/healthz")
+        assert not returned.is_set()  # both answered while the database still hung
+    finally:
+        released.set()
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"] == "timed out after 0.5 s"
+    assert health.status_code == 503
+    assert health.content == b"database: timed out after 0.5 s\n"
+
+
+def test_it_is_not_ready_on_a_database_that_is_not_migrated(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Pages fail on such a database while the database itself answers: /readyz says so."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("DATABASE_URL", "REDIS_URL", "OPENCOMPUTER_API_URL")
+    }
+    env.update(PORTHOLE_DATA_DIR=str(tmp_path), ALLOWED_HOSTS="testserver", LOG_LEVEL="ERROR")
+    probe = (
+        "import json; from django.test import Client; "
+        "print(json.dumps([[r.status_code, r.content.decode()] "
+        "for r in (Client().get('/readyz'), Client().get('/healthz'))]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", probe],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    (ready_status, ready), (health_status, health) = json.loads(done.stdout.splitlines()[-1])
+    assert ready_status == 503
+    assert json.loads(ready)["checks"]["database"] == "UnappliedMigrations"
+    assert (health_status, health) == (200, "ok")  # the database answers: the process lives
 
 
 def test_it_says_the_live_layer_is_not_ready_when_its_redis_is_away(settings) -> None:  # type: ignore[no-untyped-def]
