@@ -147,7 +147,10 @@ def start(args: list[str]) -> int:
     run(py, "manage.py", "migrate", "--noinput", cwd=ROOT)
     # Content-hashed, compressed static files for WhiteNoise to serve with long caching.
     run(py, "manage.py", "collectstatic", "--noinput", "--verbosity", "0", cwd=ROOT)
-    return subprocess.call([str(py), "manage.py", "serve", *args], cwd=ROOT)
+    # Replaced by serve, not its parent: a SIGTERM to this process (a supervisor, `kill`)
+    # reaches serve, which stops its sandbox server and bridges; a parent would die alone.
+    os.chdir(ROOT)
+    os.execv(py, [str(py), "manage.py", "serve", *args])
 
 
 LINTERS = (

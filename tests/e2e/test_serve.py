@@ -3,6 +3,8 @@ show to the rest of the host, and how they refuse to start."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -10,7 +12,15 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.e2e.conftest import ROOT, Porthole, _free_port, _manage, _server_env, run_porthole
+from tests.e2e.conftest import (
+    ROOT,
+    Porthole,
+    _free_port,
+    _healthy,
+    _manage,
+    _server_env,
+    run_porthole,
+)
 from tests.team.procs import wait_until
 
 
@@ -67,6 +77,36 @@ def test_it_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert server.process.wait(timeout=30) == 0, server.output()
         assert not any(proc.exists() for proc in sandbox_server)
         assert "Finished server process" in server.output()
+
+
+def test_it_stops_everything_when_dev_py_start_gets_sigterm(tmp_path: Path) -> None:
+    """`python3 dev.py start` became serve's parent: a SIGTERM to it (a supervisor, `kill`)
+    ended it alone, and Porthole went on serving."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "dev.py", "start", "--port", str(port), "--sandbox-port", "0"],
+        cwd=ROOT,
+        env={**_server_env(tmp_path), "PORTHOLE_DEV": "1", "LOCALSANDBOX_AGENT": "demo"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _healthy(url) or process.poll() is not None, 120, "Porthole to start")
+        assert process.poll() is None, process.communicate()[0]
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        assert not _process_group(process.pid), output
+        assert not _healthy(url)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for proc in _process_group(process.pid):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _run_to_end(env: dict[str, str], *command: str) -> tuple[int, str, list[Path]]:
