@@ -4,6 +4,7 @@ environment, checked at start-up."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,23 @@ def test_it_reads_the_webhook_retries_from_the_environment(tmp_path: Path) -> No
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert done.stdout.split() == ["3", "2.0"], done.stderr
+
+
+# Where an operator looks for what a variable does.
+ENVIRONMENT_DOCS = ("README.md", "docs/deploy.md", "docs/localsandbox.md", "docs/claude-wrapper.md")
+READS_ENVIRONMENT = re.compile(
+    r'(?:env_[a-z_]+\(|os\.environ\.get\(|os\.environ\[|getenv\()\s*"([A-Z][A-Z0-9_]+)"'
+)
+
+
+def test_it_documents_every_environment_variable_it_reads() -> None:
+    """An operator's walk-through found two read and documented nowhere they would look."""
+    read = {
+        name
+        for path in (ROOT / "dashboard").rglob("*.py")
+        for name in READS_ENVIRONMENT.findall(path.read_text())
+    }
+    assert {"DATABASE_URL", "PORTHOLE_WORKER_ID", "DATABASE_CONN_MAX_AGE"} <= read  # it reads
+    documented = "".join((ROOT / name).read_text() for name in ENVIRONMENT_DOCS)
+    named = {name for name in read if f"`{name}`" in documented or f"${name}" in documented}
+    assert sorted(read - named) == []
