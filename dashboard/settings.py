@@ -49,7 +49,12 @@ def env_bool(name: str, default: bool = False) -> bool:
 
 
 def _env_number(
-    name: str, default: Any, convert: Callable[[str], Any], what: str, minimum: Any
+    name: str,
+    default: Any,
+    convert: Callable[[str], Any],
+    what: str,
+    minimum: Any,
+    maximum: Any = None,
 ) -> Any:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -60,11 +65,20 @@ def _env_number(
         raise ImproperlyConfigured(f"{name}={raw!r} is not {what}") from None
     if minimum is not None and not value >= minimum:  # NaN is not at least anything
         raise ImproperlyConfigured(f"{name}={raw.strip()} must be at least {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ImproperlyConfigured(f"{name}={raw.strip()} must be at most {maximum:g}")
     return value
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
-    return int(_env_number(name, default, int, "a whole number", minimum))
+def env_int(
+    name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    return int(_env_number(name, default, int, "a whole number", minimum, maximum))
+
+
+def env_port(name: str, default: int) -> int:
+    """A TCP port, or 0 for any free one."""
+    return env_int(name, default, minimum=0, maximum=65535)
 
 
 def env_float(name: str, default: float, *, minimum: float) -> float:
@@ -204,7 +218,8 @@ TEMPLATES = [
 
 DATABASES = {
     "default": dj_database_url.parse(
-        env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'porthole.sqlite3'}"),
+        env_url("DATABASE_URL", {"sqlite", "postgres", "postgresql"})
+        or f"sqlite:///{DATA_DIR / 'porthole.sqlite3'}",
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0, minimum=0),
     )
 }
@@ -296,12 +311,13 @@ else:
 
 # The OpenComputer API. Unset means: the embedded sandbox server that `manage.py serve`
 # starts beside Porthole.
-OPENCOMPUTER_API_URL = env_str("OPENCOMPUTER_API_URL")
+OPENCOMPUTER_API_URL = env_url("OPENCOMPUTER_API_URL", {"http", "https"})
 OPENCOMPUTER_API_KEY = env_str("OPENCOMPUTER_API_KEY")
-LOCALSANDBOX_PORT = env_int("LOCALSANDBOX_PORT", 8787, minimum=0)
+LOCALSANDBOX_PORT = env_port("LOCALSANDBOX_PORT", 8787)
+LOCALSANDBOX_AGENT = env_choice("LOCALSANDBOX_AGENT", "auto", {"auto", "claude", "demo"})
 # Where `manage.py serve` listens unless told otherwise (--host, --port).
 PORTHOLE_HOST = env_str("PORTHOLE_HOST", "127.0.0.1")
-PORTHOLE_PORT = env_int("PORTHOLE_PORT", 8000, minimum=0)
+PORTHOLE_PORT = env_port("PORTHOLE_PORT", 8000)
 # Its isolation (docs/localsandbox.md): bubblewrap per sandbox; unisolated only by this opt-in.
 LOCALSANDBOX_BWRAP = env_str("LOCALSANDBOX_BWRAP", "bwrap")
 LOCALSANDBOX_UNSAFE_NO_ISOLATION = env_bool("LOCALSANDBOX_UNSAFE_NO_ISOLATION", False)
@@ -318,7 +334,7 @@ PORTHOLE_WEBHOOK_SECRET = env_str("PORTHOLE_WEBHOOK_SECRET")
 PORTHOLE_WEBHOOK_MAX_ATTEMPTS = env_int("PORTHOLE_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1)
 PORTHOLE_WEBHOOK_BACKOFF_SECONDS = env_float("PORTHOLE_WEBHOOK_BACKOFF_SECONDS", 5.0, minimum=0.01)
 # Where people reach Porthole (https://porthole.example.org): links in webhooks' messages.
-PORTHOLE_PUBLIC_URL = env_str("PORTHOLE_PUBLIC_URL")
+PORTHOLE_PUBLIC_URL = env_url("PORTHOLE_PUBLIC_URL", {"http", "https"})
 PORTHOLE_ATTENTION_IDLE_MINUTES = env_int("PORTHOLE_ATTENTION_IDLE_MINUTES", 10, minimum=1)
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -53,6 +53,11 @@ def test_it_creates_a_key_only_its_owner_can_read(tmp_path: Path) -> None:
         ("TIME_ZONE", "Mars/Olympus", "is not a time zone"),
         ("REDIS_URL", "notaurl", "must be a URL starting with redis:// or rediss:// or unix://"),
         ("PORTHOLE_PORT", "eighty", "is not a whole number"),
+        ("LOCALSANDBOX_PORT", "99999", "must be at most 65535"),
+        ("LOCALSANDBOX_AGENT", "gpt", "must be one of auto, claude, demo"),
+        ("DATABASE_URL", "garbage", "must be a URL starting with postgres:// or postgresql://"),
+        ("OPENCOMPUTER_API_URL", "app.opencomputer.dev", "must be a URL starting with http://"),
+        ("PORTHOLE_PUBLIC_URL", "porthole.example.org", "must be a URL starting with http://"),
     ],
 )
 def test_it_refuses_to_start_on_a_value_that_does_not_parse(
@@ -66,7 +71,8 @@ def test_it_refuses_to_start_on_a_value_that_does_not_parse(
         "DJANGO_SETTINGS_MODULE": "dashboard.settings",
         name: value,
     }
-    env.pop("DATABASE_URL", None)
+    if name != "DATABASE_URL":
+        env.pop("DATABASE_URL", None)
     if name != "REDIS_URL":
         env.pop("REDIS_URL", None)
     done = subprocess.run(

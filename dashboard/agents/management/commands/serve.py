@@ -47,7 +47,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--agent",
-            default=os.environ.get("LOCALSANDBOX_AGENT", "auto"),
+            default=settings.LOCALSANDBOX_AGENT,
             choices=["auto", "claude", "demo"],
             help="the embedded server's agent",
         )
