@@ -16,6 +16,7 @@ from django.contrib.auth.models import User
 
 from dashboard.agents import rendering
 from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.recording import storable
 from dashboard.agents.rendering import (
     TOOL_CAP,
     ToolIndex,
@@ -43,7 +44,7 @@ def add_event(
     session: AgentSession, source: str, payload: dict[str, Any] | str, actor: User | None = None
 ) -> Event:
     """Store one event the way the recorder does: next seq, type/subtype from the JSON."""
-    raw = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    raw = storable(payload) if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -57,8 +58,10 @@ def add_event(
         session=session,
         seq=seq,
         source=source,
-        type="stderr" if source == "stderr" else (kind[:64] if isinstance(kind, str) else ""),
-        subtype=subtype[:64] if isinstance(subtype, str) else "",
+        type="stderr"
+        if source == "stderr"
+        else (storable(kind[:64]) if isinstance(kind, str) else ""),
+        subtype=storable(subtype[:64]) if isinstance(subtype, str) else "",
         raw=raw,
         actor=actor,
     )
@@ -877,7 +880,7 @@ RAW_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 def test_it_shows_control_characters_and_drops_escape_sequences() -> None:
     session = make_session()
     tools = ToolIndex()
-    events = [*_hostile_events(CONTROLS), ("stderr", CONTROLS)]
+    events = _hostile_events(CONTROLS)  # a stderr line among them
     for source, data in events:
         event = add_event(session, source, data)
         tools.observe(event)
@@ -887,10 +890,10 @@ def test_it_shows_control_characters_and_drops_escape_sequences() -> None:
         add_event(session, "agent", _assistant([{"type": "text", "text": CONTROLS}])), tools
     )
     assert "nul␀ bell␇ RED  del␡ back␈ end" in text
+    # Stored as the recorder stores it: a NUL (which PostgreSQL refuses) as `\u0000`.
     stderr = render_event(add_event(session, "stderr", CONTROLS), tools)
-    assert "nul␀ bell␇ RED  del␡ back␈ end" in stderr
+    assert "nul\\u0000 bell␇ RED  del␡ back␈ end" in stderr
     assert "[31m" not in text + stderr and "window-name" not in text + stderr
-    assert add_event(session, "stderr", CONTROLS).raw == CONTROLS  # kept whole
 
 
 # ---------------------------------------------------------------------------------------
