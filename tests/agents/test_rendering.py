@@ -889,10 +889,10 @@ def test_it_shows_control_characters_and_drops_escape_sequences() -> None:
     text = render_event(
         add_event(session, "agent", _assistant([{"type": "text", "text": CONTROLS}])), tools
     )
-    assert "nul␀ bell␇ RED  del␡ back␈ end" in text
+    assert "nul\\x00 bell\\x07 RED  del\\x7f back\\x08 end" in text
     # Stored as the recorder stores it: a NUL (which PostgreSQL refuses) as `\u0000`.
     stderr = render_event(add_event(session, "stderr", CONTROLS), tools)
-    assert "nul\\u0000 bell␇ RED  del␡ back␈ end" in stderr
+    assert "nul\\u0000 bell\\x07 RED  del\\x7f back\\x08 end" in stderr
     assert "[31m" not in text + stderr and "window-name" not in text + stderr
 
 

@@ -36,13 +36,13 @@ _FIRST_LINE = re.compile(r"[^\s][^\r\n]*")
 
 
 # What a terminal acts on and a page cannot show. A control character other than tab and
-# the line breaks (NUL, BEL, backspace, ESC…, DEL) is not allowed in HTML's text; shown
-# as its Unicode picture (␀, ␇…) it stays visible. Escape sequences (colours, cursor moves,
-# a window's title) are dropped whole: their ESC alone would leave "[31m" in the text.
+# the line breaks (NUL, BEL, backspace, ESC…, DEL) is not allowed in HTML's text; it is
+# shown as its escape (`\x07`), which every font can draw (Unicode's control pictures, ␇,
+# are missing from common monospace fonts). Escape sequences (colours, cursor moves, a
+# window's title) are dropped whole: their ESC alone would leave "[31m" in the text.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)")
-_PICTURES = {code: 0x2400 + code for code in range(0x20) if code not in (0x09, 0x0A, 0x0D)}
-_PICTURES[0x7F] = 0x2421
+_SHOWN = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F] if code not in (9, 10, 13)}
 
 
 def clean_text(value: str) -> str:
@@ -51,7 +51,7 @@ def clean_text(value: str) -> str:
     make the response or the WebSocket frame fail to encode, replaced. The raw line keeps
     everything."""
     if _CONTROL.search(value) is not None:
-        value = _ESCAPE_SEQUENCE.sub("", value).translate(_PICTURES)
+        value = _ESCAPE_SEQUENCE.sub("", value).translate(_SHOWN)
     try:
         value.encode("utf-8")
         return value
