@@ -432,24 +432,32 @@ class Profiles:
 
 
 def _timed_bridge(session_id: str, max_batch: int = 0) -> Any:
-    """A `Bridge` that notes when each of its batches was stored, rendered and published.
+    """A `Bridge` that notes when it last stored, and when each of its batches was drawn
+    and announced (a bridge that falls behind stores first and draws after).
 
     The bridge is the only writer during a run, so its batches cover consecutive seqs.
-    Diagnostic: with `max_batch`, a batch is recorded (stored, rendered, published) in slices
-    of at most that many events."""
+    Diagnostic: with `max_batch`, what the recorder takes is recorded in slices of at most
+    that many events."""
     from dashboard.agents.bridge import Bridge
 
     class TimedBridge(Bridge):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.batches: list[tuple[float, int]] = []  # (published at, events)
+            self.stored_at: float | None = None
 
         async def _record(self, events: list[Any], read_at: list[float]) -> None:
             step = max_batch or len(events) or 1
             for start in range(0, len(events), step):
                 part = events[start : start + step]
                 await super()._record(part, read_at[start : start + step])
-                self.batches.append((time.time(), len(part)))
+                if part:
+                    self.stored_at = time.time()
+
+        async def _announce(self, rows: list[Any], messages: list[Any]) -> None:
+            await super()._announce(rows, messages)
+            if rows:
+                self.batches.append((time.time(), len(rows)))
 
     return TimedBridge(session_id, OWNER)
 
@@ -513,7 +521,7 @@ async def run(
             await _run_in_own_thread(bridge)
         else:
             await bridge.run()
-        stored_s = bridge.batches[-1][0] - clock.wall0 if bridge.batches else clock.elapsed()
+        stored_s = (bridge.stored_at or time.time()) - clock.wall0
         last_seq = await _db(_stored_last_seq)(session.id)
         delivered = [await viewer.wait_for(last_seq, DELIVERY_TIMEOUT) for viewer in readers]
         delivered_s = clock.elapsed()
@@ -538,7 +546,10 @@ async def run(
     reports = [_viewer_report(viewer, stored, published) for viewer in readers]
     latencies = [lat for report in reports for lat in report.pop("_latencies")]
     last_arrivals = [report.pop("_last_flood_arrival") for report in reports]
-    window = (published[flood[-1]] - first_emitted) if flood and published else stored_s
+    # Stored: until the bridge stored the last of it (and the exit after it); announced:
+    # until its last event was drawn and sent (a bridge that fell behind draws after).
+    window = (bridge.stored_at or time.time()) - first_emitted
+    announced = (published[flood[-1]] - first_emitted) if flood and published else window
     result: dict[str, Any] = {
         "exit_code": stored["exit_code"],
         "status": stored["status"],
@@ -549,6 +560,7 @@ async def run(
         "events_stored": stored["last_seq"],
         "flood_window_s": window,
         "events_per_s": len(flood) / window,
+        "announced_events_per_s": len(flood) / announced,
         "viewer_events_per_s": (
             len(flood) / (max(last_arrivals) - first_emitted) if all(last_arrivals) else 0
         ),

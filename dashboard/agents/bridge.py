@@ -8,7 +8,8 @@ Three tasks per bridge keep reading independent of recording (DESIGN invariant 5
   whatever the recorder's backlog, and lines the replay up with what it *read*
   (alignment.py, in a thread);
 - the recorder stores, renders and publishes in slices (recording.py), each write fenced
-  by the lease epoch;
+  by the lease epoch; while events wait for it, it stores first and draws after
+  (`Undrawn`, `DRAW_SHARE`), so that the record keeps up with the sandbox;
 - the control task renews the lease and writes stdin lines (configure) from any worker,
   acknowledging each to the person who asked, after checking the fence.
 
@@ -48,12 +49,15 @@ from dashboard.agents.alignment import HISTORY_BYTES, Aligned, ReadLog, align
 from dashboard.agents.leases import Lease, LeaseLost
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.recording import (
+    DrawnStored,
     Message,
     NewEvent,
     bridge_group,
+    draw_stored,
     publish,
     record,
     state_messages,
+    store,
 )
 from dashboard.agents.rendering import ToolIndex
 from dashboard.agents.stdin import acknowledge
@@ -77,6 +81,15 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 15.0
 RECORD_SLICE = 100  # events per transaction and per message to viewers
+# A recorder that falls behind (events wait to be stored) stores first and draws after:
+# drawing an event (rendering it, writing its element, announcing it) costs about four
+# times what storing it does, and the record must keep up with the sandbox, where the
+# viewers can wait. While events wait, drawing takes at most DRAW_SHARE of the recorder's
+# time; once none do, it catches up. Rows stored and not yet drawn are kept for the drawer
+# up to DRAW_AHEAD; past that, it reads them back.
+DRAW_SHARE = 0.1
+DRAW_AHEAD = 5_000
+STORE_SLICE = 500  # events per transaction while storing first
 # The search index gets a bridge's events on a thread of its own, at most this many
 # seconds after they were recorded, or as soon as this many events (or raw characters) are
 # held back: a paced session is indexed a few batches at a time, a flood in large ones, and
@@ -259,9 +272,22 @@ def _stored_log(session_id: SessionId) -> ReadLog:
 @on_bridge_thread
 def _record(
     events: list[NewEvent], tools: ToolIndex, lease: Lease
-) -> tuple[list[Event], list[Message]]:
+) -> tuple[list[Event], list[Message], bool]:
     appended, messages = record(lease.session_id, events, tools=tools, lease=lease, index=False)
+    return appended.events, messages, appended.held
+
+
+@on_bridge_thread
+def _store(events: list[NewEvent], lease: Lease) -> tuple[list[Event], list[Message]]:
+    appended, messages = store(lease.session_id, events, lease=lease)
     return appended.events, messages
+
+
+@on_bridge_thread
+def _draw_stored(
+    first: int, last: int, kept: dict[int, Event], tools: ToolIndex, lease: Lease
+) -> DrawnStored:
+    return draw_stored(lease.session_id, first, last, kept, tools, lease=lease)
 
 
 @on_bridge_thread
@@ -287,6 +313,66 @@ _index_tail = on_index_thread(index_tail)
 def _tool_index(session_id: SessionId) -> ToolIndex:
     session = AgentSession.objects.get(id=session_id)
     return ToolIndex.for_session(session, [])
+
+
+class Undrawn:
+    """What a bridge has stored and not yet drawn: seqs `drawn_through`+1 to
+    `stored_through`, the rows of up to `keep` of them (the rest are read back), and the
+    session's latest state, announced once the events stored before it are. The drawer
+    takes them in order, a slice at a time, whoever stored them (a person's action stored
+    meanwhile lies among them)."""
+
+    def __init__(self, drawn_through: int, stored_through: int, keep: int) -> None:
+        self.drawn_through = drawn_through
+        self.stored_through = max(stored_through, drawn_through)
+        self.keep = keep
+        self.rows: dict[int, Event] = {}
+        self.state: tuple[int, list[Message]] | None = None
+
+    @classmethod
+    def of(cls, session: AgentSession) -> Undrawn:
+        """What the session's bridges have stored and not drawn, as the database says."""
+        undrawn_from = session.undrawn_from or session.next_seq
+        return cls(undrawn_from - 1, session.next_seq - 1, DRAW_AHEAD)
+
+    @property
+    def pending(self) -> bool:
+        return self.stored_through > self.drawn_through
+
+    def stored(self, rows: list[Event], state: list[Message]) -> None:
+        if rows and not self.pending:
+            # A backlog begins: what was stored before it was announced, by this bridge or
+            # by whoever stored it (a person's action, with nothing undrawn before it).
+            self.drawn_through = self.stored_through = rows[0].seq - 1
+        for row in rows:
+            if len(self.rows) < self.keep:
+                self.rows[row.seq] = row
+        if rows:
+            self.stored_through = max(self.stored_through, rows[-1].seq)
+        if state:
+            self.state = (self.stored_through, state)
+
+    def next_slice(self, size: int) -> tuple[int, int, dict[int, Event]]:
+        """The next seqs to draw (first, last) and the rows kept of them."""
+        first = self.drawn_through + 1
+        last = min(self.stored_through, first + size - 1)
+        return (
+            first,
+            last,
+            {seq: self.rows[seq] for seq in range(first, last + 1) if seq in self.rows},
+        )
+
+    def drawn(self, last: int, stored_through: int) -> list[Message]:
+        """Drawn through `last`, the database having `stored_through`: the state to
+        announce now, if its turn has come."""
+        for seq in range(self.drawn_through + 1, last + 1):
+            self.rows.pop(seq, None)
+        self.drawn_through = last
+        self.stored_through = max(self.stored_through, stored_through)
+        if self.state is not None and self.state[0] <= last:
+            due, self.state = self.state[1], None
+            return due
+        return []
 
 
 class IndexFeed:
@@ -390,6 +476,9 @@ class Bridge:
         self._lagged = False  # the current connection was dropped because reading fell behind
         self.lag_reconnects = 0
         self._index = IndexFeed(session_id)
+        self._undrawn = Undrawn(0, 0, DRAW_AHEAD)
+        # While events wait to be stored: the recorder's time storing and drawing (seconds).
+        self._storing = self._drawing = 0.0
         self._idle_look_at: asyncio.TimerHandle | None = None
         self._idle_looking: asyncio.Task[None] | None = None
         self._look_again = False
@@ -416,6 +505,7 @@ class Bridge:
                 return
         session = await _load_session(self.session_id)
         self._tools = await _tool_index(self.session_id)
+        self._undrawn = Undrawn.of(session)  # what an earlier bridge did not draw, first
         self._log = await _stored_log(self.session_id)
         reader = asyncio.create_task(
             self._read(session.sandbox.upstream_id, session.upstream_id),
@@ -713,41 +803,98 @@ class Bridge:
         self.complete = True
 
     async def _record_until_done(self) -> None:
-        while True:
-            item = await self._queue.get()
+        """Store what the parser hands over and draw what was stored, until the end is
+        stored and drawn. Storing comes first while events wait (`DRAW_SHARE`)."""
+        done = False
+        while not done or self._undrawn.pending:
+            if not done and (not self._undrawn.pending or not self._queue.empty()):
+                behind = self._undrawn.pending or self._queued > RECORD_SLICE
+                events, read_at, done = await self._next_events(
+                    STORE_SLICE if behind else RECORD_SLICE
+                )
+                await self._record(events, read_at)
+            if self._undrawn.pending and self._may_draw(done):
+                await self._draw_next()
+
+    async def _next_events(self, most: int) -> tuple[list[NewEvent], list[float], bool]:
+        """Up to `most` of what waits (waiting for something), each event's read time, and
+        whether the end came."""
+        item = await self._queue.get()
+        done = item is None
+        events: list[NewEvent] = []
+        read_at: list[float] = []
+        while item is not None:
+            events += item[0]
+            read_at += [item[1]] * len(item[0])
+            if len(events) >= most or self._queue.empty():
+                break
+            item = self._queue.get_nowait()
             done = item is None
-            events: list[NewEvent] = []
-            read_at: list[float] = []  # each event's
-            while item is not None:
-                events += item[0]
-                read_at += [item[1]] * len(item[0])
-                if len(events) >= RECORD_SLICE or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-                done = item is None
-            self._queued -= len(events)
-            self._recorded.set()
-            await self._record(events, read_at)
-            if done:
-                return
+        self._queued -= len(events)
+        self._recorded.set()
+        return events, read_at, done
+
+    def _may_draw(self, done: bool) -> bool:
+        """Whether to draw a slice now: always when nothing waits to be stored; while
+        something does, within `DRAW_SHARE` of the time, and not while the search index is
+        so far behind that handing it more would wait."""
+        if done or self._queue.empty():
+            return True
+        if self._index.held_back(2):
+            return False
+        return self._drawing < self._storing * DRAW_SHARE / (1 - DRAW_SHARE)
 
     async def _record(self, events: list[NewEvent], read_at: list[float]) -> None:
-        """Store, render and publish in slices, so the first event of a flood is not held
-        back until the last one is rendered."""
+        """Store in slices; draw each as it is stored while nothing waits and nothing is
+        left undrawn (a paced session: one transaction, the element written with its row),
+        else store it to be drawn after (`_draw_next`)."""
         assert self.lease is not None
         loop = asyncio.get_running_loop()
-        for start in range(0, len(events), RECORD_SLICE):
-            end = start + RECORD_SLICE
-            rows, messages = await _record(events[start:end], self._tools, self.lease)
+        behind = self._undrawn.pending or not self._queue.empty() or len(events) > RECORD_SLICE
+        size = STORE_SLICE if behind else RECORD_SLICE
+        for start in range(0, len(events), size):
+            end = start + size
+            began = loop.time()
+            if behind:
+                rows, messages = await _store(events[start:end], self.lease)
+                self._undrawn.stored(rows, messages)
+                self._storing += loop.time() - began
+            else:
+                rows, messages, held = await _record(events[start:end], self._tools, self.lease)
+                if held:  # behind events undrawn in the database: announced in their turn
+                    self._undrawn.stored(rows, messages)
+                else:
+                    if rows:
+                        self._undrawn.drawn_through = self._undrawn.stored_through = rows[-1].seq
+                    await self._announce(rows, messages)
             committed = loop.time()
             for when in read_at[start:end]:
                 metrics.RECORDING_LAG.observe(committed - when)
-            await publish(messages)
-            await self._index.hold(rows)
             if any(
                 row.type == "turn_complete" and row.source == Event.Source.AGENT for row in rows
             ):
                 self._look_for_idleness()
+        if not self._undrawn.pending:
+            self._storing = self._drawing = 0.0
+
+    async def _draw_next(self) -> None:
+        """Draw the next slice of what was stored, announce it (and the state, in its
+        turn), and hand it to the search index."""
+        assert self.lease is not None
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        first, last, kept = self._undrawn.next_slice(RECORD_SLICE)
+        drawn = await _draw_stored(first, last, kept, self._tools, self.lease)
+        state = self._undrawn.drawn(last, drawn.stored_through)
+        await self._announce(drawn.rows, drawn.messages + state)
+        if self._undrawn.pending:
+            self._drawing += loop.time() - began
+        else:
+            self._storing = self._drawing = 0.0
+
+    async def _announce(self, rows: list[Event], messages: list[Message]) -> None:
+        await publish(messages)
+        await self._index.hold(rows)
 
     # -- idleness ----------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ same string to each of its local viewers, which decide for themselves whether to
 per viewer; a viewer that cannot take a frame skips it and catches up from the database.
 
 That layer delivers at most once, and the database is the record: a feed looks every
-`VERIFY_EVERY` seconds whether what was stored has come, and if not, its viewers catch up.
+`VERIFY_EVERY` seconds whether what was stored and announced has come, and if not, its
+viewers catch up.
 
 A hand-out to hundreds of viewers that took long, or that took most of the time since the
 previous one began, is followed by a pause as long; messages that come meanwhile are handed
@@ -78,9 +79,13 @@ _until_next_look = asyncio.sleep  # `Feed._verify`'s wait (tests take each look 
 
 
 def _stored_seqs(session_ids: list[str]) -> dict[str, int]:
-    """Each session's last seq stored (those that exist)."""
-    rows = AgentSession.objects.filter(id__in=session_ids).values_list("id", "next_seq")
-    return {str(session_id): next_seq - 1 for session_id, next_seq in rows}
+    """Each session's last seq stored and announced (those that exist): a bridge that fell
+    behind stores first and announces after (`AgentSession.undrawn_from`), and what it has
+    yet to announce has not been lost."""
+    rows = AgentSession.objects.filter(id__in=session_ids).values_list(
+        "id", "next_seq", "undrawn_from"
+    )
+    return {str(id_): (undrawn or next_seq) - 1 for id_, next_seq, undrawn in rows}
 
 
 _latest_seqs = database_sync_to_async(_stored_seqs)  # a worker's look at all its sessions

@@ -118,6 +118,10 @@ class AgentSession(models.Model):
     last_event_at = models.DateTimeField(null=True, blank=True)
     # The next seq to assign; only the bridge holding the lease advances it.
     next_seq = models.PositiveBigIntegerField(default=1)
+    # The first stored event whose fragment is not yet drawn and announced, while a bridge
+    # that fell behind stores first and draws after (bridge.Undrawn); null when every
+    # stored event has been. What a viewer can expect to have come is everything before it.
+    undrawn_from = models.PositiveBigIntegerField(null=True, blank=True)
     # The bridge lease (leases.py): which worker holds the upstream socket, until when (by
     # the database's clock), and the epoch every claim advances: the fence. A bridge's
     # writes and upstream sends carry its epoch and are refused once it moved on.

@@ -31,7 +31,7 @@ from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
 from dashboard.agents.rendering.porthole import for_link_holders, link_holder_variant
-from dashboard.agents.sqlwrite import db_value, insert_many
+from dashboard.agents.sqlwrite import db_value, insert_many, update_many
 from dashboard.awareness import attention
 from dashboard.gil import HandOver
 from dashboard.search.index import index_events
@@ -217,6 +217,9 @@ class Appended:
     events: list[Event]
     state_changed: bool
     drawn: list[Drawn] = field(default_factory=list)
+    # Stored behind events a bridge has yet to draw (`undrawn_from`): announcing these now
+    # would put them before those; the bridge's drawer announces them in their turn.
+    held: bool = False
 
 
 STATE_FIELDS = (
@@ -244,13 +247,15 @@ def append_events(
     lease: Lease | None = None,
     lease_owner: str | None = None,
     draw: Drawer | None = None,
+    deferred: bool = False,
 ) -> Appended:
     """Store events with the next seqs; apply them to the session.
 
     A bridge passes its lease: the fence is checked inside this transaction, while the row
     lock is held, so a stale bridge writes nothing (`LeaseLost`). `lease_owner` alone (any epoch of
     that owner) is for tests and benchmarks that play a bridge. `draw` renders the rows
-    before they are inserted (see `record`).
+    before they are inserted (see `record`); `deferred` stores them to be drawn later, by
+    the bridge that fell behind (`store`, `draw_stored`).
     """
     if lease is None and lease_owner is not None:
         lease = Lease(str(session_id), lease_owner, None)
@@ -258,6 +263,7 @@ def append_events(
     with transaction.atomic():
         session = locked_session(session_id)  # first: on PostgreSQL it bounds the waits
         before = _state(session)
+        held = session.undrawn_from is not None
         rows = []
         for offset, new in enumerate(new_events):
             rows.append(
@@ -285,9 +291,14 @@ def append_events(
         changed = [
             name for name, old, new in zip(STATE_FIELDS, before, after, strict=True) if old != new
         ]
+        if deferred and rows and not held:
+            session.undrawn_from = rows[0].seq
+            changed.append("undrawn_from")
         written = {name: getattr(session, name) for name in [*changed, "next_seq", "last_event_at"]}
         update_held(session.pk, lease, **written)
-    return Appended(session=session, events=rows, state_changed=after != before, drawn=drawn)
+    return Appended(
+        session=session, events=rows, state_changed=after != before, drawn=drawn, held=held
+    )
 
 
 def _insert(rows: Sequence[Event]) -> None:
@@ -367,14 +378,22 @@ def quarantined(event: NewEvent, reason: str) -> NewEvent:
 
 
 def _append_isolating(
-    session_id: SessionId, new_events: Sequence[NewEvent], lease: Lease | None, tools: ToolIndex
+    session_id: SessionId,
+    new_events: Sequence[NewEvent],
+    lease: Lease | None,
+    tools: ToolIndex | None,
 ) -> Appended:
-    """Append a batch, rendered as it is stored; if its content makes the write fail, store
-    the lines one by one and keep each one that still fails as a quarantined raw event.
-    Never a crash loop."""
-    draw = functools.partial(_draw, tools)
+    """Append a batch, rendered as it is stored (given `tools`; without, stored to be drawn
+    later: `store`); if its content makes the write fail, store the lines one by one and
+    keep each one that still fails as a quarantined raw event. Never a crash loop."""
+    write = functools.partial(
+        append_events,
+        lease=lease,
+        draw=None if tools is None else functools.partial(_draw, tools),
+        deferred=tools is None,
+    )
     try:
-        return append_events(session_id, new_events, lease=lease, draw=draw)
+        return write(session_id, new_events)
     except LeaseLost:
         raise
     except CONTENT_ERRORS as exc:
@@ -386,23 +405,27 @@ def _append_isolating(
     drawn: list[Drawn] = []
     # What was learned from rows that were rolled back is not true: it is learned again
     # from what is stored (a call older than what is rendered is looked up when needed).
-    tools.forget()
+    if tools is not None:
+        tools.forget()
+    held = False
     for event in new_events:
         try:
-            appended = append_events(session_id, [event], lease=lease, draw=draw)
+            appended = write(session_id, [event])
         except LeaseLost:
             raise
         except CONTENT_ERRORS as exc:
             log.warning("session %s: quarantining a line: %r", session_id, exc)
             reason = f"{type(exc).__name__}: {exc}"
-            tools.forget()
-            appended = append_events(
-                session_id, [quarantined(event, storable(reason))], lease=lease, draw=draw
-            )
+            if tools is not None:
+                tools.forget()
+            appended = write(session_id, [quarantined(event, storable(reason))])
         rows += appended.events
         drawn += appended.drawn
+        held = held or appended.held
     assert appended is not None
-    return Appended(session=appended.session, events=rows, state_changed=True, drawn=drawn)
+    return Appended(
+        session=appended.session, events=rows, state_changed=True, drawn=drawn, held=held
+    )
 
 
 def _rendered(event: Event, tools: ToolIndex) -> LiveFragment | None:
@@ -467,19 +490,92 @@ def record(
     metrics.EVENTS_RECORDED.inc(len(appended.events))
     if index:
         index_events(appended.events)
-    items = [(entry.seq, entry.oob) for entry in appended.drawn if entry.oob is not None]
+    messages = [] if appended.held else _announcement(appended.session.id, appended.drawn)
+    return appended, messages + _state_announcement(appended)
+
+
+def _announcement(session_id: SessionId, drawn: list[Drawn]) -> list[Message]:
+    """The message that sends drawn events to their viewers (none if nothing was drawn)."""
+    items = [(entry.seq, entry.oob) for entry in drawn if entry.oob is not None]
+    if not items:
+        return []
+    announce: dict[str, Any] = {"type": "session.events", "items": items}
     # Link holders' own rendering, where it differs.
-    shared = [(entry.seq, entry.for_link_holders) for entry in appended.drawn if entry.differs]
-    messages: list[Message] = []
-    group = session_group(appended.session.id)
-    if items:
-        announce: dict[str, Any] = {"type": "session.events", "items": items}
-        if shared:
-            announce["shared"] = shared
-        messages.append((group, announce))
+    shared = [(entry.seq, entry.for_link_holders) for entry in drawn if entry.differs]
+    if shared:
+        announce["shared"] = shared
+    return [(session_group(session_id), announce)]
+
+
+def _state_announcement(appended: Appended) -> list[Message]:
     if appended.state_changed or any(map(_redraws_state, appended.events)):
-        messages += state_messages(appended.session)
-    return appended, messages
+        return state_messages(appended.session)
+    return []
+
+
+def store(
+    session_id: SessionId, new_events: Sequence[NewEvent], *, lease: Lease | None = None
+) -> tuple[Appended, list[Message]]:
+    """Append events without drawing them (a bridge that fell behind stores first): they
+    are drawn, written with their elements and announced by `draw_stored`, in order. The
+    session's state is announced by the caller once those before it are (returned)."""
+    appended = _append_isolating(session_id, new_events, lease, None)
+    metrics.EVENTS_RECORDED.inc(len(appended.events))
+    return appended, _state_announcement(appended)
+
+
+@dataclass
+class DrawnStored:
+    rows: list[Event]  # the events drawn, for the search index
+    messages: list[Message]  # their announcement
+    stored_through: int  # the session's last stored seq, as this transaction saw it
+
+
+def draw_stored(
+    session_id: SessionId,
+    first: int,
+    last: int,
+    kept: dict[int, Event],
+    tools: ToolIndex,
+    *,
+    lease: Lease | None = None,
+) -> DrawnStored:
+    """Draw stored events `first`..`last` in order (those in `kept` as they are, the rest
+    read back), write each element with its row, and move the session's `undrawn_from`
+    past them, fenced by the lease as every bridge write is. Events stored with their
+    elements already (a person's action, `Appended.held`) are not rendered again."""
+    rows = [kept.get(seq) for seq in range(first, last + 1)]
+    missing = [seq for seq, row in zip(range(first, last + 1), rows, strict=True) if row is None]
+    if missing:
+        found = {
+            event.seq: event
+            for event in Event.objects.select_related("session").filter(
+                session__pk=session_id, seq__gte=missing[0], seq__lte=missing[-1]
+            )
+        }
+        rows = [
+            row if row is not None else found.get(seq)
+            for seq, row in zip(range(first, last + 1), rows, strict=True)
+        ]
+    present = [row for row in rows if row is not None]
+    had = {row.seq for row in present if row.html}
+    drawn = _draw(tools, present)
+    with transaction.atomic():
+        session = locked_session(session_id)
+        stored_through = session.next_seq - 1
+        update_many(
+            Event,
+            "html",
+            ["session", "seq"],
+            [
+                (row.html, db_value(Event, "session", session.pk), row.seq)
+                for row in present
+                if row.html and row.seq not in had
+            ],
+        )
+        undrawn_from = last + 1 if last < stored_through else None
+        update_held(session.pk, lease, undrawn_from=undrawn_from)
+    return DrawnStored(present, _announcement(session.pk, drawn), stored_through)
 
 
 def state_messages(session: AgentSession) -> list[Message]:
@@ -499,6 +595,25 @@ async def publish(messages: Iterable[Message]) -> None:
         layer = live_layer() if group.startswith(_SESSION_GROUP) else get_channel_layer()
         if layer is not None:
             await layer.group_send(group, message)
+
+
+def draw_the_rest(session_id: SessionId, *, lease: Lease | None = None, size: int = 100) -> int:
+    """Draw, announce and index what a session's bridge stored and never drew, a slice at a
+    time: for a session that ended while its bridge was behind, and whose bridge stopped
+    (no bridge will come back for it). Returns how many events it drew."""
+    session = AgentSession.objects.filter(pk=session_id).first()
+    if session is None or session.undrawn_from is None:
+        return 0
+    tools = ToolIndex()
+    first, through, count = session.undrawn_from, session.next_seq - 1, 0
+    while first <= through:
+        last = min(through, first + size - 1)
+        drawn = draw_stored(session_id, first, last, {}, tools, lease=lease)
+        async_to_sync(publish)(drawn.messages)
+        index_events(drawn.rows)
+        count += len(drawn.rows)
+        first, through = last + 1, drawn.stored_through
+    return count
 
 
 def record_and_publish(

@@ -1,5 +1,5 @@
-"""Writing many rows fast: one INSERT statement, run for every row (`executemany`), or on
-PostgreSQL one COPY.
+"""Writing many rows fast: one INSERT (or UPDATE) statement, run for every row
+(`executemany`), or on PostgreSQL one COPY.
 
 `bulk_create` builds and compiles a statement with a placeholder per value for every
 batch, which cost more than the write itself on the recording path (about 150 µs an
@@ -71,3 +71,26 @@ def insert_many(
             cursor.execute(sql, rows[0])
         else:
             cursor.executemany(sql, rows)
+
+
+def update_many(
+    model: type[models.Model], column: str, keys: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Set `column` on many rows, each found by `keys` (every row: the new value, then the
+    keys' values, prepared as for `insert_many`): one statement, run for every row."""
+    rows = list(rows)
+    if not rows:
+        return
+    meta = model._meta
+    quote = connection.ops.quote_name
+
+    def name(field_name: str) -> str:
+        field = meta.get_field(field_name)
+        assert isinstance(field, models.Field)
+        return quote(str(field.column))
+
+    sql = "UPDATE {} SET {} = %s WHERE {}".format(
+        quote(meta.db_table), name(column), " AND ".join(f"{name(key)} = %s" for key in keys)
+    )
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)

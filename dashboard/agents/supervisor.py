@@ -29,6 +29,7 @@ from dashboard import metrics
 from dashboard.agents import leases
 from dashboard.agents.bridge import INDEX_TAIL, Bridge, backoff_delay
 from dashboard.agents.leases import Lease
+from dashboard.agents.recording import draw_the_rest
 from dashboard.search.index import index_tail
 
 log = logging.getLogger(__name__)
@@ -167,10 +168,12 @@ class BridgeSupervisor:
 
 def finish_unfinished(owner: str, running: set[str]) -> list[str]:
     """For each ended session whose bridge stopped (killed, or cancelled) between recording
-    its end and indexing it (`leases.claim_unfinished`): index what it left out, release."""
+    its end and indexing it (`leases.claim_unfinished`): draw and index what it left out,
+    release."""
     finished = []
     for lease in leases.claim_unfinished(owner, running):
-        index_tail(lease.session_id, INDEX_TAIL)
+        index_tail(lease.session_id, INDEX_TAIL)  # first: it looks back from the undrawn
+        draw_the_rest(lease.session_id, lease=lease)
         leases.release(lease)
         finished.append(lease.session_id)
     return finished

@@ -90,27 +90,34 @@ def index_events(events: Sequence[Event]) -> None:
 
 def index_tail(session_id: SessionId, span: int) -> int:
     """Index what a bridge that stopped abruptly may have left out: of the session's last
-    `span` events, those after its last entry (a bridge holds no more back: `IndexFeed`).
-    Entries that exist already are kept; returns the entries written. Never raises, like
-    `index_events`."""
+    `span` events it drew, those after its last entry (a bridge holds no more back:
+    `IndexFeed`). What it stored and did not draw is indexed as it is drawn, by the next
+    bridge or `recording.draw_the_rest`. Entries that exist already are kept; returns the
+    entries written. Never raises, like `index_events`."""
     try:
-        entries = SearchEntry.objects.filter(session__id=session_id)
-        last_entry = entries.aggregate(last=Max("seq"))["last"] or 0
         session = AgentSession.objects.filter(id=session_id)
-        next_seq = session.values_list("next_seq", flat=True).first() or 1
-        return _write_after(session_id, max(last_entry, next_seq - 1 - span))
+        row = session.values_list("next_seq", "undrawn_from").first()
+        next_seq, undrawn_from = row if row is not None else (1, None)
+        through = (undrawn_from or next_seq) - 1
+        entries = SearchEntry.objects.filter(session__id=session_id, seq__lte=through)
+        last_entry = entries.aggregate(last=Max("seq"))["last"] or 0
+        return _write_after(session_id, max(last_entry, through - span), through=through)
     except Exception:
         log.exception("search: could not index the tail of session %s", session_id)
         return 0
 
 
-def _write_after(session_id: SessionId, seq: int, chunk: int = 500) -> int:
-    """Index the session's events after `seq`, `chunk` at a time (its lines may be large)."""
+def _write_after(
+    session_id: SessionId, seq: int, chunk: int = 500, through: int | None = None
+) -> int:
+    """Index the session's events after `seq` (up to `through`), `chunk` at a time (its
+    lines may be large)."""
     written = 0
     while True:
-        events = list(
-            Event.objects.filter(session__id=session_id, seq__gt=seq).order_by("seq")[:chunk]
-        )
+        after = Event.objects.filter(session__id=session_id, seq__gt=seq)
+        if through is not None:
+            after = after.filter(seq__lte=through)
+        events = list(after.order_by("seq")[:chunk])
         if not events:
             return written
         written += _write(events)
