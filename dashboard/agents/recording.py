@@ -31,7 +31,12 @@ from dashboard.agents.masking import mask_line
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.rendering import LiveFragment, ToolIndex, render_event_live
 from dashboard.agents.rendering.porthole import for_link_holders, link_holder_variant
-from dashboard.agents.sqlwrite import db_value, insert_many, update_many
+from dashboard.agents.sqlwrite import (
+    commit_without_waiting_for_the_disk,
+    db_value,
+    insert_many,
+    update_many,
+)
 from dashboard.awareness import attention
 from dashboard.gil import HandOver
 from dashboard.search.index import index_events
@@ -547,12 +552,14 @@ def draw_stored(
     rows = [kept.get(seq) for seq in range(first, last + 1)]
     missing = [seq for seq, row in zip(range(first, last + 1), rows, strict=True) if row is None]
     if missing:
-        found = {
-            event.seq: event
-            for event in Event.objects.select_related("session").filter(
-                session__pk=session_id, seq__gte=missing[0], seq__lte=missing[-1]
-            )
-        }
+        # One session for them all (`select_related` built one per row: most of the cost).
+        session = AgentSession.objects.get(pk=session_id)
+        found = {}
+        for event in Event.objects.filter(
+            session__pk=session_id, seq__gte=missing[0], seq__lte=missing[-1]
+        ):
+            event.session = session
+            found[event.seq] = event
         rows = [
             row if row is not None else found.get(seq)
             for seq, row in zip(range(first, last + 1), rows, strict=True)
@@ -562,6 +569,9 @@ def draw_stored(
     drawn = _draw(tools, present)
     with transaction.atomic():
         session = locked_session(session_id)
+        # Derived, and moving `undrawn_from` in the same transaction: a crash that loses it
+        # leaves those events to be drawn again, by the next bridge.
+        commit_without_waiting_for_the_disk()
         stored_through = session.next_seq - 1
         update_many(
             Event,

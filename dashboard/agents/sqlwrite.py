@@ -77,20 +77,41 @@ def update_many(
     model: type[models.Model], column: str, keys: Sequence[str], rows: Iterable[Sequence[Any]]
 ) -> None:
     """Set `column` on many rows, each found by `keys` (every row: the new value, then the
-    keys' values, prepared as for `insert_many`): one statement, run for every row."""
+    keys' values, prepared as for `insert_many`). On SQLite one statement run for every
+    row; on PostgreSQL one statement for them all, the values sent as arrays (`unnest`):
+    run for every row, each UPDATE was a round of the server's own."""
     rows = list(rows)
     if not rows:
         return
     meta = model._meta
     quote = connection.ops.quote_name
-
-    def name(field_name: str) -> str:
-        field = meta.get_field(field_name)
+    fields = []
+    for name in [column, *keys]:
+        field = meta.get_field(name)
         assert isinstance(field, models.Field)
-        return quote(str(field.column))
-
-    sql = "UPDATE {} SET {} = %s WHERE {}".format(
-        quote(meta.db_table), name(column), " AND ".join(f"{name(key)} = %s" for key in keys)
-    )
+        fields.append(field)
+    names = [quote(str(field.column)) for field in fields]
+    table = quote(meta.db_table)
     with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+        if connection.vendor == "postgresql":
+            arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in fields)
+            given = ", ".join(f"v{n}" for n in range(len(fields)))
+            matches = " AND ".join(f"{table}.{names[n]} = u.v{n}" for n in range(1, len(fields)))
+            cursor.execute(
+                f"UPDATE {table} SET {names[0]} = u.v0 FROM unnest({arrays}) AS u({given})"
+                f" WHERE {matches}",
+                [list(values) for values in zip(*rows, strict=True)],
+            )
+            return
+        matches = " AND ".join(f"{name} = %s" for name in names[1:])
+        cursor.executemany(f"UPDATE {table} SET {names[0]} = %s WHERE {matches}", rows)
+
+
+def commit_without_waiting_for_the_disk() -> None:
+    """On PostgreSQL, the current transaction's commit does not wait for its WAL to reach
+    the disk: for writes of derived data only (the search index, elements drawn after
+    storing), which a crash may lose and the next bridge writes again. Nothing is lost for
+    good meanwhile: the next synchronous commit of any transaction flushes it too."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('synchronous_commit', 'off', true)")

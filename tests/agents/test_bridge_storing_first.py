@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from asgiref.sync import ThreadSensitiveContext
+from asgiref.sync import ThreadSensitiveContext, async_to_sync
 from channels.db import database_sync_to_async
 from django.utils import timezone
 from hypothesis import given, settings
@@ -30,6 +30,7 @@ from dashboard.agents.fanout import _stored_seqs
 from dashboard.agents.leases import Lease
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import Message, NewEvent, record_and_publish, store
+from dashboard.agents.rendering import ToolIndex
 from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import OpenComputer
 from dashboard.search.index import index_tail
@@ -382,3 +383,28 @@ def test_it_announces_every_stored_seq_once_in_order_and_each_state_after_its_ev
     assert announced == list(range(start + 1, database + 1))
     assert all(at <= through for at, through in states)
     assert not undrawn.pending and undrawn.rows == {}
+
+
+def test_it_commits_what_it_draws_without_waiting_for_the_disk_but_not_what_it_stores() -> None:
+    """On PostgreSQL the elements drawn after storing are derived, and go with the move of
+    `undrawn_from` in one transaction: a crash that loses it leaves them to be drawn again.
+    What is stored still waits for the disk."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    if connection.vendor != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's")
+    session = async_to_sync(_new_session)()
+    with connection.cursor() as cursor:  # the team-mode run connects with it off, for speed
+        cursor.execute("SET synchronous_commit = on")
+    try:
+        with CaptureQueriesContext(connection) as storing:
+            store(session.id, [_said("durable first")])
+        with CaptureQueriesContext(connection) as drawing:
+            recording.draw_stored(session.id, 1, 1, {}, ToolIndex())
+        assert not any("synchronous_commit" in query["sql"] for query in storing)
+        assert any("'synchronous_commit', 'off', true" in query["sql"] for query in drawing)
+        assert dict(Event.objects.filter(session=session).values_list("seq", "html"))[1]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET synchronous_commit")

@@ -33,7 +33,7 @@ from dashboard.agents.bridge import STORE_SLICE, Bridge, on_bridge_thread
 from dashboard.agents.leases import LEASE_SECONDS, Lease
 from dashboard.agents.markdown import render_markdown
 from dashboard.agents.models import AgentSession, Event, Sandbox
-from dashboard.agents.recording import NewEvent, record
+from dashboard.agents.recording import NewEvent, draw_stored, record, store
 from dashboard.agents.rendering import ToolIndex, render, render_event, render_event_oob
 from dashboard.agents.rendering.agent import plain_paragraphs
 from dashboard.agents.rendering.items import TextBlock, _stamp
@@ -329,6 +329,30 @@ def test_it_stores_any_text_exactly_however_many_rows_a_batch_holds(texts: list[
         html and f'id="event-{event.seq}"' in html
         for (_, html), event in zip(stored, appended.events, strict=True)
     )
+
+
+@settings(max_examples=30, deadline=None)
+@given(texts=st.lists(st.text(max_size=120), min_size=1, max_size=2 * COPY_FROM))
+def test_it_keeps_any_element_drawn_after_storing_exactly(texts: list[str]) -> None:
+    """A bridge that fell behind writes elements to stored rows afterwards (`update_many`:
+    on PostgreSQL the values go as arrays): what is read back is what was drawn, and the
+    session's other rows are untouched."""
+    sandbox = Sandbox.objects.create(upstream_id=f"sb-drawn-{Sandbox.objects.count()}")
+    session = AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-drawn")
+    other = AgentSession.objects.create(sandbox=sandbox, upstream_id="ses-other")
+    record(other.id, [NewEvent.from_line(Event.Source.STDERR, "untouched", None)])
+    before = list(Event.objects.filter(session=other).values_list("html", flat=True))
+    events = [NewEvent.from_line(Event.Source.STDERR, text, None) for text in texts]
+    appended, _ = store(session.id, events)
+    assert set(Event.objects.filter(session=session).values_list("html", flat=True)) == {None}
+
+    drawn = draw_stored(session.id, 1, len(events), {}, ToolIndex())
+
+    stored = list(Event.objects.filter(session=session).order_by("seq").values_list("raw", "html"))
+    assert [html for _, html in stored] == [row.html for row in drawn.rows]
+    assert all(html and f'id="event-{seq}"' in html for seq, (_, html) in enumerate(stored, 1))
+    assert list(Event.objects.filter(session=other).values_list("html", flat=True)) == before
+    assert AgentSession.objects.get(id=session.id).undrawn_from is None
 
 
 def test_it_serves_a_page_from_kept_elements_as_it_would_render_them(alice, monkeypatch):
