@@ -845,12 +845,14 @@ class Bridge:
         return self._drawing < self._storing * DRAW_SHARE / (1 - DRAW_SHARE)
 
     async def _record(self, events: list[NewEvent], read_at: list[float]) -> None:
-        """Store in slices; draw each as it is stored while nothing waits and nothing is
-        left undrawn (a paced session: one transaction, the element written with its row),
-        else store it to be drawn after (`_draw_next`)."""
+        """Store in slices; draw each as it is stored unless a slice or more waits or
+        something is left undrawn (a paced session: one transaction, the element written
+        with its row), else store it to be drawn after (`_draw_next`)."""
         assert self.lease is not None
         loop = asyncio.get_running_loop()
-        behind = self._undrawn.pending or not self._queue.empty() or len(events) > RECORD_SLICE
+        # A slice or more still waiting: a flood, not a paced session's brief queue (where
+        # storing first would add a transaction to a loaded worker for nothing).
+        behind = self._undrawn.pending or self._queued >= RECORD_SLICE or len(events) > RECORD_SLICE
         size = STORE_SLICE if behind else RECORD_SLICE
         for start in range(0, len(events), size):
             end = start + size

@@ -192,6 +192,22 @@ async def test_it_draws_as_it_stores_when_nothing_waits(monkeypatch):
     assert all(html for _, html in await _rows(session))
 
 
+async def test_it_draws_a_brief_queue_as_it_stores_it(monkeypatch):
+    """A few events waiting behind one being recorded (a loaded worker, a paced session)
+    are no flood: storing them first would only add a transaction."""
+    monkeypatch.setattr(bridge_module, "DRAW_SHARE", 0.0)
+    sent = _announced(monkeypatch)
+    steps = _steps(monkeypatch)
+    session = await _new_session()
+
+    await _record_from_queue(
+        Bridge(str(session.id), OWNER), [[_said(f"brief {n}")] for n in range(5)]
+    )
+
+    assert steps == []
+    assert _event_seqs(sent) == [1, 2, 3, 4, 5]
+
+
 async def test_it_reads_back_what_it_could_not_keep(monkeypatch):
     """Rows stored and not drawn are kept up to `DRAW_AHEAD`; the drawer reads the rest back
     and draws them alike."""
