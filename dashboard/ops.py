@@ -230,6 +230,14 @@ class DatabaseCollector(Collector):
         # next_seq - 1 per session: every stored event, without counting the events table.
         stored = AgentSession.objects.aggregate(n=Sum(F("next_seq") - 1))["n"] or 0
         yield GaugeMetricFamily("porthole_events_stored", "Events stored, all sessions", stored)
+        behind = AgentSession.objects.filter(undrawn_from__isnull=False).aggregate(
+            n=Sum(F("next_seq") - F("undrawn_from"))
+        )["n"]
+        yield GaugeMetricFamily(
+            "porthole_events_undrawn",
+            "Events stored and not yet drawn for viewers (bridges that fell behind a flood)",
+            behind or 0,
+        )
         oldest = live.filter(status=AgentSession.Status.WORKING).aggregate(
             oldest=Min("last_event_at")
         )["oldest"]

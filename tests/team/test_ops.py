@@ -166,7 +166,11 @@ def test_it_exports_what_the_database_knows(alice) -> None:  # type: ignore[no-u
     sandbox = Sandbox.objects.create(upstream_id="sb-m")
     for n, status in enumerate(["working", "working", "idle", "exited"]):
         AgentSession.objects.create(
-            sandbox=sandbox, upstream_id=f"s{n}", status=status, next_seq=11
+            sandbox=sandbox,
+            upstream_id=f"s{n}",
+            status=status,
+            next_seq=11,
+            undrawn_from=8 if n == 0 else None,  # 8, 9 and 10 stored, not yet drawn
         )
     session = AgentSession.objects.first()
     assert session is not None
@@ -177,6 +181,7 @@ def test_it_exports_what_the_database_knows(alice) -> None:  # type: ignore[no-u
     assert sessions[(("status", "idle"),)] == 1
     assert sessions[(("status", "lost"),)] == 0
     assert samples["porthole_events_stored"][()] == 40
+    assert samples["porthole_events_undrawn"][()] == 3
     assert samples["porthole_viewers"][(("kind", "member"),)] == 1
     assert samples["porthole_sessions_unbridged"][()] == 3  # nothing holds their leases
     # This process's own counters are there too, ready for the code that counts.
