@@ -331,18 +331,27 @@ async def test_it_never_loses_output_silently_when_its_reader_falls_behind(
 
 
 def slow_recorder(monkeypatch: pytest.MonkeyPatch, seconds: float, watch: dict[str, Any]) -> None:
-    """Every slice of 100 events takes `seconds` more to record, off the event loop (as a
-    busy database or renderer would); `watch` keeps the most events that waited meanwhile."""
-    real = bridge_module._record
+    """Every 100 events take `seconds` more to store, off the event loop (as a busy
+    database would), whether drawn as they are stored or after; `watch` keeps the most
+    events that waited meanwhile."""
+    recorded, stored = bridge_module._record, bridge_module._store
 
-    async def slow(events, tools, lease):  # type: ignore[no-untyped-def]
+    async def slowly(count: int) -> None:
         bridge = watch.get("bridge")
         if bridge is not None:
             watch["queued"] = max(watch.get("queued", 0), bridge._queued)
-        await asyncio.sleep(seconds)
-        return await real(events, tools, lease)
+        await asyncio.sleep(seconds * max(count, 1) / 100)
 
-    monkeypatch.setattr(bridge_module, "_record", slow)
+    async def slow_record(events, tools, lease):  # type: ignore[no-untyped-def]
+        await slowly(len(events))
+        return await recorded(events, tools, lease)
+
+    async def slow_store(events, lease):  # type: ignore[no-untyped-def]
+        await slowly(len(events))
+        return await stored(events, lease)
+
+    monkeypatch.setattr(bridge_module, "_record", slow_record)
+    monkeypatch.setattr(bridge_module, "_store", slow_store)
 
 
 async def test_it_keeps_reading_a_flood_faster_than_it_records(oc, monkeypatch, settings):
