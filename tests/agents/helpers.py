@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -13,7 +14,8 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
 
-from dashboard.agents.models import AgentSession, Sandbox
+from dashboard.agents.models import AgentSession, Event, Sandbox
+from dashboard.agents.recording import NewEvent
 from dashboard.asgi import application
 
 ORIGIN = b"http://localhost"
@@ -43,6 +45,12 @@ def held_session(
         bridge_owner=owner,
         bridge_lease_until=timezone.now() + timedelta(seconds=lease_seconds),
     )
+
+
+def said(text: str) -> NewEvent:
+    """An agent's text, as the bridge hands it to the recorder."""
+    data = {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}}
+    return NewEvent.from_line(Event.Source.AGENT, json.dumps(data), data)
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:

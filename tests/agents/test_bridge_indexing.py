@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +30,7 @@ from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import OpenComputer
 from dashboard.search.index import index_events, index_tail, search
 from dashboard.search.models import SearchEntry
-from tests.agents.helpers import held_session, wait_for
+from tests.agents.helpers import held_session, said, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -40,11 +39,6 @@ OWNER = "index-worker"
 _new_session = functools.partial(
     held_session, "sb-index", "ses-index", owner=OWNER, lease_seconds=60
 )
-
-
-def _said(text: str) -> NewEvent:
-    data = {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}}
-    return NewEvent.from_line(Event.Source.AGENT, json.dumps(data), data)
 
 
 @database_sync_to_async
@@ -59,7 +53,7 @@ def _recorded_unindexed(session: AgentSession, texts: list[str]) -> list[int]:
     """Stored as a bridge stores them (`index=False`), never handed to the index: what a
     bridge that was killed meanwhile leaves behind."""
     lease = Lease(str(session.id), OWNER, None)
-    appended, _ = record(session.id, [_said(t) for t in texts], lease=lease, index=False)
+    appended, _ = record(session.id, [said(t) for t in texts], lease=lease, index=False)
     return [event.seq for event in appended.events]
 
 
@@ -102,7 +96,7 @@ async def test_it_indexes_a_batch_at_a_time_and_everything_by_the_end(monkeypatc
     monkeypatch.setattr(bridge_module, "INDEX_AFTER", 60.0)
     given = _spy_on_index(monkeypatch)
     session = await _new_session()
-    batches = [[_said(f"aardvark {b}-{n}") for n in range(RECORD_SLICE // 2)] for b in range(3)]
+    batches = [[said(f"aardvark {b}-{n}") for n in range(RECORD_SLICE // 2)] for b in range(3)]
 
     await _record_from_queue(Bridge(str(session.id), OWNER), batches)
 
@@ -120,7 +114,7 @@ async def test_it_hands_the_index_its_bound_without_waiting_for_the_time(monkeyp
     monkeypatch.setattr(bridge_module, "INDEX_HELD_EVENTS", 2 * RECORD_SLICE)
     given = _spy_on_index(monkeypatch)
     session = await _new_session()
-    batches = [[_said(f"flood {b}-{n}") for n in range(RECORD_SLICE)] for b in range(5)]
+    batches = [[said(f"flood {b}-{n}") for n in range(RECORD_SLICE)] for b in range(5)]
 
     await _record_from_queue(Bridge(str(session.id), OWNER), batches)
 
@@ -137,7 +131,7 @@ async def test_it_records_on_while_the_index_is_slow(monkeypatch):
     given = _spy_on_index(monkeypatch, before=unstuck.wait)
     session = await _new_session()
     bridge = Bridge(str(session.id), OWNER)
-    batches = [[_said(f"stuck {b}-{n}") for n in range(RECORD_SLICE)] for b in range(3)]
+    batches = [[said(f"stuck {b}-{n}") for n in range(RECORD_SLICE)] for b in range(3)]
     recording = asyncio.create_task(_record_from_queue(bridge, batches))
 
     async def all_stored() -> bool:
@@ -208,7 +202,7 @@ async def test_it_never_lets_a_failing_index_stop_a_bridge(monkeypatch, caplog: 
     session = await _new_session()
 
     await asyncio.wait_for(
-        _record_from_queue(Bridge(str(session.id), OWNER), [[_said("kept all the same")]]), 30
+        _record_from_queue(Bridge(str(session.id), OWNER), [[said("kept all the same")]]), 30
     )
 
     stored = await database_sync_to_async(
@@ -273,7 +267,7 @@ async def test_it_finishes_an_ended_session_whose_bridge_stopped_before_indexing
     exit_note = NewEvent.ours(Event.Source.BRIDGE, {"type": "exit", "code": 0})
     lease = Lease(str(session.id), OWNER, None)
     await database_sync_to_async(record)(
-        session.id, [_said("indexed already"), exit_note], lease=lease
+        session.id, [said("indexed already"), exit_note], lease=lease
     )
     seqs = await _recorded_unindexed(session, ["the last words of a jackal"])
     await _lapse(session)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 from datetime import timedelta
 from typing import Any
 
@@ -35,7 +34,7 @@ from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import OpenComputer
 from dashboard.search.index import index_tail
 from dashboard.search.models import SearchEntry
-from tests.agents.helpers import held_session
+from tests.agents.helpers import held_session, said
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -44,11 +43,6 @@ OWNER = "drawing-worker"
 _new_session = functools.partial(
     held_session, "sb-drawing", "ses-drawing", owner=OWNER, lease_seconds=60
 )
-
-
-def _said(text: str) -> NewEvent:
-    data = {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}}
-    return NewEvent.from_line(Event.Source.AGENT, json.dumps(data), data)
 
 
 def _exit_note() -> NewEvent:
@@ -124,7 +118,7 @@ def _session(session: AgentSession) -> AgentSession:
 
 
 def _flood(batches: int, size: int = RECORD_SLICE) -> list[list[NewEvent]]:
-    return [[_said(f"flood {b}-{n}") for n in range(size)] for b in range(batches)]
+    return [[said(f"flood {b}-{n}") for n in range(size)] for b in range(batches)]
 
 
 async def test_it_stores_what_waits_before_drawing_it(monkeypatch):
@@ -183,7 +177,7 @@ async def test_it_draws_as_it_stores_when_nothing_waits(monkeypatch):
         bridge._tools = await _tool_index(bridge.session_id)
         recorder = asyncio.create_task(bridge._record_loop())
         for n in range(3):
-            bridge._hand_over([_said(f"paced {n}")])
+            bridge._hand_over([said(f"paced {n}")])
             while _event_seqs(sent) != list(range(1, n + 2)):
                 await asyncio.sleep(0.01)
         bridge._queue.put_nowait(None)
@@ -201,7 +195,7 @@ async def test_it_draws_a_brief_queue_as_it_stores_it(monkeypatch):
     session = await _new_session()
 
     await _record_from_queue(
-        Bridge(str(session.id), OWNER), [[_said(f"brief {n}")] for n in range(5)]
+        Bridge(str(session.id), OWNER), [[said(f"brief {n}")] for n in range(5)]
     )
 
     assert steps == []
@@ -240,7 +234,7 @@ def _stored_undrawn(session: AgentSession, texts: list[str]) -> list[int]:
     """Stored as a bridge that fell behind stores, and never drawn: what a bridge stopped
     meanwhile leaves."""
     appended, _ = store(
-        session.id, [_said(t) for t in texts], lease=Lease(str(session.id), OWNER, None)
+        session.id, [said(t) for t in texts], lease=Lease(str(session.id), OWNER, None)
     )
     return [event.seq for event in appended.events]
 
@@ -287,7 +281,7 @@ async def test_it_indexes_the_tail_before_what_was_left_undrawn():
     session = await _new_session()
     lease = Lease(str(session.id), OWNER, None)
     await database_sync_to_async(recording.record)(
-        session.id, [_said(f"drawn {n}") for n in range(20)], lease=lease, index=False
+        session.id, [said(f"drawn {n}") for n in range(20)], lease=lease, index=False
     )
     await _stored_undrawn(session, [f"undrawn {n}" for n in range(30)])
 
@@ -312,7 +306,7 @@ async def test_it_finishes_drawing_an_ended_session_whose_bridge_stopped(monkeyp
     session = await _new_session()
     lease = Lease(str(session.id), OWNER, None)
     await database_sync_to_async(recording.record)(
-        session.id, [_said("drawn and indexed")], lease=lease
+        session.id, [said("drawn and indexed")], lease=lease
     )
     await _stored_undrawn(session, [f"left behind {n}" for n in range(150)])
     await _lapse_and_end(session)
@@ -415,7 +409,7 @@ def test_it_commits_what_it_draws_without_waiting_for_the_disk_but_not_what_it_s
         cursor.execute("SET synchronous_commit = on")
     try:
         with CaptureQueriesContext(connection) as storing:
-            store(session.id, [_said("durable first")])
+            store(session.id, [said("durable first")])
         with CaptureQueriesContext(connection) as drawing:
             recording.draw_stored(session.id, 1, 1, {}, ToolIndex())
         assert not any("synchronous_commit" in query["sql"] for query in storing)
