@@ -1,7 +1,8 @@
 """Real worker processes, really killed, paused and stopped, on PostgreSQL and Redis.
 
 - SIGKILL of a session's bridge owner: another worker takes it over within 15 s, and what
-  the agent printed is stored exactly once (the 1 MiB ring covers the gap).
+  the agent printed is stored exactly once (the 1 MiB ring covers the gap); killed behind
+  a flood, what it stored and never drew is drawn by the next.
 - SIGSTOP of the owner inside a recording transaction, for longer than the lease: the
   other worker keeps supervising every other session, and once woken the stale owner
   writes nothing (nothing doubled).
@@ -119,6 +120,44 @@ def test_it_takes_over_a_killed_owners_session_within_15_seconds(
     assert_recorded_exactly_once(oc, session)
     assert AgentSession.objects.get(id=session.id).status == AgentSession.Status.EXITED
     print(f"takeover after SIGKILL: {took:.1f} s")  # noqa: T201 - seen with -s, for docs
+
+
+def _undrawn(session: AgentSession) -> int:
+    """How many events the session's bridge has stored and not drawn yet."""
+    row = AgentSession.objects.values_list("next_seq", "undrawn_from").get(id=session.id)
+    return 0 if row[1] is None else row[0] - row[1]
+
+
+def test_it_draws_what_a_killed_owner_stored_and_never_drew(
+    crew_oc: Team, oc: LocalSandbox, alice: User
+) -> None:
+    """SIGKILL of an owner behind a flood, with hundreds of events stored and not yet drawn
+    (it stores first): the worker that takes over draws them, each kept with its element,
+    before what the agent says next; nothing is stored twice or lost."""
+    a, b = crew_oc.bridges("bridges-a"), crew_oc.bridges("bridges-b")
+    # 2,000 lines of about 440 bytes: within the ring, which the check reads back.
+    session = start_session(alice, "flood 2000 40\nsleep 5\nafter the takeover\nexit 0")
+    owner = wait_until(lambda: holder(session), 30, "a bridges worker to hold the session")
+    victim, survivor = owner_and_other([a, b], owner)
+    wait_until(lambda: _undrawn(session) >= 300, 60, "the owner to fall behind the flood")
+
+    victim.signal(signal.SIGSTOP)  # what it left undrawn stays so: no commit comes after
+    left = _undrawn(session)
+    victim.signal(signal.SIGKILL)
+    wait_until(
+        lambda: holder(session) == survivor.name,
+        TAKEOVER_SECONDS,
+        f"{survivor.name} to take the session over (killed {victim.name})",
+    )
+    wait_until(lambda: finished(session), 90, "the session to finish")
+    # The exit is stored (the session has finished) before what came before it is drawn.
+    wait_until(lambda: _undrawn(session) == 0, 60, "the rest to be drawn")
+
+    assert left >= 300
+    assert_recorded_exactly_once(oc, session)
+    texts = Event.objects.filter(session=session, type="assistant")
+    assert texts.count() >= 2001
+    assert not texts.filter(html__isnull=True).exists(), "an event drawn never, or not kept"
 
 
 # -- SIGSTOP inside a transaction -----------------------------------------------------------------
