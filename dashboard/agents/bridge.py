@@ -53,6 +53,7 @@ from dashboard.agents.recording import (
     Message,
     NewEvent,
     bridge_group,
+    changes_state,
     draw_stored,
     publish,
     record,
@@ -86,9 +87,10 @@ RECORD_SLICE = 100  # events per transaction and per message to viewers
 # times what storing it does, and the record must keep up with the sandbox, where the
 # viewers can wait. While events wait, drawing takes at most DRAW_SHARE of the recorder's
 # time; once none do, it catches up. Rows stored and not yet drawn are kept for the drawer
-# up to DRAW_AHEAD; past that, it reads them back.
+# up to DRAW_AHEAD (and DRAW_AHEAD_CHARS of lines); past that, it reads them back.
 DRAW_SHARE = 0.1
 DRAW_AHEAD = 5_000
+DRAW_AHEAD_CHARS = 8 * 2**20  # and no more than this of their raw lines
 STORE_SLICE = 500  # events per transaction while storing first
 # The search index gets a bridge's events on a thread of its own, at most this many
 # seconds after they were recorded, or as soon as this many events (or raw characters) are
@@ -278,9 +280,15 @@ def _record(
 
 
 @on_bridge_thread
-def _store(events: list[NewEvent], lease: Lease) -> tuple[list[Event], list[Message]]:
-    appended, messages = store(lease.session_id, events, lease=lease)
-    return appended.events, messages
+def _store(events: list[NewEvent], lease: Lease) -> tuple[list[Event], bool]:
+    appended = store(lease.session_id, events, lease=lease)
+    return appended.events, changes_state(appended)
+
+
+@on_bridge_thread
+def _state_now(session_id: SessionId) -> list[Message]:
+    """The session's state as the database has it now, to announce."""
+    return state_messages(AgentSession.objects.select_related("sandbox").get(id=session_id))
 
 
 @on_bridge_thread
@@ -317,40 +325,47 @@ def _tool_index(session_id: SessionId) -> ToolIndex:
 
 class Undrawn:
     """What a bridge has stored and not yet drawn: seqs `drawn_through`+1 to
-    `stored_through`, the rows of up to `keep` of them (the rest are read back), and the
-    session's latest state, announced once the events stored before it are. The drawer
-    takes them in order, a slice at a time, whoever stored them (a person's action stored
-    meanwhile lies among them)."""
+    `stored_through`, the rows of some of them (up to `keep` rows and `keep_chars` of raw
+    lines; the rest are read back), and whether the session's state changed meanwhile: it
+    is announced (as the database has it then) once the events stored before the change
+    are. The drawer takes them in order, a slice at a time, whoever stored them (a person's
+    action stored meanwhile lies among them)."""
 
-    def __init__(self, drawn_through: int, stored_through: int, keep: int) -> None:
+    def __init__(self, drawn_through: int, stored_through: int, keep: int, keep_chars: int) -> None:
         self.drawn_through = drawn_through
         self.stored_through = max(stored_through, drawn_through)
-        self.keep = keep
+        self.keep, self.keep_chars = keep, keep_chars
         self.rows: dict[int, Event] = {}
-        self.state: tuple[int, list[Message]] | None = None
+        self.kept_chars = 0
+        self.state_after: int | None = None  # announce the state once drawn through this
 
     @classmethod
     def of(cls, session: AgentSession) -> Undrawn:
-        """What the session's bridges have stored and not drawn, as the database says."""
+        """What the session's bridges have stored and not drawn, as the database says; its
+        state is announced once that is drawn (whatever changed it went unannounced)."""
         undrawn_from = session.undrawn_from or session.next_seq
-        return cls(undrawn_from - 1, session.next_seq - 1, DRAW_AHEAD)
+        undrawn = cls(undrawn_from - 1, session.next_seq - 1, DRAW_AHEAD, DRAW_AHEAD_CHARS)
+        if undrawn.pending:
+            undrawn.state_after = undrawn.stored_through
+        return undrawn
 
     @property
     def pending(self) -> bool:
         return self.stored_through > self.drawn_through
 
-    def stored(self, rows: list[Event], state: list[Message]) -> None:
+    def stored(self, rows: list[Event], state_changed: bool) -> None:
         if rows and not self.pending:
             # A backlog begins: what was stored before it was announced, by this bridge or
             # by whoever stored it (a person's action, with nothing undrawn before it).
             self.drawn_through = self.stored_through = rows[0].seq - 1
         for row in rows:
-            if len(self.rows) < self.keep:
+            if len(self.rows) < self.keep and self.kept_chars + len(row.raw) <= self.keep_chars:
                 self.rows[row.seq] = row
+                self.kept_chars += len(row.raw)
         if rows:
             self.stored_through = max(self.stored_through, rows[-1].seq)
-        if state:
-            self.state = (self.stored_through, state)
+        if state_changed:
+            self.state_after = self.stored_through
 
     def next_slice(self, size: int) -> tuple[int, int, dict[int, Event]]:
         """The next seqs to draw (first, last) and the rows kept of them."""
@@ -362,17 +377,19 @@ class Undrawn:
             {seq: self.rows[seq] for seq in range(first, last + 1) if seq in self.rows},
         )
 
-    def drawn(self, last: int, stored_through: int) -> list[Message]:
-        """Drawn through `last`, the database having `stored_through`: the state to
-        announce now, if its turn has come."""
+    def drawn(self, last: int, stored_through: int) -> bool:
+        """Drawn through `last`, the database having `stored_through`: whether the
+        session's state is to be announced now."""
         for seq in range(self.drawn_through + 1, last + 1):
-            self.rows.pop(seq, None)
+            row = self.rows.pop(seq, None)
+            if row is not None:
+                self.kept_chars -= len(row.raw)
         self.drawn_through = last
         self.stored_through = max(self.stored_through, stored_through)
-        if self.state is not None and self.state[0] <= last:
-            due, self.state = self.state[1], None
-            return due
-        return []
+        if self.state_after is not None and self.state_after <= last:
+            self.state_after = None
+            return True
+        return False
 
 
 class IndexFeed:
@@ -476,7 +493,7 @@ class Bridge:
         self._lagged = False  # the current connection was dropped because reading fell behind
         self.lag_reconnects = 0
         self._index = IndexFeed(session_id)
-        self._undrawn = Undrawn(0, 0, DRAW_AHEAD)
+        self._undrawn = Undrawn(0, 0, DRAW_AHEAD, DRAW_AHEAD_CHARS)
         # While events wait to be stored: the recorder's time storing and drawing (seconds).
         self._storing = self._drawing = 0.0
         self._idle_look_at: asyncio.TimerHandle | None = None
@@ -858,13 +875,13 @@ class Bridge:
             end = start + size
             began = loop.time()
             if behind:
-                rows, messages = await _store(events[start:end], self.lease)
-                self._undrawn.stored(rows, messages)
+                rows, state_changed = await _store(events[start:end], self.lease)
+                self._undrawn.stored(rows, state_changed)
                 self._storing += loop.time() - began
             else:
                 rows, messages, held = await _record(events[start:end], self._tools, self.lease)
                 if held:  # behind events undrawn in the database: announced in their turn
-                    self._undrawn.stored(rows, messages)
+                    self._undrawn.stored(rows, bool(messages))
                 else:
                     if rows:
                         self._undrawn.drawn_through = self._undrawn.stored_through = rows[-1].seq
@@ -887,7 +904,11 @@ class Bridge:
         began = loop.time()
         first, last, kept = self._undrawn.next_slice(RECORD_SLICE)
         drawn = await _draw_stored(first, last, kept, self._tools, self.lease)
-        state = self._undrawn.drawn(last, drawn.stored_through)
+        state = (
+            await _state_now(self.session_id)
+            if self._undrawn.drawn(last, drawn.stored_through)
+            else []
+        )
         await self._announce(drawn.rows, drawn.messages + state)
         if self._undrawn.pending:
             self._drawing += loop.time() - began

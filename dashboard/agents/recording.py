@@ -302,7 +302,11 @@ def append_events(
         written = {name: getattr(session, name) for name in [*changed, "next_seq", "last_event_at"]}
         update_held(session.pk, lease, **written)
     return Appended(
-        session=session, events=rows, state_changed=after != before, drawn=drawn, held=held
+        session=session,
+        events=rows,
+        state_changed=after != before,
+        drawn=[] if held else drawn,  # announced by the bridge's drawer in their turn
+        held=held,
     )
 
 
@@ -425,7 +429,7 @@ def _append_isolating(
                 tools.forget()
             appended = write(session_id, [quarantined(event, storable(reason))])
         rows += appended.events
-        drawn += appended.drawn
+        drawn += appended.drawn  # none of a write that was held
         held = held or appended.held
     assert appended is not None
     return Appended(
@@ -495,8 +499,9 @@ def record(
     metrics.EVENTS_RECORDED.inc(len(appended.events))
     if index:
         index_events(appended.events)
-    messages = [] if appended.held else _announcement(appended.session.id, appended.drawn)
-    return appended, messages + _state_announcement(appended)
+    return appended, _announcement(appended.session.id, appended.drawn) + _state_announcement(
+        appended
+    )
 
 
 def _announcement(session_id: SessionId, drawn: list[Drawn]) -> list[Message]:
@@ -512,21 +517,25 @@ def _announcement(session_id: SessionId, drawn: list[Drawn]) -> list[Message]:
     return [(session_group(session_id), announce)]
 
 
+def changes_state(appended: Appended) -> bool:
+    """Whether what was appended changes what the session's header and list row show."""
+    return appended.state_changed or any(map(_redraws_state, appended.events))
+
+
 def _state_announcement(appended: Appended) -> list[Message]:
-    if appended.state_changed or any(map(_redraws_state, appended.events)):
-        return state_messages(appended.session)
-    return []
+    return state_messages(appended.session) if changes_state(appended) else []
 
 
 def store(
     session_id: SessionId, new_events: Sequence[NewEvent], *, lease: Lease | None = None
-) -> tuple[Appended, list[Message]]:
+) -> Appended:
     """Append events without drawing them (a bridge that fell behind stores first): they
     are drawn, written with their elements and announced by `draw_stored`, in order. The
-    session's state is announced by the caller once those before it are (returned)."""
+    session's state, if they change it (`changes_state`), is the caller's to announce
+    once those before it are."""
     appended = _append_isolating(session_id, new_events, lease, None)
     metrics.EVENTS_RECORDED.inc(len(appended.events))
-    return appended, _state_announcement(appended)
+    return appended
 
 
 @dataclass
@@ -623,6 +632,9 @@ def draw_the_rest(session_id: SessionId, *, lease: Lease | None = None, size: in
         index_events(drawn.rows)
         count += len(drawn.rows)
         first, through = last + 1, drawn.stored_through
+    # Its end (or whatever changed its state) went unannounced with the rest.
+    session = AgentSession.objects.select_related("sandbox").get(pk=session_id)
+    async_to_sync(publish)(state_messages(session))
     return count
 
 

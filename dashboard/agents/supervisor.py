@@ -20,10 +20,11 @@ import os
 import socket
 import uuid
 
-from asgiref.sync import ThreadSensitiveContext
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import connections
 
 from dashboard import metrics
 from dashboard.agents import leases
@@ -63,6 +64,7 @@ class BridgeSupervisor:
         self.ticks = 0
         self.bridges: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._finishing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         async with ThreadSensitiveContext():  # its database hops wait on nobody else's
@@ -82,11 +84,20 @@ class BridgeSupervisor:
 
     async def tick(self) -> list[str]:
         claimed = await self._claim()
-        # After the live sessions are resumed: finishing ended ones must not delay them.
-        if self.ticks % self.FINISH_EVERY == 0:
-            await self._finish()
+        # After the live sessions are resumed, and beside the ticks rather than in them:
+        # finishing an ended session can mean drawing thousands of events its bridge left
+        # (seconds), and the heartbeat and the claims must go on meanwhile.
+        if self.ticks % self.FINISH_EVERY == 0 and (
+            self._finishing is None or self._finishing.done()
+        ):
+            self._finishing = asyncio.create_task(self._finish(), name="bridges-finish")
         self.ticks += 1
         return claimed
+
+    async def finished(self) -> None:
+        """Wait for the finishing of ended sessions in flight, if any (tests)."""
+        if self._finishing is not None:
+            await asyncio.shield(self._finishing)
 
     async def _claim(self) -> list[str]:
         try:
@@ -126,7 +137,9 @@ class BridgeSupervisor:
 
     async def _finish(self) -> None:
         try:
-            finished = await database_sync_to_async(finish_unfinished)(self.owner, self.running())
+            finished = await sync_to_async(_finish_unfinished, thread_sensitive=False)(
+                self.owner, self.running()
+            )
         except Exception:
             log.exception("bridge supervisor: cannot finish ended sessions")
             return
@@ -156,6 +169,10 @@ class BridgeSupervisor:
 
     async def stop(self) -> None:
         """Stop every bridge (each releases its lease) and retire this worker."""
+        if self._finishing is not None:
+            self._finishing.cancel()  # what it draws is fenced by the lease it holds
+            with contextlib.suppress(BaseException):
+                await self._finishing
         tasks = list(self.bridges.values())
         for task in tasks:
             task.cancel()
@@ -164,6 +181,15 @@ class BridgeSupervisor:
                 await task
         with contextlib.suppress(Exception):
             await database_sync_to_async(leases.retire)(self.owner)
+
+
+def _finish_unfinished(owner: str, running: set[str]) -> list[str]:
+    """`finish_unfinished` on a thread of its own (not the supervisor's), with the
+    connection it opened there closed after."""
+    try:
+        return finish_unfinished(owner, running)
+    finally:
+        connections.close_all()
 
 
 def finish_unfinished(owner: str, running: set[str]) -> list[str]:

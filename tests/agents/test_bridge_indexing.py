@@ -278,6 +278,7 @@ async def test_it_finishes_an_ended_session_whose_bridge_stopped_before_indexing
 
     supervisor = BridgeSupervisor("another-worker")
     await supervisor.tick()
+    await supervisor.finished()
 
     assert seqs[0] in await _indexed(session)
     hits = await database_sync_to_async(lambda: [(h.session.id, h.seq) for h in search("jackal")])()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +30,13 @@ from dashboard.agents.bridge import RECORD_SLICE, Bridge, Undrawn, _tool_index
 from dashboard.agents.fanout import _stored_seqs
 from dashboard.agents.leases import Lease
 from dashboard.agents.models import AgentSession, Event
-from dashboard.agents.recording import Message, NewEvent, record_and_publish, store
+from dashboard.agents.recording import (
+    Message,
+    NewEvent,
+    record_and_publish,
+    render_state,
+    store,
+)
 from dashboard.agents.rendering import ToolIndex
 from dashboard.agents.supervisor import BridgeSupervisor
 from dashboard.opencomputer import OpenComputer
@@ -233,7 +241,7 @@ def _session_of(bridge: Bridge) -> AgentSession:
 def _stored_undrawn(session: AgentSession, texts: list[str]) -> list[int]:
     """Stored as a bridge that fell behind stores, and never drawn: what a bridge stopped
     meanwhile leaves."""
-    appended, _ = store(
+    appended = store(
         session.id, [said(t) for t in texts], lease=Lease(str(session.id), OWNER, None)
     )
     return [event.seq for event in appended.events]
@@ -256,6 +264,84 @@ async def test_it_announces_a_persons_action_after_what_was_stored_before_it(mon
     assert _event_seqs(sent) == [1, 2, 3, 4]
     assert dict(await _rows(session))[4] == kept
     assert (await _session(session)).undrawn_from is None
+
+
+def _agent(data: dict[str, Any]) -> NewEvent:
+    return NewEvent.from_line(Event.Source.AGENT, json.dumps(data), data)
+
+
+@database_sync_to_async
+def _status_now(session: AgentSession) -> str:
+    return render_state(AgentSession.objects.select_related("sandbox").get(id=session.id))["status"]
+
+
+async def test_it_announces_the_state_as_it_is_when_its_turn_comes(monkeypatch):
+    """A flood that ends a turn (idle) is stored; before it is drawn, a person's prompt
+    (working) is recorded, its state announced at once. What the drawer announces after
+    the flood is the state as it is then, not the idle it stored: the header never goes
+    back to an older state."""
+    monkeypatch.setattr(bridge_module, "DRAW_SHARE", 0.0)
+    sent = _announced(monkeypatch)
+    session = await _new_session()
+    flood = _flood(2)
+    flood[-1] += [_agent({"type": "system", "subtype": "init"}), _agent({"type": "turn_complete"})]
+    drawing, prompted = bridge_module._draw_stored, []
+
+    async def prompt_first(*args: Any) -> Any:
+        if not prompted:
+            prompted.append(True)
+            prompt = NewEvent.ours(Event.Source.DASHBOARD, {"type": "prompt", "text": "go on"})
+            await database_sync_to_async(record_and_publish)(session.id, [prompt])
+        return await drawing(*args)
+
+    monkeypatch.setattr(bridge_module, "_draw_stored", prompt_first)
+    await _record_from_queue(Bridge(str(session.id), OWNER), flood)
+
+    assert (await _session(session)).status == AgentSession.Status.WORKING
+    states = [message["status"] for _, message in sent if message["type"] == "session.state"]
+    assert "badge-working" in states[-1] and states[-1] == await _status_now(session)
+    assert _event_seqs(sent) == list(range(1, 2 * RECORD_SLICE + 4))
+
+
+async def test_it_announces_the_state_after_what_a_stopped_bridge_left():
+    """What changed the state among the events a stopped bridge left undrawn went
+    unannounced with them: the next bridge announces the state once it has drawn them."""
+    session = await _new_session()
+    await _stored_undrawn(session, ["left"] * 3)
+    undrawn = Undrawn.of(await _session(session))
+    assert undrawn.pending and undrawn.state_after == 3
+    assert not undrawn.drawn(2, 3) and undrawn.drawn(3, 3)
+    await _record_from_queue(Bridge(str(session.id), OWNER), [])
+    nothing_left = Undrawn.of(await _session(session))
+    assert not nothing_left.pending and nothing_left.state_after is None
+
+
+async def test_it_finishes_ended_sessions_beside_the_supervisors_ticks(monkeypatch):
+    """Drawing what a stopped bridge left can take seconds (tens of thousands of events):
+    it runs beside the ticks, which go on heartbeating and claiming meanwhile."""
+    from dashboard.agents import supervisor as supervisor_module
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_finish(owner: str, running: set[str]) -> list[str]:
+        started.set()
+        release.wait(20)
+        return []
+
+    monkeypatch.setattr(supervisor_module, "finish_unfinished", slow_finish)
+    supervisor = BridgeSupervisor("another-worker")
+    try:
+        await asyncio.wait_for(supervisor.tick(), 10)
+        await asyncio.to_thread(started.wait, 10)
+        assert started.is_set()
+        supervisor.ticks = 0  # the next tick would finish too: not while one is in flight
+        await asyncio.wait_for(supervisor.tick(), 10)
+        assert supervisor._finishing is not None and not supervisor._finishing.done()
+    finally:
+        release.set()
+        await supervisor.finished()
+        await supervisor.stop()
 
 
 async def test_it_tells_the_feeds_what_was_announced_not_only_stored():
@@ -313,9 +399,13 @@ async def test_it_finishes_drawing_an_ended_session_whose_bridge_stopped(monkeyp
 
     supervisor = BridgeSupervisor("another-worker")
     await supervisor.tick()
+    await supervisor.finished()
     await supervisor.stop()
 
     assert _event_seqs(sent) == list(range(2, 152))
+    # Its end went unannounced with the rest (what its bridge held in memory went with it).
+    assert [message["type"] for _, message in sent][-2:] == ["session.state", "sessions.row"]
+    assert "badge-exited" in sent[-2][1]["status"]
     assert all(html for _, html in await _rows(session))
     assert await _entries(session) == list(range(1, 152))
     finished = await _session(session)
@@ -359,26 +449,33 @@ _operations = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(operations=_operations, keep=st.integers(0, 50), start=st.integers(0, 20))
+@given(
+    operations=_operations,
+    keep=st.integers(0, 50),
+    keep_chars=st.integers(0, 400),
+    start=st.integers(0, 20),
+)
 def test_it_announces_every_stored_seq_once_in_order_and_each_state_after_its_events(
-    operations: list[tuple[str, int, bool]], keep: int, start: int
+    operations: list[tuple[str, int, bool]], keep: int, keep_chars: int, start: int
 ) -> None:
     """Whoever stored them: a person's action stored while nothing is undrawn is announced
     by its view; stored behind undrawn events, by the drawer, which learns of it when it
     draws (the database's last seq comes back with each slice)."""
-    undrawn = Undrawn(start, start, keep)
+    undrawn = Undrawn(start, start, keep, keep_chars)
     database = start  # the session's last stored seq
     announced: list[int] = []
-    states: list[tuple[int, int]] = []  # (the last seq stored with it, drawn through when sent)
+    changed: list[int] = []  # the last seq stored with each change of state
+    states: list[int] = []  # drawn through when the state was announced
     for kind, count, with_state in [*operations, *[("draw", 10_000, False)] * 3]:
         if kind == "store":
-            rows = [Event(seq=database + n + 1) for n in range(count)]
+            rows = [Event(seq=database + n + 1, raw="x" * (n % 7)) for n in range(count)]
             database += count
-            state: list[Message] = (
-                [("g", {"type": "session.state", "at": database})] if with_state else []
-            )
-            undrawn.stored(rows, state)
+            undrawn.stored(rows, with_state)
+            if with_state:
+                changed.append(database)
             assert len(undrawn.rows) <= keep
+            assert undrawn.kept_chars == sum(len(row.raw) for row in undrawn.rows.values())
+            assert undrawn.kept_chars <= keep_chars
         elif kind == "other":
             if not undrawn.pending:
                 announced += range(database + 1, database + count + 1)  # by its view
@@ -388,11 +485,13 @@ def test_it_announces_every_stored_seq_once_in_order_and_each_state_after_its_ev
             assert first == undrawn.drawn_through + 1 and first <= last
             assert set(kept) <= set(range(first, last + 1))
             announced += range(first, last + 1)
-            for _, message in undrawn.drawn(last, database):
-                states.append((message["at"], last))
+            if undrawn.drawn(last, database):
+                states.append(last)
     assert announced == list(range(start + 1, database + 1))
-    assert all(at <= through for at, through in states)
-    assert not undrawn.pending and undrawn.rows == {}
+    # The state is announced after the events stored before each change, and after the
+    # last change at least once.
+    assert all(any(changed_at <= at for at in states) for changed_at in changed)
+    assert not undrawn.pending and undrawn.rows == {} and undrawn.kept_chars == 0
 
 
 def test_it_commits_what_it_draws_without_waiting_for_the_disk_but_not_what_it_stores() -> None:

@@ -343,7 +343,7 @@ def test_it_keeps_any_element_drawn_after_storing_exactly(texts: list[str]) -> N
     record(other.id, [NewEvent.from_line(Event.Source.STDERR, "untouched", None)])
     before = list(Event.objects.filter(session=other).values_list("html", flat=True))
     events = [NewEvent.from_line(Event.Source.STDERR, text, None) for text in texts]
-    appended, _ = store(session.id, events)
+    store(session.id, events)
     assert set(Event.objects.filter(session=session).values_list("html", flat=True)) == {None}
 
     drawn = draw_stored(session.id, 1, len(events), {}, ToolIndex())
