@@ -92,6 +92,9 @@ DRAW_SHARE = 0.1
 DRAW_AHEAD = 5_000
 DRAW_AHEAD_CHARS = 8 * 2**20  # and no more than this of their raw lines
 STORE_SLICE = 500  # events per transaction while storing first
+# While a backlog is drawn, its viewers are told how far behind the page is (the state's
+# "N more recorded" note) at most this often (seconds), and once more when it is drawn.
+TELL_BEHIND_EVERY = 1.0
 # The search index gets a bridge's events on a thread of its own, at most this many
 # seconds after they were recorded, or as soon as this many events (or raw characters) are
 # held back: a paced session is indexed a few batches at a time, a flood in large ones, and
@@ -496,6 +499,7 @@ class Bridge:
         self._undrawn = Undrawn(0, 0, DRAW_AHEAD, DRAW_AHEAD_CHARS)
         # While events wait to be stored: the recorder's time storing and drawing (seconds).
         self._storing = self._drawing = 0.0
+        self._told_behind: float | None = None  # when viewers were last told (loop time)
         self._idle_look_at: asyncio.TimerHandle | None = None
         self._idle_looking: asyncio.Task[None] | None = None
         self._look_again = False
@@ -904,16 +908,26 @@ class Bridge:
         began = loop.time()
         first, last, kept = self._undrawn.next_slice(RECORD_SLICE)
         drawn = await _draw_stored(first, last, kept, self._tools, self.lease)
-        state = (
-            await _state_now(self.session_id)
-            if self._undrawn.drawn(last, drawn.stored_through)
-            else []
-        )
+        due = self._undrawn.drawn(last, drawn.stored_through)
+        tell = self._tell_behind()  # both: each keeps its own account
+        state = await _state_now(self.session_id) if due or tell else []
         await self._announce(drawn.rows, drawn.messages + state)
         if self._undrawn.pending:
             self._drawing += loop.time() - began
         else:
             self._storing = self._drawing = 0.0
+
+    def _tell_behind(self) -> bool:
+        """Whether to announce the state now for its note of how far behind drawing is:
+        at once, then at most every `TELL_BEHIND_EVERY`, and when the backlog is drawn."""
+        now = asyncio.get_running_loop().time()
+        if not self._undrawn.pending:
+            told, self._told_behind = self._told_behind, None
+            return told is not None
+        if self._told_behind is None or now - self._told_behind >= TELL_BEHIND_EVERY:
+            self._told_behind = now
+            return True
+        return False
 
     async def _announce(self, rows: list[Event], messages: list[Message]) -> None:
         await publish(messages)

@@ -156,6 +156,11 @@ class AgentSession(models.Model):
     def is_working(self) -> bool:
         return self.status == self.Status.WORKING
 
+    @property
+    def undrawn(self) -> int:
+        """Events stored and not yet drawn for viewers (a bridge behind a flood)."""
+        return self.next_seq - self.undrawn_from if self.undrawn_from is not None else 0
+
     UNBRIDGED_AFTER = 8  # seconds live with no lease before the page warns (leases.py)
 
     @property

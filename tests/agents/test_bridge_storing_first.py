@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import threading
 from datetime import timedelta
 from typing import Any
@@ -154,6 +155,26 @@ async def test_it_stores_what_waits_before_drawing_it(monkeypatch):
     assert all(html for seq, html in rows if seq < last)  # every text drawn and kept
     stored = await _session(session)
     assert stored.undrawn_from is None and stored.status == AgentSession.Status.EXITED
+
+
+async def test_it_tells_viewers_how_far_behind_the_page_is_until_it_has_caught_up(monkeypatch):
+    """While a backlog is drawn, the state announced says how many recorded events are
+    still to come (at once, then at most every second); once drawn, a state without it."""
+    monkeypatch.setattr(bridge_module, "DRAW_SHARE", 0.0)
+    sent = _announced(monkeypatch)
+    session = await _new_session()
+
+    await _record_from_queue(Bridge(str(session.id), OWNER), _flood(6))
+
+    notes = [
+        re.search(r'class="behind">(\d+) more events recorded', message["status"])
+        for _, message in sent
+        if message["type"] == "session.state"
+    ]
+    assert notes[0] is not None and int(notes[0][1]) == 6 * RECORD_SLICE - RECORD_SLICE
+    assert notes[-1] is None  # caught up: the note is gone
+    told = [i for i, (_, m) in enumerate(sent) if m["type"] == "session.state"]
+    assert _event_seqs(sent[: told[0]]) == list(range(1, RECORD_SLICE + 1))  # after a slice
 
 
 async def test_it_draws_within_its_share_while_a_flood_is_stored(monkeypatch):

@@ -187,6 +187,20 @@ def test_it_keeps_a_flood_flowing_past_the_window_by_acknowledging(browsing: Bro
     assert len(timeline) > 2_500
 
 
+def test_it_says_how_far_behind_the_page_is_while_a_flood_is_drawn(browsing: Browsing) -> None:
+    """A flood is recorded faster than it is drawn: while the page catches up, it says how
+    many recorded events are still to come, and stops saying so once it has them all."""
+    page = browsing.new_page()
+    start_session(page, "sleep 2\nflood 6000 60\nAll flooded")  # the page is live first
+    behind = page.locator("#working .behind")
+    expect(behind).to_contain_text(re.compile(r"\d+ more events recorded"), timeout=60_000)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#working").screenshot(path=ARTIFACTS / "session-drawing-behind.png")
+    expect(agent_text(page, "All flooded")).to_be_visible(timeout=90_000)
+    expect(behind).to_have_count(0)
+    page.screenshot(path=ARTIFACTS / "session-drawn.png")
+
+
 def test_it_draws_a_call_and_its_result_once_when_one_catch_up_brings_both(
     browsing: Browsing,
 ) -> None:
