@@ -94,7 +94,7 @@ DRAW_AHEAD_CHARS = 8 * 2**20  # and no more than this of their raw lines
 STORE_SLICE = 500  # events per transaction while storing first
 # While a backlog is drawn, its viewers are told how far behind the page is (the state's
 # "N more recorded" note) at most this often (seconds), and once more when it is drawn.
-TELL_BEHIND_EVERY = 1.0
+TELL_BEHIND_EVERY = 2.0
 # The search index gets a bridge's events on a thread of its own, at most this many
 # seconds after they were recorded, or as soon as this many events (or raw characters) are
 # held back: a paced session is indexed a few batches at a time, a flood in large ones, and

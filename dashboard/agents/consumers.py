@@ -66,15 +66,17 @@ def _shared_session(token: str) -> tuple[str, int, float | None] | None:
 
 @database_sync_to_async
 def _render_missing(session_id: str, after: int, limit: int, *, shared: bool) -> list[Item]:
-    """Events past `after` from the database, for a team member or (`shared`) a link holder."""
+    """Events past `after` from the database, for a team member or (`shared`) a link holder;
+    not those its bridge has stored and not yet drawn: they come live, drawn once for all
+    (rendering them here, for each viewer that catches up, slowed a flood's viewers
+    threefold)."""
     session = AgentSession.objects.select_related("sandbox").filter(id=session_id).first()
     if session is None:  # deleted while someone watched: nothing more to send
         return []
-    events = list(
-        Event.objects.filter(session=session, seq__gt=after)
-        .select_related("actor")
-        .order_by("seq")[:limit]
-    )
+    found = Event.objects.filter(session=session, seq__gt=after)
+    if session.undrawn_from is not None:
+        found = found.filter(seq__lt=session.undrawn_from)
+    events = list(found.select_related("actor").order_by("seq")[:limit])
     tools = ToolIndex.for_session(session, events)
     rendered = []
     with for_link_holders() if shared else nullcontext():

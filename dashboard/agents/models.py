@@ -226,7 +226,11 @@ class Event(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["session", "seq"], name="unique_event_seq"),
         ]
-        indexes = [models.Index(fields=["session", "source", "seq"])]
+        indexes = [
+            models.Index(fields=["session", "source", "seq"]),
+            # What needs attention looks for the last event of a kind (attention.py).
+            models.Index(fields=["session", "source", "type", "seq"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.session_id}#{self.seq} {self.type}"

@@ -43,7 +43,7 @@ from django.db.models import (
     Subquery,
     Value,
 )
-from django.db.models.functions import Coalesce, Now
+from django.db.models.functions import Coalesce, Greatest, Now
 
 from dashboard.agents.models import AgentSession, Event
 
@@ -52,10 +52,12 @@ from dashboard.agents.models import AgentSession, Event
 IS_ERROR_PATTERN = r'(^|[^\\])"is_error"\s*:\s*true'
 
 ACKNOWLEDGED = Q(source=Event.Source.DASHBOARD, type="acknowledged")
-FOLLOW_UP = (
-    Q(source=Event.Source.DASHBOARD, type__in=["prompt", "continue"])
-    | ACKNOWLEDGED
-    | Q(source=Event.Source.AGENT, type="system", subtype="init")
+# What starts a turn afresh: a prompt, a continuation, a mark as handled, the agent's init.
+FOLLOW_UPS = (
+    Q(source=Event.Source.DASHBOARD, type="prompt"),
+    Q(source=Event.Source.DASHBOARD, type="continue"),
+    ACKNOWLEDGED,
+    Q(source=Event.Source.AGENT, type="system", subtype="init"),
 )
 CONTINUED = Q(source=Event.Source.DASHBOARD, type="continue")
 ENDED = Q(source=Event.Source.BRIDGE, type__in=["exit", "lost"])
@@ -105,8 +107,14 @@ def with_attention(
         else ExpressionWrapper(Now() - Value(idle_threshold()), output_field=DateTimeField())
     )
     events = Event.objects.filter(session=OuterRef("pk"))
-    last_follow_up = events.filter(FOLLOW_UP).order_by("-seq").values("seq")[:1]
-    sessions = sessions.annotate(attention_turn=Coalesce(Subquery(last_follow_up), Value(0)))
+    # The last follow-up, looked for by source and type apiece (the index on session,
+    # source, type and seq finds each at once): as one OR it was a walk back through every
+    # event to the last, ~30 ms a session of 40,000 events, repeated in each flag below.
+    last = [
+        Coalesce(Subquery(events.filter(q).order_by("-seq").values("seq")[:1]), Value(0))
+        for q in FOLLOW_UPS
+    ]
+    sessions = sessions.annotate(attention_turn=Greatest(*last))
     since = Event.objects.filter(session=OuterRef("pk"), seq__gt=OuterRef("attention_turn"))
     error_line = Q(source=Event.Source.AGENT) & (
         Q(type="error")

@@ -159,7 +159,7 @@ async def test_it_stores_what_waits_before_drawing_it(monkeypatch):
 
 async def test_it_tells_viewers_how_far_behind_the_page_is_until_it_has_caught_up(monkeypatch):
     """While a backlog is drawn, the state announced says how many recorded events are
-    still to come (at once, then at most every second); once drawn, a state without it."""
+    still to come (at once, then at most every two seconds); once drawn, a state without it."""
     monkeypatch.setattr(bridge_module, "DRAW_SHARE", 0.0)
     sent = _announced(monkeypatch)
     session = await _new_session()
@@ -285,6 +285,23 @@ async def test_it_announces_a_persons_action_after_what_was_stored_before_it(mon
     assert _event_seqs(sent) == [1, 2, 3, 4]
     assert dict(await _rows(session))[4] == kept
     assert (await _session(session)).undrawn_from is None
+
+
+async def test_it_catches_a_viewer_up_with_what_was_announced_not_what_is_undrawn():
+    """A viewer catching up from the database gets the events drawn and announced; those
+    stored and not yet drawn come live, drawn once for all, not rendered for each viewer."""
+    from dashboard.agents.consumers import _render_missing
+
+    session = await _new_session()
+    lease = Lease(str(session.id), OWNER, None)
+    await database_sync_to_async(recording.record)(
+        session.id, [said(f"drawn {n}") for n in range(3)], lease=lease, index=False
+    )
+    await _stored_undrawn(session, ["undrawn"] * 3)
+
+    items = await _render_missing(str(session.id), 0, 100, shared=False)
+
+    assert [seq for seq, _ in items] == [1, 2, 3]
 
 
 def _agent(data: dict[str, Any]) -> NewEvent:
