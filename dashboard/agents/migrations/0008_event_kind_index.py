@@ -1,5 +1,6 @@
 from django.contrib.postgres.operations import AddIndexConcurrently
 from django.db import migrations, models
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
 
 class AddIndexWithoutBlockingWrites(AddIndexConcurrently):
@@ -7,21 +8,20 @@ class AddIndexWithoutBlockingWrites(AddIndexConcurrently):
     the release before keep recording into it while this runs (docs/deploy.md,
     "Upgrading without losing a session"). Elsewhere (SQLite) a plain CREATE INDEX."""
 
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+    def _as(self, schema_editor: BaseDatabaseSchemaEditor) -> type[migrations.AddIndex]:
         if schema_editor.connection.vendor == "postgresql":
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-        else:
-            migrations.AddIndex.database_forwards(
-                self, app_label, schema_editor, from_state, to_state
-            )
+            return AddIndexConcurrently
+        return migrations.AddIndex
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        self._as(schema_editor).database_forwards(
+            self, app_label, schema_editor, from_state, to_state
+        )
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            super().database_backwards(app_label, schema_editor, from_state, to_state)
-        else:
-            migrations.AddIndex.database_backwards(
-                self, app_label, schema_editor, from_state, to_state
-            )
+        self._as(schema_editor).database_backwards(
+            self, app_label, schema_editor, from_state, to_state
+        )
 
 
 class Migration(migrations.Migration):
