@@ -54,6 +54,7 @@ from dashboard.agents.recording import (
     NewEvent,
     bridge_group,
     changes_state,
+    current_state_messages,
     draw_stored,
     publish,
     record,
@@ -288,10 +289,7 @@ def _store(events: list[NewEvent], lease: Lease) -> tuple[list[Event], bool]:
     return appended.events, changes_state(appended)
 
 
-@on_bridge_thread
-def _state_now(session_id: SessionId) -> list[Message]:
-    """The session's state as the database has it now, to announce."""
-    return state_messages(AgentSession.objects.select_related("sandbox").get(id=session_id))
+_state_now = on_bridge_thread(current_state_messages)
 
 
 @on_bridge_thread
@@ -369,6 +367,11 @@ class Undrawn:
             self.stored_through = max(self.stored_through, rows[-1].seq)
         if state_changed:
             self.state_after = self.stored_through
+
+    def announced(self, rows: list[Event]) -> None:
+        """Rows stored and drawn at once, nothing undrawn before them."""
+        if rows:
+            self.drawn_through = self.stored_through = rows[-1].seq
 
     def next_slice(self, size: int) -> tuple[int, int, dict[int, Event]]:
         """The next seqs to draw (first, last) and the rows kept of them."""
@@ -829,10 +832,9 @@ class Bridge:
         done = False
         while not done or self._undrawn.pending:
             if not done and (not self._undrawn.pending or not self._queue.empty()):
-                behind = self._undrawn.pending or self._queued > RECORD_SLICE
-                events, read_at, done = await self._next_events(
-                    STORE_SLICE if behind else RECORD_SLICE
-                )
+                # Up to a slice when that is all that waits (`_record` draws it as it
+                # stores it), more for a flood.
+                events, read_at, done = await self._next_events(STORE_SLICE)
                 await self._record(events, read_at)
             if self._undrawn.pending and self._may_draw(done):
                 await self._draw_next()
@@ -887,8 +889,7 @@ class Bridge:
                 if held:  # behind events undrawn in the database: announced in their turn
                     self._undrawn.stored(rows, bool(messages))
                 else:
-                    if rows:
-                        self._undrawn.drawn_through = self._undrawn.stored_through = rows[-1].seq
+                    self._undrawn.announced(rows)
                     await self._announce(rows, messages)
             committed = loop.time()
             for when in read_at[start:end]:

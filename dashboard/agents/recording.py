@@ -609,6 +609,11 @@ def state_messages(session: AgentSession) -> list[Message]:
     ]
 
 
+def current_state_messages(session_id: SessionId) -> list[Message]:
+    """The session's state as the database has it now, to announce."""
+    return state_messages(AgentSession.objects.select_related("sandbox").get(pk=session_id))
+
+
 async def publish(messages: Iterable[Message]) -> None:
     for group, message in messages:
         layer = live_layer() if group.startswith(_SESSION_GROUP) else get_channel_layer()
@@ -633,8 +638,7 @@ def draw_the_rest(session_id: SessionId, *, lease: Lease | None = None, size: in
         count += len(drawn.rows)
         first, through = last + 1, drawn.stored_through
     # Its end (or whatever changed its state) went unannounced with the rest.
-    session = AgentSession.objects.select_related("sandbox").get(pk=session_id)
-    async_to_sync(publish)(state_messages(session))
+    async_to_sync(publish)(current_state_messages(session_id))
     return count
 
 
