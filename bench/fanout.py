@@ -20,12 +20,14 @@ runs; `--team` takes `DATABASE_URL` and `REDIS_URL` from the environment (Postgr
   database thread of its own, as `bridge.Bridge` does. It runs in the server's process (as
   `manage.py serve` runs bridges) or, with `--publisher separate`, in a third (a `manage.py
   bridges` process beside a web worker; needs `--team`). V viewers read and acknowledge like
-  the page does. Latency is from the moment an event was read to its arrival at a viewer
-  (waiting to be recorded included), pooled over viewers, and also from the start of the
-  `record` call that stored it (what the first version of this bench measured); every viewer
-  must get every seq exactly once and in order (checked). CPU time of the server process
-  (including the publisher when it runs there), of the publisher, of the viewers' process;
-  the server's peak RSS growth.
+  the page does. Latency is from the moment an event was read to its arrival at a viewer's
+  socket (the kernel's time, `SO_TIMESTAMPNS`: one client process reading 300 sockets reads
+  the last of a hand-out late, where 300 browsers would not; when it was read is the "as
+  read" column), waiting to be recorded included, pooled over viewers, and also from the
+  start of the `record` call that stored it (what the first version of this bench
+  measured); every viewer must get every seq exactly once and in order (checked). CPU time
+  of the server process (including the publisher when it runs there), of the publisher, of
+  the viewers' process; the server's peak RSS growth.
   With `--prerecorded` the events are recorded first and only their publication is paced
   and timed: the viewer side alone (layer, feeds, consumers, the ASGI server), without recording.
 - idle: after one warm-up viewer, `--idle` viewers (each count in turn) open at once, say
@@ -305,6 +307,7 @@ def fanout(args: argparse.Namespace, viewers: int) -> dict[str, Any]:
         "slices": published["slices"],
         "largest_slice": published["largest_slice"],
         "latency": got["latency"],
+        "latency_read": got["latency_read"],
         "latency_from_record": got["latency_from_record"],
         "complete": got["complete"],
         "in_order": got["in_order"],
@@ -569,22 +572,25 @@ def main(argv: list[str] | None = None) -> int:
 
     sdk_p99 = med("sdk", "latency", "p99_ms")
     one = med(f"fanout-{matrix[0]}", "latency", "p99_ms")
+    one_read = med(f"fanout-{matrix[0]}", "latency_read", "p99_ms")
     print(f"\nmedians of {args.repeat} runs; {args.events} events, one every {args.pace:g} s")
     print(f"SDK direct: p50 {med('sdk', 'latency', 'p50_ms'):.1f} ms, p99 {sdk_p99:.1f} ms")
     print(
         "| viewers | events/s | p50 ms | p99 ms | p99 / 1 viewer | p99 / SDK "
-        "| p99 from record ms | server CPU "
+        "| p99 as read ms (/ 1 viewer) | p99 from record ms | server CPU "
         "ms/event | viewers' CPU ms/event | server peak RSS MiB | events per record "
         "| all once, in order |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
     for viewers in matrix:
         name = f"fanout-{viewers}"
         p99 = med(name, "latency", "p99_ms")
+        read = med(name, "latency_read", "p99_ms")
         ok = all(r["complete"] and r["in_order"] and not r["failed"] for r in runs[name])
         print(
             f"| {viewers} | {med(name, 'rate_per_s'):.0f} | {med(name, 'latency', 'p50_ms'):.1f} "
             f"| {p99:.1f} | {p99 / one:.1f}× | {p99 / sdk_p99:.1f}× "
+            f"| {read:.1f} ({read / one_read:.1f}×) "
             f"| {med(name, 'latency_from_record', 'p99_ms'):.1f} "
             f"| {med(name, 'server_cpu_s') / args.events * 1000:.2f} "
             f"| {med(name, 'client_cpu_s') / args.events * 1000:.2f} "

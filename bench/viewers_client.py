@@ -5,16 +5,17 @@
 
 Each viewer is a browser tab as `static/porthole/app.js` makes it: it opens the socket, says
 hello (`{"last_seq": 0}`), reads every frame, and acknowledges the last seq it holds every
-250 events or within a second. It notes when each seq arrives and whether seqs arrive once
-and in order. Parsing and acknowledging cost this process, not the server's.
+250 events or within a second. It notes when each seq reached its socket (the kernel's time)
+and when it was read, and whether seqs arrive once and in order. Parsing and acknowledging
+cost this process, not the server's.
 
 Commands on stdin, one JSON line each, answered by one JSON line (after `MARK`) on stdout:
 
 - `{"cmd": "open"}`: open every viewer at once, each saying hello; answers once every
   socket is open and has its watcher list (the end of its catch-up): wall times, failures.
 - `{"cmd": "expect", "started": {seq: t0}, "recording": {seq: t1}, "timeout": s}`: wait
-  until every viewer holds the last seq → latencies (arrival − t0, and arrival − t1, pooled
-  over viewers), complete, in order.
+  until every viewer holds the last seq → latencies (arrival − t0, read − t0, and arrival −
+  t1, pooled over viewers), complete, in order.
 - `{"cmd": "close"}`: close every viewer at once → wall time, failures.
 - `{"cmd": "stats"}`: this process's CPU time.
 """
@@ -29,6 +30,8 @@ import json
 import os
 import re
 import resource
+import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -46,6 +49,9 @@ DATA_SEQ = re.compile(rb'data-seq="(\d+)"')
 ACK_EVERY = 250  # as static/porthole/app.js
 ACK_AFTER = 1.0
 OPEN_TIMEOUT = 120.0
+READ_SIZE = 256 * 1024
+ANCILLARY_SIZE = 64
+SO_TIMESTAMPNS = 35  # Linux's (asm-generic): each read says when its last bytes arrived
 CLOSE_TIMEOUT = 60.0
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -56,11 +62,16 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class Tab(asyncio.Protocol):
+class Tab:
     """One tab's socket, spoken by hand: the handshake, then frames parsed straight from the
-    bytes asyncio hands over. The `websockets` client cost ~41 µs of this process's CPU a
-    frame (its futures, queues and per-message objects): at 100 viewers that was most of a
-    core on a two-core machine, taken from the server being measured."""
+    bytes read. The `websockets` client cost ~41 µs of this process's CPU a frame (its
+    futures, queues and per-message objects): at 100 viewers that was most of a core on a
+    two-core machine, taken from the server being measured.
+
+    Each read also takes the kernel's time of arrival (`SO_TIMESTAMPNS`): when the last of
+    the bytes read reached this socket, whatever this process was doing then. One process
+    reading 300 sockets reads a hand-out's last frames milliseconds after they arrived (a
+    browser apiece would not); both times are kept, `arrived` and `read`."""
 
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         parts = urlsplit(url)
@@ -68,12 +79,14 @@ class Tab(asyncio.Protocol):
         self.port = parts.port or 80
         self.path = parts.path or "/"
         self.headers = headers
-        self.transport: asyncio.Transport | None = None
+        self.sock: socket.socket | None = None
+        self.outbox = bytearray()  # what the socket did not take at once
         self.buffer = bytearray()
         self.upgraded = False
         self.key = base64.b64encode(os.urandom(16)).decode()
         self.fragments: list[bytes] = []
-        self.arrived: dict[int, float] = {}
+        self.arrived: dict[int, float] = {}  # seq → the kernel's time of arrival
+        self.read: dict[int, float] = {}  # seq → when this process read it
         self.last = 0
         self.in_order = True
         self.duplicates = 0
@@ -89,10 +102,20 @@ class Tab(asyncio.Protocol):
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: self, self.host, self.port), OPEN_TIMEOUT
-            )
+            await asyncio.wait_for(loop.sock_connect(sock, (self.host, self.port)), OPEN_TIMEOUT)
+        except Exception as error:  # noqa: BLE001 - counted as a failure
+            sock.close()
+            self._fail(repr(error))
+            return
+        self.sock = sock
+        loop.add_reader(sock.fileno(), self._readable)
+        self._write(self._handshake_request())
+        try:
             await asyncio.wait_for(self.opened.wait(), OPEN_TIMEOUT)
         except Exception as error:  # noqa: BLE001 - counted as a failure
             self._fail(repr(error))
@@ -100,11 +123,7 @@ class Tab(asyncio.Protocol):
         if self.error is None:
             self._send(OP_TEXT, json.dumps({"last_seq": 0}).encode())
 
-    # -- asyncio.Protocol ----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def _handshake_request(self) -> bytes:
         lines = [
             f"GET {self.path} HTTP/1.1",
             f"Host: {self.host}:{self.port}",
@@ -114,19 +133,78 @@ class Tab(asyncio.Protocol):
             "Sec-WebSocket-Version: 13",
             *(f"{name}: {value}" for name, value in self.headers.items()),
         ]
-        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
-    def data_received(self, data: bytes) -> None:
+    # -- the socket ----------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(READ_SIZE, ANCILLARY_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._lost(error)
+            return
+        if not data:
+            self._lost(None)
+            return
         now = time.time()
+        arrived = now
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                arrived = seconds + nanoseconds / 1e9
         self.buffer += data
         if not self.upgraded and not self._handshake():
             return
-        self._frames(now)
+        self._frames(arrived, now)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _write(self, data: bytes) -> None:
+        if self.sock is None:
+            return
+        if not self.outbox:
+            try:
+                data = data[self.sock.send(data) :]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as error:
+                self._lost(error)
+                return
+            if not data:
+                return
+            asyncio.get_running_loop().add_writer(self.sock.fileno(), self._writable)
+        self.outbox += data
+
+    def _writable(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            del self.outbox[: self.sock.send(self.outbox)]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._lost(error)
+            return
+        if not self.outbox:
+            asyncio.get_running_loop().remove_writer(self.sock.fileno())
+
+    def _lost(self, error: Exception | None) -> None:
         if not self.close_received:
-            self.error = self.error or (repr(exc) if exc else "closed without a close frame")
+            self.error = self.error or (repr(error) if error else "closed without a close frame")
+        self._drop()
         self._finish()
+
+    def _drop(self) -> None:
+        """Closes the socket now (nothing lingers: the server already has what was sent)."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        loop.remove_writer(sock.fileno())
+        sock.close()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -149,7 +227,7 @@ class Tab(asyncio.Protocol):
         self.opened.set()
         return True
 
-    def _frames(self, now: float) -> None:
+    def _frames(self, arrived: float, now: float) -> None:
         buffer = self.buffer
         offset = 0
         while len(buffer) - offset >= 2:
@@ -173,18 +251,18 @@ class Tab(asyncio.Protocol):
                 break
             payload = bytes(buffer[start : start + length])
             offset = start + length
-            self._frame(first & 0x80, first & 0x0F, payload, now)
-            if self.transport is None:
+            self._frame(first & 0x80, first & 0x0F, payload, arrived, now)
+            if self.sock is None:
                 return
         del buffer[:offset]
 
-    def _frame(self, fin: int, opcode: int, payload: bytes, now: float) -> None:
+    def _frame(self, fin: int, opcode: int, payload: bytes, arrived: float, now: float) -> None:
         if opcode in (OP_TEXT, OP_BINARY, OP_CONTINUATION):
             self.fragments.append(payload)
             if fin:
                 message = b"".join(self.fragments)
                 self.fragments.clear()
-                self._message(message, now)
+                self._message(message, arrived, now)
         elif opcode == OP_PING:
             self._send(OP_PONG, payload)
         elif opcode == OP_CLOSE:
@@ -192,10 +270,10 @@ class Tab(asyncio.Protocol):
             if not self.close_sent:
                 self.close_sent = True
                 self._send(OP_CLOSE, payload[:2])
-            if self.transport is not None:
-                self.transport.close()
+            self._drop()
+            self._finish()
 
-    def _message(self, message: bytes, now: float) -> None:
+    def _message(self, message: bytes, arrived: float, now: float) -> None:
         for found in DATA_SEQ.findall(message):
             seq = int(found)
             if seq in self.arrived:
@@ -203,7 +281,8 @@ class Tab(asyncio.Protocol):
             elif seq != self.last + 1:
                 self.in_order = False
             self.last = max(self.last, seq)
-            self.arrived.setdefault(seq, now)
+            self.arrived.setdefault(seq, arrived)
+            self.read.setdefault(seq, now)
         if b'id="watchers"' in message:
             self.settled.set()
         self._maybe_ack()
@@ -212,7 +291,7 @@ class Tab(asyncio.Protocol):
     # -- writing -------------------------------------------------------------------------
 
     def _send(self, opcode: int, payload: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.sock is None:
             return
         mask = os.urandom(4)
         length = len(payload)
@@ -224,7 +303,7 @@ class Tab(asyncio.Protocol):
             header = bytes((0x80 | opcode, 0x80 | 127)) + length.to_bytes(8, "big")
         key = int.from_bytes((mask * (length // 4 + 1))[:length], "big")
         masked = (int.from_bytes(payload, "big") ^ key).to_bytes(length, "big")
-        self.transport.write(header + mask + masked)
+        self._write(header + mask + masked)
 
     def _maybe_ack(self) -> None:
         if self.last - self.acked >= ACK_EVERY:
@@ -244,12 +323,10 @@ class Tab(asyncio.Protocol):
 
     def _fail(self, error: str) -> None:
         self.error = self.error or error
-        if self.transport is not None:
-            self.transport.abort()
+        self._drop()
         self._finish()
 
     def _finish(self) -> None:
-        self.transport = None
         if self.ack_timer is not None:
             self.ack_timer.cancel()
             self.ack_timer = None
@@ -259,8 +336,7 @@ class Tab(asyncio.Protocol):
         self.lost.set()
 
     async def close(self) -> None:
-        transport = self.transport
-        if transport is None:
+        if self.sock is None:
             return
         if not self.close_sent:
             self.close_sent = True
@@ -269,7 +345,7 @@ class Tab(asyncio.Protocol):
             await asyncio.wait_for(self.lost.wait(), CLOSE_TIMEOUT)
         except TimeoutError:
             self.error = self.error or "the server did not close"
-            transport.abort()
+            self._drop()
 
 
 class Crowd:
@@ -310,6 +386,7 @@ class Crowd:
                     break
         return {
             "latency": percentiles(self._latencies(begun)),
+            "latency_read": percentiles(self._latencies(begun, read=True)),
             "latency_from_record": percentiles(self._latencies(stored)),
             "complete": all(set(begun) <= set(tab.arrived) for tab in self.tabs),
             "in_order": all(tab.in_order and not tab.duplicates for tab in self.tabs),
@@ -317,12 +394,13 @@ class Crowd:
             "failures": [tab.error for tab in self.tabs if tab.error][:5],
         }
 
-    def _latencies(self, since: dict[int, float]) -> list[float]:
+    def _latencies(self, since: dict[int, float], *, read: bool = False) -> list[float]:
         return [
-            tab.arrived[seq] - t0
+            times[seq] - t0
             for tab in self.tabs
+            for times in [tab.read if read else tab.arrived]
             for seq, t0 in since.items()
-            if seq in tab.arrived
+            if seq in times
         ]
 
     async def close(self) -> dict[str, Any]:
