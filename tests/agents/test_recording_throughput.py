@@ -36,7 +36,7 @@ from dashboard.agents.models import AgentSession, Event, Sandbox
 from dashboard.agents.recording import NewEvent, draw_stored, record, store
 from dashboard.agents.rendering import ToolIndex, render, render_event, render_event_oob
 from dashboard.agents.rendering.agent import plain_paragraphs
-from dashboard.agents.rendering.items import TextBlock, _stamp
+from dashboard.agents.rendering.items import TextBlock, _stamp, stamp
 from dashboard.agents.rendering.templates import render as render_macro
 from dashboard.agents.sqlwrite import COPY_FROM
 from dashboard.opencomputer import OpenComputer
@@ -156,6 +156,18 @@ def _agent(data: dict[str, Any]) -> NewEvent:
 def _text(text: str, **extra: Any) -> NewEvent:
     message = {"role": "assistant", "content": [{"type": "text", "text": text}]}
     return _agent({"type": "assistant", "message": message, **extra})
+
+
+def test_it_formats_and_draws_the_time_of_paced_events_once_a_second():
+    """A paced session stores each event at a time of its own: the page shows them to the
+    second, and they share that second's formatting and `<time>` element."""
+    _stamp.cache_clear()
+    moment = timezone.now().replace(microsecond=1)
+    first, later = stamp(moment), stamp(moment.replace(microsecond=999_999))
+    assert later is first
+    assert first.html is later.html
+    assert "." not in first.iso  # to the second, as shown
+    assert stamp(moment + timedelta(seconds=1)) is not first
 
 
 def test_it_formats_a_batchs_time_once(monkeypatch):

@@ -134,12 +134,13 @@ NO_STAMP = Stamp("", "", "")
 
 
 def stamp(moment: datetime | None) -> Stamp:
-    """`moment` in the current time zone, formatted once however many events share it: a
-    batch is stored with one time, and formatting it three ways per event was a sixth of
-    the cost of rendering a flood."""
+    """`moment` to the second (as the page shows it) in the current time zone, formatted
+    and drawn once however many events share that second: formatting a time three ways
+    per event was a sixth of the cost of rendering a flood, and, with a paced session's
+    events each stored at a time of its own, 65 µs of each one's record."""
     if moment is None:
         return NO_STAMP
-    return _stamp(moment, timezone.get_current_timezone_name())
+    return _stamp(moment.replace(microsecond=0), timezone.get_current_timezone_name())
 
 
 @lru_cache(maxsize=64)
