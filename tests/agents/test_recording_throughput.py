@@ -128,6 +128,24 @@ async def test_it_replaces_a_kept_connection_that_died_while_idle(monkeypatch):
         await on_bridge_thread(connections.close_all)()
 
 
+def _autocheckpoint() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA wal_autocheckpoint")
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="a SQLite connection's own setting")
+async def test_it_leaves_checkpoints_of_the_write_ahead_log_to_the_other_connections():
+    """A bridge's commit never stops to copy the log into the database: its connection is
+    told not to, however often it is opened again; the process's other connections are not."""
+    async with ThreadSensitiveContext():
+        assert await on_bridge_thread(_autocheckpoint)() == 0
+        await on_bridge_thread(connections.close_all)()
+        assert await on_bridge_thread(_autocheckpoint)() == 0
+        await on_bridge_thread(connections.close_all)()
+    assert await database_sync_to_async(_autocheckpoint)() > 0
+
+
 @pytest.mark.skipif(not pool_in_use(), reason="PostgreSQL's connection pool is not in use")
 async def test_it_hands_a_pooled_connection_back_after_each_bridge_call():
     """A bridge holding a pooled connection for its life would drain the pool (20 live
