@@ -116,9 +116,14 @@ def with_attention(
     ]
     sessions = sessions.annotate(attention_turn=Greatest(*last))
     since = Event.objects.filter(session=OuterRef("pk"), seq__gt=OuterRef("attention_turn"))
-    error_line = Q(source=Event.Source.AGENT) & (
-        Q(type="error")
-        | (Q(type="result") & (Q(subtype__startswith="error") | Q(raw__regex=IS_ERROR_PATTERN)))
+    # One look per kind of line, as for the follow-ups: as one OR over two types the look
+    # walked every agent event since the last follow-up (13 ms a 40,000-event turn).
+    error_line = Exists(since.filter(source=Event.Source.AGENT, type="error")) | Exists(
+        since.filter(
+            Q(subtype__startswith="error") | Q(raw__regex=IS_ERROR_PATTERN),
+            source=Event.Source.AGENT,
+            type="result",
+        )
     )
     not_killed = ~Q(status=AgentSession.Status.KILLED)
     # The last follow-up is someone marking it as handled, and it did not end after that.
@@ -133,7 +138,7 @@ def with_attention(
             & Q(still_open)
         ),
         attention_lost=_boolean(Q(status=AgentSession.Status.LOST) & Q(still_open)),
-        attention_error=_boolean(not_killed & Q(Exists(since.filter(error_line)))),
+        attention_error=_boolean(not_killed & Q(error_line)),
         attention_gap=_boolean(
             not_killed & Q(Exists(since.filter(source=Event.Source.BRIDGE, type="gap")))
         ),

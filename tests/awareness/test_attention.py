@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import connection
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -184,6 +185,22 @@ def test_it_does_not_call_a_fresh_session_idle():
     session = record(new_session(), agent({"type": "ready"}))
     assert session.status == AgentSession.Status.IDLE
     assert reasons(session, now=later()) == ()
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's plans (EXPLAIN QUERY PLAN)")
+def test_it_looks_for_an_error_by_kind_of_line_not_through_the_whole_turn():
+    """A long turn (a flood) is tens of thousands of agent events: each look for the lines
+    that end a turn in error goes straight to that kind of line (the index on session,
+    source, type and seq), as the look for the last follow-up does."""
+    session = new_session()
+    annotated = attention.with_attention(AgentSession.objects.filter(pk=session.pk))
+    sql, params = annotated.values("attention_error").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN QUERY PLAN " + sql, params)
+        plan = [row[-1] for row in cursor.fetchall()]
+    looks = [step for step in plan if step.startswith("SEARCH U")]  # the events' subqueries
+    assert len(looks) >= len(attention.FOLLOW_UPS) + 2, plan
+    assert all("type=?" in step for step in looks), plan
 
 
 @pytest.mark.parametrize(
