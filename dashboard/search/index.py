@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Max
+from django.db.models import Exists, OuterRef
 from django.urls import reverse
 
 from dashboard.agents.models import AgentSession, Event, SessionId
@@ -82,34 +82,42 @@ def index_events(events: Sequence[Event]) -> None:
 
 
 def index_tail(session_id: SessionId, span: int) -> int:
-    """Index what a bridge that stopped abruptly may have left out: of the session's last
-    `span` events it drew, those after its last entry (a bridge holds no more back:
-    `IndexFeed`). What it stored and did not draw is indexed as it is drawn, by the next
-    bridge or `recording.draw_the_rest`. Entries that exist already are kept; returns the
-    entries written. Never raises, like `index_events`."""
+    """Index what a bridge that stopped abruptly may have left out: those of the session's
+    last `span` events it drew that have no entry (a bridge holds no more back:
+    `IndexFeed`). Not merely those after the last entry: a person's action is indexed as it
+    is recorded, and may have come after what the stopped bridge held back. What it stored
+    and did not draw is indexed as it is drawn, by the next bridge or
+    `recording.draw_the_rest`. Returns the entries written. Never raises, like
+    `index_events`."""
     try:
         session = AgentSession.objects.filter(id=session_id)
         row = session.values_list("next_seq", "undrawn_from").first()
         next_seq, undrawn_from = row if row is not None else (1, None)
         through = (undrawn_from or next_seq) - 1
-        entries = SearchEntry.objects.filter(session__id=session_id, seq__lte=through)
-        last_entry = entries.aggregate(last=Max("seq"))["last"] or 0
-        return _write_after(session_id, max(last_entry, through - span), through=through)
+        return _write_after(session_id, through - span, through=through, unindexed=True)
     except Exception:
         log.exception("search: could not index the tail of session %s", session_id)
         return 0
 
 
 def _write_after(
-    session_id: SessionId, seq: int, chunk: int = 500, through: int | None = None
+    session_id: SessionId,
+    seq: int,
+    chunk: int = 500,
+    through: int | None = None,
+    *,
+    unindexed: bool = False,
 ) -> int:
-    """Index the session's events after `seq` (up to `through`), `chunk` at a time (its
-    lines may be large)."""
+    """Index the session's events after `seq` (up to `through`; only those without an
+    entry, `unindexed`), `chunk` at a time (its lines may be large)."""
     written = 0
     while True:
         after = Event.objects.filter(session__id=session_id, seq__gt=seq)
         if through is not None:
             after = after.filter(seq__lte=through)
+        if unindexed:
+            entry = SearchEntry.objects.filter(session__id=session_id, seq=OuterRef("seq"))
+            after = after.exclude(Exists(entry))
         events = list(after.order_by("seq")[:chunk])
         if not events:
             return written

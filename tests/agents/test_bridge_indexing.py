@@ -22,7 +22,7 @@ from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from dashboard.agents import bridge as bridge_module
-from dashboard.agents.bridge import INDEX_TAIL, RECORD_SLICE, Bridge, IndexFeed, _tool_index
+from dashboard.agents.bridge import RECORD_SLICE, Bridge, IndexFeed, _tool_index
 from dashboard.agents.leases import Lease
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import NewEvent, record
@@ -188,8 +188,24 @@ async def test_it_looks_no_further_back_than_a_bridge_can_hold():
     assert written == 10
     assert await _indexed(session) == seqs[-10:]
     more = await _recorded_unindexed(session, [f"new ocelot {n}" for n in range(5)])
-    await database_sync_to_async(index_tail)(session.id, INDEX_TAIL)
-    assert await _indexed(session) == seqs[-10:] + more
+    await database_sync_to_async(index_tail)(session.id, 17)  # 12 old ones, 5 new
+    assert await _indexed(session) == seqs[-12:] + more
+
+
+async def test_it_indexes_what_a_bridge_left_behind_a_persons_action_indexed_since():
+    """A person's prompt is indexed as it is recorded: one that came after what a killed
+    bridge held back must not hide those events from the bridge that takes over."""
+    session = await _new_session()
+    seqs = await _recorded_unindexed(session, [f"hidden heron {n}" for n in range(8)])
+    prompt = NewEvent.ours(Event.Source.DASHBOARD, {"type": "prompt", "text": "heron?"})
+    appended, _ = await database_sync_to_async(record)(session.id, [prompt])  # indexed
+    assert await _indexed(session) == [appended.events[0].seq]
+
+    await _record_from_queue(Bridge(str(session.id), OWNER), [])
+
+    assert await _indexed(session) == [*seqs, appended.events[0].seq]
+    found = await database_sync_to_async(search)("heron")
+    assert {hit.seq for hit in found} == {*seqs, appended.events[0].seq}
 
 
 async def test_it_never_lets_a_failing_index_stop_a_bridge(monkeypatch, caplog: Any):
