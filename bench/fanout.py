@@ -308,6 +308,7 @@ def fanout(args: argparse.Namespace, viewers: int) -> dict[str, Any]:
         "largest_slice": published["largest_slice"],
         "latency": got["latency"],
         "latency_read": got["latency_read"],
+        "untimed_reads": got["untimed_reads"],
         "latency_from_record": got["latency_from_record"],
         "complete": got["complete"],
         "in_order": got["in_order"],
@@ -597,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| {med(name, 'memory', 'peak_delta_mb'):.1f} "
             f"| {args.events / med(name, 'slices'):.1f} | {'yes' if ok else 'NO'} |"
         )
+    untimed = sum(r.get("untimed_reads", 0) for v in matrix for r in runs[f"fanout-{v}"])
+    if untimed:
+        print(f"{untimed} reads came without the kernel's time: their arrival is when read")
     if args.publisher == "separate":
         publisher = [med(f"fanout-{v}", "publisher_cpu_s") / args.events * 1000 for v in matrix]
         print(

@@ -69,7 +69,8 @@ class Tab:
     two-core machine, taken from the server being measured.
 
     Each read also takes the kernel's time of arrival (`SO_TIMESTAMPNS`): when the last of
-    the bytes read reached this socket, whatever this process was doing then. One process
+    the bytes read reached this socket, whatever this process was doing then (for frames
+    that came earlier in the same read, a bound: they arrived then or before). One process
     reading 300 sockets reads a hand-out's last frames milliseconds after they arrived (a
     browser apiece would not); both times are kept, `arrived` and `read`."""
 
@@ -81,6 +82,8 @@ class Tab:
         self.headers = headers
         self.sock: socket.socket | None = None
         self.outbox = bytearray()  # what the socket did not take at once
+        self.ended = False  # a close frame came and was answered: drop once that is out
+        self.untimed = 0  # reads the kernel gave no time of arrival for
         self.buffer = bytearray()
         self.upgraded = False
         self.key = base64.b64encode(os.urandom(16)).decode()
@@ -151,11 +154,14 @@ class Tab:
             self._lost(None)
             return
         now = time.time()
-        arrived = now
+        arrived = None
         for level, kind, value in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                 seconds, nanoseconds = struct.unpack("qq", value[:16])
                 arrived = seconds + nanoseconds / 1e9
+        if arrived is None:  # counted: the kernel said nothing, the read time stands in
+            self.untimed += 1
+            arrived = now
         self.buffer += data
         if not self.upgraded and not self._handshake():
             return
@@ -189,6 +195,9 @@ class Tab:
             return
         if not self.outbox:
             asyncio.get_running_loop().remove_writer(self.sock.fileno())
+            if self.ended:
+                self._drop()
+                self._finish()
 
     def _lost(self, error: Exception | None) -> None:
         if not self.close_received:
@@ -270,8 +279,11 @@ class Tab:
             if not self.close_sent:
                 self.close_sent = True
                 self._send(OP_CLOSE, payload[:2])
-            self._drop()
-            self._finish()
+            if self.outbox:
+                self.ended = True  # dropped once the reply is out (`_writable`)
+            else:
+                self._drop()
+                self._finish()
 
     def _message(self, message: bytes, arrived: float, now: float) -> None:
         for found in DATA_SEQ.findall(message):
@@ -387,6 +399,7 @@ class Crowd:
         return {
             "latency": percentiles(self._latencies(begun)),
             "latency_read": percentiles(self._latencies(begun, read=True)),
+            "untimed_reads": sum(tab.untimed for tab in self.tabs),
             "latency_from_record": percentiles(self._latencies(stored)),
             "complete": all(set(begun) <= set(tab.arrived) for tab in self.tabs),
             "in_order": all(tab.in_order and not tab.duplicates for tab in self.tabs),

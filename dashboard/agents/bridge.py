@@ -552,7 +552,9 @@ class Bridge:
                 await self._run()
             finally:
                 self.finished.set()
-                await on_bridge_thread(connections.close_all)()
+                # On its thread, but not through `on_bridge_thread`, which would open a
+                # connection (to tell it not to checkpoint) only for this to close it.
+                await sync_to_async(connections.close_all, thread_sensitive=True)()
 
     async def _run(self) -> None:
         if self.lease is None:

@@ -19,13 +19,14 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
+from django.db.models.functions import Length
 from django.urls import reverse
 
 from dashboard.agents.models import AgentSession, Event, SessionId
 from dashboard.agents.sqlwrite import commit_without_waiting_for_the_disk, db_value, insert_many
 from dashboard.gil import HandOver
-from dashboard.search.extract import extract
+from dashboard.search.extract import FINDABLE, PARSE_MAX, extract
 from dashboard.search.models import SearchEntry
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,16 @@ def index_tail(session_id: SessionId, span: int) -> int:
         return 0
 
 
+def _findable() -> Q:
+    """Events `extract` may find something in: most of a session (stream events, system
+    lines, Porthole's own) never has an entry, and need not be read and parsed again."""
+    kinds = Q()
+    for source, types in FINDABLE.items():
+        kinds |= Q(source=source, type__in=types)
+    too_long_to_parse = Q(source="agent", raw_length__gt=PARSE_MAX)
+    return kinds | too_long_to_parse
+
+
 def _write_after(
     session_id: SessionId,
     seq: int,
@@ -116,8 +127,9 @@ def _write_after(
         if through is not None:
             after = after.filter(seq__lte=through)
         if unindexed:
+            after = after.alias(raw_length=Length("raw"))
             entry = SearchEntry.objects.filter(session__id=session_id, seq=OuterRef("seq"))
-            after = after.exclude(Exists(entry))
+            after = after.filter(_findable()).exclude(Exists(entry))
         events = list(after.order_by("seq")[:chunk])
         if not events:
             return written

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from dashboard.agents import bridge as bridge_module
-from dashboard.agents.bridge import RECORD_SLICE, Bridge, IndexFeed, _tool_index
+from dashboard.agents.bridge import INDEX_TAIL, RECORD_SLICE, Bridge, IndexFeed, _tool_index
 from dashboard.agents.leases import Lease
 from dashboard.agents.models import AgentSession, Event
 from dashboard.agents.recording import NewEvent, record
@@ -190,6 +191,46 @@ async def test_it_looks_no_further_back_than_a_bridge_can_hold():
     more = await _recorded_unindexed(session, [f"new ocelot {n}" for n in range(5)])
     await database_sync_to_async(index_tail)(session.id, 17)  # 12 old ones, 5 new
     assert await _indexed(session) == seqs[-12:] + more
+
+
+async def test_it_reads_again_only_the_kinds_of_event_the_index_finds_something_in(monkeypatch):
+    """Most of a session never has an entry (stream events, system lines): a bridge that
+    takes over does not parse them all again to find that out."""
+    from dashboard.search import index
+
+    session = await _new_session()
+    lease = Lease(str(session.id), OWNER, None)
+    streamed = [
+        NewEvent.from_line(Event.Source.AGENT, json.dumps(line), line)
+        for line in [{"type": "stream_event", "event": {"n": n}} for n in range(20)]
+    ]
+    await database_sync_to_async(record)(session.id, streamed, lease=lease, index=False)
+    seqs = await _recorded_unindexed(session, ["lonely lynx"])
+    parsed: list[str] = []
+    real = index.extract
+
+    def counted(source: str, kind: str, raw: str, data: Any = None) -> Any:
+        parsed.append(kind)
+        return real(source, kind, raw, data)
+
+    monkeypatch.setattr(index, "extract", counted)
+    assert await database_sync_to_async(index_tail)(session.id, INDEX_TAIL) == 1
+    assert parsed == ["assistant"]
+    assert await _indexed(session) == seqs
+
+
+async def test_it_still_finds_an_agents_line_too_long_to_parse_left_behind(monkeypatch):
+    from dashboard.search import extract, index
+
+    monkeypatch.setattr(extract, "PARSE_MAX", 100)
+    monkeypatch.setattr(index, "PARSE_MAX", 100)
+    session = await _new_session()
+    lease = Lease(str(session.id), OWNER, None)
+    line = NewEvent.from_line(Event.Source.AGENT, "mighty marmot " * 20, None)  # not JSON
+    appended, _ = await database_sync_to_async(record)(session.id, [line], lease=lease, index=False)
+
+    assert await database_sync_to_async(index_tail)(session.id, INDEX_TAIL) == 1
+    assert await _indexed(session) == [appended.events[0].seq]
 
 
 async def test_it_indexes_what_a_bridge_left_behind_a_persons_action_indexed_since():
