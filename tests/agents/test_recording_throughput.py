@@ -38,7 +38,7 @@ from dashboard.agents.rendering import ToolIndex, render, render_event, render_e
 from dashboard.agents.rendering.agent import plain_paragraphs
 from dashboard.agents.rendering.items import TextBlock, _stamp, stamp
 from dashboard.agents.rendering.templates import render as render_macro
-from dashboard.agents.sqlwrite import COPY_FROM
+from dashboard.agents.sqlwrite import COPY_FROM, db_value, insert_many
 from dashboard.opencomputer import OpenComputer
 from dashboard.search.models import SearchEntry
 from tests.agents.helpers import held_session
@@ -359,6 +359,23 @@ def test_it_stores_any_text_exactly_however_many_rows_a_batch_holds(texts: list[
         html and f'id="event-{event.seq}"' in html
         for (_, html), event in zip(stored, appended.events, strict=True)
     )
+
+
+@pytest.mark.parametrize("count", [1, 3, COPY_FROM - 1])
+def test_it_inserts_a_few_rows_at_once_past_those_already_there(count: int) -> None:
+    """The search index writes what it may have written before (`ignore_conflicts`): the
+    rows already there are kept as they were, the others go in."""
+    session = _session()
+    prepared = db_value(SearchEntry, "session", session.id)
+    now = db_value(SearchEntry, "created_at", timezone.now())
+    columns = ["session", "seq", "kind", "text", "created_at"]
+    insert_many(SearchEntry, columns, [(prepared, 1, "prompt", "kept", now)])
+    rows = [(prepared, seq, "assistant", f"new {seq}", now) for seq in range(1, count + 2)]
+    insert_many(SearchEntry, columns, rows, ignore_conflicts=True)
+    texts = (
+        SearchEntry.objects.filter(session=session).order_by("seq").values_list("text", flat=True)
+    )
+    assert list(texts) == ["kept", *[f"new {seq}" for seq in range(2, count + 2)]]
 
 
 @settings(max_examples=30, deadline=None)
