@@ -168,3 +168,16 @@ def test_it_documents_every_environment_variable_it_reads() -> None:
     documented = "".join((ROOT / name).read_text() for name in ENVIRONMENT_DOCS)
     named = {name for name in read if f"`{name}`" in documented or f"${name}" in documented}
     assert sorted(read - named) == []
+
+
+@pytest.mark.django_db
+def test_it_cuts_sqlites_write_ahead_log_back_once_it_starts_over() -> None:
+    """A flood grows the log; a server's connections stay open for its whole life, so
+    without a limit the file would keep its largest size on disk until a restart."""
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's write-ahead log")
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA journal_size_limit")
+        assert cursor.fetchone()[0] == 32 * 1024 * 1024
