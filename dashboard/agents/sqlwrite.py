@@ -51,7 +51,10 @@ def insert_many(
     rows = list(rows)
     if connection.vendor == "postgresql" and not ignore_conflicts and len(rows) >= COPY_FROM:
         # COPY has no ON CONFLICT: rows that may conflict take the INSERT below.
+        # psycopg's own errors, as Django's (`DataError`…) for callers to tell content
+        # from the rest, as every other statement here raises them.
         with (
+            connection.wrap_database_errors,
             connection.cursor() as cursor,
             cursor.copy("COPY {} ({}) FROM STDIN".format(table, ", ".join(names))) as copy,
         ):
@@ -66,10 +69,11 @@ def insert_many(
             suffix = " ON CONFLICT DO NOTHING"
     values = "({})".format(", ".join(["%s"] * len(names)))
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql" and len(rows) > 1:
+        if connection.vendor == "postgresql" and 1 < len(rows) < COPY_FROM:
             # psycopg runs `executemany` in a pipeline, which cost a record of two to seven
             # events (a loaded bridge's usual) 650 µs more CPU than a record of one: one
-            # statement with a row of values each, one round trip.
+            # statement with a row of values each, one round trip. (Not for many rows that
+            # may conflict: the search index's thousands would make one of tens of MB.)
             cursor.execute(
                 "{} {} ({}) VALUES {}{}".format(
                     verb, table, ", ".join(names), ", ".join([values] * len(rows)), suffix
@@ -80,7 +84,7 @@ def insert_many(
         sql = "{} {} ({}) VALUES {}{}".format(verb, table, ", ".join(names), values, suffix)
         if len(rows) == 1:
             cursor.execute(sql, rows[0])
-        else:  # sqlite3 runs it for every row in C
+        else:  # sqlite3 runs it for every row in C, psycopg in a pipeline
             cursor.executemany(sql, rows)
 
 

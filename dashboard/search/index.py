@@ -107,7 +107,8 @@ def _findable() -> Q:
     kinds = Q()
     for source, types in FINDABLE.items():
         kinds |= Q(source=source, type__in=types)
-    too_long_to_parse = Q(source="agent", raw_length__gt=PARSE_MAX)
+    # Not JSON (`extract` parses no further): a line's length is read only for these.
+    too_long_to_parse = Q(source="agent", type="") & Q(raw_length__gt=PARSE_MAX)
     return kinds | too_long_to_parse
 
 

@@ -19,7 +19,7 @@ import pytest
 from asgiref.sync import ThreadSensitiveContext
 from channels.db import database_sync_to_async
 from django.conf import settings as django_settings
-from django.db import connection, connections
+from django.db import DataError, connection, connections, transaction
 from django.db.backends.signals import connection_created
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -376,6 +376,19 @@ def test_it_inserts_a_few_rows_at_once_past_those_already_there(count: int) -> N
         SearchEntry.objects.filter(session=session).order_by("seq").values_list("text", flat=True)
     )
     assert list(texts) == ["kept", *[f"new {seq}" for seq in range(2, count + 2)]]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite keeps a NUL")
+@pytest.mark.parametrize("count", [2, COPY_FROM])
+def test_it_raises_djangos_error_for_content_the_database_refuses(count: int) -> None:
+    """A batch whose content the database refuses is stored line by line
+    (`recording._append_isolating`), which it tells by Django's `DataError`: COPY's too."""
+    session = _session()
+    prepared = db_value(SearchEntry, "session", session.id)
+    now = db_value(SearchEntry, "created_at", timezone.now())
+    rows = [(prepared, seq, "assistant", "nul \x00 here", now) for seq in range(1, count + 1)]
+    with pytest.raises(DataError), transaction.atomic():
+        insert_many(SearchEntry, ["session", "seq", "kind", "text", "created_at"], rows)
 
 
 @settings(max_examples=30, deadline=None)
