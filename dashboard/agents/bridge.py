@@ -229,7 +229,7 @@ def _leaving_checkpoints_to_others() -> None:
     events a bridge's commit took 5–20 ms more (a one-event record's p99 5.8 ms, 1.35
     without). A bridge's connection leaves it to the other connections of its process,
     whose commits checkpoint beside the bridge's writes (a passive checkpoint waits for no
-    writer): the search index's thread, the supervisor's heartbeats, the web requests."""
+    writer): the search index's thread, the supervisor's heartbeats, requests that write."""
     connection = connections["default"]
     if connection.vendor != "sqlite":
         return

@@ -18,8 +18,8 @@ MAX_TEXT = 20_000  # characters indexed per event
 PARSE_MAX = 1_000_000  # longer raw lines are not parsed for indexing
 # Highlight markers in snippets: never part of indexed text.
 MARKERS = str.maketrans({"\x01": " ", "\x02": " ", "\x00": " "})
-# The kinds of event `extract` may find something in (besides an agent's line too long to
-# parse, of any kind): what looks for events left unindexed need read no other.
+# The kinds of event `extract` may find something in (besides an agent's line that is not
+# JSON and too long to parse): what looks for events left unindexed need read no other.
 FINDABLE = {"dashboard": ("prompt",), "agent": ("assistant", "user", "result", "error")}
 
 
