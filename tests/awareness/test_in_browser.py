@@ -253,6 +253,11 @@ def test_it_shows_a_phone_what_marking_from_the_header_did(open_context: Any) ->
     page = phone.new_page()
     start_session(page, "A long read\nflood 40 400\nexit 4")
     expect(page.locator(".attention-note")).to_be_visible()
+    # The header's state can come before a lagging page has drawn the flood: a page still
+    # short when scrolled to the top follows the flood down to the dock as it is drawn.
+    last = page.locator("#timeline article.ev-message .blk-text").filter(has_text="flood 40/40")
+    expect(last).to_be_attached()
+    expect(page.get_by_role("button", name="Continue in a new session")).to_be_attached()
     button = page.get_by_role("button", name="Mark as handled")
     page.evaluate("() => window.scrollTo(0, 0)")
     expect(button).to_be_in_viewport()
