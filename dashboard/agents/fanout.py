@@ -272,38 +272,47 @@ class Feed(GroupMember):
     async def _hand_out(self, messages: list[dict[str, Any]]) -> None:
         """Hands messages out at once, in the reader, as they come (a separate task would
         let the bridge's next recording start first and contend with the hand-out for the
-        GIL: 100 viewers' p99 tripled). A hand-out that took long (hundreds of viewers), or
-        more than half of the time since the previous one began, is followed by a pause as
-        long (`_resume`), in which the worker does other work and messages gather for one
-        frame: a feed then takes about half of its worker at most, and the more viewers,
-        the more events per frame. Fewer viewers, or messages far apart: no pause."""
-        began = _clock()
-        since, self._last_hand_out = began - self._last_hand_out, began
-        spent = await self._timed_dispatch(messages)
-        if spent > PAUSE_AFTER or spent * 2 > since:
-            self.pauses += 1
-            self._resuming = asyncio.create_task(self._resume(spent))
+        GIL: 100 viewers' p99 tripled). A hand-out that kept the worker busy (`_busy`) is
+        followed by a pause as long (`_resume`), in which the worker does other work and
+        messages gather for one frame: a feed then takes about half of its worker at most,
+        and the more viewers, the more events per frame. Fewer viewers, or messages far
+        apart: no pause."""
+        pause = await self._timed_dispatch(messages)
+        if pause:
+            self._resuming = asyncio.create_task(self._resume(pause))
 
     async def _resume(self, pause: float) -> None:
+        """Pauses, hands out what came meanwhile, and goes on so while that keeps the
+        worker busy; then the reader hands out as messages come again."""
         try:
-            while True:
+            while pause:
                 await _pause(pause)
                 messages, self._inbox = self._inbox, []
                 if not messages:
                     return
-                self._last_hand_out = _clock()
                 pause = await self._timed_dispatch(messages)
-                self.pauses += 1
         finally:
             self._resuming = None
 
+    def _busy(self, spent: float, since: float) -> bool:
+        """Whether a hand-out that took `spent` seconds, `since` seconds after the previous
+        one began, calls for a pause: a long one (hundreds of viewers), or one that took
+        more than half of the time since the previous one began."""
+        return spent > PAUSE_AFTER or spent * 2 > since
+
     async def _timed_dispatch(self, messages: list[dict[str, Any]]) -> float:
+        """Hands `messages` out; returns how long to pause after (0: none)."""
         began = _clock()
+        since, self._last_hand_out = began - self._last_hand_out, began
         try:
             await self.dispatch(*messages)
         except Exception:  # a malformed message must not end the feed
             log.exception("feed of session %s could not hand out", self.session_id)
-        return _clock() - began
+        spent = _clock() - began
+        if not self._busy(spent, since):
+            return 0.0
+        self.pauses += 1
+        return spent
 
     async def dispatch(self, *messages: dict[str, Any]) -> None:
         """Hands messages to the viewers in order, consecutive event batches as one frame."""

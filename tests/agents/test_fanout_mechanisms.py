@@ -306,6 +306,53 @@ async def test_it_pauses_when_short_hand_outs_take_most_of_its_time(db, monkeypa
     await feed.stop()
 
 
+async def test_it_stops_pausing_once_its_hand_outs_leave_it_time_again(db, monkeypatch):
+    """A pause is for a worker that hand-outs keep busy: once the hand-out after a pause
+    took less than half of the time since the previous one began, the feed hands out as
+    messages come again. (It used to pause after every hand-out for as long as anything
+    came during the pause: 300 viewers, 2.8 ms hand-outs every 5 ms, each event then waited
+    3 ms in the inbox.)"""
+    member = Tab("a")
+    feed = await _feed(await _session(), member)
+    layer = feed.layer
+    now = [0.0]
+    monkeypatch.setattr(fanout, "_clock", lambda: now[0])
+    real_dispatch = feed.dispatch
+
+    async def dispatch_taking_6_ms(*messages: dict[str, Any]) -> None:
+        now[0] += 0.006
+        await real_dispatch(*messages)
+
+    feed.dispatch = dispatch_taking_6_ms  # type: ignore[method-assign]
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(member.frames) == 2:  # one message comes during the pause
+            await layer.send(feed.channel, _events(3, 3))
+            for _ in range(5):  # the reader takes it in
+                await asyncio.sleep(0)
+        now[0] += seconds
+
+    monkeypatch.setattr(fanout, "_pause", pause)
+
+    async def handed_out(seq: int, frames: int) -> None:
+        await layer.send(feed.channel, _events(seq, seq))
+        await wait_for(lambda: _equals(_async(len(member.frames)), frames))
+
+    await handed_out(1, 1)
+    now[0] += 0.001
+    await handed_out(2, 3)  # busy 6 ms of 7: a pause, then what came in it
+    assert pauses == [pytest.approx(0.006)]
+    assert feed._resuming is None  # 6 ms of 12: no second pause
+    now[0] += 0.100
+    await handed_out(4, 4)
+    assert [_seqs(frame) for frame in member.frames] == [[1], [2], [3], [4]]
+    assert pauses == [pytest.approx(0.006)]
+    assert feed.pauses == 1
+    await feed.stop()
+
+
 async def _async(value: Any) -> Any:
     return value
 
