@@ -60,12 +60,15 @@ REJOIN_EVERY = 3600.0
 # A hand-out that took longer (seconds) is followed by a pause as long (`Feed._hand_out`):
 # about 250 viewers on two busy cores. Without one, a worker falls behind for good (300
 # viewers, events published without recording: 22 events/s instead of 200). Shorter ones
-# are followed by a pause too when they took more than half of the time since the previous
-# one began: hand-outs of 9 ms every 5 ms overload a worker as surely (300 viewers'
-# p99 in `bench/fanout.py --prerecorded` went 110 → 240 ms when each got cheaper and
-# fell under this threshold). Sparse short hand-outs are not followed by one: it would
-# only add latency (100 viewers: p99 ×2).
+# are followed by a pause too when they took more than `BUSY_SHARE` of the time since the
+# previous one began: hand-outs of 9 ms every 5 ms overload a worker as surely (300
+# viewers' p99 in `bench/fanout.py --prerecorded` went 110 → 240 ms when each got cheaper
+# and fell under this threshold). Sparse short hand-outs are not followed by one: it would
+# only add latency (100 viewers: p99 ×2). At half, 300 viewers' 3 ms hand-outs every 5 ms
+# were paused after every other one for nothing: p50 6.5 → 3.9 ms, p99 16.6 → 14.3 at
+# three quarters (docs/benchmarks.md, sixteenth round).
 PAUSE_AFTER = 0.010
+BUSY_SHARE = 0.75
 # The live layer delivers at most once: Redis pub/sub drops what is published while a
 # worker's subscription reconnects, and any layer drops past its capacity. So each feed
 # looks at its session's last seq this often: what was stored before the previous look and
@@ -274,8 +277,8 @@ class Feed(GroupMember):
         let the bridge's next recording start first and contend with the hand-out for the
         GIL: 100 viewers' p99 tripled). A hand-out that kept the worker busy (`_busy`) is
         followed by a pause as long (`_resume`), in which the worker does other work and
-        messages gather for one frame: a feed then takes about half of its worker at most,
-        and the more viewers, the more events per frame. Fewer viewers, or messages far
+        messages gather for one frame: a feed then takes about half of its worker when it
+        pauses, and the more viewers, the more events per frame. Fewer viewers, or messages far
         apart: no pause."""
         pause = await self._timed_dispatch(messages)
         if pause:
@@ -297,8 +300,8 @@ class Feed(GroupMember):
     def _busy(self, spent: float, since: float) -> bool:
         """Whether a hand-out that took `spent` seconds, `since` seconds after the previous
         one began, calls for a pause: a long one (hundreds of viewers), or one that took
-        more than half of the time since the previous one began."""
-        return spent > PAUSE_AFTER or spent * 2 > since
+        most of the time since the previous one began."""
+        return spent > PAUSE_AFTER or spent > since * BUSY_SHARE
 
     async def _timed_dispatch(self, messages: list[dict[str, Any]]) -> float:
         """Hands `messages` out; returns how long to pause after (0: none)."""
