@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fanout.py [--viewers 1,10,100,300] [--repeat 3] [--events 400]
                                      [--pace 0.005] [--idle 100,500] [--export-events 100000]
-                                     [--team] [--publisher server|separate]
+                                     [--team] [--publisher server|separate] [--web-workers N]
 
 Porthole runs as it is deployed: the real ASGI application under uvicorn, with
 `manage.py serve`'s options (`dashboard.webserver`; `--asgi-server daphne` compares), in a
@@ -215,10 +215,16 @@ class Stage:
         self.env = child_env(args)
         self.log = Path(scratch) / "server.log"
         options = ["--data-dir", scratch, "--asgi-server", args.asgi_server]
-        self.server = Node("fanout_server.py", options, self.env, self.log)
-        self.nodes = [self.server]
-        ready = self.server.read()
-        self.port, self.cookie = ready["port"], ready["cookie"]
+        self.servers: list[Node] = []
+        self.ports: list[int] = []
+        for n in range(args.web_workers):  # one after another: each migrates first
+            log = self.log if n == 0 else self.log.with_name(f"server-{n + 1}.log")
+            self.servers.append(Node("fanout_server.py", options, self.env, log))
+            ready = self.servers[-1].read()
+            self.ports.append(ready["port"])
+            self.cookie = ready["cookie"]
+        self.server = self.servers[0]
+        self.nodes = list(self.servers)
         self.publisher = self.server
         if args.publisher == "separate":
             self.publisher = Node(
@@ -231,10 +237,12 @@ class Stage:
             self.publisher.read()
 
     def viewers(self, session_id: str, count: int) -> Node:
-        url = f"ws://127.0.0.1:{self.port}/ws/sessions/{session_id}/"
+        urls = []
+        for port in self.ports:
+            urls += ["--url", f"ws://127.0.0.1:{port}/ws/sessions/{session_id}/"]
         node = Node(
             "viewers_client.py",
-            ["--url", url, "--cookie", self.cookie, "--viewers", str(count)],
+            [*urls, "--cookie", self.cookie, "--viewers", str(count)],
             self.env,
             self.log.with_name("viewers.log"),
         )
@@ -245,9 +253,13 @@ class Stage:
         for node in reversed(self.nodes):
             node.stop()
 
+    def cpu(self) -> float:
+        """The web workers' CPU seconds so far (all of them)."""
+        return sum(proc_cpu(server.pid) for server in self.servers)
+
     def complaints(self) -> dict[str, int]:
-        """What the server and Porthole logged: sockets it gave up on, warnings, errors."""
-        text = self.log.read_text(errors="replace")
+        """What the servers and Porthole logged: sockets given up on, warnings, errors."""
+        text = "".join(server.log.read_text(errors="replace") for server in self.servers)
         return {
             "killed_by_daphne": text.count("took too long to shut down and was killed"),
             "daphne_warnings": text.count(" WARNING daphne"),
@@ -273,7 +285,7 @@ def fanout(args: argparse.Namespace, viewers: int) -> dict[str, Any]:
             opened = crowd.ask(cmd="open")
             time.sleep(1.0)  # presence settles
             memory = RSSWatch(stage.server.pid)
-            cpu0 = proc_cpu(stage.server.pid)
+            cpu0 = stage.cpu()
             client0 = crowd.ask(cmd="stats")["cpu_s"]
             published = stage.publisher.ask(
                 cmd="publish",
@@ -283,16 +295,16 @@ def fanout(args: argparse.Namespace, viewers: int) -> dict[str, Any]:
                 bytes=args.bytes,
                 prerecorded=args.prerecorded,
             )
-            published_cpu = proc_cpu(stage.server.pid)
+            published_cpu = stage.cpu()
             got = crowd.ask(
                 cmd="expect",
                 started=published["started"],
                 recording=published["recording"],
                 timeout=120,
             )
-            server_cpu = proc_cpu(stage.server.pid) - cpu0
+            server_cpu = stage.cpu() - cpu0
             if args.prerecorded:  # not the untimed recording: the publishing, then the drain
-                server_cpu = published["cpu_s"] + proc_cpu(stage.server.pid) - published_cpu
+                server_cpu = published["cpu_s"] + stage.cpu() - published_cpu
             client_cpu = crowd.ask(cmd="stats")["cpu_s"] - client0
             mem = memory.stop()
             crowd.ask(cmd="close")
@@ -493,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--team", action="store_true", help="DATABASE_URL and REDIS_URL")
     parser.add_argument("--publisher", choices=["server", "separate"], default="server")
     parser.add_argument(
+        "--web-workers",
+        type=int,
+        default=1,
+        help="web workers, each a process with its share of the viewers (needs --team)",
+    )
+    parser.add_argument(
         "--prerecorded",
         action="store_true",
         help="record the events first, then only publish them at the pace: the viewer side "
@@ -527,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
 
     matrix = [int(v) for v in args.viewers.split(",") if v]
     idle_counts = [int(v) for v in args.idle.split(",") if v]
+    if args.web_workers > 1 and not args.team:
+        parser.error("--web-workers needs --team (the in-memory layer is per process)")
     if args.publisher == "separate" and not args.team:
         parser.error("--publisher separate needs --team (the in-memory layer is per process)")
     load_before = os.getloadavg()
@@ -575,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     one = med(f"fanout-{matrix[0]}", "latency", "p99_ms")
     one_read = med(f"fanout-{matrix[0]}", "latency_read", "p99_ms")
     print(f"\nmedians of {args.repeat} runs; {args.events} events, one every {args.pace:g} s")
+    if args.web_workers > 1:
+        print(f"{args.web_workers} web workers, the viewers spread over them in turn")
     print(f"SDK direct: p50 {med('sdk', 'latency', 'p50_ms'):.1f} ms, p99 {sdk_p99:.1f} ms")
     print(
         "| viewers | events/s | p50 ms | p99 ms | p99 / 1 viewer | p99 / SDK "

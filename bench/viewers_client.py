@@ -1,7 +1,7 @@
 """The viewers of `bench/fanout.py`: real WebSocket clients over loopback, in a process apart.
 
     .venv/bin/python bench/viewers_client.py --url ws://127.0.0.1:PORT/ws/sessions/ID/
-                                             --cookie COOKIE --viewers N
+                                             [--url …] --cookie COOKIE --viewers N
 
 Each viewer is a browser tab as `static/porthole/app.js` makes it: it opens the socket, says
 hello (`{"last_seq": 0}`), reads every frame, and acknowledges the last seq it holds every
@@ -74,7 +74,9 @@ class Tab:
     reading 300 sockets reads a hand-out's last frames milliseconds after they arrived (a
     browser apiece would not); both times are kept, `arrived` and `read`."""
 
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
+    def __init__(self, url: str, cookie: str) -> None:
+        origin = "http://" + url.split("//", 1)[1].split("/", 1)[0]
+        headers = {"Cookie": cookie, "Origin": origin}
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
@@ -361,10 +363,11 @@ class Tab:
 
 
 class Crowd:
-    def __init__(self, url: str, cookie: str, viewers: int) -> None:
-        origin = "http://" + url.split("//", 1)[1].split("/", 1)[0]
-        headers = {"Cookie": cookie, "Origin": origin}
-        self.tabs = [Tab(url, headers) for _ in range(viewers)]
+    """The viewers, spread over the URLs in turn (several web workers: as a load balancer
+    would spread browsers' sockets)."""
+
+    def __init__(self, urls: list[str], cookie: str, viewers: int) -> None:
+        self.tabs = [Tab(urls[n % len(urls)], cookie) for n in range(viewers)]
 
     async def open(self) -> dict[str, Any]:
         t0, cpu0 = time.perf_counter(), _cpu()
@@ -449,7 +452,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", required=True)
+    parser.add_argument("--url", required=True, action="append", help="again for each worker")
     parser.add_argument("--cookie", required=True)
     parser.add_argument("--viewers", type=int, default=1)
     asyncio.run(main(parser.parse_args()))
