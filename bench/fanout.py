@@ -19,7 +19,9 @@ runs; `--team` takes `DATABASE_URL` and `REDIS_URL` from the environment (Postgr
   slice of 100) into one `recording.record` (store, render once) and `publish`, on a
   database thread of its own, as `bridge.Bridge` does. It runs in the server's process (as
   `manage.py serve` runs bridges) or, with `--publisher separate`, in a third (a `manage.py
-  bridges` process beside a web worker; needs `--team`). V viewers read and acknowledge like
+  bridges` process beside a web worker; needs `--team`); with `--web-workers N` (`--team`)
+  there are N web workers and the viewers are spread over them in turn, as a load balancer
+  spreads browsers' sockets. V viewers read and acknowledge like
   the page does. Latency is from the moment an event was read to its arrival at a viewer's
   socket (the kernel's time, `SO_TIMESTAMPNS`: one client process reading 300 sockets reads
   the last of a hand-out late, where 300 browsers would not; when it was read is the "as
