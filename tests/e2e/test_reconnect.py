@@ -194,8 +194,11 @@ def test_it_says_how_far_behind_the_page_is_while_a_flood_is_drawn(browsing: Bro
     start_session(page, "sleep 2\nflood 6000 60\nAll flooded")  # the page is live first
     behind = page.locator("#working .behind")
     expect(behind).to_contain_text(re.compile(r"\d+ more events recorded"), timeout=60_000)
+    # No picture of the note: the element's screenshot waits for it to hold still, and it
+    # moves down with every event drawn above it; the page's, taken now, is blank (headless
+    # Chromium's software raster falls behind a page following thousands of new events,
+    # while the DOM holds them all: `elementFromPoint` finds them).
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.locator("#working").screenshot(path=ARTIFACTS / "session-drawing-behind.png")
     expect(agent_text(page, "All flooded")).to_be_visible(timeout=90_000)
     expect(behind).to_have_count(0)
     page.screenshot(path=ARTIFACTS / "session-drawn.png")
