@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -268,13 +269,13 @@ async def test_it_pauses_after_a_long_hand_out_and_joins_what_came_meanwhile(db,
     await feed.stop()
 
 
-async def test_it_pauses_when_short_hand_outs_take_most_of_its_time(db, monkeypatch):
-    """Hand-outs under PAUSE_AFTER that follow each other closely keep the worker as busy as
-    one long one: the feed then pauses as long as a hand-out took, so that what comes
-    meanwhile goes out as one frame. Sparse messages go out at once."""
+async def _feed_taking_6_ms(
+    monkeypatch: Any, during_pause: Callable[[Tab], Awaitable[None]] | None = None
+) -> tuple[Tab, Feed, list[float], list[float]]:
+    """A feed whose every hand-out takes 6 ms of a clock the test turns (`now[0]`), and
+    whose pauses are noted (`pauses`) and pass at once on that clock."""
     member = Tab("a")
     feed = await _feed(await _session(), member)
-    layer = feed.layer
     now = [0.0]
     monkeypatch.setattr(fanout, "_clock", lambda: now[0])
     real_dispatch = feed.dispatch
@@ -288,21 +289,33 @@ async def test_it_pauses_when_short_hand_outs_take_most_of_its_time(db, monkeypa
 
     async def pause(seconds: float) -> None:
         pauses.append(seconds)
+        if during_pause is not None:
+            await during_pause(member)
+        now[0] += seconds
 
     monkeypatch.setattr(fanout, "_pause", pause)
+    return member, feed, now, pauses
 
-    async def handed_out(seq: int) -> None:
-        await layer.send(feed.channel, _events(seq, seq))
-        await wait_for(lambda: _equals(_async(len(member.frames)), seq))
 
-    await handed_out(1)
+async def _handed_out(feed: Feed, member: Tab, seq: int, frames: int) -> None:
+    """Sends event `seq` to the feed and waits until the member holds `frames` frames."""
+    await feed.layer.send(feed.channel, _events(seq, seq))
+    await wait_for(lambda: _equals(_async(len(member.frames)), frames))
+
+
+async def test_it_pauses_when_short_hand_outs_take_most_of_its_time(db, monkeypatch):
+    """Hand-outs under PAUSE_AFTER that follow each other closely keep the worker as busy as
+    one long one: the feed then pauses as long as a hand-out took, so that what comes
+    meanwhile goes out as one frame. Sparse messages go out at once."""
+    member, feed, now, pauses = await _feed_taking_6_ms(monkeypatch)
+    await _handed_out(feed, member, 1, 1)
     now[0] += 0.100  # the next message comes long after: busy 6 ms of 106
-    await handed_out(2)
+    await _handed_out(feed, member, 2, 2)
     now[0] += 0.004  # busy 6 ms of 10: time enough for the rest of the worker's work
-    await handed_out(3)
+    await _handed_out(feed, member, 3, 3)
     assert pauses == []
     now[0] += 0.001  # and the one after it at once: busy 6 ms of 7
-    await handed_out(4)
+    await _handed_out(feed, member, 4, 4)
     assert pauses == [pytest.approx(0.006)]
     assert feed.pauses == 1
     await feed.stop()
@@ -311,44 +324,24 @@ async def test_it_pauses_when_short_hand_outs_take_most_of_its_time(db, monkeypa
 async def test_it_stops_pausing_once_its_hand_outs_leave_it_time_again(db, monkeypatch):
     """A pause is for a worker that hand-outs keep busy: once the hand-out after a pause
     took less than `BUSY_SHARE` of the time since the previous one began, the feed hands
-    out as messages come again. (It used to pause after every hand-out for as long as anything
-    came during the pause: 300 viewers, 2.8 ms hand-outs every 5 ms, each event then waited
-    3 ms in the inbox.)"""
-    member = Tab("a")
-    feed = await _feed(await _session(), member)
-    layer = feed.layer
-    now = [0.0]
-    monkeypatch.setattr(fanout, "_clock", lambda: now[0])
-    real_dispatch = feed.dispatch
+    out as messages come again. (It used to pause after every hand-out for as long as
+    anything came during the pause: 300 viewers, 2.8 ms hand-outs every 5 ms, each event
+    then waited 3 ms in the inbox.)"""
 
-    async def dispatch_taking_6_ms(*messages: dict[str, Any]) -> None:
-        now[0] += 0.006
-        await real_dispatch(*messages)
-
-    feed.dispatch = dispatch_taking_6_ms  # type: ignore[method-assign]
-    pauses: list[float] = []
-
-    async def pause(seconds: float) -> None:
-        pauses.append(seconds)
-        if len(member.frames) == 2:  # one message comes during the pause
-            await layer.send(feed.channel, _events(3, 3))
+    async def one_more_comes(member: Tab) -> None:
+        if len(member.frames) == 2:
+            await feed.layer.send(feed.channel, _events(3, 3))
             for _ in range(5):  # the reader takes it in
                 await asyncio.sleep(0)
-        now[0] += seconds
 
-    monkeypatch.setattr(fanout, "_pause", pause)
-
-    async def handed_out(seq: int, frames: int) -> None:
-        await layer.send(feed.channel, _events(seq, seq))
-        await wait_for(lambda: _equals(_async(len(member.frames)), frames))
-
-    await handed_out(1, 1)
+    member, feed, now, pauses = await _feed_taking_6_ms(monkeypatch, one_more_comes)
+    await _handed_out(feed, member, 1, 1)
     now[0] += 0.001
-    await handed_out(2, 3)  # busy 6 ms of 7: a pause, then what came in it
+    await _handed_out(feed, member, 2, 3)  # busy 6 ms of 7: a pause, then what came in it
     assert pauses == [pytest.approx(0.006)]
     assert feed._resuming is None  # 6 ms of 12: no second pause
     now[0] += 0.100
-    await handed_out(4, 4)
+    await _handed_out(feed, member, 4, 4)
     assert [_seqs(frame) for frame in member.frames] == [[1], [2], [3], [4]]
     assert pauses == [pytest.approx(0.006)]
     assert feed.pauses == 1
