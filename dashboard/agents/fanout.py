@@ -286,10 +286,12 @@ class Feed(GroupMember):
 
     async def _resume(self, pause: float) -> None:
         """Pauses, hands out what came meanwhile, and goes on so while that keeps the
-        worker busy; then the reader hands out as messages come again."""
+        worker busy; then the reader hands out as messages come again. What came during
+        the last hand-out (one that waited) goes out first, without a pause."""
         try:
-            while pause:
-                await _pause(pause)
+            while True:
+                if pause:
+                    await _pause(pause)
                 messages, self._inbox = self._inbox, []
                 if not messages:
                     return

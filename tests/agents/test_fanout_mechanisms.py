@@ -330,9 +330,7 @@ async def test_it_stops_pausing_once_its_hand_outs_leave_it_time_again(db, monke
 
     async def one_more_comes(member: Tab) -> None:
         if len(member.frames) == 2:
-            await feed.layer.send(feed.channel, _events(3, 3))
-            for _ in range(5):  # the reader takes it in
-                await asyncio.sleep(0)
+            await _arrives(feed, 3)
 
     member, feed, now, pauses = await _feed_taking_6_ms(monkeypatch, one_more_comes)
     await _handed_out(feed, member, 1, 1)
@@ -345,6 +343,40 @@ async def test_it_stops_pausing_once_its_hand_outs_leave_it_time_again(db, monke
     assert [_seqs(frame) for frame in member.frames] == [[1], [2], [3], [4]]
     assert pauses == [pytest.approx(0.006)]
     assert feed.pauses == 1
+    await feed.stop()
+
+
+async def _arrives(feed: Feed, seq: int) -> None:
+    """Event `seq` comes, and the feed's reader takes it in (into the inbox in a pause)."""
+    await feed.layer.send(feed.channel, _events(seq, seq))
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_it_hands_out_what_came_during_the_hand_out_that_ended_its_pauses(db, monkeypatch):
+    """A hand-out may wait (a socket's send, another layer's reader): what came meanwhile
+    went to the inbox, and goes out even when that hand-out ends the pauses and nothing
+    else comes after it."""
+
+    async def one_more_comes(member: Tab) -> None:
+        if len(member.frames) == 2:
+            await _arrives(feed, 3)
+
+    member, feed, now, pauses = await _feed_taking_6_ms(monkeypatch, one_more_comes)
+    real_dispatch = feed.dispatch
+
+    async def dispatch_meanwhile(*messages: dict[str, Any]) -> None:
+        await real_dispatch(*messages)
+        if _seqs(member.frames[-1]) == [3]:  # the hand-out after the pause, the last one
+            await _arrives(feed, 4)
+
+    feed.dispatch = dispatch_meanwhile  # type: ignore[method-assign]
+    await _handed_out(feed, member, 1, 1)
+    now[0] += 0.001
+    await _handed_out(feed, member, 2, 4)  # busy 6 ms of 7: a pause, 3 in it, 4 during 3's
+    assert [_seqs(frame) for frame in member.frames] == [[1], [2], [3], [4]]
+    # 4 went out at once after 3 (busy 6 ms of 6: a pause after it, with nothing to follow).
+    assert pauses == [pytest.approx(0.006)] * 2
     await feed.stop()
 
 
