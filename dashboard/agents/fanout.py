@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # channels-redis forgets group members after a day; a long-lived feed joins again hourly.
 REJOIN_EVERY = 3600.0
-# A hand-out that took longer (seconds) is followed by a pause as long (`Feed._hand_out`):
+# A hand-out that took longer (seconds) is followed by a pause as long (`Feed._busy`):
 # about 250 viewers on two busy cores. Without one, a worker falls behind for good (300
 # viewers, events published without recording: 22 events/s instead of 200). Shorter ones
 # are followed by a pause too when they took more than `BUSY_SHARE` of the time since the
@@ -198,9 +198,9 @@ class Feed(GroupMember):
         self.presence = Presence(session_id, self._announce)
         self.batches = 0  # frames built (tests): at most one per message, whatever the viewers
         self.latest: int | None = None  # the session's last seq, once known
-        self.pauses = 0  # pauses after long hand-outs, for the tests
+        self.pauses = 0  # pauses after busy hand-outs, for the tests
         self._last_hand_out = -math.inf  # when the last hand-out began (`_clock`)
-        self._inbox: list[dict[str, Any]] = []  # what came during a pause
+        self._inbox: list[dict[str, Any]] = []  # what came during a pause and after it
         self._resuming: asyncio.Task[None] | None = None  # the pause, then the inbox
         self._latest_watchers: dict[str, str] | None = None
         self._latest_state: StateFrames | None = None
@@ -277,8 +277,8 @@ class Feed(GroupMember):
         let the bridge's next recording start first and contend with the hand-out for the
         GIL: 100 viewers' p99 tripled). A hand-out that kept the worker busy (`_busy`) is
         followed by a pause as long (`_resume`), in which the worker does other work and
-        messages gather for one frame: a feed then takes about half of its worker when it
-        pauses, and the more viewers, the more events per frame. Fewer viewers, or messages far
+        messages gather for one frame: an overloaded feed then leaves its worker a third
+        to half of its time, and the more viewers, the more events per frame. Fewer viewers, or messages far
         apart: no pause."""
         pause = await self._timed_dispatch(messages)
         if pause:
@@ -286,8 +286,10 @@ class Feed(GroupMember):
 
     async def _resume(self, pause: float) -> None:
         """Pauses, hands out what came meanwhile, and goes on so while that keeps the
-        worker busy; then the reader hands out as messages come again. What came during
-        the last hand-out (one that waited) goes out first, without a pause."""
+        worker busy (the first hand-out after a pause is judged against the pause too:
+        in practice one round, unless hand-outs are long); then the reader hands out as
+        messages come again. What came during the last hand-out (one that waited) goes
+        out first, without a pause."""
         try:
             while True:
                 if pause:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dashboard.agents import consumers, fanout
 from dashboard.agents.fanout import Feed, hub_for
@@ -347,10 +351,12 @@ async def test_it_stops_pausing_once_its_hand_outs_leave_it_time_again(db, monke
 
 
 async def _arrives(feed: Feed, seq: int) -> None:
-    """Event `seq` comes, and the feed's reader takes it in (into the inbox in a pause)."""
+    """Event `seq` comes while the feed pauses or hands out after a pause, and its reader
+    takes it into the inbox."""
     await feed.layer.send(feed.channel, _events(seq, seq))
     for _ in range(5):
         await asyncio.sleep(0)
+    assert feed._inbox and _seqs(Batch.of(feed._inbox[-1]["items"])) == [seq]
 
 
 async def test_it_hands_out_what_came_during_the_hand_out_that_ended_its_pauses(db, monkeypatch):
@@ -378,6 +384,75 @@ async def test_it_hands_out_what_came_during_the_hand_out_that_ended_its_pauses(
     # 4 went out at once after 3 (busy 6 ms of 6: a pause after it, with nothing to follow).
     assert pauses == [pytest.approx(0.006)] * 2
     await feed.stop()
+
+
+async def _settle() -> None:
+    for _ in range(200):  # every task that can run, runs
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def session(db: Any) -> AgentSession:
+    return async_to_sync(_session)()
+
+
+async def _hand_out_at_random(session: AgentSession, rng: random.Random, bursts: int) -> None:
+    """Bursts of events to a feed whose hand-outs take 1–12 ms of a turned clock and may
+    wait on the loop before and after (a socket's send, the layer), whose pauses may too,
+    and which are sometimes let to settle: then every event must be out, once, in order,
+    and no pause or inbox left."""
+    member = Tab("a")
+    feed = await _feed(session, member)
+    now = [0.0]
+    real_dispatch = feed.dispatch
+
+    async def yields() -> None:
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            await asyncio.sleep(0)
+
+    async def dispatch(*messages: dict[str, Any]) -> None:
+        now[0] += rng.choice([0.001, 0.003, 0.006, 0.012])
+        await yields()
+        await real_dispatch(*messages)
+        await yields()
+
+    async def pause(seconds: float) -> None:
+        await yields()
+        now[0] += seconds
+
+    feed.dispatch = dispatch  # type: ignore[method-assign]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fanout, "_clock", lambda: now[0])
+        patch.setattr(fanout, "_pause", pause)
+        seq = 0
+        for _ in range(bursts):
+            for _ in range(rng.choice([1, 1, 2, 5])):
+                seq += 1
+                await feed.layer.send(feed.channel, _events(seq, seq))
+                await yields()
+            now[0] += rng.choice([0.0005, 0.002, 0.005, 0.05])
+            if rng.random() < 0.2:
+                await _settle()
+                assert [n for frame in member.frames for n in _seqs(frame)] == [*range(1, seq + 1)]
+                assert feed._resuming is None and feed._inbox == []
+        await _settle()
+        assert [n for frame in member.frames for n in _seqs(frame)] == [*range(1, seq + 1)]
+        await feed.stop()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(rng=st.randoms(use_true_random=False), bursts=st.integers(1, 60))
+def test_it_hands_out_every_event_once_in_order_however_hand_outs_and_pauses_interleave(
+    session: AgentSession, rng: random.Random, bursts: int
+) -> None:
+    """Hand-outs from the reader, pauses, hand-outs after them and messages that come during
+    any of these, in every order the loop may run them. (An earlier version of the pause
+    left a message in the inbox, or handed out one before those that came ahead of it.)"""
+    async_to_sync(_hand_out_at_random)(session, rng, bursts)
 
 
 async def _async(value: Any) -> Any:
