@@ -278,8 +278,8 @@ class Feed(GroupMember):
         GIL: 100 viewers' p99 tripled). A hand-out that kept the worker busy (`_busy`) is
         followed by a pause as long (`_resume`), in which the worker does other work and
         messages gather for one frame: an overloaded feed then leaves its worker a third
-        to half of its time, and the more viewers, the more events per frame. Fewer viewers, or messages far
-        apart: no pause."""
+        to half of its time, and the more viewers, the more events per frame. Fewer
+        viewers, or messages far apart: no pause."""
         pause = await self._timed_dispatch(messages)
         if pause:
             self._resuming = asyncio.create_task(self._resume(pause))
