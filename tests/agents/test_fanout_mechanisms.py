@@ -386,6 +386,31 @@ async def test_it_hands_out_what_came_during_the_hand_out_that_ended_its_pauses(
     await feed.stop()
 
 
+async def test_it_stops_in_a_pause_without_handing_out_what_waits(db, monkeypatch):
+    """A feed stopped in a pause (its last viewer left): the pause ends with it, and what
+    waited in the inbox is not handed out to anyone after the stop."""
+    member = Tab("a")
+    feed = await _feed(await _session(), member)
+    monkeypatch.setattr(fanout, "PAUSE_AFTER", 0.0)  # every hand-out counts as a long one
+    pausing = asyncio.Event()
+
+    async def pause(seconds: float) -> None:
+        pausing.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    monkeypatch.setattr(fanout, "_pause", pause)
+    await _handed_out(feed, member, 1, 1)
+    await asyncio.wait_for(pausing.wait(), 5)
+    await _arrives(feed, 2)
+    resuming = feed._resuming
+    assert resuming is not None
+    await feed.stop()
+    await _settle()
+    assert resuming.cancelled()
+    assert feed._resuming is None
+    assert [_seqs(frame) for frame in member.frames] == [[1]]
+
+
 async def _settle() -> None:
     for _ in range(200):  # every task that can run, runs
         await asyncio.sleep(0)
