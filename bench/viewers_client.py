@@ -75,13 +75,11 @@ class Tab:
     browser apiece would not); both times are kept, `arrived` and `read`."""
 
     def __init__(self, url: str, cookie: str) -> None:
-        origin = "http://" + url.split("//", 1)[1].split("/", 1)[0]
-        headers = {"Cookie": cookie, "Origin": origin}
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.path = parts.path or "/"
-        self.headers = headers
+        self.headers = {"Cookie": cookie, "Origin": f"http://{parts.netloc}"}
         self.sock: socket.socket | None = None
         self.outbox = bytearray()  # what the socket did not take at once
         self.ended = False  # a close frame came and was answered: drop once that is out
